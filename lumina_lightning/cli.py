@@ -1,0 +1,107 @@
+"""Console entry points: ``lumina VERB ...`` and ``lightning run RECIPE ...``.
+
+One verb, one entry point. Each verb lives in the module that owns its logic and exposes
+``main(argv: list[str]) -> int``; this file only dispatches, lazily, so that ``lumina --help``
+does not pay for importing torch, Lightning, diffusers or gradio.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+# verb -> (module, one-line help). Modules are imported only when their verb runs.
+VERBS: dict[str, tuple[str, str]] = {
+    "train": ("lumina_lightning.training.run", "train from a YAML recipe (same as `lightning run RECIPE`)"),
+    "sample": ("lumina_lightning.sampling.cli", "generate images from prompts with a checkpoint"),
+    "caption": ("lumina_lightning.modules.caption_cli", "re-caption images with a UniCap captioner"),
+    "convert": ("lumina_lightning.models.convert_cli", "convert Next-DiT checkpoints (lumina/official/diffusers)"),
+    "eval": ("lumina_lightning.eval.cli", "mini-GenEval on the synthetic compositional data"),
+    "demo": ("lumina_lightning.app", "serve the Gradio app on a checkpoint"),
+    "data": ("lumina_lightning.data.cli", "dataset tools: synthetic data, caches, manifests"),
+    "pipeline": ("lumina_lightning.training.pipeline", "run the end-to-end tiny pipeline"),
+    "smoke": ("lumina_lightning.models.smoke", "build a Next-DiT and run one forward/backward"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: lumina VERB [ARGS...]", "", "verbs:"]
+    width = max(len(v) for v in VERBS)
+    for verb, (_, help_) in VERBS.items():
+        lines.append(f"  {verb.ljust(width)}  {help_}")
+    lines += ["", "`lumina VERB --help` shows the options of one verb."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from lumina_lightning import __version__
+
+        print(__version__)
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        import difflib
+
+        close = difflib.get_close_matches(verb, VERBS, n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        print(f"lumina: unknown verb `{verb}`.{hint}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module_name = VERBS[verb][0]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name and module_name.startswith(err.name):
+            print(f"lumina: the `{verb}` verb is not built yet in this version ({module_name} is missing).",
+                  file=sys.stderr)
+            return 3
+        raise
+    return int(module.main(rest) or 0)
+
+
+def lightning_main(argv: list[str] | None = None) -> int:
+    """The ``lightning`` console command.
+
+    Lightning 2.6 ships no ``lightning`` command (only ``fabric``), so we provide one whose ``run``
+    subcommand trains from a recipe: ``lightning run recipes/stage1_lowres.yaml key=value ...``.
+    Any other subcommand is handed to another installed ``lightning`` CLI (lightning-sdk's) when one is
+    importable, else it fails with a helpful message.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "run":
+        rest = argv[1:]
+        # `lightning run model script.py` was Lightning <=2.5's alias of `fabric run`.
+        if rest and rest[0] == "model":
+            print("lightning: `lightning run model` was removed from Lightning; use `fabric run SCRIPT`.",
+                  file=sys.stderr)
+            return 2
+        return main(["train", *rest])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(
+            "usage: lightning run RECIPE.yaml [key=value ...]\n\n"
+            "Trains from a lumina-lightning recipe (e.g. recipes/tiny/stage1_lowres.yaml).\n"
+            "Dotted overrides such as trainer.max_steps=100 data.batch_size=8 may follow the recipe."
+        )
+        return 0
+    try:
+        importlib.import_module("lightning_sdk.cli.entrypoint")
+    except ImportError:
+        print(
+            f"lightning: unknown command `{argv[0]}`. This `lightning` command (from lumina-lightning) only "
+            "knows `run RECIPE.yaml`. Install `lightning-sdk` for the Lightning AI cloud CLI, or use `fabric` "
+            "for Lightning Fabric scripts.",
+            file=sys.stderr,
+        )
+        return 2
+    env = dict(os.environ)
+    return subprocess.call([sys.executable, "-m", "lightning_sdk.cli.entrypoint", *argv], env=env)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
