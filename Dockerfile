@@ -1,0 +1,25 @@
+# lumina-lightning for CUDA hosts: training (DDP/FSDP/DeepSpeed), sampling and the Gradio app.
+# Build:  docker build -t lumina-lightning .
+# Run:    docker run --gpus all -v $PWD/checkpoints:/workspace/checkpoints lumina-lightning train recipes/stage1_lowres.yaml
+# The base image already holds the CUDA build of the torch version pyproject.toml pins (2.13.0),
+# so pip keeps it; the devel flavour carries nvcc for flash-attn.
+ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-devel
+FROM ${BASE_IMAGE}
+
+ENV PIP_NO_CACHE_DIR=1 \
+    PYTHONUNBUFFERED=1 \
+    GRADIO_ANALYTICS_ENABLED=False \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    MAX_JOBS=8
+
+RUN useradd --create-home --uid 1000 lumina
+WORKDIR /workspace
+COPY --chown=lumina:lumina . /opt/lumina-lightning
+
+# README "GPU install": flash-attn builds against the installed CUDA torch, hence no build isolation.
+RUN pip install --no-build-isolation "/opt/lumina-lightning[gpu]"
+
+USER lumina
+EXPOSE 7860
+ENTRYPOINT ["lumina"]
+CMD ["--help"]

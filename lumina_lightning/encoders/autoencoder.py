@@ -1,0 +1,132 @@
+"""Frozen autoencoders between pixels in [-1, 1] and the latents the Next-DiT models (spec §4).
+
+* :class:`DiffusersVAE` wraps diffusers' ``AutoencoderKL`` from a local folder — the FLUX VAE for
+  real recipes: ``z = (mode(E(x)) − shift)·scale`` and ``x = D(z/scale + shift)`` with
+  scale 0.3611, shift 0.1159 read from its config (training uses the posterior mode, not a sample).
+* :class:`PixelAutoencoder` is the identity on pixels, for tiny CPU runs where a random VAE would
+  only add noise: the model then learns directly in (down-sampled) pixel space.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+
+class Autoencoder(Protocol):
+    latent_channels: int
+    downsample: int
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor: ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor: ...
+
+    def identity(self) -> dict[str, Any]: ...
+
+
+class PixelAutoencoder(torch.nn.Module):
+    """Identity autoencoder: latents are the [-1, 1] pixels themselves (3 channels, factor 1)."""
+
+    latent_channels = 3
+    downsample = 1
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        return pixels
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents.clamp(-1, 1)
+
+    def identity(self) -> dict[str, Any]:
+        return {"kind": "pixel"}
+
+
+class DiffusersVAE(torch.nn.Module):
+    """A frozen diffusers ``AutoencoderKL`` with Lumina's latent shift and scale.
+
+    Args:
+        path: local folder of the VAE (``config.json`` + weights), or a pipeline folder with ``vae/``.
+        scaling_factor, shift_factor: override the config's values (FLUX: 0.3611 / 0.1159).
+        dtype: compute dtype (the official code runs the VAE in bf16 on GPUs).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        scaling_factor: float | None = None,
+        shift_factor: float | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        super().__init__()
+        from diffusers import AutoencoderKL
+
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"VAE path {path} does not exist; autoencoders are loaded from local folders only")
+        if (path / "vae").is_dir():
+            path = path / "vae"
+        self.path = str(path)
+        self.vae = AutoencoderKL.from_pretrained(self.path, torch_dtype=dtype)
+        self.vae.requires_grad_(False).eval()
+        cfg = self.vae.config
+        self.scaling_factor = float(scaling_factor if scaling_factor is not None else cfg.scaling_factor)
+        shift = shift_factor if shift_factor is not None else getattr(cfg, "shift_factor", None)
+        self.shift_factor = float(shift or 0.0)
+        self.latent_channels = int(cfg.latent_channels)
+        self.downsample = 2 ** (len(cfg.block_out_channels) - 1)
+        self.dtype = dtype
+
+    def train(self, mode: bool = True) -> "DiffusersVAE":
+        return super().train(False)  # frozen
+
+    @torch.no_grad()
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        mode = self.vae.encode(pixels.to(self.dtype)).latent_dist.mode()
+        return ((mode - self.shift_factor) * self.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        z = latents.to(self.dtype) / self.scaling_factor + self.shift_factor
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
+
+    def identity(self) -> dict[str, Any]:
+        return {
+            "kind": "vae",
+            "path": os.path.abspath(self.path),
+            "latent_channels": self.latent_channels,
+            "downsample": self.downsample,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+        }
+
+
+def build_autoencoder(kind: str, path: str | None = None, **kwargs: Any) -> torch.nn.Module:
+    """``pixel`` -> :class:`PixelAutoencoder`; ``vae`` -> :class:`DiffusersVAE` from ``path``."""
+    if kind == "pixel":
+        return PixelAutoencoder()
+    if kind == "vae":
+        if not path:
+            raise ValueError("autoencoder kind 'vae' needs a local path (e.g. the FLUX.1-dev `vae` folder)")
+        return DiffusersVAE(path, **kwargs)
+    raise ValueError(f"unknown autoencoder kind {kind!r}; choose 'pixel' or 'vae'")
+
+
+def build_tiny_vae(out_dir: str | os.PathLike, latent_channels: int = 4, seed: int = 0) -> str:
+    """Write a tiny random ``AutoencoderKL`` (factor 8, like FLUX) to ``out_dir``; return the path.
+
+    For tests of the VAE code path and the diffusers interop (its pipeline hard-codes factor 8).
+    """
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=latent_channels,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, sample_size=32,
+        scaling_factor=0.3611, shift_factor=0.1159,
+    )
+    vae.save_pretrained(out_dir)
+    return str(out_dir)

@@ -1,0 +1,422 @@
+"""Load and save Next-DiT checkpoints in every supported layout, detected from the path.
+
+Layouts (spec §2):
+
+* ``lumina``    ours: one ``.safetensors`` file whose metadata holds the JSON config (a directory
+  with ``model.safetensors`` + a human-readable ``config.json`` is accepted too).
+* ``official``  ``consolidated[_ema].00-of-01.pth`` (+ ``model_args.pth``), keys as in the official
+  ``NextDiT``; a single ``.pth``/``.safetensors`` with official keys (ComfyUI prefix allowed) as well.
+* ``diffusers`` a ``Lumina2Transformer2DModel`` folder (``config.json`` + safetensors, sharded or not),
+  a pipeline folder with ``transformer/``, or a single ``.safetensors`` with diffusers keys.
+* ``lightning`` a ``.ckpt`` written by our training module (raw and EMA weights + the config).
+
+A checkpoint that does not fit the config fails with :class:`CheckpointMismatchError`, which lists
+missing, unexpected and shape-mismatched keys; nothing is ever half-loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lumina_lightning.models.config import SIZES, NextDiTConfig, config_for
+from lumina_lightning.models.convert import (
+    COMFY_PREFIX,
+    DIFFUSERS_CLASS,
+    config_from_diffusers,
+    config_to_diffusers,
+    diffusers_to_official,
+    infer_config_from_official,
+    official_to_diffusers,
+    strip_prefix,
+)
+from lumina_lightning.models.nextdit import NextDiT
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("lumina", "official", "diffusers", "lightning")
+LUMINA_FORMAT_TAG = "lumina-lightning/nextdit"
+OFFICIAL_WEIGHTS = "consolidated.00-of-01.pth"
+OFFICIAL_EMA_WEIGHTS = "consolidated_ema.00-of-01.pth"
+OFFICIAL_ARGS = "model_args.pth"
+DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
+DIFFUSERS_INDEX = "diffusion_pytorch_model.safetensors.index.json"
+# keys a checkpoint may omit: the unused norm_final (diffusers drops it) is filled with ones
+_OPTIONAL_KEYS = {"norm_final.weight"}
+
+
+class CheckpointMismatchError(RuntimeError):
+    """The checkpoint's tensors do not match the model built from its config."""
+
+    def __init__(self, source: str, missing: list[str], unexpected: list[str], mismatched: list[str]) -> None:
+        self.missing, self.unexpected, self.mismatched = missing, unexpected, mismatched
+
+        def block(title: str, keys: list[str]) -> str:
+            if not keys:
+                return ""
+            shown = "\n    ".join(keys[:25])
+            more = f"\n    ... and {len(keys) - 25} more" if len(keys) > 25 else ""
+            return f"\n  {title} ({len(keys)}):\n    {shown}{more}"
+
+        super().__init__(
+            f"checkpoint {source} does not match the Next-DiT config it was loaded with:"
+            + block("missing keys", missing)
+            + block("unexpected keys", unexpected)
+            + block("shape mismatches (checkpoint vs model)", mismatched)
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# detection
+# ------------------------------------------------------------------------------------------------
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """Which layout ``path`` holds: one of :data:`FORMATS`. Raises ``FileNotFoundError``/``ValueError``."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.is_dir():
+        if (path / "transformer").is_dir():
+            return "diffusers"
+        cfg = path / "config.json"
+        if cfg.is_file():
+            data = json.loads(cfg.read_text())
+            if data.get("_class_name") == DIFFUSERS_CLASS:
+                return "diffusers"
+            if data.get("format") == LUMINA_FORMAT_TAG:
+                return "lumina"
+        if (path / OFFICIAL_WEIGHTS).is_file() or (path / OFFICIAL_EMA_WEIGHTS).is_file():
+            return "official"
+        raise ValueError(
+            f"{path} is a directory but holds no known Next-DiT checkpoint "
+            f"(expected {OFFICIAL_WEIGHTS}, a diffusers config.json for {DIFFUSERS_CLASS}, or our config.json)"
+        )
+    suffix = path.suffix.lower()
+    if suffix == ".ckpt":
+        return "lightning"
+    if suffix in (".pth", ".pt", ".bin"):
+        return "official"
+    if suffix == ".safetensors":
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") == LUMINA_FORMAT_TAG:
+                return "lumina"
+            keys = [k[len(COMFY_PREFIX):] if k.startswith(COMFY_PREFIX) else k for k in f.keys()]
+        if any(k.startswith("time_caption_embed.") for k in keys):
+            return "diffusers"
+        if any(k.startswith("t_embedder.") for k in keys):
+            return "official"
+        raise ValueError(f"{path}: safetensors file with neither official nor diffusers Next-DiT keys")
+    raise ValueError(f"{path}: unknown checkpoint file type {suffix!r} (.safetensors, .pth, .pt or .ckpt expected)")
+
+
+# ------------------------------------------------------------------------------------------------
+# reading
+# ------------------------------------------------------------------------------------------------
+
+
+def _torch_load(path: Path) -> Any:
+    # weights_only=True: official .pth files are pickles; never run arbitrary code from a download.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+
+
+def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:
+    for key in ("model", "state_dict", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: does not contain a state dict of tensors")
+    return state
+
+
+def read_state(
+    path: str | os.PathLike, ema: bool | str = False, overrides: dict[str, Any] | None = None
+) -> tuple[dict[str, torch.Tensor], NextDiTConfig, str]:
+    """Read weights (official key layout) and the config from any supported checkpoint.
+
+    Args:
+        path: file or directory (see module docstring).
+        ema: ``True`` for EMA weights (error if absent), ``False`` for raw weights (EMA only if the
+            checkpoint has nothing else), ``"auto"`` for EMA where present.
+        overrides: config fields that the checkpoint cannot tell (e.g. ``axes_dims``) or that the
+            caller wants changed; applied before shapes are read and to the final config.
+
+    Returns:
+        (state dict in official/our key layout, config, detected format).
+    """
+    path = Path(path)
+    fmt = detect_format(path)
+    reader = {"lumina": _read_lumina, "official": _read_official, "diffusers": _read_diffusers, "lightning": _read_lightning}[fmt]
+    overrides = dict(overrides or {})
+    state, config = reader(path, ema, overrides)
+    if overrides:
+        config = config.replace(**overrides)
+    return state, config, fmt
+
+
+def _read_lumina(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig]:
+    file = path / "model.safetensors" if path.is_dir() else path
+    with safe_open(str(file), framework="pt") as f:
+        meta = f.metadata() or {}
+    config = NextDiTConfig.from_dict(json.loads(meta["config"]))
+    ema_file = file.with_name(file.stem + "_ema.safetensors")
+    if ema is True and not ema_file.is_file():
+        raise FileNotFoundError(f"EMA weights requested but {ema_file} does not exist")
+    chosen = ema_file if (ema is True or (ema == "auto" and ema_file.is_file())) else file
+    return load_file(str(chosen)), config
+
+
+def _read_official(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig]:
+    if path.is_dir():
+        raw, averaged = path / OFFICIAL_WEIGHTS, path / OFFICIAL_EMA_WEIGHTS
+        if ema is True and not averaged.is_file():
+            raise FileNotFoundError(f"EMA weights requested but {averaged} does not exist")
+        use_ema = ema is True or (ema == "auto" and averaged.is_file()) or not raw.is_file()
+        weights = averaged if use_ema else raw
+        log.info("loading official weights from %s", weights)
+    else:
+        weights = path
+    base, exact = _read_model_args(weights.with_name(OFFICIAL_ARGS))
+    if weights.suffix == ".safetensors":
+        state = load_file(str(weights))
+    else:
+        state = _unwrap(_torch_load(weights), weights)
+    state = strip_prefix(state)
+    if exact:
+        return state, base
+    return state, infer_config_from_official(state, base, overrides)
+
+
+def _read_model_args(path: Path) -> tuple[NextDiTConfig, bool]:
+    """Config hints from the official ``model_args.pth`` (a pickled argparse Namespace), if present.
+
+    Returns (config, exact): ``exact`` when the file was written by us and holds the whole config;
+    otherwise the config is a base (the named factory's size) refined by reading tensor shapes.
+    """
+    if not path.is_file():
+        return NextDiTConfig(), False
+    try:
+        args = _torch_load(path)
+    except Exception as err:  # an unusual pickle: fall back to reading the config off the tensors
+        log.warning("could not read %s safely (%s); inferring the config from tensor shapes", path, err)
+        return NextDiTConfig(), False
+    if isinstance(getattr(args, "lumina_config", None), dict):
+        return NextDiTConfig.from_dict(args.lumina_config), True
+    name = getattr(args, "model", None)
+    base = config_for(name) if name in SIZES else NextDiTConfig()
+    if hasattr(args, "qk_norm"):
+        base = base.replace(qk_norm=bool(args.qk_norm))
+    return base, False
+
+
+def _read_diffusers(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig]:
+    if ema is True:
+        raise ValueError(f"{path}: diffusers checkpoints hold one set of weights; ema=True is not available")
+    if path.is_dir():
+        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        config = config_from_diffusers(json.loads((folder / "config.json").read_text()))
+        if (folder / DIFFUSERS_INDEX).is_file():
+            index = json.loads((folder / DIFFUSERS_INDEX).read_text())
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(index["weight_map"].values())):
+                state.update(load_file(str(folder / shard)))
+        elif (folder / DIFFUSERS_WEIGHTS).is_file():
+            state = load_file(str(folder / DIFFUSERS_WEIGHTS))
+        else:
+            raise FileNotFoundError(f"{folder}: no {DIFFUSERS_WEIGHTS} (or sharded index) found")
+        return diffusers_to_official(state, config), config
+    state = strip_prefix(load_file(str(path)))
+    # A lone file has no config: map it to the official layout (the qkv merge needs only the head
+    # counts, read off to_k and norm_q) and then read the rest off the shapes.
+    try:
+        head_dim = state["layers.0.attn.norm_q.weight"].shape[0]
+        dim = state["x_embedder.weight"].shape[0]
+        n_kv = state["layers.0.attn.to_k.weight"].shape[0] // head_dim
+    except KeyError as err:
+        raise ValueError(f"{path}: incomplete diffusers Next-DiT state dict (missing {err})") from None
+    axes = overrides.get("axes_dims") or [head_dim // 3] * 3
+    if sum(axes) != head_dim or any(a % 2 for a in axes):
+        raise ValueError(
+            f"{path}: cannot infer the RoPE axis split for head_dim={head_dim} from a lone file; "
+            "pass axes_dims=[...] (e.g. load_nextdit(path, axes_dims=[4, 6, 6]))"
+        )
+    base = NextDiTConfig(dim=dim, n_heads=dim // head_dim, n_kv_heads=n_kv, axes_dims=axes)
+    official = diffusers_to_official(state, base)
+    return official, infer_config_from_official(official, base, overrides)
+
+
+def _read_lightning(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig]:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if "nextdit_config" not in ckpt:
+        raise ValueError(f"{path}: not a lumina-lightning training checkpoint (no 'nextdit_config' entry)")
+    config = NextDiTConfig.from_dict(ckpt["nextdit_config"])
+    ema_state = ckpt.get("ema_state_dict")
+    if ema is True and ema_state is None:
+        raise ValueError(f"{path}: EMA weights requested but the checkpoint has none")
+    if ema_state is not None and ema in (True, "auto"):
+        return dict(ema_state), config
+    prefix = ckpt.get("nextdit_prefix", "model.")
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    return state, config
+
+
+# ------------------------------------------------------------------------------------------------
+# building
+# ------------------------------------------------------------------------------------------------
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str = "<state dict>") -> None:
+    """Raise :class:`CheckpointMismatchError` unless ``state`` fits ``model`` exactly (modulo optional keys)."""
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in state and k not in _OPTIONAL_KEYS)
+    unexpected = sorted(k for k in state if k not in expected)
+    mismatched = sorted(
+        f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    )
+    if missing or unexpected or mismatched:
+        raise CheckpointMismatchError(source, missing, unexpected, mismatched)
+
+
+def build_from_state(
+    config: NextDiTConfig,
+    state: dict[str, torch.Tensor],
+    *,
+    source: str = "<state dict>",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> NextDiT:
+    """Build a model on the meta device and adopt the checkpoint's tensors (no double allocation)."""
+    with torch.device("meta"):
+        model = NextDiT(config)
+    check_state_dict(model, state, source)
+    state = dict(state)
+    for key in _OPTIONAL_KEYS - set(state):
+        state[key] = torch.ones(model.state_dict()[key].shape, dtype=next(iter(state.values())).dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.to(device)
+
+
+def load_nextdit(
+    path: str | os.PathLike,
+    *,
+    ema: bool | str = False,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    **overrides: Any,
+) -> NextDiT:
+    """Load a Next-DiT from any supported checkpoint (format detected from the path).
+
+    Args:
+        path: a checkpoint file or folder (see :func:`detect_format`).
+        ema: ``False`` raw weights, ``True`` EMA weights, ``"auto"`` EMA where the checkpoint has them.
+        dtype, device: where to put the weights (default: the checkpoint's dtype, CPU).
+        **overrides: config fields to override, e.g. ``qk_norm_eps=1e-6`` or ``axes_dims=[...]``.
+    """
+    state, config, fmt = read_state(path, ema=ema, overrides=overrides)
+    log.info("loading Next-DiT (%s layout, dim=%d, layers=%d) from %s", fmt, config.dim, config.n_layers, path)
+    return build_from_state(config, state, source=str(path), dtype=dtype, device=device)
+
+
+# ------------------------------------------------------------------------------------------------
+# writing (atomic: temp file + rename, so an interrupted save never clobbers a good file)
+# ------------------------------------------------------------------------------------------------
+
+
+def _atomic_write(target: Path, write: Any) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _contiguous(state: dict[str, torch.Tensor], progress: bool = False) -> dict[str, torch.Tensor]:
+    items: Iterable = state.items()
+    if progress:
+        from tqdm.auto import tqdm
+
+        items = tqdm(items, total=len(state), desc="tensors", unit="t", leave=False)
+    return {k: v.detach().to("cpu").contiguous() for k, v in items}
+
+
+def _official_name(config: NextDiTConfig) -> str:
+    for name in SIZES:
+        if name.endswith("Refiner") and config_for(name) == config:
+            return name
+    return "NextDiT"
+
+
+def save_nextdit(
+    model: NextDiT | None,
+    path: str | os.PathLike,
+    fmt: str = "lumina",
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    config: NextDiTConfig | None = None,
+    ema_state_dict: dict[str, torch.Tensor] | None = None,
+    progress: bool = False,
+) -> Path:
+    """Save weights in one of the layouts ``lumina`` | ``official`` | ``diffusers``.
+
+    Pass a model, or ``state_dict`` (official/our keys) + ``config``. ``ema_state_dict`` is written
+    alongside where the layout has a place for it (``*_ema.safetensors``, ``consolidated_ema.*``).
+
+    Returns:
+        The path written (a file for ``lumina`` given a ``.safetensors`` path, else a folder).
+    """
+    if fmt not in ("lumina", "official", "diffusers"):
+        raise ValueError(f"cannot save in layout {fmt!r}; choose lumina, official or diffusers")
+    if model is not None:
+        state_dict = state_dict if state_dict is not None else model.state_dict()
+        config = config or model.config
+    if state_dict is None or config is None:
+        raise ValueError("save_nextdit needs a model, or a state_dict and a config")
+    path = Path(path)
+    state = _contiguous(state_dict, progress)
+    if fmt == "lumina":
+        file = path if path.suffix == ".safetensors" else path / "model.safetensors"
+        meta = {"format": LUMINA_FORMAT_TAG, "config": config.to_json()}
+        _atomic_write(file, lambda tmp: save_file(state, tmp, metadata=meta))
+        if ema_state_dict is not None:
+            ema = _contiguous(ema_state_dict, progress)
+            ema_file = file.with_name(file.stem + "_ema.safetensors")
+            _atomic_write(ema_file, lambda tmp: save_file(ema, tmp, metadata=meta))
+        if file.parent == path:  # a folder: also a human-readable config
+            text = json.dumps({"format": LUMINA_FORMAT_TAG, **config.to_dict()}, indent=2)
+            _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+        return file if path.suffix == ".safetensors" else path
+    if fmt == "official":
+        if "norm_final.weight" not in state:
+            state["norm_final.weight"] = torch.ones(config.dim, dtype=next(iter(state.values())).dtype)
+        args = argparse.Namespace(model=_official_name(config), qk_norm=config.qk_norm, lumina_config=config.to_dict())
+        _atomic_write(path / OFFICIAL_WEIGHTS, lambda tmp: torch.save(state, tmp))
+        if ema_state_dict is not None:
+            ema = _contiguous(ema_state_dict, progress)
+            ema.setdefault("norm_final.weight", state["norm_final.weight"])
+            _atomic_write(path / OFFICIAL_EMA_WEIGHTS, lambda tmp: torch.save(ema, tmp))
+        _atomic_write(path / OFFICIAL_ARGS, lambda tmp: torch.save(args, tmp))
+        return path
+    diff = official_to_diffusers(state, config)
+    text = json.dumps(config_to_diffusers(config), indent=2)
+    _atomic_write(path / DIFFUSERS_WEIGHTS, lambda tmp: save_file(diff, tmp, metadata={"format": "pt"}))
+    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+    return path

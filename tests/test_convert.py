@@ -1,0 +1,190 @@
+"""Checkpoint layouts: exact round trips ours <-> official <-> diffusers, detection, errors, CLI."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from diffusers import Lumina2Transformer2DModel
+from safetensors.torch import save_file
+
+from lumina_lightning.cli import main as lumina_main
+from lumina_lightning.models import CheckpointMismatchError, NextDiT, detect_format, load_nextdit, save_nextdit
+from lumina_lightning.models.convert import (
+    COMFY_PREFIX,
+    ConversionError,
+    diffusers_to_official,
+    official_to_diffusers,
+)
+from lumina_lightning.models.io import read_state
+from test_model import TINY_CONFIGS, caption_batch, make_config, randomised
+
+
+@pytest.fixture(params=["gqa2-ref2", "gqa3-ref1"])
+def model(request) -> NextDiT:
+    model = randomised(NextDiT(make_config(**TINY_CONFIGS[request.param]))).eval()
+    # norm_final is never used, so it is never trained and stays at its init (ones) in real
+    # checkpoints; diffusers drops it and the way back refills ones (spec §1.2, §2.3).
+    torch.nn.init.ones_(model.norm_final.weight)
+    return model
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+def test_round_trip_ours_official_diffusers_is_exact(model, tmp_path):
+    ours = tmp_path / "ours.safetensors"
+    save_nextdit(model, ours, "lumina")
+    m1 = load_nextdit(ours)
+    assert m1.config == model.config
+    save_nextdit(m1, tmp_path / "official", "official")
+    m2 = load_nextdit(tmp_path / "official")
+    save_nextdit(m2, tmp_path / "diffusers", "diffusers")
+    m3 = load_nextdit(tmp_path / "diffusers")
+    save_nextdit(m3, tmp_path / "back", "lumina")
+    m4 = load_nextdit(tmp_path / "back")
+    for m in (m1, m2, m3, m4):
+        assert_same_weights(model.state_dict(), m.state_dict())
+    assert m4.config == model.config
+
+
+def test_key_maps_are_inverse_with_config_derived_split(model):
+    sd = model.state_dict()
+    diff = official_to_diffusers(sd, model.config)
+    q, k, v = model.config.qkv_split
+    assert diff["layers.0.attn.to_q.weight"].shape[0] == q and diff["layers.0.attn.to_k.weight"].shape[0] == k
+    assert "context_refiner.0.norm1.weight" in diff and "layers.0.norm1.norm.weight" in diff
+    back = diffusers_to_official(diff, model.config)
+    assert_same_weights(sd, back)
+
+
+def test_diffusers_loads_our_diffusers_export(model, tmp_path):
+    save_nextdit(model, tmp_path / "d", "diffusers")
+    twin = Lumina2Transformer2DModel.from_pretrained(tmp_path / "d").eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.25, 0.75])
+    feats, mask = caption_batch(2, 6, 32, [6, 3])
+    with torch.no_grad():
+        assert (model(x, t, feats, mask) - twin(x, t, feats, mask).sample).abs().max() <= 1e-5
+
+
+def test_load_diffusers_save_pretrained_folder_and_pipeline_layout(model, tmp_path):
+    save_nextdit(model, tmp_path / "d", "diffusers")
+    twin = Lumina2Transformer2DModel.from_pretrained(tmp_path / "d")
+    twin.save_pretrained(tmp_path / "pipe" / "transformer")  # a Lumina2Pipeline folder's layout
+    assert detect_format(tmp_path / "pipe") == "diffusers"
+    assert_same_weights(model.state_dict(), load_nextdit(tmp_path / "pipe").state_dict())
+
+
+def test_comfyui_prefixed_single_file_official_and_diffusers_keys(model, tmp_path):
+    sd = {COMFY_PREFIX + k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, tmp_path / "comfy.safetensors")
+    assert detect_format(tmp_path / "comfy.safetensors") == "official"
+    loaded = load_nextdit(tmp_path / "comfy.safetensors", axes_dims=model.config.axes_dims)
+    assert_same_weights(model.state_dict(), loaded.state_dict())
+    diff = {COMFY_PREFIX + k: v for k, v in official_to_diffusers(model.state_dict(), model.config).items()}
+    save_file(diff, tmp_path / "diff.safetensors")
+    assert detect_format(tmp_path / "diff.safetensors") == "diffusers"
+    loaded = load_nextdit(tmp_path / "diff.safetensors", axes_dims=model.config.axes_dims,
+                          multiple_of=model.config.multiple_of)
+    assert_same_weights(model.state_dict(), loaded.state_dict())
+
+
+def test_official_pth_without_model_args_infers_config(tmp_path):
+    model = randomised(NextDiT(make_config(dim=96, n_heads=6, n_kv_heads=2, n_layers=2, n_refiner_layers=1,
+                                           axes_dims=[4, 6, 6], multiple_of=16, cap_feat_dim=40)))
+    torch.save(model.state_dict(), tmp_path / "consolidated.00-of-01.pth")
+    _, cfg, fmt = read_state(tmp_path, overrides={"axes_dims": [4, 6, 6], "axes_lens": [300, 64, 64]})
+    assert fmt == "official"
+    assert (cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.n_layers, cfg.n_refiner_layers, cfg.cap_feat_dim,
+            cfg.in_channels, cfg.ffn_hidden_dim) == (96, 6, 2, 2, 1, 40, 4, model.config.ffn_hidden_dim)
+    loaded = load_nextdit(tmp_path, axes_dims=[4, 6, 6], axes_lens=[300, 64, 64])
+    assert_same_weights(model.state_dict(), loaded.state_dict())
+
+
+def test_official_model_args_namespace_is_read_safely(tmp_path, model):
+    save_nextdit(model, tmp_path / "o", "official", ema_state_dict=model.state_dict())
+    args = torch.load(tmp_path / "o" / "model_args.pth", weights_only=False)
+    assert isinstance(args, argparse.Namespace) and args.qk_norm is True
+    # an official-style Namespace without our exact config: factory name + shapes
+    torch.save(argparse.Namespace(model="NextDiT_debug", qk_norm=True), tmp_path / "o" / "model_args.pth")
+    assert load_nextdit(tmp_path / "o", ema=True).config.dim == model.config.dim
+
+
+def test_ema_selection(model, tmp_path):
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    save_nextdit(model, tmp_path / "m.safetensors", "lumina", ema_state_dict=ema)
+    raw = load_nextdit(tmp_path / "m.safetensors")
+    avg = load_nextdit(tmp_path / "m.safetensors", ema="auto")
+    assert torch.equal(raw.x_embedder.weight, model.x_embedder.weight)
+    assert torch.equal(avg.x_embedder.weight, model.x_embedder.weight + 1)
+    save_nextdit(model, tmp_path / "plain.safetensors", "lumina")
+    with pytest.raises(FileNotFoundError, match="EMA"):
+        load_nextdit(tmp_path / "plain.safetensors", ema=True)
+
+
+def test_partial_checkpoint_lists_missing_unexpected_and_mismatched_keys(model, tmp_path):
+    sd = dict(model.state_dict())
+    del sd["layers.1.feed_forward.w2.weight"]
+    sd["layers.0.attention.bogus"] = torch.zeros(3)
+    sd["final_layer.linear.bias"] = torch.zeros(5)
+    save_nextdit(None, tmp_path / "bad.safetensors", "lumina", state_dict=sd, config=model.config)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_nextdit(tmp_path / "bad.safetensors")
+    msg = str(err.value)
+    assert "missing keys (1)" in msg and "layers.1.feed_forward.w2.weight" in msg
+    assert "unexpected keys (1)" in msg and "layers.0.attention.bogus" in msg
+    assert "final_layer.linear.bias: (5,) vs (16,)" in msg
+
+
+def test_wrong_config_override_is_refused_not_half_loaded(model, tmp_path):
+    save_nextdit(model, tmp_path / "m.safetensors", "lumina")
+    with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
+        load_nextdit(tmp_path / "m.safetensors", cap_feat_dim=64)
+
+
+def test_unknown_keys_fail_conversion(model):
+    sd = dict(model.state_dict())
+    sd["something.else"] = torch.zeros(1)
+    with pytest.raises(ConversionError, match="something.else"):
+        official_to_diffusers(sd, model.config)
+
+
+def test_detect_format_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        detect_format(tmp_path / "nope.pth")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no known Next-DiT checkpoint"):
+        detect_format(tmp_path / "empty")
+
+
+def test_convert_cli_round_trip_and_dtype(model, tmp_path, capsys):
+    save_nextdit(model, tmp_path / "src.safetensors", "lumina")
+    assert lumina_main(["convert", str(tmp_path / "src.safetensors"), str(tmp_path / "off"), "--to", "official"]) == 0
+    assert lumina_main(["convert", str(tmp_path / "off"), str(tmp_path / "diff"), "--to", "diffusers"]) == 0
+    assert lumina_main(["convert", str(tmp_path / "diff"), str(tmp_path / "bf16.safetensors"), "--to", "lumina",
+                        "--dtype", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "converted" in out and "parameters" in out
+    back = load_nextdit(tmp_path / "bf16.safetensors")
+    assert back.x_embedder.weight.dtype == torch.bfloat16
+    assert torch.equal(back.x_embedder.weight, model.x_embedder.weight.to(torch.bfloat16))
+
+
+def test_interrupted_save_keeps_previous_file(model, tmp_path, monkeypatch):
+    target = tmp_path / "m.safetensors"
+    save_nextdit(model, target, "lumina")
+    before = target.read_bytes()
+    import lumina_lightning.models.io as io
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(io, "save_file", boom)
+    with pytest.raises(KeyboardInterrupt):
+        save_nextdit(model, target, "lumina")
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp files left behind

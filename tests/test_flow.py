@@ -1,0 +1,116 @@
+"""Flow-matching core against hand-derived values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lumina_lightning.flow import (
+    TimestepBins,
+    flow_matching_loss,
+    image_seq_len,
+    interpolate,
+    per_sample_mse,
+    pool_latents,
+    sample_timesteps,
+    shift_mu,
+    sigma_to_t,
+    stratified_timesteps,
+    t_to_sigma,
+    time_shift,
+    training_shift,
+    velocity_target,
+    velocity_to_sigma_flow,
+)
+
+
+def test_interpolant_endpoints_and_midpoint():
+    x0, x1 = torch.full((2, 3), -2.0), torch.full((2, 3), 4.0)
+    assert torch.equal(interpolate(x0, x1, torch.tensor([0.0, 0.0])), x0)  # t = 0 is noise
+    assert torch.equal(interpolate(x0, x1, torch.tensor([1.0, 1.0])), x1)  # t = 1 is data
+    # t = 0.25: 0.25·4 + 0.75·(−2) = −0.5
+    assert torch.allclose(interpolate(x0, x1, torch.tensor([0.25, 0.25])), torch.full((2, 3), -0.5))
+
+
+def test_velocity_target_is_data_minus_noise_and_sigma_conversions():
+    x0, x1 = torch.tensor([1.0]), torch.tensor([3.0])
+    assert velocity_target(x0, x1).item() == 2.0
+    assert t_to_sigma(0.2) == pytest.approx(0.8) and sigma_to_t(0.8) == pytest.approx(0.2)
+    assert velocity_to_sigma_flow(torch.tensor([2.0])).item() == -2.0
+    # d x_t / d t = x1 − x0: one Euler step of size 1 from noise with the exact target lands on data
+    assert torch.equal(x0 + 1.0 * velocity_target(x0, x1), x1)
+
+
+def test_time_shift_hand_values():
+    # t' = t / (t + s(1 − t)); s = 3, t = 0.5: 0.5 / (0.5 + 1.5) = 0.25 (toward noise)
+    assert time_shift(0.5, 3.0) == pytest.approx(0.25)
+    assert time_shift(0.5, 1.0) == pytest.approx(0.5)
+    t = torch.tensor([0.0, 1.0])
+    assert torch.equal(time_shift(t, 6.0), t)  # endpoints fixed
+    # σ form: σ' = sσ/(1 + (s−1)σ); σ = 0.5, s = 3 -> 1.5/2 = 0.75 = 1 − 0.25
+    assert 1 - time_shift(0.5, 3.0) == pytest.approx(3 * 0.5 / (1 + 2 * 0.5))
+    with pytest.raises(ValueError):
+        time_shift(0.5, 0.0)
+
+
+def test_resolution_shift_mu_hand_values():
+    assert shift_mu(256) == pytest.approx(0.5)
+    assert shift_mu(4096) == pytest.approx(1.15)
+    # halfway in tokens: 0.5 + 0.65 · (2176 − 256)/3840 = 0.825
+    assert shift_mu(2176) == pytest.approx(0.825)
+    assert image_seq_len(1024, 8, 2) == 4096 and image_seq_len(256, 8, 2) == 256
+    assert training_shift(1024) == pytest.approx(math.exp(1.15))
+    assert training_shift(256) == pytest.approx(math.exp(0.5))
+
+
+def test_timestep_samplers_statistics():
+    g = torch.Generator().manual_seed(0)
+    t = sample_timesteps(200_000, "lognorm", generator=g)
+    assert 0 < t.min() and t.max() < 1
+    assert t.median().item() == pytest.approx(0.5, abs=0.01)  # sigmoid(N(0,1)) has median 0.5
+    # P(t < sigmoid(1)) = P(u < 1) = Φ(1) ≈ 0.8413
+    assert (t < torch.sigmoid(torch.tensor(1.0))).float().mean().item() == pytest.approx(0.8413, abs=0.005)
+    shifted = sample_timesteps(100_000, "lognorm", mean=1.0, generator=g)
+    assert shifted.median().item() == pytest.approx(torch.sigmoid(torch.tensor(1.0)).item(), abs=0.01)
+    u = sample_timesteps(100_000, "uniform", generator=g)
+    assert u.mean().item() == pytest.approx(0.5, abs=0.01)
+    with pytest.raises(ValueError, match="unknown timestep sampler"):
+        sample_timesteps(3, "cosine")
+
+
+def test_per_sample_mse_and_lists():
+    pred = torch.tensor([[1.0, 2.0], [0.0, 0.0]])
+    target = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    assert torch.allclose(per_sample_mse(pred, target), torch.tensor([2.5, 12.5]))
+    lists = per_sample_mse([torch.ones(2, 2), torch.zeros(3)], [torch.zeros(2, 2), torch.full((3,), 2.0)])
+    assert torch.allclose(lists, torch.tensor([1.0, 4.0]))
+
+
+def test_flow_matching_loss_is_zero_for_the_exact_velocity():
+    x1 = torch.randn(4, 3, 2, 2)
+    x0 = torch.randn(4, 3, 2, 2)
+    t = torch.tensor([0.1, 0.4, 0.6, 0.9])
+    oracle = lambda xt, tt: x1 - x0  # noqa: E731
+    assert torch.allclose(flow_matching_loss(oracle, x1, t, noise=x0), torch.zeros(4))
+    zero = lambda xt, tt: torch.zeros_like(xt)  # noqa: E731
+    assert torch.allclose(flow_matching_loss(zero, x1, t, noise=x0), (x1 - x0).square().flatten(1).mean(1))
+
+
+def test_pool_latents_four_times():
+    x = torch.arange(64.0).reshape(1, 1, 8, 8)
+    pooled = pool_latents(x, 4)
+    assert pooled.shape == (1, 1, 2, 2)
+    # top-left 4×4 block: rows 0–3, cols 0–3 -> mean = (0+3)/2 + 8·(0+3)/2 = 1.5 + 12 = 13.5
+    assert pooled[0, 0, 0, 0].item() == pytest.approx(13.5)
+
+
+def test_stratified_timesteps_and_bins():
+    assert torch.allclose(stratified_timesteps(4), torch.tensor([0.125, 0.375, 0.625, 0.875]))
+    bins = TimestepBins(4)
+    bins.update(torch.tensor([0.1, 0.2, 0.9, 1.0]), torch.tensor([1.0, 3.0, 5.0, 7.0]))
+    assert bins.means() == {0: 2.0, 3: 6.0}  # t = 1.0 falls in the last bin
+    assert bins.labels()[0] == "0.00-0.25"
+    bins.reset()
+    assert bins.means() == {}

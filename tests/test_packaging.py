@@ -1,0 +1,102 @@
+"""The README, CI script, Dockerfile and console scripts agree with each other."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def fenced_lines(text: str) -> list[str]:
+    """Command lines inside ```bash fences (comments stripped)."""
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.splitlines():
+            line = line.split("  #")[0].strip()
+            if line and not line.startswith("#"):
+                lines.append(line)
+    return lines
+
+
+def test_readme_cpu_install_pins_local_torch_first():
+    lines = fenced_lines(README)
+    first_pip = next(i for i, l in enumerate(lines) if l.startswith("pip install"))
+    assert lines[first_pip] == "pip install torch==2.13.0"
+    assert lines[first_pip + 1] == "pip install -e '.[dev]'"
+
+
+def test_ci_runs_the_readme_install_and_test_command():
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_cmd = next(l for l in fenced_lines(README) if "pytest" in l)
+    assert test_cmd in ci.splitlines()
+    assert "pip install torch==2.13.0" in ci.splitlines()
+    assert "pip install -e '.[dev]'" in ci.splitlines()
+    assert "set -euo pipefail" in ci  # a failing test fails CI
+
+
+def test_dockerfile_install_line_matches_readme_gpu_install():
+    docker = (ROOT / "Dockerfile").read_text()
+    run_lines = [l.strip()[4:] for l in docker.splitlines() if l.strip().startswith("RUN pip install")]
+    assert run_lines, "Dockerfile has no pip install"
+    readme_gpu = next(l for l in fenced_lines(README) if "[gpu]" in l)
+
+    def normalise(cmd: str) -> tuple[list[str], str]:
+        parts = shlex.split(cmd)
+        target = next(p for p in parts if "[gpu]" in p)
+        return [p for p in parts if p != target], target.split("[", 1)[1]
+
+    assert normalise(run_lines[-1]) == normalise(readme_gpu)
+    assert re.search(r"^FROM .*pytorch.*cuda", docker.replace("${BASE_IMAGE}", re.search(r"BASE_IMAGE=(\S+)", docker).group(1)), re.M)
+    assert re.search(r"^USER (?!root)\w+", docker, re.M), "the image must not run as root"
+    assert "ENTRYPOINT" in docker
+
+
+def test_pyproject_dependencies_and_scripts():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!\[ ]", d, maxsplit=1)[0].lower() for d in meta["dependencies"]}
+    for required in ("lightning", "torch", "torchdata", "transformers", "diffusers", "omegaconf", "mlflow",
+                     "gradio", "safetensors", "pillow", "numpy"):
+        assert required in names, required
+    assert "torch==2.13.0" in meta["dependencies"]  # exact: never a loose range that pulls CUDA wheels
+    extras = meta["optional-dependencies"]
+    assert any(d.startswith("flash-attn") for d in extras["gpu"]) and any(d.startswith("deepspeed") for d in extras["gpu"])
+    assert any(d.startswith("pytest") for d in extras["dev"])
+    assert meta["scripts"] == {"lumina": "lumina_lightning.cli:main", "lightning": "lumina_lightning.cli:lightning_main"}
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lumina_lightning", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def test_lumina_help_lists_every_verb():
+    out = run_cli("--help")
+    assert out.returncode == 0
+    for verb in ("train", "sample", "caption", "convert", "eval", "demo"):
+        assert re.search(rf"^\s+{verb}\s", out.stdout, re.M), verb
+
+
+def test_unknown_verb_suggests_the_closest():
+    out = run_cli("convrt")
+    assert out.returncode == 2 and "Did you mean `convert`" in out.stderr
+
+
+def test_smoke_verb_runs():
+    out = run_cli("smoke", "--size", "NextDiT_debug", "--latent", "8", "--caption-len", "6")
+    assert out.returncode == 0, out.stderr
+    assert "forward+backward" in out.stdout
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["frobnicate"]])
+def test_lightning_command_help_and_unknown_subcommand(argv):
+    from lumina_lightning.cli import lightning_main
+
+    assert lightning_main(argv) in (0, 2)
