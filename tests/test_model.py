@@ -147,17 +147,21 @@ def test_zero_init_outputs_zero_and_gates_closed():
 
 def test_rope_is_interleaved_pairs_and_axis_split():
     rope = MultiAxisRope([4, 6, 6], [300, 64, 64])
-    pos = torch.tensor([[[3, 5, 7]]])
-    cos, sin = rope(pos)
-    assert cos.shape == (1, 1, 8)
+    cis = rope(torch.tensor([[[3, 5, 7]]]))
+    assert cis.shape == (1, 1, 8) and cis.dtype == torch.complex64
     # axis 0 frequencies use theta^(-(0,2)/4) at position 3; axis 1 theta^(-(0,2,4)/6) at 5, ...
-    expect = torch.cat([3 * 10000.0 ** (-torch.arange(0, 4, 2) / 4), 5 * 10000.0 ** (-torch.arange(0, 6, 2) / 6),
+    angles = torch.cat([3 * 10000.0 ** (-torch.arange(0, 4, 2) / 4), 5 * 10000.0 ** (-torch.arange(0, 6, 2) / 6),
                         7 * 10000.0 ** (-torch.arange(0, 6, 2) / 6)])
-    assert torch.allclose(cos[0, 0], expect.cos(), atol=1e-6)
+    assert torch.allclose(cis[0, 0].real, angles.cos(), atol=1e-6)
+    assert torch.allclose(cis[0, 0].imag, angles.sin(), atol=1e-6)
     x = torch.zeros(1, 1, 1, 16)
     x[..., 0] = 1.0  # (x0, x1) = (1, 0) rotates to (cos, sin) in channels 0 and 1 — interleaved pairs
-    out = apply_rope(x, cos, sin)
-    assert torch.allclose(out[0, 0, 0, :2], torch.stack([cos[0, 0, 0], sin[0, 0, 0]]), atol=1e-6)
+    out = apply_rope(x, cis)
+    assert torch.allclose(out[0, 0, 0, :2], torch.stack([angles[0].cos(), angles[0].sin()]), atol=1e-6)
+    assert torch.count_nonzero(out[0, 0, 0, 2:]) == 0
+    # padded positions get zero factors
+    zeroed = rope(torch.tensor([[[3, 5, 7]]]), valid=torch.tensor([[False]]))
+    assert torch.count_nonzero(zeroed) == 0
 
 
 def test_gradient_checkpointing_same_grads_and_less_memory_of_activations():

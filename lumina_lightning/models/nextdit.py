@@ -11,9 +11,9 @@ the per-block gradient-checkpointing *switch* that place flips.
 
 Deliberate implementation differences from the official code (same maths):
 
-* RoPE is applied with real cos/sin tables instead of complex64 products, tables are cached per
-  device instead of rebuilt per call, and angles are computed in float64 like diffusers (the
-  official code rounds them to fp32 first; spec §1.2 "RoPE tables").
+* RoPE tables are cached per device instead of rebuilt per call, and angles are computed in
+  float64 like diffusers before rounding to complex64 (the official code rounds the angles to fp32
+  first; diffusers multiplies in complex128; spec §1.2 "RoPE tables").
 * Masks are dropped when nothing is padded (diffusers does the same for the joint sequence).
 * GQA uses SDPA's ``enable_gqa`` instead of materialising repeated K/V (same head mapping h -> h//rep).
 * The joint sequence is built and unpatchified with gathers instead of per-sample Python loops.
@@ -109,51 +109,48 @@ class MultiAxisRope:
     """Per-axis RoPE tables for 3-axis positions (a0, a1, a2); spec §1.4.
 
     Head channels [0:d0) rotate with axis 0 (caption index / cap_len for image tokens), the next d1
-    with the patch row and the last d2 with the patch column. Pairs (2k, 2k+1) form one rotation
-    (interleaved convention, not rotate-half). A plain object like the official ``RopeEmbedder``:
-    it owns no parameters or buffers, so state dicts stay official.
+    with the patch row and the last d2 with the patch column. Pairs (2k, 2k+1) form one complex
+    number (interleaved convention, not rotate-half). A plain object like the official
+    ``RopeEmbedder``: it owns no parameters or buffers, so state dicts stay official.
     """
 
     def __init__(self, axes_dims: list[int], axes_lens: list[int], theta: float = 10000.0) -> None:
         self.axes_dims = list(axes_dims)
         self.axes_lens = list(axes_lens)
         self.theta = theta
-        self._cache: dict[torch.device, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._cache: dict[torch.device, list[torch.Tensor]] = {}
 
-    def tables(self, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """(cos, sin) per axis, each (axes_len, axes_dim/2) fp32; built once per device."""
+    def tables(self, device: torch.device) -> list[torch.Tensor]:
+        """complex64 ``exp(i·pos·freq)`` per axis, each (axes_len, axes_dim/2); built once per device.
+
+        Angles are computed in float64 (like diffusers) before rounding the factors to complex64.
+        """
         if device not in self._cache:
-            cos, sin = [], []
+            tables = []
             for d, n in zip(self.axes_dims, self.axes_lens):
                 freqs = 1.0 / (self.theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
                 angles = torch.outer(torch.arange(n, dtype=torch.float64), freqs)
-                cos.append(angles.cos().float().to(device))
-                sin.append(angles.sin().float().to(device))
-            self._cache[device] = (cos, sin)
+                tables.append(torch.polar(torch.ones_like(angles), angles).to(torch.complex64).to(device))
+            self._cache[device] = tables
         return self._cache[device]
 
-    def __call__(self, pos: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Gather (cos, sin) for positions ``pos`` (B, L, 3) -> each (B, L, head_dim/2).
+    def __call__(self, pos: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """Gather the factors for positions ``pos`` (B, L, 3) -> (B, L, head_dim/2) complex64.
 
         Where ``valid`` is False the factors are zero (the official per-stream tables zero padded
         caption/image positions, which zeroes q and k there; those keys are masked anyway).
         """
-        cos_t, sin_t = self.tables(pos.device)
-        cos = torch.cat([cos_t[a][pos[..., a].long()] for a in range(3)], dim=-1)
-        sin = torch.cat([sin_t[a][pos[..., a].long()] for a in range(3)], dim=-1)
+        tables = self.tables(pos.device)
+        cis = torch.cat([tables[a][pos[..., a].long()] for a in range(3)], dim=-1)
         if valid is not None:
-            keep = valid[..., None].to(cos.dtype)
-            cos, sin = cos * keep, sin * keep
-        return cos, sin
+            cis = cis * valid[..., None]
+        return cis
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of ``x`` (B, L, H, D) by per-token angles; computed in fp32."""
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos.unsqueeze(2), sin.unsqueeze(2)
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
-    return out.type_as(x)
+def apply_rope(x: torch.Tensor, cis: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved channel pairs of ``x`` (B, L, H, D) by per-token factors; in fp32 (spec §1.2)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(xc * cis.unsqueeze(2)).flatten(-2).type_as(x)
 
 
 #################################################################################
@@ -177,13 +174,13 @@ class JointAttention(nn.Module):
             self.q_norm = self.k_norm = nn.Identity()
         self.backend = "auto"
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, rope: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         q, k, v = self.qkv(x).split(self.split, dim=-1)
         q = self.q_norm(q.view(b, n, self.n_heads, self.head_dim))
         k = self.k_norm(k.view(b, n, self.n_kv_heads, self.head_dim))
         v = v.view(b, n, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = apply_rope(q, rope), apply_rope(k, rope)
         out = attention(q, k, v, mask, backend=self.backend)
         return self.out(out.flatten(2))
 
@@ -215,7 +212,7 @@ class JointTransformerBlock(nn.Module):
         self,
         x: torch.Tensor,
         mask: torch.Tensor | None,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: torch.Tensor,
         adaln: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if self.modulation:
@@ -259,7 +256,7 @@ class JointSequence:
 
     hidden: torch.Tensor  # (B, L, D) [real caption tokens ; image tokens ; padding]
     mask: torch.Tensor | None  # (B, L) True on real tokens; None when nothing is padded
-    rope: tuple[torch.Tensor, torch.Tensor]
+    rope: torch.Tensor
     adaln: torch.Tensor  # (B, t_embed_dim)
     cap_lens: torch.Tensor  # (B,) int64
     latent_sizes: list[tuple[int, int]]  # (H, W) per sample, in latent pixels

@@ -1,0 +1,173 @@
+"""Our Next-DiT vs diffusers' Lumina2Transformer2DModel: same config, same weights, same inputs.
+
+Measures, in one run and side by side:
+* forward and forward+backward wall time (median of timed repeats after warm-up),
+  CPU fp32 always, CUDA bf16 where a GPU exists;
+* activation memory kept for backward (bytes of tensors autograd saves, counted with
+  ``torch.autograd.graph.saved_tensors_hooks``), with and without gradient checkpointing — a
+  device-independent measure of what checkpointing saves; on CUDA also peak allocated memory.
+
+Prints a table and the ratios diffusers/ours (speed) and plain/checkpointed (memory).
+
+    python benchmarks/model_speed.py                 # default mid-size config
+    python benchmarks/model_speed.py --preset 2b-1layer --latent 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from lumina_lightning.models import NextDiT, NextDiTConfig
+from lumina_lightning.models.convert import config_to_diffusers, official_to_diffusers
+
+PRESETS = {
+    # a width where matmuls dominate on CPU, 8 blocks, GQA 2:1
+    "mid": dict(dim=512, n_layers=8, n_refiner_layers=2, n_heads=8, n_kv_heads=4, multiple_of=64,
+                cap_feat_dim=256, in_channels=16, axes_dims=[20, 22, 22]),
+    # the released block shapes (2304 wide, 24/8 heads) with few layers, to fit a CPU benchmark
+    "2b-2layers": dict(dim=2304, n_layers=2, n_refiner_layers=1, n_heads=24, n_kv_heads=8, multiple_of=256,
+                       cap_feat_dim=2304, in_channels=16, axes_dims=[32, 32, 32]),
+}
+
+
+def build_pair(cfg: NextDiTConfig, device: str, dtype: torch.dtype):
+    from diffusers import Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    ours = NextDiT(cfg)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.02)
+    kwargs = {k: v for k, v in config_to_diffusers(cfg).items() if not k.startswith("_")}
+    theirs = Lumina2Transformer2DModel(**kwargs)
+    theirs.load_state_dict(official_to_diffusers(ours.state_dict(), cfg))
+    return ours.to(device, dtype), theirs.to(device, dtype)
+
+
+def inputs(cfg: NextDiTConfig, batch: int, latent: int, cap_len: int, device: str, dtype: torch.dtype, padded: bool):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, cfg.in_channels, latent, latent, generator=g).to(device, dtype)
+    t = torch.rand(batch, generator=g).to(device, dtype)
+    feats = torch.randn(batch, cap_len, cfg.cap_feat_dim, generator=g).to(device, dtype)
+    mask = torch.ones(batch, cap_len, dtype=torch.bool, device=device)
+    if padded:  # realistic batch: caption lengths differ
+        for i in range(batch):
+            mask[i, cap_len - (i * cap_len) // (2 * batch):] = False
+    return x, t, feats, mask
+
+
+def call(model, args, is_ours: bool):
+    out = model(*args)
+    return out if is_ours else out.sample
+
+
+def timed(fn, repeats: int, warmup: int, device: str) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def saved_activation_bytes(model, args, is_ours: bool) -> int:
+    total = 0
+
+    def pack(t: torch.Tensor):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = call(model, args, is_ours)
+    out.float().square().mean().backward()
+    model.zero_grad(set_to_none=True)
+    return total
+
+
+def set_checkpointing(model, is_ours: bool, enabled: bool) -> None:
+    if is_ours:
+        model.set_gradient_checkpointing(enabled)
+    elif enabled:
+        model.enable_gradient_checkpointing()
+    else:
+        model.disable_gradient_checkpointing()
+
+
+def bench(device: str, dtype: torch.dtype, cfg: NextDiTConfig, a) -> list[dict]:
+    ours, theirs = build_pair(cfg, device, dtype)
+    rows = []
+    for padded in (False, True):
+        args = inputs(cfg, a.batch, a.latent, a.cap_len, device, dtype, padded)
+        with torch.no_grad():
+            diff = (call(ours, args, True).float() - call(theirs, args, False).float()).abs().max().item()
+        for name, model, is_ours in (("ours", ours, True), ("diffusers", theirs, False)):
+            def fwd():
+                with torch.no_grad():
+                    call(model, args, is_ours)
+
+            def step():
+                call(model, args, is_ours).float().square().mean().backward()
+                model.zero_grad(set_to_none=True)
+
+            row = dict(device=device, dtype=str(dtype).replace("torch.", ""), captions="mixed" if padded else "equal",
+                       model=name, fwd_ms=1000 * timed(fwd, a.repeats, a.warmup, device),
+                       step_ms=1000 * timed(step, a.repeats, a.warmup, device), max_abs_diff=diff)
+            for ckpt in (False, True):
+                set_checkpointing(model, is_ours, ckpt)
+                if device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                row[f"act_MB_ckpt={ckpt}"] = saved_activation_bytes(model, args, is_ours) / 2**20
+                if device == "cuda":
+                    row[f"peak_MB_ckpt={ckpt}"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+                set_checkpointing(model, is_ours, False)
+            rows.append(row)
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mid", choices=sorted(PRESETS))
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--latent", type=int, default=32, help="latent side (tokens = (latent/2)^2)")
+    p.add_argument("--cap-len", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg = NextDiTConfig(**PRESETS[a.preset])
+    print(f"config {a.preset}: dim={cfg.dim} layers={cfg.n_layers}+2x{cfg.n_refiner_layers} heads={cfg.n_heads}/"
+          f"{cfg.n_kv_heads}; batch {a.batch}, {(a.latent // 2) ** 2} image + {a.cap_len} caption tokens; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
+    rows = bench("cpu", torch.float32, cfg, a)
+    if torch.cuda.is_available():
+        rows += bench("cuda", torch.bfloat16, cfg, a)
+    keys = list(rows[0])
+    print("| " + " | ".join(keys) + " |")
+    print("|" + "---|" * len(keys))
+    for r in rows:
+        print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+    print()
+    for i in range(0, len(rows), 2):
+        o, d = rows[i], rows[i + 1]
+        print(f"{o['device']}/{o['dtype']}/{o['captions']} captions: diffusers/ours forward "
+              f"{d['fwd_ms'] / o['fwd_ms']:.2f}x, fwd+bwd {d['step_ms'] / o['step_ms']:.2f}x; "
+              f"checkpointing keeps {o['act_MB_ckpt=True'] / o['act_MB_ckpt=False']:.1%} of our activation memory "
+              f"(diffusers {d['act_MB_ckpt=True'] / d['act_MB_ckpt=False']:.1%}); max |ours-diffusers| {o['max_abs_diff']:.2e}")
+
+
+if __name__ == "__main__":
+    main()
