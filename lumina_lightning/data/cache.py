@@ -1,0 +1,424 @@
+"""Offline cache: run the frozen autoencoder and text encoder once, train from stored features.
+
+Layout of a cache directory::
+
+    index.json                 format, version, identity, dtypes, sources, items, skip report
+    shard-00000.safetensors    tensors "<item>/latent" (C×h×w) and "<item>/cap/<level>" (L×D)
+    shard-00001.safetensors    ...
+
+Each item is one image: its latent at its bucket size, and for every caption level the features of
+``prompt_fn(caption, system)`` with padding removed (the valid tokens only; ``cap_len`` in the index
+is the mask length). Items are listed in record order, with per-source ranges and ratios, so a data
+YAML's sampling ratios still apply when training from the cache.
+
+The cache records an *identity* — the autoencoder's and text encoder's ``identity()``, the
+resolution/patch/max_aspect of the buckets, and the prompt template — and refuses to mix: reading
+it with another expected identity, or appending with other encoders, raises
+:class:`CacheIdentityError`.
+
+``CachedDataset`` returns batches with ``latents`` (B×C×h×w), ``cap_feats`` (B×L×D, zero-padded
+to the longest caption in the batch), ``cap_mask`` (B×L bool) and the same ``captions``,
+``levels``, ``systems``, ``indices``, ``epoch``, ``bucket``, ``skips`` as the image dataset.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .buckets import bucket_list, cover_scale
+from .config import DataConfig
+from .dataset import DataPlan, _BatchDatasetBase, _warn, build_plan
+from .captions import available_levels
+from .images import load_image, resize_cover_center_crop, to_tensor
+from .records import Record, RecordSet, SourceInfo, load_records
+from .skips import EMPTY_CAPTION, TOO_SMALL, UNREADABLE_CACHE, UPSCALED, BadSample, SkipCounter
+
+log = logging.getLogger("lumina_lightning.data")
+
+__all__ = ["CacheIdentityError", "CachedDataset", "build_cache", "read_index", "cache_identity", "check_identity"]
+
+INDEX_NAME = "index.json"
+FORMAT = "lumina-lightning-cache"
+VERSION = 1
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+PromptFn = Callable[[str, "str | None"], str]
+
+
+class CacheIdentityError(ValueError):
+    """The cache was made by other encoders / another resolution than the ones asked for."""
+
+
+def _identity_prompt(caption: str, system: str | None) -> str:
+    """Default ``prompt_fn``: the caption alone (no system template)."""
+    return caption
+
+
+def _normalise(value: Any) -> Any:
+    """JSON round trip, so tuples/lists and int/float spellings compare equal."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def cache_identity(
+    autoencoder: Any, text_encoder: Any, resolution: int, patch: int = 16, max_aspect: float = 4.0,
+    prompt: str = "caption",
+) -> dict[str, Any]:
+    """The identity dict a cache made with these encoders and settings carries."""
+    return _normalise({
+        "autoencoder": autoencoder.identity(),
+        "text_encoder": text_encoder.identity(),
+        "resolution": int(resolution),
+        "patch": int(patch),
+        "max_aspect": float(max_aspect),
+        "prompt": prompt,
+    })
+
+
+def check_identity(stored: Mapping[str, Any], expected: Mapping[str, Any], where: str) -> None:
+    """Raise :class:`CacheIdentityError` unless every key of ``expected`` equals ``stored``'s."""
+    stored, expected = _normalise(dict(stored)), _normalise(dict(expected))
+    diffs = [f"{key}: cache has {stored.get(key)!r}, expected {value!r}"
+             for key, value in expected.items() if stored.get(key) != value]
+    if diffs:
+        raise CacheIdentityError(
+            f"{where}: the cache was made with different encoders or settings and cannot be mixed with this run:\n  "
+            + "\n  ".join(diffs)
+            + "\nBuild a new cache (`lumina data cache ...`) for these encoders/settings."
+        )
+
+
+def read_index(cache_dir: str | os.PathLike) -> dict[str, Any]:
+    """Load and sanity-check a cache's ``index.json``."""
+    path = Path(cache_dir) / INDEX_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"{cache_dir}: not a cache directory (no {INDEX_NAME}); build one with `lumina data cache`")
+    index = json.loads(path.read_text(encoding="utf-8"))
+    if index.get("format") != FORMAT or int(index.get("version", 0)) > VERSION:
+        raise ValueError(f"{path}: unsupported cache format {index.get('format')!r} version {index.get('version')}")
+    return index
+
+
+def _write_index(cache_dir: Path, index: dict[str, Any]) -> Path:
+    path = cache_dir / INDEX_NAME
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(index, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)  # atomic: a crash never leaves a half-written index
+    return path
+
+
+def _load_pixels(record: Record, bucket: tuple[int, int], cfg: DataConfig, report: SkipCounter) -> torch.Tensor:
+    img = load_image(record.image)
+    scale = cover_scale(img.width, img.height, bucket)
+    if scale > 1.0 + 1e-9:
+        if cfg.min_size_policy == "skip" and scale > cfg.max_upscale + 1e-9:
+            raise BadSample(TOO_SMALL, f"{record.image}: {img.width}x{img.height} is smaller than bucket {bucket}")
+        report.events[UPSCALED] += 1
+    return to_tensor(resize_cover_center_crop(img, bucket))
+
+
+@torch.no_grad()
+def build_cache(
+    cfg: DataConfig,
+    out_dir: str | os.PathLike,
+    *,
+    autoencoder: Any,
+    text_encoder: Any,
+    batch_size: int = 8,
+    prompt_fn: PromptFn | None = None,
+    prompt_id: str | None = None,
+    levels: Sequence[str] | None = None,
+    shard_size: int = 512,
+    append: bool = False,
+    feature_dtype: str = "bfloat16",
+    latent_dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    records: RecordSet | None = None,
+    progress: bool = False,
+) -> Path:
+    """Encode the images and captions of ``cfg.path`` (or ``records``) into a cache at ``out_dir``.
+
+    Args:
+        cfg: data config: ``path``/``root`` (the source), ``resolution``/``patch``/``max_aspect``
+            (buckets), ``min_size_policy``/``max_upscale`` and ``max_skip_rate`` (bad input).
+        autoencoder: frozen, ``encode(B×3×H×W in [−1,1]) -> B×C×H/f×W/f`` + ``identity()``.
+        text_encoder: frozen, ``encode(list[str]) -> (B×L×D, B×L bool)`` + ``identity()``.
+        batch_size: images per autoencoder call (one bucket per call).
+        prompt_fn: ``prompt_fn(caption, system) -> str`` that builds the encoder input, e.g.
+            prepends the record's system template; default: the caption alone.
+        prompt_id: a name for ``prompt_fn`` stored in the identity (default: its ``__name__``).
+        levels: caption levels to encode (default: every non-empty level of each record).
+        shard_size: items per safetensors shard.
+        append: add records to an existing cache (same identity required; images already in the
+            cache are skipped).
+        feature_dtype, latent_dtype: storage dtypes (``float32``, ``float16``, ``bfloat16``).
+        device: where the encoders run (they must already be there).
+
+    Returns:
+        The path of ``index.json``. Bad images are skipped, counted, logged, and stored in the
+        index's ``skips``; the build fails with :class:`SkipRateExceeded` above ``max_skip_rate``.
+    """
+    from safetensors.torch import save_file
+
+    if feature_dtype not in _DTYPES or latent_dtype not in _DTYPES:
+        raise ValueError(f"dtypes must be one of {sorted(_DTYPES)}")
+    prompt_fn = prompt_fn or _identity_prompt
+    prompt_id = prompt_id or ("caption" if prompt_fn is _identity_prompt else getattr(prompt_fn, "__name__", "custom"))
+    identity = cache_identity(autoencoder, text_encoder, cfg.resolution, cfg.patch, cfg.max_aspect, prompt_id)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+
+    old_items: list[dict[str, Any]] = []
+    old_sources: list[dict[str, Any]] = []
+    shards: list[str] = []
+    old_skips: dict[str, Any] = {}
+    if (out / INDEX_NAME).exists():
+        if not append:
+            raise FileExistsError(f"{out} already holds a cache; pass append=True (--append) to add to it")
+        index = read_index(out)
+        check_identity(index["identity"], identity, f"appending to {out}")
+        feature_dtype, latent_dtype = index["dtypes"]["features"], index["dtypes"]["latents"]
+        old_items, old_sources, shards = index["items"], index["sources"], index["shards"]
+        old_skips = index.get("skips", {})
+
+    if records is None:
+        if not cfg.path:
+            raise ValueError("build_cache needs cfg.path (manifest, folder or data YAML) or records")
+        records = load_records(cfg.path, root=cfg.root)
+    plan = build_plan(records, cfg, progress=progress)
+    plan.skips.check(cfg.max_skip_rate, 1, where=f"cache source {cfg.path}")
+    done = {item["image"] for item in old_items}
+    report = SkipCounter()
+    f_dtype, l_dtype = _DTYPES[feature_dtype], _DTYPES[latent_dtype]
+
+    # Work list: usable record ids per bucket, in record order.
+    todo = [i for i in np.flatnonzero(plan.bucket_ids >= 0).tolist() if records.records[i].image not in done]
+    by_bucket: dict[int, list[int]] = {}
+    for i in todo:
+        by_bucket.setdefault(int(plan.bucket_ids[i]), []).append(i)
+
+    new_items: dict[int, dict[str, Any]] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    next_key = max((item["key"] for item in old_items), default=-1) + 1
+    shard_items: list[dict[str, Any]] = []
+
+    def flush() -> None:
+        if not tensors:
+            return
+        name = f"shard-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / name), metadata={"format": FORMAT})
+        for item in shard_items:
+            item["shard"] = name
+        shards.append(name)
+        tensors.clear()
+        shard_items.clear()
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(todo), desc="caching", unit="img")
+    for bucket_id, ids in by_bucket.items():
+        bucket = plan.buckets[bucket_id]
+        for start in range(0, len(ids), batch_size):
+            chunk = ids[start : start + batch_size]
+            pixels, kept = [], []
+            for i in chunk:
+                rec = records.records[i]
+                report.seen += 1
+                try:
+                    wanted = [lvl for lvl in available_levels(rec.captions) if levels is None or lvl in levels]
+                    if not wanted:
+                        raise BadSample(EMPTY_CAPTION, f"{rec.image}: none of the levels {list(levels or [])} present")
+                    pixels.append(_load_pixels(rec, bucket, cfg, report))
+                    kept.append((i, wanted))
+                except BadSample as err:
+                    report.add(err.reason, str(err), seen=False)
+                    _warn(err.reason, str(err))
+            if bar:
+                bar.update(len(chunk))
+            if not kept:
+                continue
+            latents = autoencoder.encode(torch.stack(pixels).to(device)).to("cpu", l_dtype)
+            prompts, owners = [], []
+            for slot, (i, wanted) in enumerate(kept):
+                rec = records.records[i]
+                for lvl in wanted:
+                    prompts.append(prompt_fn(rec.captions[lvl].strip(), rec.system or cfg.system))
+                    owners.append((slot, lvl))
+            feats, mask = text_encoder.encode(prompts)
+            feats, mask = feats.to("cpu"), mask.to("cpu").bool()
+            per_item: dict[int, dict[str, int]] = {}
+            for row, (slot, lvl) in enumerate(owners):
+                key = next_key + slot
+                valid = feats[row][mask[row]].to(f_dtype)
+                tensors[f"{key}/cap/{lvl}"] = valid
+                per_item.setdefault(slot, {})[lvl] = int(valid.shape[0])
+            for slot, (i, wanted) in enumerate(kept):
+                rec = records.records[i]
+                key = next_key + slot
+                tensors[f"{key}/latent"] = latents[slot]
+                item = {
+                    "key": key, "shard": None, "image": rec.image, "source": rec.source, "system": rec.system,
+                    "bucket": list(bucket), "size": [int(x) for x in plan.sizes[i]],
+                    "captions": {lvl: rec.captions[lvl].strip() for lvl in wanted}, "cap_len": per_item[slot],
+                    "meta": rec.meta,
+                }
+                new_items[i] = item
+                shard_items.append(item)
+            next_key += len(kept)
+            if len(shard_items) >= shard_size:
+                flush()
+        report.check(cfg.max_skip_rate, cfg.skip_check_min_samples, where=f"caching {cfg.path}")
+    flush()
+    if bar:
+        bar.close()
+    if report.num_skipped:
+        log.warning("cache: %s", report.summary())
+    report.check(cfg.max_skip_rate, 1, where=f"caching {cfg.path}")
+
+    # Items in record order, with per-source ranges (ratios survive the cache).
+    items = list(old_items)
+    sources = list(old_sources)
+    for src in records.sources:
+        start = len(items)
+        items.extend(new_items[i] for i in range(src.start, src.stop) if i in new_items)
+        if len(items) > start:
+            sources.append({"name": src.name, "start": start, "stop": len(items), "ratio": src.ratio})
+    # Skip report over records (decode failures are the same records, so they add no "seen").
+    skips = SkipCounter()
+    skips.merge(old_skips)
+    skips.merge(plan.skips.report())
+    skips.merge({**report.report(), "seen": 0})
+    index = {
+        "format": FORMAT,
+        "version": VERSION,
+        "identity": identity,
+        "dtypes": {"features": feature_dtype, "latents": latent_dtype},
+        "latent_channels": int(getattr(autoencoder, "latent_channels", 0)),
+        "downsample": int(getattr(autoencoder, "downsample", 0)),
+        "shards": shards,
+        "sources": sources,
+        "items": items,
+        "skips": skips.report(),
+    }
+    if not items:
+        log.warning("cache %s holds no items", out)
+    return _write_index(out, index)
+
+
+class CachedDataset(_BatchDatasetBase):
+    """Reads a cache made by :func:`build_cache`; same sampler, same batch keys as the image dataset.
+
+    Args:
+        cache_dir: the cache directory.
+        cfg: data config (its ``resolution``/``patch``/``max_aspect`` must match the cache's, and
+            its caption weights/fallback choose the level); default: one matching the cache.
+        seed: seed of the caption choice.
+        expected_identity: keys that must match the cache's identity (e.g. the run's
+            ``{"autoencoder": vae.identity(), "text_encoder": te.identity()}``).
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | os.PathLike,
+        cfg: DataConfig | None = None,
+        seed: int = 0,
+        expected_identity: Mapping[str, Any] | None = None,
+    ):
+        self.cache_dir = Path(cache_dir)
+        index = read_index(self.cache_dir)
+        ident = index["identity"]
+        if cfg is None:
+            cfg = DataConfig(cache_dir=str(cache_dir), resolution=ident["resolution"], patch=ident["patch"],
+                             max_aspect=ident["max_aspect"])
+        check_identity(ident, {"resolution": cfg.resolution, "patch": cfg.patch, "max_aspect": cfg.max_aspect},
+                       str(self.cache_dir))
+        if expected_identity:
+            check_identity(ident, expected_identity, str(self.cache_dir))
+        self.index = index
+        self.identity = ident
+        items = index["items"]
+        self.items = items
+        records = [Record(image=it["image"], captions=dict(it["captions"]), meta=it.get("meta") or {},
+                          source=it.get("source", ""), system=it.get("system"), width=it["size"][0],
+                          height=it["size"][1]) for it in items]
+        sources = [SourceInfo(s["name"], s["start"], s["stop"], float(s["ratio"])) for s in index["sources"]]
+        buckets = bucket_list(cfg.resolution, cfg.patch, cfg.max_aspect)
+        lookup = {b: i for i, b in enumerate(buckets)}
+        bucket_ids = np.array([lookup[tuple(it["bucket"])] for it in items], dtype=np.int32)
+        sizes = np.array([it["size"] for it in items], dtype=np.int32).reshape(-1, 2)
+        plan = DataPlan(RecordSet(records, sources), buckets, bucket_ids, sizes)
+        plan.skips.merge(index.get("skips", {}))
+        super().__init__(plan, cfg, seed)
+        self._handles: dict[str, Any] = {}
+        self._pid = os.getpid()
+
+    @classmethod
+    def for_training(
+        cls, cfg: DataConfig, seed: int, expected_identity: Mapping[str, Any] | None = None
+    ) -> "CachedDataset":
+        """The dataset ``build_dataloader`` uses when ``cfg.cache_dir`` is set."""
+        return cls(cfg.cache_dir, cfg, seed, expected_identity)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # open files do not travel to worker processes
+        return state
+
+    def _tensor(self, shard: str, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if os.getpid() != self._pid:  # forked worker: reopen files in this process
+            self._handles, self._pid = {}, os.getpid()
+        handle = self._handles.get(shard)
+        if handle is None:
+            handle = safe_open(str(self.cache_dir / shard), framework="pt")
+            self._handles[shard] = handle
+        return handle.get_tensor(key)
+
+    def _load_one(self, epoch: int, index: int, bucket: tuple[int, int], report: SkipCounter) -> dict[str, Any]:
+        item = self.items[index]
+        chosen = self._caption(item["captions"], epoch, index)
+        if chosen is None:
+            raise BadSample(EMPTY_CAPTION, f"{item['image']}: no cached caption")
+        level, text = chosen
+        try:
+            latent = self._tensor(item["shard"], f"{item['key']}/latent").float()
+            feats = self._tensor(item["shard"], f"{item['key']}/cap/{level}").float()
+        except Exception as err:  # a damaged shard must not kill the run either
+            raise BadSample(UNREADABLE_CACHE, f"{item['image']}: cannot read cached tensors ({err})") from err
+        return {"latent": latent, "feats": feats, "caption": text, "level": level,
+                "system": item.get("system") or self.cfg.system, "index": index}
+
+    def _collate(self, items: list[dict[str, Any]], bucket: tuple[int, int]) -> dict[str, Any]:
+        length = max(1, max(it["feats"].shape[0] for it in items))
+        dim = items[0]["feats"].shape[-1]
+        feats = torch.zeros(len(items), length, dim)
+        mask = torch.zeros(len(items), length, dtype=torch.bool)
+        for k, it in enumerate(items):
+            n = it["feats"].shape[0]
+            feats[k, :n] = it["feats"]
+            mask[k, :n] = True
+        return {
+            "latents": torch.stack([it["latent"] for it in items]),
+            "cap_feats": feats,
+            "cap_mask": mask,
+            "captions": [it["caption"] for it in items],
+            "levels": [it["level"] for it in items],
+            "systems": [it["system"] for it in items],
+            "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        }
+
+    def _empty(self, bucket: tuple[int, int]) -> dict[str, Any]:
+        c = int(self.index.get("latent_channels") or 0)
+        f = int(self.index.get("downsample") or 1)
+        return {"latents": torch.zeros(0, c, bucket[1] // f, bucket[0] // f), "cap_feats": torch.zeros(0, 1, 1),
+                "cap_mask": torch.zeros(0, 1, dtype=torch.bool), "captions": [], "levels": [], "systems": [],
+                "indices": torch.zeros(0, dtype=torch.long)}

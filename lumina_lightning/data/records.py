@@ -1,0 +1,403 @@
+"""Records and the formats they are read from: JSONL/JSON manifests, image folders, data YAMLs.
+
+Every reader returns :class:`Record` objects with an absolute image path, so everything after this
+module is format-agnostic.
+
+Accepted record shapes (one JSON object per line in ``.jsonl``, or a JSON list in ``.json``):
+
+* ours: ``{"image": "img/0001.png", "captions": {"short": "...", "long": "...", "tags": "..."},
+  "width": 512, "height": 768, "meta": {...}}`` (width/height/meta optional; extra keys go to
+  ``meta``);
+* one caption: ``{"image": ..., "caption": "..."}`` (also ``"text"``), stored as level
+  ``"caption"``;
+* Hugging Face ``imagefolder`` metadata: ``{"file_name": ..., "text": ...}``;
+* the official Lumina shapes (spec §3, "Training"): ``image_path`` + ``super_high_quality_caption``
+  (system template ``align``), ``path`` + ``prompt`` (system template ``base``), and the
+  README-documented ``image_path`` + ``prompt`` that the official loader actually rejects (issue
+  #46; spec §9.2 item 3) — we accept it, with no system template of its own. Their caption is
+  stored as level ``"caption"``.
+
+A record's own ``"system"`` key wins over its source's ``system`` (data YAML), which wins over the
+shape's default above.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+__all__ = [
+    "Record",
+    "SourceInfo",
+    "RecordSet",
+    "ManifestError",
+    "IMAGE_EXTENSIONS",
+    "parse_record",
+    "read_manifest",
+    "read_folder",
+    "read_data_yaml",
+    "load_records",
+    "write_manifest",
+]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+SINGLE_CAPTION_LEVEL = "caption"
+
+# Keys that name the image, in order of preference.
+_IMAGE_KEYS = ("image", "image_path", "path", "file_name")
+# Keys that hold a single caption; all map to level "caption".
+_SINGLE_CAPTION_KEYS = ("caption", "text", "prompt", "super_high_quality_caption")
+_CONSUMED = set(_IMAGE_KEYS) | set(_SINGLE_CAPTION_KEYS) | {"captions", "meta", "system", "width", "height"}
+
+
+class ManifestError(ValueError):
+    """A manifest, folder or data YAML cannot be read; the message names the file (and line)."""
+
+
+@dataclass
+class Record:
+    """One image with its captions.
+
+    Attributes:
+        image: absolute path of the image file.
+        captions: caption text per level, e.g. ``{"short": ..., "long": ..., "tags": ...,
+            "long_de": ...}``; a single-caption record has level ``"caption"``.
+        meta: everything else the source carried (GenEval metadata, ids, scores, ...).
+        source: where the record came from (manifest path, folder, ...), for logs and stats.
+        system: name of the system-prompt template the source asks for (spec §3: ``"align"``,
+            ``"base"``, ``"real"``, ...), or ``None`` for the recipe's default.
+        width, height: image size if the manifest states it (saves reading headers); the
+            displayed size, i.e. after EXIF rotation.
+    """
+
+    image: str
+    captions: dict[str, str]
+    meta: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+    system: str | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass
+class SourceInfo:
+    """One source of a :class:`RecordSet`: records ``[start, stop)`` sampled with ``ratio`` per epoch."""
+
+    name: str
+    start: int
+    stop: int
+    ratio: float = 1.0
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass
+class RecordSet:
+    """All records of a run plus the sources they came from and their sampling ratios."""
+
+    records: list[Record]
+    sources: list[SourceInfo]
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def epoch_indices(self, seed: int, epoch: int) -> np.ndarray:
+        """Record indices of one epoch after applying each source's ratio (deterministic).
+
+        A ratio ``r`` takes every record ``⌊r⌋`` times plus a random subset of
+        ``round((r − ⌊r⌋)·n)`` records, drawn anew each epoch from ``(seed, epoch, source)``.
+        The official ``MyDataset`` draws one fixed subset (ratio ≤ 1); re-drawing per epoch is a
+        deliberate improvement so that a down-weighted source is still seen in full over a long run.
+        """
+        parts = []
+        for s, src in enumerate(self.sources):
+            if src.size == 0 or src.ratio <= 0:
+                continue
+            whole = int(math.floor(src.ratio))
+            frac = src.ratio - whole
+            base = np.arange(src.start, src.stop, dtype=np.int64)
+            parts.extend([base] * whole)
+            extra = int(round(frac * src.size))
+            if extra:
+                rng = np.random.default_rng([int(seed), int(epoch), s, 0x5A7])
+                parts.append(np.sort(rng.choice(base, size=extra, replace=False)))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _resolve(path: str, base: Path) -> str:
+    expanded = os.path.expanduser(path)
+    return os.path.abspath(expanded if os.path.isabs(expanded) else base / expanded)
+
+
+def _clean_caption(value: Any, where: str, key: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ManifestError(f"{where}: caption {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def parse_record(
+    obj: Any, base: Path, where: str, source: str = "", system: str | None = None
+) -> Record:
+    """Turn one decoded JSON object into a :class:`Record` (see the module docstring for shapes).
+
+    Args:
+        obj: the decoded JSON object.
+        base: directory that relative image paths are resolved against.
+        where: ``"file:line"`` used in error messages.
+        source: name recorded in ``Record.source``.
+        system: the source's system template (overrides the shape's default, not the record's own).
+    """
+    if not isinstance(obj, dict):
+        raise ManifestError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    image_key = next((k for k in _IMAGE_KEYS if k in obj), None)
+    if image_key is None:
+        raise ManifestError(f"{where}: no image path (expected one of {', '.join(_IMAGE_KEYS)}); keys: {sorted(obj)}")
+    image = obj[image_key]
+    if not isinstance(image, str) or not image:
+        raise ManifestError(f"{where}: {image_key!r} must be a non-empty string")
+
+    captions: dict[str, str] = {}
+    if "captions" in obj:
+        levels = obj["captions"]
+        if not isinstance(levels, dict):
+            raise ManifestError(f"{where}: 'captions' must be an object of level -> text")
+        for level, text in levels.items():
+            captions[str(level)] = _clean_caption(text, where, str(level))
+    single = next((k for k in _SINGLE_CAPTION_KEYS if k in obj), None)
+    if single is not None and SINGLE_CAPTION_LEVEL not in captions:
+        captions[SINGLE_CAPTION_LEVEL] = _clean_caption(obj[single], where, single)
+    if single is None and "captions" not in obj:
+        raise ManifestError(f"{where}: no caption (expected 'captions', or one of {', '.join(_SINGLE_CAPTION_KEYS)})")
+
+    # Spec §3: the official trainer picks the system template from the record shape.
+    shape_system = None
+    if image_key == "image_path" and "super_high_quality_caption" in obj:
+        shape_system = "align"
+    elif image_key == "path" and "prompt" in obj:
+        shape_system = "base"
+    record_system = obj.get("system")
+    if record_system is not None and not isinstance(record_system, str):
+        raise ManifestError(f"{where}: 'system' must be a string")
+
+    raw_meta = obj.get("meta") or {}
+    if not isinstance(raw_meta, dict):
+        raise ManifestError(f"{where}: 'meta' must be an object")
+    meta = dict(raw_meta)
+    meta.update({k: v for k, v in obj.items() if k not in _CONSUMED})
+
+    def _int(key: str) -> int | None:
+        value = obj.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise ManifestError(f"{where}: {key!r} must be a positive number")
+        return int(value)
+
+    return Record(
+        image=_resolve(image, base),
+        captions=captions,
+        meta=meta,
+        source=source,
+        system=record_system or system or shape_system,
+        width=_int("width"),
+        height=_int("height"),
+    )
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    with open(path, "r", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ManifestError(f"{path}:{lineno}: malformed JSON line ({err.msg} at column {err.colno})") from err
+
+
+def read_manifest(
+    path: str | os.PathLike, root: str | os.PathLike | None = None, system: str | None = None, source: str | None = None
+) -> list[Record]:
+    """Read a ``.jsonl`` (one object per line) or ``.json`` (a list of objects) manifest.
+
+    Relative image paths are resolved against ``root`` if given, else the manifest's directory.
+    A malformed line raises :class:`ManifestError` naming the file and line number.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    base = Path(root).expanduser().resolve() if root is not None else path.resolve().parent
+    name = source or str(path)
+    records: list[Record] = []
+    if path.suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from err
+        if not isinstance(data, list):
+            raise ManifestError(f"{path}: a .json manifest must hold a list of records")
+        for i, obj in enumerate(data):
+            records.append(parse_record(obj, base, f"{path}[{i}]", name, system))
+    else:
+        for lineno, obj in _iter_jsonl(path):
+            records.append(parse_record(obj, base, f"{path}:{lineno}", name, system))
+    return records
+
+
+def read_folder(
+    folder: str | os.PathLike, system: str | None = None, source: str | None = None, recursive: bool = True
+) -> list[Record]:
+    """Read a folder of images with same-name ``.txt`` captions and optional ``.json`` sidecars.
+
+    ``cat.png`` takes its caption from ``cat.txt`` (level ``"caption"``) and, if present, more
+    fields from ``cat.json``: ``captions`` (levels), ``caption``/``prompt``/``text``, ``system``,
+    ``width``/``height``, everything else into ``meta``. An image with no caption at all is kept
+    (with no levels) so the loader counts it as an ``empty_caption`` skip instead of dropping it
+    silently. Files are listed in sorted order so the record order is reproducible.
+    """
+    folder = Path(folder).expanduser().resolve()
+    if not folder.is_dir():
+        raise ManifestError(f"{folder}: not a directory")
+    pattern = "**/*" if recursive else "*"
+    images = sorted(p for p in folder.glob(pattern) if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    name = source or str(folder)
+    records = []
+    for img in images:
+        obj: dict[str, Any] = {}
+        sidecar = img.with_suffix(".json")
+        if sidecar.is_file():
+            try:
+                obj = json.loads(sidecar.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise ManifestError(f"{sidecar}:{err.lineno}: malformed JSON ({err.msg})") from err
+            if not isinstance(obj, dict):
+                raise ManifestError(f"{sidecar}: expected a JSON object")
+        txt = img.with_suffix(".txt")
+        if txt.is_file():
+            captions = dict(obj.get("captions") or {})
+            captions.setdefault(SINGLE_CAPTION_LEVEL, txt.read_text(encoding="utf-8").strip())
+            obj["captions"] = captions
+        if "captions" not in obj and not any(k in obj for k in _SINGLE_CAPTION_KEYS):
+            obj["captions"] = {}
+        obj["image"] = str(img)
+        records.append(parse_record(obj, folder, str(sidecar if sidecar.is_file() else img), name, system))
+    return records
+
+
+def _read_source(path: Path, kind: str, root: str | None, system: str | None) -> list[Record]:
+    if kind in ("auto", "image_text"):  # "image_text" appears in official data YAMLs
+        kind = "folder" if path.is_dir() else ("json" if path.suffix == ".json" else "jsonl")
+    if kind == "folder":
+        return read_folder(path, system=system)
+    if kind in ("jsonl", "json"):
+        return read_manifest(path, root=root, system=system)
+    raise ManifestError(f"{path}: unknown source type {kind!r} (expected auto, jsonl, json or folder)")
+
+
+def read_data_yaml(path: str | os.PathLike, root: str | os.PathLike | None = None) -> RecordSet:
+    """Read an official-style data YAML that mixes several sources with sampling ratios::
+
+        META:
+          - path: hq.jsonl          # manifest (.jsonl/.json) or image folder; relative to this file
+            ratio: 2.0              # per-epoch sampling ratio (default 1.0), see RecordSet.epoch_indices
+            root: /data/images      # base for relative image paths (default: the manifest's folder)
+            type: jsonl             # auto (default) | jsonl | json | folder
+            system: align           # system template for this source's records
+          - path: web.jsonl
+            ratio: 0.5
+
+    ``root`` given here applies to sources that have no ``root`` of their own.
+    """
+    import yaml
+
+    path = Path(path).expanduser().resolve()
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ManifestError(f"{path}: malformed YAML ({err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get("META"), list) or not data["META"]:
+        raise ManifestError(f"{path}: a data YAML needs a non-empty 'META' list of sources")
+    records: list[Record] = []
+    sources: list[SourceInfo] = []
+    for i, entry in enumerate(data["META"]):
+        where = f"{path}: META[{i}]"
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise ManifestError(f"{where}: each source needs a 'path'")
+        unknown = set(entry) - {"path", "ratio", "root", "type", "system", "name"}
+        if unknown:
+            raise ManifestError(f"{where}: unknown keys {sorted(unknown)}")
+        ratio = float(entry.get("ratio", 1.0))
+        if not math.isfinite(ratio) or ratio < 0:
+            raise ManifestError(f"{where}: ratio must be a finite number >= 0, got {entry.get('ratio')}")
+        src_path = Path(_resolve(str(entry["path"]), path.parent))
+        src_root = entry.get("root", root)
+        if src_root is not None:
+            src_root = _resolve(str(src_root), path.parent)
+        if not src_path.exists():
+            raise ManifestError(f"{where}: {src_path} not found")
+        recs = _read_source(src_path, str(entry.get("type", "auto")), src_root, entry.get("system"))
+        name = str(entry.get("name") or src_path)
+        for r in recs:
+            r.source = name
+        sources.append(SourceInfo(name, len(records), len(records) + len(recs), ratio))
+        records.extend(recs)
+    return RecordSet(records, sources)
+
+
+def load_records(
+    path: str | os.PathLike, root: str | os.PathLike | None = None, system: str | None = None
+) -> RecordSet:
+    """Load records from a data YAML (``.yaml``/``.yml``), a manifest (``.jsonl``/``.json``) or a folder."""
+    p = Path(path).expanduser()
+    if p.suffix in (".yaml", ".yml"):
+        return read_data_yaml(p, root=root)
+    if p.is_dir():
+        recs = read_folder(p, system=system)
+    elif p.suffix in (".jsonl", ".json"):
+        recs = read_manifest(p, root=root, system=system)
+    elif not p.exists():
+        raise ManifestError(f"{p}: not found")
+    else:
+        raise ManifestError(f"{p}: unsupported data path (expected .jsonl, .json, .yaml or a folder)")
+    return RecordSet(recs, [SourceInfo(str(p), 0, len(recs), 1.0)])
+
+
+def record_to_dict(record: Record, base: Path | None = None) -> dict[str, Any]:
+    """The manifest form of a record (image path made relative to ``base`` when it is inside it)."""
+    image = record.image
+    if base is not None:
+        try:
+            image = os.path.relpath(record.image, base)
+            if image.startswith(".."):
+                image = record.image
+        except ValueError:  # different drive on Windows
+            image = record.image
+    out: dict[str, Any] = {"image": image, "captions": dict(record.captions)}
+    if record.width is not None and record.height is not None:
+        out["width"], out["height"] = record.width, record.height
+    if record.system is not None:
+        out["system"] = record.system
+    if record.meta:
+        out["meta"] = record.meta
+    return out
+
+
+def write_manifest(records: Iterable[Record], path: str | os.PathLike) -> Path:
+    """Write records as a JSONL manifest; image paths become relative to the manifest's folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    base = path.resolve().parent
+    with open(path, "w", encoding="utf-8") as fh:
+        for record in records:
+            fh.write(json.dumps(record_to_dict(record, base), ensure_ascii=False) + "\n")
+    return path
