@@ -20,9 +20,14 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+# Tiny models: one thread is faster than two on a 2-core box (no oversubscription with the
+# subprocesses some tests start, and steadier timings when the machine is shared).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _torch_defaults():
-    """Every test starts from fp32 defaults and a fixed seed; threads capped for 2-core CI."""
+    """Every test starts from fp32 defaults and a fixed seed."""
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(0)
     yield

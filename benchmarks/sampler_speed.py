@@ -1,0 +1,292 @@
+"""Sampler speed and accuracy benchmark (not a test): how much each acceleration buys and what it costs.
+
+For each configuration — Euler-50 with full CFG (the baseline), the ``official`` preset, the ``fast``
+preset, and each technique alone (Flow-DPM-Solver, CFG-Trunc, TeaCache) — it reports wall time,
+transformer calls (a batched cond+uncond call counts 1), sample-rows evaluated, rows that ran the main
+blocks (TeaCache skips the rest), and the error of the decoded image (PSNR, SSIM, max-abs in [0, 1])
+against an **Euler-100 reference with the same guidance settings** (CFG scale, renorm, truncation)
+from the same noise, so solver and cache error are measured apart from the intended effect of
+truncation. Optionally also against a second-order reference (midpoint, 50 steps = 100 calls), because
+Euler-100's own first-order error is about as large as Euler-50's distance to it.
+
+TeaCache's v1/v2 polynomials were fitted on the released 2.6B model; rows marked "calibrated" use
+coefficients fitted on the benchmarked model itself (``LuminaPipeline.calibrate_teacache``, on other
+prompts and seeds than the measured ones) with threshold ``--calibrated-threshold``.
+
+Target (issue 5): ``fast`` ≥ 4× faster than Euler-50 full CFG (wall time and forwards), with its error
+against its reference no larger than Euler-50's against its own. Wall times on a shared CPU are noisy;
+the call / row counts are exact.
+
+Two models:
+
+* ``--ckpt PATH`` — a trained model (any checkpoint/pipeline ``load_pipeline`` reads; bare checkpoints
+  need ``--text-encoder``/``--vae``). Skipped with a message when not given.
+* a random mid-size model: ``NextDiT_small`` with every weight randomised, the pixel autoencoder and
+  the tiny random Gemma-2 text encoder, at ``--random-size`` px, where the transformer is all the cost.
+
+Usage:  python benchmarks/sampler_speed.py [--ckpt PATH] [--random-size 48] [--threads 1] [--no-accurate-ref]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lumina_lightning.sampling import LuminaPipeline, load_pipeline
+from lumina_lightning.sampling.presets import PRESETS, SamplerSettings
+
+BASELINE = "Euler-50, full CFG"
+
+
+def configurations(teacache: float | None = None, calibrated: list[float] | None = None,
+                   calibrated_threshold: float = 0.1) -> list[tuple[str, SamplerSettings]]:
+    fast = PRESETS["fast"] if teacache is None else PRESETS["fast"].replace(teacache=teacache)
+    base = SamplerSettings(solver="euler", steps=50, shift=6.0, cfg_scale=4.0, renorm=1.0, cfg_trunc=None, teacache=0.0)
+    tc = f"TeaCache {fast.teacache_version} {fast.teacache}"
+    configs = [
+        (BASELINE, base),
+        ("official (midpoint 17)", PRESETS["official"]),
+        (f"fast (DPM {fast.steps} + trunc {fast.cfg_trunc} + {tc})", fast),
+    ]
+    if calibrated is not None:
+        configs.append((f"fast, calibrated TeaCache {calibrated_threshold}",
+                        fast.replace(teacache=calibrated_threshold, teacache_version=calibrated)))
+    configs += [
+        (f"DPM-Solver {fast.steps} alone", base.replace(solver="dpm", steps=fast.steps)),
+        (f"CFG-Trunc {fast.cfg_trunc} alone (Euler-50)", base.replace(cfg_trunc=fast.cfg_trunc)),
+        (f"{tc} alone (Euler-50)", base.replace(teacache=fast.teacache, teacache_version=fast.teacache_version)),
+    ]
+    if calibrated is not None:
+        configs.append((f"calibrated TeaCache {calibrated_threshold} alone (Euler-50)",
+                        base.replace(teacache=calibrated_threshold, teacache_version=calibrated)))
+    return configs
+
+
+# ------------------------------------------------------------------------------------------------
+# image metrics (numpy only)
+# ------------------------------------------------------------------------------------------------
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a - b) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(1.0 / mse)
+
+
+def _gaussian_filter(img: np.ndarray, size: int = 11, sigma: float = 1.5) -> np.ndarray:
+    x = np.arange(size) - size // 2
+    k = np.exp(-(x**2) / (2 * sigma**2))
+    k /= k.sum()
+    out = np.apply_along_axis(lambda r: np.convolve(r, k, mode="valid"), 0, img)
+    return np.apply_along_axis(lambda r: np.convolve(r, k, mode="valid"), 1, out)
+
+
+def ssim(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean SSIM (Wang et al. 2004: 11×11 Gaussian window, σ 1.5, K1 0.01, K2 0.03) of [0, 1] HWC images."""
+    c1, c2 = 0.01**2, 0.03**2
+    vals = []
+    for ch in range(a.shape[-1]):
+        x, y = a[..., ch].astype(np.float64), b[..., ch].astype(np.float64)
+        mx, my = _gaussian_filter(x), _gaussian_filter(y)
+        sxx = _gaussian_filter(x * x) - mx * mx
+        syy = _gaussian_filter(y * y) - my * my
+        sxy = _gaussian_filter(x * y) - mx * my
+        vals.append(((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx * mx + my * my + c1) * (sxx + syy + c2)))
+    return float(np.mean(vals))
+
+
+def to_unit_images(pipe: LuminaPipeline, latents: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        pix = torch.cat([pipe.autoencoder.decode(z[None]) for z in latents])
+    return ((pix.float() / 2 + 0.5).clamp(0, 1)).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def errors(img: np.ndarray, ref: np.ndarray) -> dict[str, float]:
+    return {
+        "psnr": float(np.mean([psnr(a, b) for a, b in zip(img, ref)])),
+        "ssim": float(np.mean([ssim(a, b) for a, b in zip(img, ref)])),
+        "maxabs": float(np.abs(img - ref).max()),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# running
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    name: str
+    settings: SamplerSettings
+    seconds: float
+    calls: int
+    rows: int
+    block_rows: int
+    images: np.ndarray
+
+
+def run_config(pipe: LuminaPipeline, name: str, settings: SamplerSettings, noise, cond, uncond) -> Run:
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    latents, stats = pipe.sample_latents(noise, cond, uncond, settings)
+    if pipe.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return Run(name, settings, seconds, stats["nfe"], stats["rows"], stats["block_rows"], to_unit_images(pipe, latents))
+
+
+def reference_settings(s: SamplerSettings, solver: str = "euler", steps: int = 100) -> SamplerSettings:
+    """Same guidance (scale, renorm, truncation, mode) and shift; the reference solver; no cache."""
+    return s.replace(solver=solver, steps=steps, teacache=0.0)
+
+
+CALIBRATION_PROMPTS = ["three yellow triangles above a purple diamond", "a white cross on a black background"]
+
+
+def benchmark(pipe: LuminaPipeline, prompts: list[str], size: tuple[int, int], *, seed: int, accurate: bool,
+              teacache: float | None, calibrate: bool, calibrated_threshold: float = 0.1, log=print) -> tuple[list[dict[str, Any]], list[float] | None]:
+    width, height = size
+    pipe.check_size(width, height)
+    noise = pipe.make_noise(list(range(seed, seed + len(prompts))), width, height)
+    cond, uncond = pipe.encode_prompts(prompts, [""] * len(prompts), pipe.default_system)
+    calibrated = None
+    if calibrate:
+        # fitted on other prompts and seeds than the ones measured below
+        log("  calibrating TeaCache coefficients ...")
+        calibrated = pipe.calibrate_teacache(CALIBRATION_PROMPTS, width=width, height=height, seeds=(101, 102))
+    configs = configurations(teacache, calibrated, calibrated_threshold)
+    # warm-up (allocator, kernels, caches) so the first timed run is not penalised
+    pipe.sample_latents(noise, cond, uncond, configs[0][1].replace(steps=2))
+    refs: dict[tuple, np.ndarray] = {}
+    accurate_refs: dict[tuple, np.ndarray] = {}
+    rows = []
+    for name, settings in configs:
+        key = (settings.cfg_scale, settings.renorm, settings.cfg_trunc, settings.cfg_mode, settings.shift)
+        if key not in refs:
+            log(f"  reference Euler-100 for guidance {key} ...")
+            refs[key] = run_config(pipe, "ref", reference_settings(settings), noise, cond, uncond).images
+            if accurate:
+                log(f"  reference midpoint-50 for guidance {key} ...")
+                accurate_refs[key] = run_config(pipe, "ref2", reference_settings(settings, "midpoint", 50), noise, cond, uncond).images
+        log(f"  {name} ...")
+        r = run_config(pipe, name, settings, noise, cond, uncond)
+        row = {"name": name, "solver": settings.solver, "steps": settings.steps, "seconds": r.seconds,
+               "calls": r.calls, "rows": r.rows, "block_rows": r.block_rows, **errors(r.images, refs[key])}
+        if accurate:
+            row["psnr_accurate"] = errors(r.images, accurate_refs[key])["psnr"]
+        rows.append(row)
+    if accurate:
+        for key in refs:
+            log(f"  Euler-100 reference vs midpoint-50 for {key}: PSNR {errors(refs[key], accurate_refs[key])['psnr']:.2f} dB")
+    return rows, calibrated
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    base = rows[0]
+    accurate = "psnr_accurate" in base
+    head = ["configuration", "calls", "rows", "block rows", "wall s", "speedup wall", "speedup calls",
+            "speedup block rows", "PSNR dB", "SSIM", "max-abs"]
+    if accurate:
+        head.append("PSNR vs 2nd-order ref")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r["name"], str(r["calls"]), str(r["rows"]), str(r["block_rows"]), f"{r['seconds']:.2f}",
+            f"{base['seconds'] / r['seconds']:.2f}x", f"{base['calls'] / r['calls']:.2f}x",
+            f"{base['block_rows'] / max(r['block_rows'], 1):.2f}x",
+            f"{r['psnr']:.2f}", f"{r['ssim']:.4f}", f"{r['maxabs']:.4f}",
+        ]
+        if accurate:
+            cells.append(f"{r['psnr_accurate']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def verdict(rows: list[dict[str, Any]]) -> str:
+    base = rows[0]
+    fast = [r for r in rows if r["name"].startswith("fast")][-1]
+    wall = base["seconds"] / fast["seconds"]
+    calls = base["calls"] / fast["calls"]
+    block = base["block_rows"] / max(fast["block_rows"], 1)
+    err_ok = fast["psnr"] >= base["psnr"]
+    lines = [
+        f"{fast['name']} vs {BASELINE}: {wall:.2f}x wall time, {calls:.2f}x transformer calls, {block:.2f}x main-block rows;"
+        f" PSNR vs own Euler-100 reference {fast['psnr']:.2f} dB (Euler-50: {base['psnr']:.2f} dB).",
+        f"Target (>= 4x faster in wall time and forwards, error no larger than Euler-50's): "
+        f"wall {'met' if wall >= 4 else 'NOT met'}, calls {'met' if calls >= 4 else 'NOT met'}, "
+        f"main-block rows {'met' if block >= 4 else 'NOT met'}, error {'met' if err_ok else 'NOT met'}.",
+    ]
+    if "psnr_accurate" in fast:
+        lines.append(f"Against the second-order reference: fast {fast['psnr_accurate']:.2f} dB, "
+                     f"Euler-50 {base['psnr_accurate']:.2f} dB.")
+    return "\n".join(lines)
+
+
+def random_pipeline(workdir: Path, size: str, std: float, seed: int) -> LuminaPipeline:
+    from lumina_lightning.encoders import HFTextEncoder, PixelAutoencoder
+    from lumina_lightning.sampling.testing import tiny_model, tiny_text_encoder
+
+    te = HFTextEncoder(tiny_text_encoder(workdir))
+    model = tiny_model(size, in_channels=3, cap_feat_dim=te.hidden_size, std=std, seed=seed)
+    return LuminaPipeline(model, te, PixelAutoencoder())
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", help="trained checkpoint / pipeline folder (skipped when not given)")
+    p.add_argument("--text-encoder", help="for a bare --ckpt")
+    p.add_argument("--vae", help="for a bare --ckpt ('pixel' or a VAE folder)")
+    p.add_argument("--size", type=int, default=64, help="image side for --ckpt (px)")
+    p.add_argument("--random-model", default="NextDiT_small", help="size of the random model ('' to skip)")
+    p.add_argument("--random-size", type=int, default=48, help="image side for the random model (px)")
+    p.add_argument("--random-std", type=float, default=0.1, help="std of the random weights")
+    p.add_argument("--prompts", nargs="+", default=["a red circle left of a blue square"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--teacache", type=float, default=None, help="override the fast preset's TeaCache threshold")
+    p.add_argument("--no-accurate-ref", action="store_true", help="skip the second-order (midpoint-50) reference")
+    p.add_argument("--no-calibrate", action="store_true", help="skip the rows with TeaCache calibrated for the model")
+    p.add_argument("--calibrated-threshold", type=float, default=0.1, help="TeaCache threshold with calibrated coefficients")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    accurate = not args.no_accurate_ref
+    print(f"# Sampler benchmark (device {args.device}, torch threads {torch.get_num_threads()})\n")
+    if args.ckpt:
+        log(f"trained model: {args.ckpt}")
+        pipe = load_pipeline(args.ckpt, text_encoder=args.text_encoder, vae=args.vae, device=args.device)
+        rows, coeffs = benchmark(pipe, args.prompts, (args.size, args.size), seed=args.seed, accurate=accurate,
+                                 teacache=args.teacache, calibrate=not args.no_calibrate,
+                                 calibrated_threshold=args.calibrated_threshold, log=log)
+        print(f"## Trained model `{args.ckpt}` at {args.size}x{args.size}\n\n{table(rows)}\n\n{verdict(rows)}\n"
+              + (f"\nCalibrated TeaCache coefficients: {[round(c, 4) for c in coeffs]}\n" if coeffs else ""))
+    else:
+        print("## Trained model\n\nskipped: no --ckpt given (pass a trained tiny checkpoint or pipeline folder).\n")
+    if args.random_model:
+        with tempfile.TemporaryDirectory() as tmp:
+            pipe = random_pipeline(Path(tmp), args.random_model, args.random_std, args.seed)
+            pipe = LuminaPipeline(pipe.model, pipe.text_encoder, pipe.autoencoder, device=args.device)
+            n_params = pipe.model.parameter_count() / 1e6
+            log(f"random {args.random_model} ({n_params:.1f}M parameters) at {args.random_size}px")
+            rows, coeffs = benchmark(pipe, args.prompts, (args.random_size, args.random_size), seed=args.seed,
+                                     accurate=accurate, teacache=args.teacache, calibrate=not args.no_calibrate,
+                                 calibrated_threshold=args.calibrated_threshold, log=log)
+        print(f"## Random {args.random_model} ({n_params:.1f}M params, weights ~N(0, {args.random_std}²)), pixel "
+              f"autoencoder, {args.random_size}x{args.random_size}, {len(args.prompts)} prompt(s)\n\n"
+              f"{table(rows)}\n\n{verdict(rows)}\n"
+              + (f"\nCalibrated TeaCache coefficients: {[round(c, 4) for c in coeffs]}\n" if coeffs else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

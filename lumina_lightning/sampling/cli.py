@@ -1,0 +1,192 @@
+"""``lumina sample``: generate PNGs from prompts with any checkpoint or pipeline folder.
+
+Every PNG carries its prompt, seed and all settings in its text metadata (``prompt``, ``seed``,
+``negative_prompt`` and ``lumina_settings`` = the full JSON record), and ``OUT/index.jsonl`` lists
+the same records, one per image. :func:`read_png_settings` reads a record back and
+:func:`lumina_lightning.sampling.pipeline.kwargs_from_settings` turns it into call arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+SETTINGS_KEY = "lumina_settings"
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def _teacache_version(text: str) -> str | list[float]:
+    if text in ("v1", "v2"):
+        return text
+    try:
+        return [float(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected v1, v2 or comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from lumina_lightning.encoders.text import SYSTEM_PROMPTS
+    from lumina_lightning.sampling.presets import PRESETS
+    from lumina_lightning.sampling.solvers import SOLVER_NAMES
+
+    p = argparse.ArgumentParser(
+        prog="lumina sample",
+        description="Generate images from prompts. Settings come from --preset (default: official = midpoint "
+        "17 steps, shift 6, CFG 4, renorm 1.0), then the checkpoint's pipeline defaults, then the flags given.",
+    )
+    p.add_argument("--ckpt", required=True, help="pipeline folder, diffusers Lumina2 folder, training .ckpt, or a "
+                   "bare transformer checkpoint (then also --text-encoder and --vae)")
+    p.add_argument("--text-encoder", help="text-encoder folder (or 'minilm'); overrides the checkpoint's")
+    p.add_argument("--vae", help="VAE folder or 'pixel'; overrides the checkpoint's")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", help="text file with one prompt per line, or JSONL lines with "
+                   "'prompt' and optional 'seed' / 'negative_prompt'")
+    p.add_argument("--negative-prompt", default=None, help="negative prompt for every prompt (default: none = '')")
+    p.add_argument("--out", default="samples", help="output folder (default: samples)")
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="official (default) | fast | diffusers")
+    p.add_argument("--solver", choices=SOLVER_NAMES, default=None)
+    p.add_argument("--steps", type=int, default=None, help="solver steps (intervals; official '18' = 17 steps)")
+    p.add_argument("--shift", type=float, default=None, help="time shift (default 6)")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale (default 4; 1 = no guidance)")
+    p.add_argument("--renorm", type=float, default=None, help="CFG-Renorm factor (0 = off; default 1.0)")
+    p.add_argument("--cfg-trunc", type=float, default=None,
+                   help="CFG truncation: model time (official mode; >= 1 never) or step fraction (diffusers mode)")
+    p.add_argument("--cfg-mode", choices=("official", "diffusers"), default=None,
+                   help="renorm/truncation semantics (default official)")
+    p.add_argument("--teacache", type=float, default=None, help="TeaCache threshold (0 = off)")
+    p.add_argument("--teacache-version", type=_teacache_version, default=None,
+                   help="v1 | v2 (the released model's polynomials) or comma-separated coefficients, highest degree first")
+    p.add_argument("--seed", type=int, default=0, help="base seed: image k gets seed+k (default 0)")
+    p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt")
+    p.add_argument("--system", default=None, choices=[*sorted(SYSTEM_PROMPTS), "none"],
+                   help="system template (default: the checkpoint's, else 'real'); 'none' for none")
+    p.add_argument("--device", default=None, help="cuda | cpu | cuda:N (default: cuda when available)")
+    p.add_argument("--dtype", choices=sorted(_DTYPES), default=None, help="transformer autocast dtype on CUDA (default bf16)")
+    p.add_argument("--ema", choices=("auto", "true", "false"), default="auto", help="use EMA weights (default auto)")
+    return p
+
+
+def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """[{"prompt": ..., "seed": int | None, "negative_prompt": str | None}, ...] from flags and file."""
+    items: list[dict[str, Any]] = [{"prompt": p} for p in args.prompt]
+    if args.prompts_file:
+        path = Path(args.prompts_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts file {path} does not exist")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("{"):
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+                if not isinstance(record.get("prompt"), str):
+                    raise ValueError(f"{path}:{n}: a JSONL line needs a string 'prompt'")
+                items.append({k: record[k] for k in ("prompt", "seed", "negative_prompt") if k in record})
+            else:
+                items.append({"prompt": text})
+    if not items:
+        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+    return items
+
+
+def _slug(text: str, n: int = 40) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", text).strip("_")[:n] or "image"
+
+
+def save_png(image: Any, path: Path, record: dict[str, Any]) -> None:
+    """Save with the prompt, seed and settings in PNG text chunks."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", record.get("prompt", ""))
+    info.add_text("seed", str(record.get("seed")))
+    if record.get("negative_prompt"):
+        info.add_text("negative_prompt", str(record["negative_prompt"]))
+    info.add_text(SETTINGS_KEY, json.dumps(record, sort_keys=True))
+    image.save(path, pnginfo=info)
+
+
+def read_png_settings(path: str | Path) -> dict[str, Any]:
+    """The ``lumina_settings`` record of a PNG written by ``lumina sample``."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        text = im.text.get(SETTINGS_KEY)  # type: ignore[attr-defined]
+    if text is None:
+        raise ValueError(f"{path} has no {SETTINGS_KEY!r} metadata")
+    return json.loads(text)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from lumina_lightning.sampling.pipeline_io import load_pipeline
+
+    items = read_prompts(args)
+    if args.n_per_prompt < 1:
+        raise ValueError("--n-per-prompt must be >= 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, _DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
+    ema: bool | str = {"auto": "auto", "true": True, "false": False}[args.ema]
+    pipe = load_pipeline(args.ckpt, text_encoder=args.text_encoder, vae=args.vae, device=device, dtype=dtype, ema=ema)
+    pipe.check_size(args.width, args.height)
+    system = pipe.default_system if args.system is None else (None if args.system == "none" else args.system)
+    overrides = dict(
+        preset=args.preset, solver=args.solver, steps=args.steps, shift=args.shift, cfg_scale=args.cfg,
+        renorm=args.renorm, cfg_trunc=args.cfg_trunc, cfg_mode=args.cfg_mode, teacache=args.teacache,
+        teacache_version=args.teacache_version,
+    )
+    settings = pipe.resolve(**overrides)  # validates before any work
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    total = len(items) * args.n_per_prompt
+    print(f"lumina sample: {total} image(s) at {args.width}x{args.height} with {settings.solver} x{settings.steps}, "
+          f"cfg {settings.cfg_scale} on {device} -> {out}", file=sys.stderr)
+    index = 0
+    with open(out / "index.jsonl", "a", encoding="utf-8") as log, tqdm(total=total, desc="images", unit="img") as bar:
+        for item in items:
+            n = args.n_per_prompt
+            seeds = [int(item["seed"]) + j for j in range(n)] if item.get("seed") is not None else \
+                [args.seed + index + j for j in range(n)]
+            negative = item.get("negative_prompt", args.negative_prompt)
+            result = pipe(
+                item["prompt"], negative_prompt=negative, system=system, width=args.width, height=args.height,
+                num_images_per_prompt=n, seed=seeds, progress=True, **overrides,
+            )
+            for j, image in enumerate(result.images):
+                record = {k: v for k, v in result.settings.items() if k not in ("prompts", "seeds")}
+                record.update(prompt=item["prompt"], seed=seeds[j], index=index, checkpoint=str(args.ckpt),
+                              nfe=result.nfe, rows=result.rows)
+                path = out / f"{index:05d}_{_slug(item['prompt'])}_s{seeds[j]}.png"
+                save_png(image, path, record)
+                log.write(json.dumps({"file": path.name, **record}) + "\n")
+                index += 1
+                bar.update(1)
+    print(f"lumina sample: wrote {index} image(s) to {out}", file=sys.stderr)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lumina_lightning.models.io import CheckpointMismatchError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, KeyError, CheckpointMismatchError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"lumina sample: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,325 @@
+"""Saving, loading and exporting whole text-to-image pipelines.
+
+Accepted by :func:`load_pipeline`:
+
+1. **our pipeline folder** — ``pipeline.json`` + ``transformer/`` (``save_nextdit(fmt="lumina")``, with
+   ``model_ema.safetensors`` beside it when EMA weights were given), written by :func:`save_pipeline`:
+
+       {"format": "lumina-lightning/pipeline", "version": 1,
+        "text_encoder": {"path": "minilm" | PATH, "max_length": 256, ...},
+        "autoencoder": {"kind": "pixel"} | {"kind": "vae", "path": PATH, ...},
+        "default_system": "real", "defaults": {sampler settings, e.g. "shift": 6.0}}
+
+   Relative encoder paths are resolved against the folder first, then the working directory;
+   ``"minilm"`` is the packaged all-MiniLM-L6-v2.
+2. **a diffusers Lumina2 pipeline folder** — ``model_index.json`` with ``transformer/``, ``vae/``,
+   ``text_encoder/``, ``tokenizer/`` (and ``scheduler/``, whose shift becomes the default shift).
+3. **a lumina-lightning training ``.ckpt``** whose dict has a ``"lumina_pipeline"`` entry holding the
+   same JSON as ``pipeline.json`` (a dict or its JSON text).
+4. **a bare transformer checkpoint** in any layout ``load_nextdit`` reads, plus explicit
+   ``text_encoder=`` and ``vae=`` (a path, or ``"pixel"``).
+
+Explicit ``text_encoder=`` / ``vae=`` (paths or ready objects) override what a folder names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lumina_lightning.encoders.autoencoder import DiffusersVAE, PixelAutoencoder, build_autoencoder
+from lumina_lightning.encoders.text import SYSTEM_PROMPTS, HFTextEncoder, resolve_text_encoder_path
+from lumina_lightning.models.config import NextDiTConfig
+from lumina_lightning.models.io import detect_format, load_nextdit, save_nextdit
+from lumina_lightning.models.nextdit import NextDiT
+from lumina_lightning.sampling.pipeline import LuminaPipeline
+from lumina_lightning.sampling.presets import SETTING_NAMES
+
+PIPELINE_FORMAT = "lumina-lightning/pipeline"
+PIPELINE_JSON = "pipeline.json"
+CKPT_KEY = "lumina_pipeline"
+DIFFUSERS_INDEX = "model_index.json"
+_TEXT_ENCODER_KEYS = ("max_length", "layer", "attn_implementation", "pad_to_multiple_of", "tokenizer_path")
+
+
+class PipelineLoadError(ValueError):
+    """A path that cannot be turned into a pipeline; the message says what is missing."""
+
+
+# ------------------------------------------------------------------------------------------------
+# pipeline.json
+# ------------------------------------------------------------------------------------------------
+
+
+def pipeline_spec(
+    text_encoder_spec: dict[str, Any],
+    autoencoder_spec: dict[str, Any],
+    *,
+    default_system: str | None = "real",
+    defaults: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The JSON-able dict stored as ``pipeline.json`` (and under ``"lumina_pipeline"`` in training ckpts)."""
+    if "path" not in text_encoder_spec:
+        raise ValueError("text_encoder_spec needs a 'path' (a local folder or 'minilm')")
+    kind = autoencoder_spec.get("kind")
+    if kind not in ("pixel", "vae"):
+        raise ValueError(f"autoencoder_spec['kind'] must be 'pixel' or 'vae', got {kind!r}")
+    if kind == "vae" and not autoencoder_spec.get("path"):
+        raise ValueError("autoencoder_spec of kind 'vae' needs a 'path'")
+    if default_system is not None and default_system not in SYSTEM_PROMPTS:
+        raise ValueError(f"unknown default_system {default_system!r}; choose one of {sorted(SYSTEM_PROMPTS)}")
+    unknown = sorted(set(defaults or {}) - set(SETTING_NAMES))
+    if unknown:
+        raise ValueError(f"unknown sampler default(s) {unknown}; known: {list(SETTING_NAMES)}")
+    te = {k: v for k, v in text_encoder_spec.items() if k == "path" or k in _TEXT_ENCODER_KEYS}
+    te["path"] = str(te["path"])
+    ae = {k: (str(v) if k == "path" else v) for k, v in autoencoder_spec.items()
+          if k in ("kind", "path", "scaling_factor", "shift_factor")}
+    return {
+        "format": PIPELINE_FORMAT,
+        "version": 1,
+        "text_encoder": te,
+        "autoencoder": ae,
+        "default_system": default_system,
+        "defaults": dict(defaults or {}),
+    }
+
+
+def save_pipeline(
+    path: str | os.PathLike,
+    model: NextDiT | dict[str, torch.Tensor],
+    *,
+    text_encoder_spec: dict[str, Any],
+    autoencoder_spec: dict[str, Any],
+    config: NextDiTConfig | None = None,
+    ema_state_dict: dict[str, torch.Tensor] | None = None,
+    default_system: str | None = "real",
+    defaults: dict[str, Any] | None = None,
+) -> Path:
+    """Write our pipeline folder: ``transformer/`` (lumina layout, + EMA) and ``pipeline.json``.
+
+    Args:
+        model: a Next-DiT, or a state dict (official/our keys) together with ``config``.
+        text_encoder_spec: ``{"path": ..., "max_length": ...}`` (``"minilm"`` allowed).
+        autoencoder_spec: ``{"kind": "pixel"}`` or ``{"kind": "vae", "path": ...}``.
+        ema_state_dict: EMA weights, loaded by default (``ema="auto"``).
+        default_system, defaults: what callers get unless they say otherwise.
+    """
+    spec = pipeline_spec(text_encoder_spec, autoencoder_spec, default_system=default_system, defaults=defaults)
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, NextDiT):
+        save_nextdit(model, path / "transformer", fmt="lumina", ema_state_dict=ema_state_dict)
+    else:
+        if config is None:
+            raise ValueError("saving a state dict needs its NextDiTConfig (config=...)")
+        save_nextdit(None, path / "transformer", fmt="lumina", state_dict=model, config=config,
+                     ema_state_dict=ema_state_dict)
+    tmp = path / (PIPELINE_JSON + ".tmp")
+    tmp.write_text(json.dumps(spec, indent=2))
+    os.replace(tmp, path / PIPELINE_JSON)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# loading
+# ------------------------------------------------------------------------------------------------
+
+
+def _local(path: str, base: Path | None) -> str:
+    if base is not None and not os.path.isabs(path) and (base / path).exists():
+        return str(base / path)
+    return path
+
+
+def _text_encoder_from_spec(spec: dict[str, Any], base: Path | None) -> HFTextEncoder:
+    path = resolve_text_encoder_path(_local(str(spec["path"]), base))
+    kwargs = {k: spec[k] for k in _TEXT_ENCODER_KEYS if k in spec and spec[k] is not None}
+    if "tokenizer_path" in kwargs:
+        kwargs["tokenizer_path"] = _local(str(kwargs["tokenizer_path"]), base)
+    return HFTextEncoder(path, **kwargs)
+
+
+def _autoencoder_from_spec(spec: dict[str, Any], base: Path | None) -> Any:
+    kind = spec.get("kind")
+    if kind == "pixel":
+        return PixelAutoencoder()
+    extra = {k: spec[k] for k in ("scaling_factor", "shift_factor") if spec.get(k) is not None}
+    return build_autoencoder(kind, _local(str(spec.get("path") or ""), base) or None, **extra)
+
+
+def _override_text_encoder(value: Any) -> Any:
+    if isinstance(value, (str, os.PathLike)):
+        p = Path(resolve_text_encoder_path(str(value)))
+        # a diffusers pipeline folder (or its text_encoder/) given as the text encoder
+        if (p / "text_encoder").is_dir() and (p / "tokenizer").is_dir():
+            return HFTextEncoder(p / "text_encoder", tokenizer_path=p / "tokenizer")
+        if p.name == "text_encoder" and (p.parent / "tokenizer").is_dir() and not (p / "tokenizer_config.json").exists():
+            return HFTextEncoder(p, tokenizer_path=p.parent / "tokenizer")
+        return HFTextEncoder(p)
+    return value
+
+
+def _override_vae(value: Any) -> Any:
+    if isinstance(value, (str, os.PathLike)):
+        return PixelAutoencoder() if str(value) == "pixel" else DiffusersVAE(value)
+    return value
+
+
+def _read_ckpt_spec(path: Path) -> dict[str, Any] | None:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    spec = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
+    if isinstance(spec, str):
+        spec = json.loads(spec)
+    return spec
+
+
+def describe(path: str | os.PathLike) -> str:
+    """Which kind of pipeline source ``path`` is: ``pipeline`` | ``diffusers`` | ``ckpt`` | ``transformer``."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no checkpoint or pipeline at {p}")
+    if p.is_dir() and (p / PIPELINE_JSON).is_file():
+        return "pipeline"
+    if p.is_dir() and (p / DIFFUSERS_INDEX).is_file():
+        return "diffusers"
+    if p.is_file() and p.suffix == ".ckpt":
+        return "ckpt"
+    detect_format(p)  # raises a clear error for anything that is no checkpoint at all
+    return "transformer"
+
+
+def load_pipeline(
+    path: str | os.PathLike,
+    *,
+    text_encoder: Any = None,
+    vae: Any = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    ema: bool | str = "auto",
+) -> LuminaPipeline:
+    """Build a :class:`LuminaPipeline` from any supported source (see the module docstring).
+
+    Args:
+        path: pipeline folder, diffusers pipeline folder, training ``.ckpt`` or bare transformer checkpoint.
+        text_encoder: a text-encoder folder (or ``"minilm"``, or a diffusers pipeline folder) or an object;
+            required for bare transformer checkpoints, an override otherwise.
+        vae: a VAE folder, ``"pixel"``, or an object; required for bare checkpoints, an override otherwise.
+        device, dtype: see :class:`LuminaPipeline` (the weights stay fp32; ``dtype`` is the CUDA autocast dtype).
+        ema: ``"auto"`` loads EMA weights where the checkpoint has them; ``True``/``False`` force.
+    """
+    path = Path(path)
+    kind = describe(path)
+    spec: dict[str, Any] | None = None
+    base: Path | None = None
+    defaults: dict[str, Any] = {}
+    default_system: str | None = "real"
+    te_obj = _override_text_encoder(text_encoder) if text_encoder is not None else None
+    ae_obj = _override_vae(vae) if vae is not None else None
+
+    if kind == "pipeline":
+        spec = json.loads((path / PIPELINE_JSON).read_text())
+        if spec.get("format") != PIPELINE_FORMAT:
+            raise PipelineLoadError(f"{path / PIPELINE_JSON}: not a lumina-lightning pipeline.json")
+        base = path
+        model = load_nextdit(path / "transformer", ema=ema)
+    elif kind == "diffusers":
+        missing = [d for d in ("transformer", "vae", "text_encoder", "tokenizer") if not (path / d).is_dir()]
+        if "transformer" in missing:
+            raise PipelineLoadError(f"{path}: diffusers pipeline folder without transformer/")
+        if te_obj is None and ("text_encoder" in missing or "tokenizer" in missing):
+            raise PipelineLoadError(f"{path}: missing text_encoder/ or tokenizer/; pass text_encoder=PATH")
+        if ae_obj is None and "vae" in missing:
+            raise PipelineLoadError(f"{path}: missing vae/; pass vae=PATH (or vae='pixel')")
+        model = load_nextdit(path, ema=False if ema == "auto" else ema)
+        if te_obj is None:
+            te_obj = HFTextEncoder(path / "text_encoder", tokenizer_path=path / "tokenizer")
+        if ae_obj is None:
+            ae_obj = DiffusersVAE(path / "vae")
+        sched = path / "scheduler" / "scheduler_config.json"
+        if sched.is_file():
+            cfg = json.loads(sched.read_text())
+            if not cfg.get("use_dynamic_shifting", False) and cfg.get("shift") is not None:
+                defaults["shift"] = float(cfg["shift"])
+    else:
+        if kind == "ckpt":
+            spec = _read_ckpt_spec(path)
+        model = load_nextdit(path, ema=ema)
+        if spec is None and (te_obj is None or ae_obj is None):
+            what = []
+            if te_obj is None:
+                what.append("text_encoder=PATH (the text-encoder folder it was trained with, or 'minilm')")
+            if ae_obj is None:
+                what.append("vae=PATH (the VAE folder, or 'pixel' for the pixel autoencoder)")
+            raise PipelineLoadError(
+                f"{path} is a bare transformer checkpoint ({detect_format(path)} layout) that does not say which "
+                f"text encoder and autoencoder go with it; pass " + " and ".join(what)
+            )
+
+    if spec is not None:
+        defaults.update(spec.get("defaults") or {})
+        default_system = spec.get("default_system", "real")
+        if te_obj is None:
+            te_obj = _text_encoder_from_spec(spec["text_encoder"], base)
+        if ae_obj is None:
+            ae_obj = _autoencoder_from_spec(spec["autoencoder"], base)
+    model = model.float().eval().requires_grad_(False)
+    return LuminaPipeline(model, te_obj, ae_obj, device=device, dtype=dtype, default_system=default_system,
+                          defaults=defaults)
+
+
+# ------------------------------------------------------------------------------------------------
+# diffusers export
+# ------------------------------------------------------------------------------------------------
+
+
+def export_diffusers_pipeline(pipe: LuminaPipeline, path: str | os.PathLike, *, shift: float = 6.0) -> Path:
+    """Write a folder that ``diffusers.Lumina2Pipeline.from_pretrained(path)`` loads.
+
+    transformer/ (``save_nextdit(fmt="diffusers")``), vae/, text_encoder/, tokenizer/ and
+    scheduler/ (``FlowMatchEulerDiscreteScheduler`` with ``shift``, 6.0 like the official samplers).
+    diffusers' ``Lumina2Pipeline`` hard-codes a VAE with 8× downsampling, so the pixel autoencoder
+    (and any other non-VAE) is refused.
+    """
+    import diffusers
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    ae = pipe.autoencoder
+    if not isinstance(ae, DiffusersVAE):
+        raise ValueError(
+            f"cannot export to diffusers: the pipeline uses a {type(ae).__name__}, but diffusers' Lumina2Pipeline "
+            "needs an AutoencoderKL VAE (the pixel autoencoder has no diffusers equivalent)"
+        )
+    if ae.downsample != 8:
+        raise ValueError(f"cannot export to diffusers: Lumina2Pipeline assumes 8x VAE downsampling, this VAE has {ae.downsample}x")
+    te = pipe.text_encoder
+    if not (hasattr(te, "model") and hasattr(te, "tokenizer")):
+        raise ValueError(f"cannot export to diffusers: the text encoder {type(te).__name__} is not a transformers model")
+    if getattr(te, "layer", -2) != -2:
+        raise ValueError("cannot export to diffusers: Lumina2Pipeline always uses hidden_states[-2]")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_nextdit(pipe.model, path / "transformer", fmt="diffusers")
+    ae.vae.save_pretrained(path / "vae")
+    vae_cfg_file = path / "vae" / "config.json"
+    vae_cfg = json.loads(vae_cfg_file.read_text())
+    vae_cfg["scaling_factor"], vae_cfg["shift_factor"] = ae.scaling_factor, ae.shift_factor
+    vae_cfg_file.write_text(json.dumps(vae_cfg, indent=2))
+    te.model.save_pretrained(path / "text_encoder")
+    te.tokenizer.save_pretrained(path / "tokenizer")
+    FlowMatchEulerDiscreteScheduler(shift=float(shift)).save_pretrained(path / "scheduler")
+    index = {
+        "_class_name": "Lumina2Pipeline",
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+        "text_encoder": ["transformers", type(te.model).__name__],
+        "tokenizer": ["transformers", type(te.tokenizer).__name__],
+        "transformer": ["diffusers", "Lumina2Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (path / DIFFUSERS_INDEX).write_text(json.dumps(index, indent=2))
+    return path

@@ -1,0 +1,65 @@
+"""A pipeline exported to the diffusers layout gives the same images in ``diffusers.Lumina2Pipeline``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lumina_lightning.sampling import export_diffusers_pipeline, load_pipeline
+from lumina_lightning.sampling.testing import build_tiny_pipeline
+
+PROMPTS = ["a red circle left of a blue square", "two green stars"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    base = tmp_path_factory.mktemp("diffusers")
+    pipe = build_tiny_pipeline(base, autoencoder="vae")  # tiny Gemma-2, tiny VAE (factor 8), random Next-DiT
+    return pipe, export_diffusers_pipeline(pipe, base / "exported")
+
+
+@pytest.mark.parametrize("steps,trunc_ratio,renorm", [(6, 0.5, True), (5, 1.0, False)])
+def test_same_image_in_diffusers_lumina2_pipeline(exported, steps, trunc_ratio, renorm):
+    from diffusers import Lumina2Pipeline
+
+    pipe, folder = exported
+    theirs = Lumina2Pipeline.from_pretrained(folder)
+    width, height = 48, 32  # width != height: orientation must agree too
+    noise = pipe.make_noise([1, 2], width, height)
+    ours = pipe(PROMPTS, width=width, height=height, preset="diffusers", steps=steps, cfg_scale=4.0,
+                renorm=1.0 if renorm else 0.0, cfg_trunc=trunc_ratio, latents=noise)
+    common = dict(prompt=PROMPTS, width=width, height=height, num_inference_steps=steps, guidance_scale=4.0,
+                  cfg_trunc_ratio=trunc_ratio, cfg_normalization=renorm)
+    with torch.no_grad():
+        lat = theirs(**common, latents=noise.clone(), output_type="latent").images
+        img = theirs(**common, latents=noise.clone(), output_type="np").images
+    assert lat.shape == ours.latents.shape
+    assert (lat - ours.latents).abs().max() < 1e-4
+    assert ours.latents.abs().max() > 0.5  # a real, non-trivial sample
+    mine = np.stack([np.asarray(im, dtype=np.float32) for im in ours.images])
+    theirs_u8 = np.round(img * 255)
+    assert mine.shape == theirs_u8.shape == (2, height, width, 3)
+    assert np.abs(mine - theirs_u8).max() <= 1.0
+    expected_guided = sum(1 for i in range(steps) if (i + 1) / steps <= trunc_ratio)
+    assert ours.stats["guided_calls"] == expected_guided
+
+
+def test_load_exported_folder_and_refuse_pixel(exported, tmp_path):
+    pipe, folder = exported
+    loaded = load_pipeline(folder)
+    assert loaded.defaults["shift"] == 6.0
+    a = pipe("two green stars", width=32, height=16, seed=0, steps=3, solver="euler")
+    b = loaded("two green stars", width=32, height=16, seed=0, steps=3, solver="euler")
+    assert torch.allclose(a.latents, b.latents, atol=1e-5)
+    pixel = build_tiny_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="needs an AutoencoderKL VAE"):
+        export_diffusers_pipeline(pixel, tmp_path / "nope")

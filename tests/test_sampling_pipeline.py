@@ -1,0 +1,209 @@
+"""The text-to-image pipeline: seeds, sizes, settings, pipeline folders, checkpoints and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lumina_lightning.models.io import save_nextdit
+from lumina_lightning.sampling import (
+    PipelineLoadError,
+    kwargs_from_settings,
+    load_pipeline,
+    pipeline_spec,
+    save_pipeline,
+    snap_size,
+)
+from lumina_lightning.sampling.cli import main as sample_main
+from lumina_lightning.sampling.cli import read_png_settings
+from lumina_lightning.sampling.testing import build_tiny_pipeline, randomize_
+
+FAST = dict(steps=3, solver="euler")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipe"))
+
+
+@pytest.fixture(scope="module")
+def folder(pipe, tmp_path_factory):
+    """Our pipeline folder with the tiny model (pixel autoencoder) and its text encoder."""
+    path = tmp_path_factory.mktemp("folder") / "pipeline"
+    save_pipeline(path, pipe.model, text_encoder_spec={"path": pipe.text_encoder.path, "max_length": 256},
+                  autoencoder_spec={"kind": "pixel"}, defaults={"shift": 3.0})
+    return path
+
+
+def test_seeds_are_per_image_and_deterministic(pipe):
+    a = pipe(["a red circle", "two blue squares"], width=24, height=16, seed=10, num_images_per_prompt=2, **FAST)
+    assert a.settings["seeds"] == [10, 11, 12, 13]
+    b = pipe(["a red circle", "two blue squares"], width=24, height=16, seed=10, num_images_per_prompt=2, **FAST)
+    assert torch.equal(a.latents, b.latents)
+    assert [np.asarray(i).tolist() for i in a.images] == [np.asarray(i).tolist() for i in b.images]
+    # image 3 (prompt 2, seed 13) does not change when the batch around it changes
+    alone = pipe("two blue squares", width=24, height=16, seed=[13], **FAST)
+    assert torch.allclose(alone.latents[0], a.latents[3], atol=1e-5)
+    # different seeds differ; random seeds are recorded and reproduce
+    assert not torch.allclose(a.latents[0], a.latents[1])
+    r = pipe("a red circle", width=24, height=16, seed=None, **FAST)
+    again = pipe("a red circle", width=24, height=16, seed=r.settings["seeds"], **FAST)
+    assert torch.equal(r.latents, again.latents)
+    with pytest.raises(ValueError, match="seeds"):
+        pipe("a red circle", width=24, height=16, seed=[1, 2], **FAST)
+
+
+def test_width_height_orientation(pipe):
+    r = pipe("a red circle", width=40, height=16, seed=0, **FAST)
+    assert r.images[0].size == (40, 16)  # PIL size is (width, height)
+    assert tuple(r.latents.shape) == (1, 3, 16, 40)  # pixel autoencoder: (C, height, width)
+    assert r.images[0].mode == "RGB"
+    noise = pipe.make_noise([0], 40, 16)
+    assert noise.shape == (1, 3, 16, 40)
+
+
+def test_size_validation_and_snap(pipe, tmp_path):
+    with pytest.raises(ValueError, match="multiples of 2"):
+        pipe("a red circle", width=33, height=16, seed=0, **FAST)
+    assert pipe.snap_size(33, 16)[:2] == (34, 16) and pipe.snap_size(32, 16) == (32, 16, "")
+    w, h, notice = snap_size(1000, 600, 16)
+    assert (w, h) == (1008, 608) and "1008x608" in notice
+    assert snap_size(4, 4, 16)[:2] == (16, 16)
+    # the RoPE tables bound the size (NextDiT_debug: 64 patches per side)
+    assert pipe.snap_size(10_000, 64)[0] == pipe.max_size[0] == 128
+    with pytest.raises(ValueError, match="exceeds"):
+        pipe("x", width=256, height=16, seed=0, **FAST)
+    vae_pipe = build_tiny_pipeline(tmp_path, autoencoder="vae")
+    assert vae_pipe.size_multiple == 16
+    with pytest.raises(ValueError, match="multiples of 16"):
+        vae_pipe("a red circle", width=40, height=32, seed=0, **FAST)
+
+
+def test_settings_are_complete_and_json(pipe):
+    r = pipe(["a red circle"], negative_prompt="blurry", system="align", width=24, height=16, seed=5, preset="fast",
+             steps=4, progress=lambda i, n: None)
+    s = json.loads(json.dumps(r.settings))
+    for key in ("preset", "solver", "steps", "shift", "cfg_scale", "renorm", "cfg_trunc", "cfg_mode", "teacache",
+                "teacache_version", "system", "seeds", "width", "height", "negative_prompt"):
+        assert key in s
+    assert s["preset"] == "fast" and s["solver"] == "dpm" and s["steps"] == 4 and s["system"] == "align"
+    assert s["seeds"] == [5] and s["teacache"] > 0 and s["cfg_trunc"] == 0.25
+    assert r.nfe == 4 and r.rows < 2 * r.nfe and r.elapsed > 0 and r.stats["guided_calls"] < 4
+    # presets
+    official = pipe.resolve("official")
+    assert (official.solver, official.steps, official.shift, official.cfg_scale, official.renorm) == ("midpoint", 17, 6.0, 4.0, 1.0)
+    diffusers = pipe.resolve("diffusers")
+    assert (diffusers.solver, diffusers.steps, diffusers.cfg_mode) == ("euler", 30, "diffusers")
+    with pytest.raises(ValueError, match="preset"):
+        pipe.resolve("turbo")
+
+
+def test_explicit_latents_and_negative_prompt(pipe):
+    noise = pipe.make_noise([7], 24, 16)
+    a = pipe("a red circle", width=24, height=16, latents=noise, **FAST)
+    b = pipe("a red circle", width=24, height=16, seed=[7], **FAST)
+    assert torch.equal(a.latents, b.latents) and a.settings["seeds"] == [None]
+    c = pipe("a red circle", negative_prompt="a blue square", width=24, height=16, seed=[7], **FAST)
+    assert not torch.allclose(c.latents, b.latents)
+    with pytest.raises(ValueError, match="shape"):
+        pipe("a red circle", width=24, height=16, latents=noise[:, :, :8], **FAST)
+
+
+def test_validation_mode_is_restored(pipe):
+    pipe.model.train()
+    pipe("a red circle", width=16, height=16, seed=0, **FAST)
+    assert pipe.model.training
+    pipe.model.eval()
+
+
+def test_pipeline_folder_round_trip(pipe, folder, tmp_path):
+    spec = json.loads((folder / "pipeline.json").read_text())
+    assert spec["autoencoder"] == {"kind": "pixel"} and spec["text_encoder"]["max_length"] == 256
+    loaded = load_pipeline(folder)
+    assert loaded.defaults == {"shift": 3.0} and loaded.resolve().shift == 3.0
+    a = pipe("a red circle", width=24, height=16, seed=1, shift=3.0, **FAST)
+    b = loaded("a red circle", width=24, height=16, seed=1, **FAST)
+    assert torch.equal(a.latents, b.latents)
+    # EMA weights are preferred when present (ema="auto"), raw on request
+    ema = randomize_(type(pipe.model)(pipe.model.config), seed=9).state_dict()
+    save_pipeline(tmp_path / "with_ema", pipe.model, ema_state_dict=ema,
+                  text_encoder_spec={"path": pipe.text_encoder.path}, autoencoder_spec={"kind": "pixel"})
+    with_ema = load_pipeline(tmp_path / "with_ema")
+    assert torch.equal(with_ema.model.x_embedder.weight, ema["x_embedder.weight"])
+    raw = load_pipeline(tmp_path / "with_ema", ema=False)
+    assert torch.equal(raw.model.x_embedder.weight, pipe.model.x_embedder.weight)
+
+
+def test_training_ckpt_and_bare_checkpoint(pipe, tmp_path):
+    spec = pipeline_spec({"path": pipe.text_encoder.path}, {"kind": "pixel"}, default_system="base")
+    ckpt = {
+        "nextdit_config": pipe.model.config.to_dict(),
+        "state_dict": {"model." + k: v for k, v in pipe.model.state_dict().items()},
+        "lumina_pipeline": spec,
+    }
+    torch.save(ckpt, tmp_path / "last.ckpt")
+    loaded = load_pipeline(tmp_path / "last.ckpt")
+    assert loaded.default_system == "base"
+    a = pipe("a red circle", system="base", width=24, height=16, seed=1, **FAST)
+    b = loaded("a red circle", width=24, height=16, seed=1, **FAST)
+    assert torch.equal(a.latents, b.latents)
+
+    bare = save_nextdit(pipe.model, tmp_path / "bare.safetensors")
+    with pytest.raises(PipelineLoadError, match=r"text_encoder=PATH.*vae=PATH"):
+        load_pipeline(bare)
+    with pytest.raises(PipelineLoadError, match=r"vae=PATH"):
+        load_pipeline(bare, text_encoder=pipe.text_encoder.path)
+    c = load_pipeline(bare, text_encoder=pipe.text_encoder.path, vae="pixel")("a red circle", system="base", width=24,
+                                                                            height=16, seed=1, **FAST)
+    assert torch.equal(a.latents, c.latents)
+    with pytest.raises(FileNotFoundError):
+        load_pipeline(tmp_path / "nothing-here")
+
+
+def test_cli_writes_pngs_with_settings_that_round_trip(pipe, folder, tmp_path, capsys):
+    out = tmp_path / "out"
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "two green stars", "seed": 100}\n\n')
+    rc = sample_main([
+        "--ckpt", str(folder), "--prompt", "a red circle", "--prompts-file", str(prompts), "--out", str(out),
+        "--width", "24", "--height", "16", "--preset", "fast", "--steps", "3", "--seed", "5", "--n-per-prompt", "2",
+    ])
+    assert rc == 0
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 4
+    records = [read_png_settings(f) for f in files]
+    assert [r["seed"] for r in records] == [5, 6, 100, 101]
+    assert [r["prompt"] for r in records] == ["a red circle"] * 2 + ["two green stars"] * 2
+    first = records[0]
+    assert first["preset"] == "fast" and first["solver"] == "dpm" and first["steps"] == 3 and first["shift"] == 3.0
+    assert first["width"] == 24 and first["height"] == 16 and first["system"] == "real"
+    from PIL import Image
+
+    with Image.open(files[2]) as im:
+        assert im.size == (24, 16) and im.text["prompt"] == "two green stars" and im.text["seed"] == "100"
+        pixels = np.asarray(im.convert("RGB"))
+    # the record reproduces the image exactly
+    again = load_pipeline(folder)(**kwargs_from_settings(records[2]))
+    assert np.array_equal(np.asarray(again.images[0]), pixels)
+    assert len((out / "index.jsonl").read_text().splitlines()) == 4
+
+
+def test_cli_errors_are_readable(folder, tmp_path, capsys):
+    rc = sample_main(["--ckpt", str(tmp_path / "missing"), "--prompt", "x", "--out", str(tmp_path / "o")])
+    assert rc == 2 and "no checkpoint or pipeline at" in capsys.readouterr().err
+    rc = sample_main(["--ckpt", str(folder), "--prompt", "x", "--out", str(tmp_path / "o"), "--width", "25", "--height", "16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "multiples of 2" in err and "Traceback" not in err
+    rc = sample_main(["--ckpt", str(folder), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "no prompts" in capsys.readouterr().err
