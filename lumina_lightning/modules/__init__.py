@@ -1,0 +1,1 @@
+"""LightningModules: Next-DiT generation training (and, in ``unicap``, captioner fine-tuning)."""

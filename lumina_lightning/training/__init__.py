@@ -1,0 +1,1 @@
+"""Training recipes (schema, loading, validation), strategies and parallelisation, and the train verb."""

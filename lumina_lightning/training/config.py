@@ -1,0 +1,241 @@
+"""The recipe schema: every key a training recipe may hold, typed, with defaults and their reasons.
+
+A recipe YAML is validated against these dataclasses before anything loads (see ``recipe.py``).
+Defaults follow the released training code and the paper (spec §5); every deliberate deviation is
+marked "DEVIATION".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from lumina_lightning.data.config import DataConfig
+
+
+@dataclass
+class ModelSection:
+    """The trainable Next-DiT.
+
+    Attributes:
+        size: a named size (``NextDiT_2B_GQA_patch2_Adaln_Refiner``, ``NextDiT_tiny``, ...).
+        overrides: config fields changed from the size (e.g. ``{in_channels: 3, cap_feat_dim: 384}``).
+            ``in_channels`` and ``cap_feat_dim`` are checked against the autoencoder / text encoder.
+        init_from: a checkpoint to start from (official ``.pth`` dir, diffusers folder, ours, a
+            previous stage's ``export/`` folder or ``.ckpt``); weights only, optimizer state is fresh.
+        init_ema: which weights of ``init_from`` to take: ``raw`` | ``ema`` | ``auto`` (EMA where present).
+            The EMA copy starts from the same weights.
+        attention_backend: ``auto`` (flash-attn on CUDA when installed, else SDPA) | ``sdpa`` | ``flash``.
+        gradient_checkpointing: recompute each block in backward (official ``--checkpointing``).
+        compile: ``torch.compile`` each block (costs ~95 s on the first CPU call; off by default).
+    """
+
+    size: str = "NextDiT_2B_GQA_patch2_Adaln_Refiner"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
+    init_ema: str = "auto"
+    attention_backend: str = "auto"
+    gradient_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class TextEncoderSection:
+    """Frozen text encoder (spec §3): ``path`` is a local folder (``minilm`` = the packaged MiniLM).
+
+    ``dtype`` ``bf16`` matches the official scripts on GPUs; ``fp32`` is the CPU default.
+    ``attn_implementation`` is pinned (``eager`` honours Gemma-2's soft-capping) for reproducible features.
+    """
+
+    path: str = "google/gemma-2-2b"
+    max_length: int = 256
+    attn_implementation: str = "eager"
+    dtype: str = "fp32"
+    cache_size: int = 4096
+
+
+@dataclass
+class AutoencoderSection:
+    """Frozen autoencoder (spec §4): ``vae`` (diffusers AutoencoderKL from ``path``) or ``pixel``."""
+
+    kind: str = "vae"
+    path: str | None = None
+    scaling_factor: float | None = None
+    shift_factor: float | None = None
+    dtype: str = "fp32"
+
+
+@dataclass
+class DataSection(DataConfig):
+    """The data config (``DataConfig``) plus how batches are drawn on each rank.
+
+    Attributes:
+        batch_size: samples per batch per rank (global batch = batch_size × ranks × accumulation).
+        num_workers: decoding worker processes per rank.
+        val_path: manifest for the validation loss and sample prompts (default: none; the loss
+            is then computed on the first batches of the training data).
+        val_samples: how many validation records to use for the fixed-timestep loss.
+        synthetic: generate the bundled synthetic compositional dataset into the folder of
+            ``path`` when ``path`` does not exist yet — arguments of ``generate_synthetic``
+            (``n``, ``size``, ``seed``, ``n_test``, ``holdout``, ...). Lets the tiny recipes run on a
+            fresh checkout with no separate data step.
+    """
+
+    batch_size: int = 16
+    num_workers: int = 2
+    val_path: str | None = None
+    val_samples: int = 64
+    synthetic: dict[str, Any] | None = None
+
+
+@dataclass
+class ObjectiveSection:
+    """Rectified-flow loss (spec §5).
+
+    Attributes:
+        timestep_sampler: ``lognorm`` (official script: logit-normal(0, 1)) or ``uniform``.
+        shift: ``auto`` = the official resolution shift e^mu from the stage's image-token count;
+            a number fixes the factor (1 = no shift).
+        aux_loss: add the official unweighted loss on 4×-average-pooled latents (independent t
+            and noise); skipped automatically where pooled latents are smaller than a patch.
+        caption_dropout: probability of replacing the *whole* prompt (system template included)
+            by "" — the unconditional input of CFG (official 0.1).
+        system: template for records whose source names none (official: ``align`` for
+            ``super_high_quality_caption`` records, ``base`` for ``path``+``prompt`` records).
+    """
+
+    timestep_sampler: str = "lognorm"
+    lognorm_mean: float = 0.0
+    lognorm_std: float = 1.0
+    shift: Any = "auto"
+    aux_loss: bool = True
+    aux_pool: int = 4
+    caption_dropout: float = 0.1
+    system: str = "align"
+
+
+@dataclass
+class OptimSection:
+    """AdamW, constant LR (spec §5): betas (0.9, 0.95), eps 1e-15, no weight decay, clip 2.0.
+
+    ``warmup_steps`` > 0 ramps the LR linearly (DEVIATION: the official code has no warm-up; off by default).
+    """
+
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-15
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 2.0
+
+
+@dataclass
+class EMASection:
+    """EMA of the trainable weights, updated after every optimizer step.
+
+    The official code uses decay 0.95 per step (a very short average); that is the default.
+    """
+
+    enabled: bool = True
+    decay: float = 0.95
+
+
+@dataclass
+class ValidationSection:
+    """Validation: fixed-timestep loss and a sample grid, both with fixed noise/seeds.
+
+    Attributes:
+        every_n_steps: run the validation loss every N optimizer steps (0 = only at the end).
+        n_timesteps: stratified fixed timesteps (i + 0.5)/n for the validation loss.
+        sample_every_n_steps: render the sample grid every N steps (0 = only at the end).
+        prompts: fixed validation prompts (captions; the system template is added).
+        seeds: one seed per prompt (repeated if shorter).
+        preset / steps / cfg_scale: sampler settings for the grid (see ``sampling.presets``).
+        width, height: grid image size (default: the stage resolution).
+    """
+
+    every_n_steps: int = 1000
+    n_timesteps: int = 8
+    seed: int = 0
+    sample_every_n_steps: int = 1000
+    prompts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    preset: str = "official"
+    steps: int | None = None
+    cfg_scale: float | None = None
+    width: int | None = None
+    height: int | None = None
+
+
+@dataclass
+class TrainerSection:
+    """Lightning Trainer settings.
+
+    Attributes:
+        strategy: ``auto`` | ``ddp`` | ``fsdp`` (FSDP2 ``fully_shard`` per block through
+            ``ModelParallelStrategy``; runs on CPU too) | ``fsdp1`` (Lightning's ``FSDPStrategy``
+            with auto-wrap per block; GPUs only) | ``deepspeed_stage_2`` | ``deepspeed_stage_3``.
+        precision: ``32-true`` | ``bf16-mixed`` | ``16-mixed`` | ``bf16-true``.
+        checkpoint_every_n_steps: periodic checkpoints (``last.ckpt`` is always kept up to date).
+        keep_checkpoints: how many periodic checkpoints to keep (-1 = all).
+        max_nonfinite_steps: stop with a clear error after this many non-finite losses in a row
+            (each is skipped and counted).
+        num_threads: torch CPU threads per process (``null`` = torch's default, all cores).
+    """
+
+    max_steps: int = 1000
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    checkpoint_every_n_steps: int = 1000
+    keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 10
+    enable_progress_bar: bool = True
+    deterministic: bool = False
+    num_threads: int | None = None
+
+
+@dataclass
+class TrackingSection:
+    """MLflow tracking. Default store: ``sqlite:///mlruns.db`` + ``./mlartifacts`` in the working
+    directory (no server); ``MLFLOW_TRACKING_URI`` or ``tracking_uri`` switch to any store/server.
+    ``enabled: false`` turns tracking off (runs still write checkpoints and exports)."""
+
+    enabled: bool = True
+    tracking_uri: str | None = None
+    artifact_location: str | None = None
+    experiment: str = "lumina-lightning"
+    run_name: str | None = None
+    tags: dict[str, str] = field(default_factory=dict)
+    log_checkpoints: bool = True
+
+
+@dataclass
+class RecipeConfig:
+    """A whole training recipe.
+
+    Attributes:
+        stage: stage name, used for the output folder, the MLflow run name and the ``stage`` tag.
+        seed: global seed (data order, caption choice, noise, timesteps, dropout).
+        output_dir: where checkpoints, the resolved config and the ``export/`` pipeline go.
+        resume: ``null`` (fresh), ``auto`` (the run's ``last.ckpt`` when it exists) or a checkpoint path.
+    """
+
+    stage: str = "train"
+    seed: int = 0
+    output_dir: str = "runs/${stage}"
+    resume: str | None = None
+    model: ModelSection = field(default_factory=ModelSection)
+    text_encoder: TextEncoderSection = field(default_factory=TextEncoderSection)
+    autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
+    data: DataSection = field(default_factory=DataSection)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    ema: EMASection = field(default_factory=EMASection)
+    validation: ValidationSection = field(default_factory=ValidationSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)

@@ -1,0 +1,158 @@
+"""The one place where strategies, sharding, activation checkpointing and compilation are applied.
+
+Model files stay pure PyTorch; the LightningModule calls :func:`parallelize` from
+``configure_model``. Strategies come from Lightning (we never write a distributed engine):
+
+* ``auto`` / ``ddp``: Lightning's single-device / ``DDPStrategy`` (gloo on CPU, NCCL on GPUs).
+* ``fsdp``: FSDP2 — ``fully_shard`` on every Next-DiT block, then the root — through Lightning's
+  ``ModelParallelStrategy`` (runs on CPU with gloo too; distributed checkpoints, resume).
+* ``fsdp1``: Lightning's ``FSDPStrategy`` with auto-wrap per block (GPUs only; Lightning refuses CPU).
+* ``deepspeed_stage_2`` / ``deepspeed_stage_3``: Lightning's ``DeepSpeedStrategy`` (GPUs only).
+
+The frozen text encoder and autoencoder are never handed to these wrappers: the module keeps them
+outside its registered submodules, so they are neither sharded nor checkpointed.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from lumina_lightning.models.nextdit import JointTransformerBlock, NextDiT
+
+log = logging.getLogger(__name__)
+
+GPU_ONLY = {"fsdp1", "deepspeed_stage_2", "deepspeed_stage_3"}
+
+
+def build_strategy(name: str, *, accelerator: str, devices: Any, num_nodes: int, precision: str,
+                   grad_clip: float) -> Any:
+    """A Lightning strategy object (or the string ``"auto"``) for a recipe's ``trainer.strategy``."""
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+
+    if name == "auto":
+        return "auto"
+    if name == "ddp":
+        # every trainable parameter is used every step; unused detection would only cost time
+        return DDPStrategy(find_unused_parameters=False)
+    if name == "fsdp":
+        # FSDP2 across all ranks (no tensor parallelism for a 2.6B DiT). Lightning's "auto" sizes
+        # would put the devices of a node on the tensor-parallel axis, so both are given explicitly.
+        world = device_count(devices, accelerator) * num_nodes
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
+                                     save_distributed_checkpoint=True)
+    if name == "fsdp1":
+        return FSDPStrategy(
+            auto_wrap_policy={JointTransformerBlock},
+            activation_checkpointing_policy=None,  # checkpointing is the model's per-block switch
+            sharding_strategy="FULL_SHARD",
+            use_orig_params=True,
+            state_dict_type="sharded",
+        )
+    if name.startswith("deepspeed_stage_"):
+        stage = int(name.rsplit("_", 1)[1])
+        return DeepSpeedStrategy(stage=stage)
+    raise ValueError(f"unknown strategy {name!r}")
+
+
+def device_count(devices: Any, accelerator: str) -> int:
+    """Devices per node that a Trainer with ``devices``/``accelerator`` uses."""
+    if isinstance(devices, int):
+        return devices
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if isinstance(devices, str) and devices.isdigit():
+        return int(devices)
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return 1
+
+
+def uses_fsdp2(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    return isinstance(strategy, ModelParallelStrategy)
+
+
+def uses_deepspeed(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    return isinstance(strategy, DeepSpeedStrategy)
+
+
+def fsdp2_shard(model: NextDiT, mesh: Any, *, param_dtype: torch.dtype | None = None) -> NextDiT:
+    """``fully_shard`` each transformer block, then the root (torchtitan's per-block pattern)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs: dict[str, Any] = {"mesh": mesh}
+    if param_dtype is not None:
+        # bf16 compute with fp32 gradient reduction, like the official FSDP set-up (spec §5)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in model.blocks():
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def parallelize(
+    model: NextDiT,
+    *,
+    strategy: Any,
+    mesh: Any = None,
+    gradient_checkpointing: bool = False,
+    compile_blocks: bool = False,
+    attention_backend: str = "auto",
+    fsdp_param_dtype: torch.dtype | None = None,
+) -> NextDiT:
+    """Apply attention backend, activation checkpointing, compile and FSDP2 sharding, in that order.
+
+    Checkpointing wraps each block call (the model's switch), compile goes per block (so the
+    many identical blocks share one compiled graph), and ``fully_shard`` comes last, on blocks
+    then root, as the FSDP2 docs prescribe for composing with checkpointing and compile.
+    """
+    model.set_attention_backend(attention_backend)
+    model.set_gradient_checkpointing(gradient_checkpointing)
+    if compile_blocks:
+        for block in model.blocks():
+            block.compile()
+    if uses_fsdp2(strategy):
+        if mesh is None:
+            raise RuntimeError("FSDP2 sharding needs the strategy's device mesh")
+        fsdp2_shard(model, mesh, param_dtype=fsdp_param_dtype)
+    return model
+
+
+def local_tensor(p: torch.Tensor) -> torch.Tensor:
+    """The part of a (possibly sharded) parameter this rank holds: DTensor shard, ZeRO-3 partition, or itself."""
+    if hasattr(p, "ds_tensor"):  # DeepSpeed ZeRO-3 partitioned parameter
+        return p.ds_tensor
+    if hasattr(p, "to_local"):  # DTensor (FSDP2)
+        return p.to_local()
+    return p.data
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The complete, unsharded state dict on CPU (every rank must call it; rank 0 gets the values).
+
+    Works for plain modules, FSDP2 (DTensor) and FSDP1 through torch's state-dict API, and for
+    DeepSpeed ZeRO-3 by gathering the partitions.
+    """
+    params = list(model.parameters())
+    if any(hasattr(p, "ds_tensor") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if any(hasattr(p, "to_local") for p in params) or _is_fsdp1(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _is_fsdp1(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())

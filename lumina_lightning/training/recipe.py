@@ -1,0 +1,306 @@
+"""Load, compose, override and validate training recipes.
+
+A recipe is a YAML file whose keys follow :class:`~lumina_lightning.training.config.RecipeConfig`.
+Composition:
+
+* ``defaults: [base/model_2b.yaml, ...]`` lists files (relative to the recipe's folder, ``.yaml``
+  optional) merged in order *before* the file itself, recursively (the Hydra ``defaults`` idea,
+  implemented here on plain omegaconf because Hydra is not a dependency);
+* ``${...}`` interpolations are resolved by omegaconf on the merged result;
+* dotted command-line overrides (``trainer.max_steps=100 data.batch_size=8``) come last.
+
+Every file and every override is validated on its own before merging, so an error names the file
+(or "command line"), the dotted key, and the closest valid key or the expected type — before any
+model, encoder or data is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+from omegaconf import OmegaConf
+
+from lumina_lightning.training.config import RecipeConfig
+
+COMMAND_LINE = "command line"
+
+
+class RecipeError(ValueError):
+    """A recipe that does not fit the schema; the message names the file and key."""
+
+
+# ------------------------------------------------------------------------------------------------
+# schema checks
+# ------------------------------------------------------------------------------------------------
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin in (list, dict):
+        args = ", ".join(_type_name(a) for a in typing.get_args(tp))
+        return f"{origin.__name__}[{args}]"
+    if tp is type(None):
+        return "null"
+    if tp is Any:
+        return "any"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    if tp is Any:
+        return True
+    if isinstance(value, str) and "${" in value:  # checked again after interpolation
+        return True
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(tp) or (Any,)
+        return isinstance(value, (list, tuple)) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        _, item = typing.get_args(tp) or (Any, Any)
+        return isinstance(value, dict) and all(isinstance(k, str) and _matches(v, item) for k, v in value.items())
+    if dataclasses.is_dataclass(tp):
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def _find_dataclass(tp: Any) -> type | None:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        for a in typing.get_args(tp):
+            if dataclasses.is_dataclass(a):
+                return a
+    return None
+
+
+def closest(key: str, options: typing.Iterable[str]) -> str | None:
+    """The valid name a misspelled ``key`` most likely meant (similar spelling, or a shared stem)."""
+    options = list(options)
+    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
+    if close:
+        return close[0]
+    stems = [o for o in options if key.startswith(o) or o.startswith(key) or o in key]
+    return max(stems, key=len) if stems else None
+
+
+def check_section(data: Any, cls: type, where: str, prefix: str = "") -> None:
+    """Raise :class:`RecipeError` for unknown keys or wrongly typed values of ``data`` against ``cls``."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: `{prefix or '<root>'}` must be a mapping, got {type(data).__name__}")
+    hints = _hints(cls)
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            close = closest(str(key), hints)
+            hint = f"; did you mean `{prefix}{close}`?" if close else f"; valid keys here: {', '.join(sorted(hints))}"
+            raise RecipeError(f"{where}: unknown key `{dotted}`{hint}")
+        tp = hints[key]
+        sub = _find_dataclass(tp)
+        if sub is not None and isinstance(value, dict):
+            check_section(value, sub, where, dotted + ".")
+            continue
+        if not _matches(value, tp):
+            raise RecipeError(
+                f"{where}: `{dotted}` must be {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+            )
+
+
+# ------------------------------------------------------------------------------------------------
+# loading and composition
+# ------------------------------------------------------------------------------------------------
+
+
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _resolve_default(entry: str, folder: Path, where: str) -> Path:
+    candidates = [folder / entry, folder / f"{entry}.yaml"]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    raise RecipeError(f"{where}: `defaults` entry {entry!r} not found (looked for {', '.join(map(str, candidates))})")
+
+
+def _load_file(path: Path, stack: tuple[Path, ...], files: list[Path]) -> dict:
+    path = path.resolve()
+    if path in stack:
+        chain = " -> ".join(str(p) for p in (*stack, path))
+        raise RecipeError(f"recipe defaults form a cycle: {chain}")
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    defaults = data.pop("defaults", []) or []
+    if isinstance(defaults, str):
+        defaults = [defaults]
+    merged: dict = {}
+    for entry in defaults:
+        merged = _deep_merge(merged, _load_file(_resolve_default(str(entry), path.parent, str(path)),
+                                                (*stack, path), files))
+    check_section(data, RecipeConfig, str(path))
+    files.append(path)
+    return _deep_merge(merged, data)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``a.b.c=value`` -> (["a", "b", "c"], YAML-parsed value)."""
+    if "=" not in item:
+        raise RecipeError(f"{COMMAND_LINE}: override {item!r} must look like key.subkey=value")
+    key, raw = item.split("=", 1)
+    key = key.strip().lstrip("+")
+    if not key:
+        raise RecipeError(f"{COMMAND_LINE}: override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _nest(keys: list[str], value: Any) -> dict:
+    out: Any = value
+    for k in reversed(keys):
+        out = {k: out}
+    return out
+
+
+@dataclasses.dataclass
+class LoadedRecipe:
+    """A validated recipe: the typed config, its resolved plain-dict form and the files it came from."""
+
+    config: RecipeConfig
+    resolved: dict[str, Any]
+    files: list[Path]
+    overrides: list[str]
+    path: Path
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.resolved, sort_keys=False)
+
+
+def build_dataclass(cls: type, data: dict, where: str, prefix: str = "") -> Any:
+    """Instantiate nested dataclasses from a validated dict (values already type-checked)."""
+    hints = _hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        sub = _find_dataclass(hints[key])
+        if sub is not None and isinstance(value, dict):
+            value = build_dataclass(sub, value, where, f"{prefix}{key}.")
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        raise RecipeError(f"{where}: invalid `{prefix.rstrip('.') or '<root>'}` section: {err}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> LoadedRecipe:
+    """Load a recipe with its defaults, apply overrides, resolve interpolations, validate, build.
+
+    Raises:
+        RecipeError: naming the file (or "command line"), the dotted key and what was expected.
+    """
+    path = Path(path)
+    files: list[Path] = []
+    merged = _load_file(path, (), files)
+    for item in overrides:
+        keys, value = parse_override(item)
+        patch = _nest(keys, value)
+        check_section(patch, RecipeConfig, f"{COMMAND_LINE} ({item})")
+        merged = _deep_merge(merged, patch)
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
+    except Exception as err:  # omegaconf's InterpolationKeyError etc.
+        raise RecipeError(f"{path}: cannot resolve interpolation: {err}") from None
+    where = f"{path} (after merging defaults and overrides)"
+    check_section(resolved, RecipeConfig, where)
+    config = build_dataclass(RecipeConfig, resolved, where)
+    # the full resolved config, defaults included: what the run actually used
+    full = dataclasses.asdict(config)
+    check_semantics(config, where)
+    return LoadedRecipe(config=config, resolved=full, files=files, overrides=list(overrides), path=path)
+
+
+# ------------------------------------------------------------------------------------------------
+# semantic checks that need the code (sizes, strategies, templates) but no files
+# ------------------------------------------------------------------------------------------------
+
+STRATEGIES = ("auto", "ddp", "fsdp", "fsdp1", "deepspeed_stage_2", "deepspeed_stage_3")
+PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
+
+
+def _choice(where: str, key: str, value: Any, choices: typing.Iterable[Any]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise RecipeError(f"{where}: `{key}` = {value!r} is not one of {choices}{hint}")
+
+
+def check_semantics(cfg: RecipeConfig, where: str) -> None:
+    from lumina_lightning.encoders.text import SYSTEM_PROMPTS
+    from lumina_lightning.models.config import SIZES, config_for
+
+    _choice(where, "model.size", cfg.model.size, SIZES)
+    try:
+        config_for(cfg.model.size, **cfg.model.overrides)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"{where}: `model.overrides`: {err}") from None
+    _choice(where, "model.init_ema", cfg.model.init_ema, ("raw", "ema", "auto"))
+    _choice(where, "model.attention_backend", cfg.model.attention_backend, ("auto", "sdpa", "flash"))
+    _choice(where, "autoencoder.kind", cfg.autoencoder.kind, ("vae", "pixel"))
+    if cfg.autoencoder.kind == "vae" and not cfg.autoencoder.path and not cfg.data.cache_dir:
+        raise RecipeError(f"{where}: `autoencoder.path` is required for autoencoder.kind=vae (a local VAE folder)")
+    for key, value in (("text_encoder.dtype", cfg.text_encoder.dtype), ("autoencoder.dtype", cfg.autoencoder.dtype)):
+        _choice(where, key, value, ("fp32", "bf16", "fp16"))
+    _choice(where, "objective.timestep_sampler", cfg.objective.timestep_sampler, ("lognorm", "uniform"))
+    shift = cfg.objective.shift
+    if not (shift == "auto" or (isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift > 0)):
+        raise RecipeError(f"{where}: `objective.shift` must be 'auto' or a number > 0, got {shift!r}")
+    if not 0.0 <= cfg.objective.caption_dropout < 1.0:
+        raise RecipeError(f"{where}: `objective.caption_dropout` must be in [0, 1), got {cfg.objective.caption_dropout}")
+    _choice(where, "objective.system", cfg.objective.system, SYSTEM_PROMPTS)
+    _choice(where, "trainer.strategy", cfg.trainer.strategy, STRATEGIES)
+    _choice(where, "trainer.precision", cfg.trainer.precision, PRECISIONS)
+    if len(cfg.optim.betas) != 2:
+        raise RecipeError(f"{where}: `optim.betas` needs two numbers, got {cfg.optim.betas}")
+    if not 0.0 <= cfg.ema.decay < 1.0:
+        raise RecipeError(f"{where}: `ema.decay` must be in [0, 1), got {cfg.ema.decay}")
+    if cfg.data.batch_size < 1 or cfg.trainer.max_steps < 1:
+        raise RecipeError(f"{where}: `data.batch_size` and `trainer.max_steps` must be >= 1")
+    if cfg.resume not in (None, "auto") and not str(cfg.resume):
+        raise RecipeError(f"{where}: `resume` must be null, 'auto' or a checkpoint path")

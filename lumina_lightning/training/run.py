@@ -1,0 +1,408 @@
+"""The ``train`` verb: ``lumina train RECIPE [key=value ...]`` = ``lightning run RECIPE ...``.
+
+Loads and validates the recipe (nothing heavy happens before that), builds the frozen encoders,
+the data, the Lightning strategy, MLflow tracking and the Trainer, fits, and exports a pipeline
+folder (``<output_dir>/export``: raw + EMA weights and ``pipeline.json``) that the next stage's
+``model.init_from``, ``lumina sample``, ``lumina eval`` and the Gradio app all read.
+
+Run folder (``output_dir``): ``config.yaml`` (the fully resolved recipe), ``checkpoints/``
+(``last.ckpt`` + periodic), ``samples/`` (validation grids), ``export/``, ``run_info.json``
+(the MLflow run id, so later stages can link to it as their parent run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lumina_lightning.train")
+
+RUN_INFO = "run_info.json"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished (or stopped) run left behind."""
+
+    output_dir: Path
+    export_dir: Path | None
+    last_checkpoint: Path | None
+    mlflow_run_id: str | None
+    tracking_uri: str | None
+    global_step: int
+    stopped_by_signal: str | None
+    exit_code: int
+    validation: dict[str, float]
+    wall_time_s: float
+    losses: list[float]
+    indices: list[list[int]]
+    module: Any = None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lumina train",
+        description="Train from a YAML recipe. Dotted overrides may follow, e.g. "
+        "`lumina train recipes/tiny/stage1_lowres.yaml trainer.max_steps=100 data.batch_size=8`.",
+    )
+    p.add_argument("recipe", help="recipe YAML (see recipes/)")
+    p.add_argument("overrides", nargs="*", help="key.subkey=value overrides")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("--validate-only", action="store_true", help="validate the recipe and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    # intermixed: flags may come after the dotted overrides
+    args = build_parser().parse_intermixed_args(argv)
+    from lumina_lightning.training.recipe import RecipeError, load_recipe
+
+    try:
+        loaded = load_recipe(args.recipe, args.overrides)
+    except RecipeError as err:
+        print(f"recipe error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(loaded.to_yaml())
+        return 0
+    if args.validate_only:
+        print(f"{args.recipe}: valid ({len(loaded.files)} file(s): {', '.join(str(f) for f in loaded.files)})")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        result = train(loaded)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return result.exit_code
+
+
+# ------------------------------------------------------------------------------------------------
+# pieces
+# ------------------------------------------------------------------------------------------------
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def build_encoders(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """(text encoder, autoencoder, pipeline spec) from a recipe's encoder sections."""
+    import torch
+
+    from lumina_lightning.encoders import HFTextEncoder, build_autoencoder, resolve_text_encoder_path
+    from lumina_lightning.sampling.pipeline_io import pipeline_spec
+
+    te, ae = cfg.text_encoder, cfg.autoencoder
+    text_path = resolve_text_encoder_path(te.path)
+    text_encoder = HFTextEncoder(
+        text_path, max_length=te.max_length, attn_implementation=te.attn_implementation,
+        dtype=getattr(torch, _DTYPES[te.dtype]), cache_size=te.cache_size,
+    )
+    kwargs: dict[str, Any] = {}
+    if ae.kind == "vae":
+        kwargs = {"scaling_factor": ae.scaling_factor, "shift_factor": ae.shift_factor,
+                  "dtype": getattr(torch, _DTYPES[ae.dtype])}
+    autoencoder = build_autoencoder(ae.kind, ae.path, **kwargs)
+    te_spec = {"path": te.path if te.path == "minilm" else os.path.abspath(text_path), "max_length": te.max_length,
+               "attn_implementation": te.attn_implementation}
+    ae_spec = {"kind": ae.kind}
+    if ae.kind == "vae":
+        ae_spec.update(path=os.path.abspath(ae.path), scaling_factor=autoencoder.scaling_factor,
+                       shift_factor=autoencoder.shift_factor)
+    spec = pipeline_spec(te_spec, ae_spec, default_system=cfg.objective.system)
+    return text_encoder, autoencoder, spec
+
+
+def data_config(cfg: Any, **changes: Any) -> Any:
+    """The ``DataConfig`` part of the recipe's ``data`` section (loader-only fields removed)."""
+    from lumina_lightning.data.config import DataConfig
+
+    fields = {f.name for f in dataclasses.fields(DataConfig)}
+    values = {k: getattr(cfg.data, k) for k in fields}
+    values.update(changes)
+    return DataConfig(**values)
+
+
+def validation_batches(cfg: Any) -> list[dict[str, Any]]:
+    """Fixed validation batches from ``data.val_path`` (first ``val_samples`` usable records)."""
+    if not cfg.data.val_path:
+        return []
+    from lumina_lightning.data.loader import build_dataloader
+
+    dcfg = data_config(cfg, path=cfg.data.val_path, cache_dir=None, drop_last=False, strict_resume=False)
+    loader = build_dataloader(dcfg, batch_size=min(cfg.data.batch_size, cfg.data.val_samples), seed=cfg.validation.seed,
+                              rank=0, world_size=1, num_workers=0)
+    batches, count = [], 0
+    for batch in loader:
+        batches.append(batch)
+        count += len(batch["indices"])
+        if count >= cfg.data.val_samples:
+            break
+    return batches
+
+
+def ensure_synthetic(cfg: Any) -> None:
+    """Generate the synthetic dataset where ``data.synthetic`` asks for it and ``data.path`` is missing."""
+    spec = cfg.data.synthetic
+    if not spec or not cfg.data.path or Path(cfg.data.path).exists():
+        return
+    from lumina_lightning.data.synth import generate_synthetic
+
+    folder = Path(cfg.data.path).parent
+    lock = folder.with_name(folder.name + ".generating")
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    if rank != 0:  # other ranks wait for rank 0's dataset
+        for _ in range(600):
+            if Path(cfg.data.path).exists() and not lock.exists():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"waited 5 minutes for rank 0 to generate {cfg.data.path}")
+    log.info("generating the synthetic dataset into %s (%s)", folder, spec)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.touch()
+    try:
+        generate_synthetic(folder, progress=True, **spec)
+    finally:
+        lock.unlink(missing_ok=True)
+    if not Path(cfg.data.path).exists():
+        raise FileNotFoundError(f"data.synthetic generated {folder} but data.path {cfg.data.path} is not among its files")
+
+
+def find_run_info(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """``run_info.json`` of the run that produced ``path`` (the path, or up to two folders above)."""
+    if not path:
+        return None
+    p = Path(path).resolve()
+    for folder in (p, p.parent, p.parent.parent):
+        info = folder / RUN_INFO
+        if info.is_file():
+            return json.loads(info.read_text())
+    return None
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+class _DataModule:
+    """Builds the training loader once ranks are known (inside ``fit``)."""
+
+    def __new__(cls, cfg: Any, cache_identity: dict[str, Any] | None):
+        import lightning.pytorch as pl
+
+        class LuminaData(pl.LightningDataModule):
+            def __init__(self) -> None:
+                super().__init__()
+                self.loader = None
+
+            def train_dataloader(self):
+                from lumina_lightning.data.loader import build_dataloader
+
+                if self.loader is None:
+                    trainer = self.trainer
+                    self.loader = build_dataloader(
+                        data_config(cfg), batch_size=cfg.data.batch_size, seed=cfg.seed,
+                        rank=trainer.global_rank, world_size=trainer.world_size,
+                        num_workers=cfg.data.num_workers, cache_identity=cache_identity,
+                        progress=trainer.is_global_zero,
+                    )
+                return self.loader
+
+        return LuminaData()
+
+
+# ------------------------------------------------------------------------------------------------
+# the run
+# ------------------------------------------------------------------------------------------------
+
+
+def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: dict[str, Any] | None = None) -> TrainResult:
+    """Run a validated recipe (a :class:`~lumina_lightning.training.recipe.LoadedRecipe`)."""
+    import lightning.pytorch as pl
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+    from lumina_lightning.data.cache import cache_identity as make_cache_identity
+    from lumina_lightning.models.io import read_state
+    from lumina_lightning.modules.generation import NextDiTModule
+    from lumina_lightning.training.callbacks import AtomicCheckpointIO, GracefulStop
+    from lumina_lightning.training.parallelize import GPU_ONLY, build_strategy, full_state_dict, uses_fsdp2
+
+    started = time.perf_counter()
+    cfg = loaded.config
+    out = Path(cfg.output_dir).resolve()
+    ckpt_dir = out / "checkpoints"
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(loaded.to_yaml())
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+
+    accelerator = cfg.trainer.accelerator
+    if cfg.trainer.strategy in GPU_ONLY and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.strategy={cfg.trainer.strategy} runs on CUDA GPUs only (Lightning refuses CPU); on CPU use "
+            "`ddp` or `fsdp` (FSDP2 through ModelParallelStrategy)"
+        )
+
+    ensure_synthetic(cfg)
+    text_encoder, autoencoder, spec = build_encoders(cfg)
+    cache_identity = None
+    if cfg.data.cache_dir:
+        # the cache must hold features of the prompts this run builds: record template, else objective.system
+        cache_identity = make_cache_identity(autoencoder, text_encoder, cfg.data.resolution, cfg.data.patch,
+                                             cfg.data.max_aspect, prompt=f"record:{cfg.objective.system}")
+
+    module = NextDiTModule(cfg, text_encoder=text_encoder, autoencoder=autoencoder, pipeline_spec=spec,
+                           val_batches=validation_batches(cfg), output_dir=out)
+    parent = None
+    if cfg.model.init_from:
+        raw_state, _, fmt = read_state(cfg.model.init_from, ema=cfg.model.init_ema == "ema")
+        ema_state = None
+        if cfg.model.init_ema == "auto":
+            ema_state, _, _ = read_state(cfg.model.init_from, ema="auto")
+        log.info("initialising from %s (%s layout, %s weights)", cfg.model.init_from, fmt, cfg.model.init_ema)
+        module.set_initial_weights(raw_state, ema_state)
+        parent = find_run_info(cfg.model.init_from)
+
+    strategy = build_strategy(cfg.trainer.strategy, accelerator=accelerator, devices=cfg.trainer.devices,
+                              num_nodes=cfg.trainer.num_nodes, precision=cfg.trainer.precision,
+                              grad_clip=cfg.optim.grad_clip)
+    logger = False
+    tracking_uri = None
+    if cfg.tracking.enabled:
+        from lightning.pytorch.loggers import MLFlowLogger
+
+        tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri()
+        artifacts = cfg.tracking.artifact_location or Path("mlartifacts").resolve().as_uri()
+        tags = {"stage": cfg.stage, "recipe": str(loaded.path), **cfg.tracking.tags}
+        if parent and parent.get("mlflow_run_id"):
+            # links the 256 -> 1024 -> HQ lineage in `mlflow ui`
+            tags["mlflow.parentRunId"] = parent["mlflow_run_id"]
+            tags["lumina.init_from_run"] = parent["mlflow_run_id"]
+        logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.stage,
+                              tracking_uri=tracking_uri, tags=tags, artifact_location=artifacts, log_model=False)
+
+    stop = GracefulStop(ckpt_dir / "last.ckpt")
+    checkpoints = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="step={step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=max(1, cfg.trainer.checkpoint_every_n_steps), save_top_k=cfg.trainer.keep_checkpoints,
+        monitor="step", mode="max", save_last=True,
+    )
+    callbacks = [checkpoints, stop, *(extra_callbacks or [])]
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    plugins = []
+    if not uses_fsdp2(strategy) and not str(cfg.trainer.strategy).startswith("deepspeed"):
+        plugins.append(AtomicCheckpointIO())
+    engine_clips = cfg.trainer.strategy in ("fsdp1", "deepspeed_stage_2", "deepspeed_stage_3")
+    kwargs = dict(
+        max_steps=cfg.trainer.max_steps, accelerator=accelerator, devices=cfg.trainer.devices,
+        num_nodes=cfg.trainer.num_nodes, strategy=strategy, precision=cfg.trainer.precision,
+        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, log_every_n_steps=cfg.trainer.log_every_n_steps,
+        callbacks=callbacks, logger=logger, default_root_dir=str(out), plugins=plugins,
+        gradient_clip_val=cfg.optim.grad_clip if engine_clips else None,
+        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
+        enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
+        deterministic=cfg.trainer.deterministic, max_epochs=-1,
+    )
+    kwargs.update(trainer_kwargs or {})
+    trainer = pl.Trainer(**kwargs)
+
+    ckpt_path = None
+    if cfg.resume == "auto":
+        last = ckpt_dir / "last.ckpt"
+        ckpt_path = str(last) if last.exists() else None
+        log.info("resume=auto: %s", f"resuming from {last}" if ckpt_path else "no last.ckpt yet, starting fresh")
+    elif cfg.resume:
+        if not Path(cfg.resume).exists():
+            raise FileNotFoundError(f"resume checkpoint {cfg.resume} does not exist")
+        ckpt_path = cfg.resume
+
+    run_id = getattr(logger, "run_id", None) if logger else None
+    if logger:
+        logger.log_hyperparams(flatten(loaded.resolved))
+        if trainer.is_global_zero:
+            for f in loaded.files:
+                logger.experiment.log_artifact(run_id, str(f), "recipe")
+            logger.experiment.log_artifact(run_id, str(out / "config.yaml"), "recipe")
+        if trainer.is_global_zero:
+            _write_run_info(out, cfg, run_id, tracking_uri, logger)
+
+    trainer.fit(module, datamodule=_DataModule(cfg, cache_identity), ckpt_path=ckpt_path)
+
+    export_dir = None
+    if stop.requested is None and trainer.state.finished:
+        export_dir = out / "export"
+        model_sd = full_state_dict(module.model)
+        ema_sd = full_state_dict(module.ema_model) if module.ema_model is not None else None
+        if trainer.is_global_zero:
+            from lumina_lightning.sampling.pipeline_io import save_pipeline
+
+            save_pipeline(export_dir, model_sd, config=module.nextdit_config, ema_state_dict=ema_sd,
+                          text_encoder_spec=spec["text_encoder"], autoencoder_spec=spec["autoencoder"],
+                          default_system=spec["default_system"])
+            if logger and cfg.tracking.log_checkpoints:
+                logger.experiment.log_artifacts(run_id, str(export_dir), "export")
+            if logger:
+                _log_plots(logger, run_id, module)
+    losses = [float(v) for v in getattr(module, "loss_history", [])]
+    if logger:
+        logger.finalize("success" if export_dir else "killed")
+    return TrainResult(
+        output_dir=out, export_dir=export_dir,
+        last_checkpoint=(ckpt_dir / "last.ckpt") if (ckpt_dir / "last.ckpt").exists() else None,
+        mlflow_run_id=run_id, tracking_uri=tracking_uri, global_step=trainer.global_step,
+        stopped_by_signal=stop.requested.name if stop.requested is not None else None, exit_code=stop.exit_code,
+        validation=dict(getattr(module, "last_validation", {}) or {}),
+        wall_time_s=time.perf_counter() - started, losses=losses,
+        indices=list(getattr(module, "index_history", [])), module=module,
+    )
+
+
+def _write_run_info(out: Path, cfg: Any, run_id: str | None, tracking_uri: str | None, logger: Any) -> None:
+    info = {"stage": cfg.stage, "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+            "experiment": cfg.tracking.experiment, "experiment_id": getattr(logger, "experiment_id", None)}
+    tmp = out / (RUN_INFO + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2))
+    os.replace(tmp, out / RUN_INFO)
+
+
+def _log_plots(logger: Any, run_id: str, module: Any) -> None:
+    """Per-timestep-bin training loss and fixed-t validation loss, as figures in MLflow."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    means = module.run_bins.means()
+    if means:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        xs = [(i + 0.5) / module.run_bins.n_bins for i in means]
+        ax.plot(xs, list(means.values()), marker="o")
+        ax.set_xlabel("t (0 = noise, 1 = data)")
+        ax.set_ylabel("mean training loss")
+        ax.set_title("training loss by timestep bin (whole run)")
+        ax.set_yscale("log")
+        fig.tight_layout()
+        logger.experiment.log_figure(run_id, fig, "plots/loss_by_t.png")
+        plt.close(fig)

@@ -1,0 +1,120 @@
+"""Strategies on CPU: DDP equivalence, FSDP2 train/checkpoint/resume, FSDP1/DeepSpeed construction.
+
+Multi-process runs are separate scripts in fresh interpreters (Lightning's DDP re-executes the
+command line, and a second process group in one pytest process fails), each on its own port.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training_utils import ROOT, run_script, tiny_recipe
+
+SCRIPTS = ROOT / "tests" / "scripts"
+
+
+def test_ddp_two_processes_equal_one_process_over_the_combined_batch(tmp_path):
+    recipe = tiny_recipe(tmp_path, trainer={"max_steps": 2, "accelerator": "cpu", "devices": 1})
+    for mode, port in (("single", 29611), ("ddp", 29612)):
+        out = run_script(SCRIPTS / "ddp_equivalence.py", mode, str(tmp_path / "out"), str(recipe), port=port)
+        assert out.returncode == 0, out.stderr[-4000:]
+    out = tmp_path / "out"
+    single = json.loads((out / "losses_single_rank0.json").read_text())
+    ranks = [json.loads((out / f"losses_ddp_rank{r}.json").read_text()) for r in (0, 1)]
+    for k in range(2):  # equal halves: the combined loss is the mean of the ranks' losses
+        assert single[k] == pytest.approx((ranks[0][k] + ranks[1][k]) / 2, rel=1e-5, abs=1e-6)
+    a = torch.load(out / "weights_single.pt")
+    b = torch.load(out / "weights_ddp.pt")
+    moved = 0
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=2e-6, rtol=1e-5), name
+        moved += int(not torch.equal(a[name], torch.zeros_like(a[name])))
+    assert moved > 0
+
+
+def test_fsdp2_trains_checkpoints_and_resumes_to_the_ddp_weights(tmp_path):
+    common = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=2"]
+    ddp = tiny_recipe(tmp_path / "ddp", output_dir=str(tmp_path / "ddp/run"))
+    out = run_script(SCRIPTS / "strategy_run.py", str(ddp), str(tmp_path / "ddp.pt"), *common,
+                     "trainer.strategy=ddp", "trainer.max_steps=4", port=29621)
+    assert out.returncode == 0, out.stderr[-4000:]
+    fsdp = tiny_recipe(tmp_path / "fsdp", output_dir=str(tmp_path / "fsdp/run"))
+    out = run_script(SCRIPTS / "strategy_run.py", str(fsdp), str(tmp_path / "half.pt"), *common,
+                     "trainer.strategy=fsdp", "trainer.max_steps=2", port=29622)
+    assert out.returncode == 0, out.stderr[-4000:]
+    last = tmp_path / "fsdp/run/checkpoints/last.ckpt"
+    assert last.is_dir() and (last / ".metadata").is_file()  # a distributed (sharded) checkpoint
+    out = run_script(SCRIPTS / "strategy_run.py", str(fsdp), str(tmp_path / "fsdp.pt"), *common,
+                     "trainer.strategy=fsdp", "trainer.max_steps=4", "resume=auto", port=29623)
+    assert out.returncode == 0, out.stderr[-4000:]
+    a, b = torch.load(tmp_path / "ddp.pt"), torch.load(tmp_path / "fsdp.pt")
+    assert a["step"] == b["step"] == 4
+    assert len(b["losses"]) == 2  # the resumed run did only the remaining steps
+    assert a["losses"][2:] == pytest.approx(b["losses"], rel=1e-4)
+    for name, value in a["weights"].items():
+        assert torch.allclose(value, b["weights"][name], atol=1e-5, rtol=1e-4), name
+    assert (tmp_path / "fsdp/run/export/pipeline.json").is_file()
+
+
+def test_fsdp1_auto_wrap_wraps_every_block_and_not_the_encoders(tmp_path):
+    """Lightning's FSDPStrategy refuses CPU, so apply the same policy with torch FSDP1 on a 1-rank gloo group."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from lumina_lightning.models.nextdit import JointTransformerBlock
+    from lumina_lightning.modules.generation import NextDiTModule
+    from lumina_lightning.training.parallelize import build_strategy
+    from lumina_lightning.training.recipe import load_recipe
+    from lumina_lightning.training.run import build_encoders
+
+    strategy = build_strategy("fsdp1", accelerator="cpu", devices=1, num_nodes=1, precision="32-true", grad_clip=2.0)
+    policy = strategy.kwargs["auto_wrap_policy"] if "auto_wrap_policy" in strategy.kwargs else strategy.auto_wrap_policy
+    cfg = load_recipe(tiny_recipe(tmp_path)).config
+    text_encoder, autoencoder, _ = build_encoders(cfg)
+    module = NextDiTModule(cfg, text_encoder=text_encoder, autoencoder=autoencoder)
+    module.configure_model()
+    # the frozen encoders are not submodules: no strategy ever sees (shards, checkpoints) them
+    assert not any(m is text_encoder or m is autoencoder for m in module.modules())
+    assert {k.split(".")[0] for k in module.state_dict()} == {"model", "ema_model"}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        wrapped = FSDP(module, auto_wrap_policy=policy, device_id=torch.device("cpu"), use_orig_params=True)
+        units = [m for m in wrapped.modules() if isinstance(m, FSDP)]
+        blocks = [m for m in module.modules() if isinstance(m, JointTransformerBlock)]
+        inner = [u for u in units if isinstance(u.module, JointTransformerBlock)]
+        assert len(inner) == len(blocks) == 2 * len(module.model.blocks())  # model + EMA, every block
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_strategy_construction_and_cpu_refusal(tmp_path, stage):
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    from lumina_lightning.training.parallelize import build_strategy
+    from lumina_lightning.training.recipe import load_recipe
+    from lumina_lightning.training.run import train
+
+    strategy = build_strategy(f"deepspeed_stage_{stage}", accelerator="gpu", devices=8, num_nodes=4,
+                              precision="bf16-mixed", grad_clip=2.0)
+    assert isinstance(strategy, DeepSpeedStrategy)
+    assert strategy.config["zero_optimization"]["stage"] == stage
+    if torch.cuda.is_available():
+        pytest.skip("the CPU refusal only applies without CUDA")
+    with pytest.raises(ValueError, match="CUDA GPUs only"):
+        train(load_recipe(tiny_recipe(tmp_path), [f"trainer.strategy=deepspeed_stage_{stage}"]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("strategy", ["fsdp1", "deepspeed_stage_2", "deepspeed_stage_3", "fsdp"])
+def test_gpu_strategies_train(tmp_path, strategy):
+    n = torch.cuda.device_count()
+    recipe = tiny_recipe(tmp_path, trainer={"accelerator": "gpu", "devices": min(n, 2), "max_steps": 4,
+                                            "strategy": strategy, "precision": "bf16-mixed"})
+    out = run_script(SCRIPTS / "strategy_run.py", str(recipe), str(tmp_path / "w.pt"), port=29631)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert torch.load(tmp_path / "w.pt")["step"] == 4

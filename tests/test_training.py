@@ -1,0 +1,204 @@
+"""Generation training: the objective, resume, faults, hand-off between stages, MLflow."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lumina_lightning.models.io import load_nextdit, read_state
+from lumina_lightning.modules.generation import NextDiTModule, pad_rows, sample_generator
+from lumina_lightning.training.callbacks import AtomicCheckpointIO
+from lumina_lightning.training.recipe import load_recipe
+from lumina_lightning.training.run import train
+from training_utils import ROOT, tiny_recipe
+
+
+def run(path: Path, *overrides: str):
+    return train(load_recipe(path, list(overrides)))
+
+
+def test_sample_generator_is_stable_and_distinct():
+    a = torch.randn(3, generator=sample_generator(0, 0, 5))
+    assert torch.equal(a, torch.randn(3, generator=sample_generator(0, 0, 5)))
+    assert not torch.equal(a, torch.randn(3, generator=sample_generator(0, 1, 5)))  # new epoch, new draws
+    assert not torch.equal(a, torch.randn(3, generator=sample_generator(0, 0, 6)))
+
+
+def test_pad_rows():
+    feats, mask = pad_rows([torch.ones(2, 3), torch.full((4, 3), 2.0)])
+    assert feats.shape == (2, 4, 3) and mask.tolist() == [[True, True, False, False], [True] * 4]
+    assert feats[0, 2:].abs().sum() == 0
+
+
+def test_tiny_run_learns_tracks_and_exports(tmp_path):
+    recipe = tiny_recipe(
+        tmp_path,
+        trainer={"max_steps": 24, "log_every_n_steps": 4, "checkpoint_every_n_steps": 12},
+        validation={"every_n_steps": 12, "sample_every_n_steps": 24, "prompts": ["a red circle", "two blue squares"],
+                    "seeds": [0, 1], "preset": "fast", "steps": 3},
+        tracking={"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+                  "artifact_location": (tmp_path / "artifacts").as_uri(), "experiment": "t"},
+        data={"caption_weights": {"short": 1.0}, "batch_size": 8},
+    )
+    result = run(recipe)
+    losses = result.losses
+    assert len(losses) == 24
+    assert sum(losses[-6:]) / 6 < 0.85 * sum(losses[:6]) / 6, losses  # the loss clearly falls
+    # the export is a pipeline folder the sampler, the next stage and the app read
+    assert (result.export_dir / "pipeline.json").is_file()
+    state, cfg, fmt = read_state(result.export_dir, ema=True)
+    assert fmt == "lumina" and cfg.in_channels == 3
+    assert set(result.validation) == {"raw", "ema"}
+    assert (result.output_dir / "config.yaml").is_file()
+    assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == ["step_0000024.png"]
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    r = client.get_run(result.mlflow_run_id)
+    assert r.data.tags["stage"] == "test"
+    assert r.data.params["optim.lr"] == "0.001" and r.data.params["model.size"] == "NextDiT_debug"
+    for metric in ("train/loss", "train/grad_norm", "train/lr", "train/images_per_s", "val/loss", "val/loss_ema"):
+        assert metric in r.data.metrics, metric
+    assert any(k.startswith("train_t/loss_bin") for k in r.data.metrics)
+    top = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {"recipe", "samples", "export", "plots"} <= top
+    assert [a.path for a in client.list_artifacts(r.info.run_id, "samples")] == ["samples/step_0000024.png"]
+
+
+def test_resume_equals_straight_run(tmp_path):
+    """N steps straight == N/2 steps + resume + N/2 steps: same losses, same data, same weights."""
+    straight = run(tiny_recipe(tmp_path / "a", output_dir=str(tmp_path / "a/run")), "trainer.max_steps=6",
+                   "trainer.checkpoint_every_n_steps=3")
+    first = run(tiny_recipe(tmp_path / "b", output_dir=str(tmp_path / "b/run")), "trainer.max_steps=3",
+                "trainer.checkpoint_every_n_steps=3")
+    second = run(tiny_recipe(tmp_path / "b", output_dir=str(tmp_path / "b/run")), "trainer.max_steps=6",
+                 "trainer.checkpoint_every_n_steps=3", "resume=auto")
+    assert first.indices + second.indices == straight.indices  # the data position was restored
+    assert first.losses + second.losses == straight.losses
+    a, b = straight.module, second.module
+    for (name, p), q in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        assert torch.equal(p, q), name
+    for (name, p), q in zip(a.ema_model.state_dict().items(), b.ema_model.state_dict().values()):
+        assert torch.equal(p, q), name
+    opt_a = a.trainer.optimizers[0].state_dict()["state"]
+    opt_b = b.trainer.optimizers[0].state_dict()["state"]
+    assert all(torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"]) for k in opt_a)
+
+
+def test_resume_from_explicit_path_and_missing_path(tmp_path):
+    first = run(tiny_recipe(tmp_path), "trainer.max_steps=2")
+    ckpt = first.last_checkpoint
+    assert ckpt is not None and ckpt.exists()
+    again = run(tiny_recipe(tmp_path), "trainer.max_steps=3", f"resume={ckpt}")
+    assert again.global_step == 3 and len(again.losses) == 1
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run(tiny_recipe(tmp_path), "trainer.max_steps=3", f"resume={tmp_path / 'nope.ckpt'}")
+
+
+def test_nonfinite_losses_are_skipped_counted_and_limited(tmp_path, monkeypatch):
+    original = NextDiTModule.flow_losses
+    poisoned_steps = {1, 2}
+
+    def flaky(self, model, latents, feats, mask, draws):
+        main, aux = original(self, model, latents, feats, mask, draws)
+        if self.global_step in poisoned_steps or self.recipe.stage == "always-nan":
+            main = main * float("nan")
+        return main, aux
+
+    monkeypatch.setattr(NextDiTModule, "flow_losses", flaky)
+    result = run(tiny_recipe(tmp_path), "trainer.max_steps=5")
+    module = result.module
+    assert module.nonfinite_total == 2
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())  # skipped steps left no NaN behind
+    with pytest.raises(RuntimeError, match="non-finite losses in a row"):
+        run(tiny_recipe(tmp_path / "x", output_dir=str(tmp_path / "x/run")), "stage=always-nan",
+            "trainer.max_steps=5", "trainer.max_nonfinite_steps=3")
+
+
+def test_init_from_previous_stage_export_and_parent_run(tmp_path):
+    tracking = {"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+                "artifact_location": (tmp_path / "artifacts").as_uri(), "experiment": "lineage"}
+    s1 = run(tiny_recipe(tmp_path / "s1", output_dir=str(tmp_path / "s1/run"), stage="s1", tracking=tracking),
+             "trainer.max_steps=3")
+    exported = load_nextdit(s1.export_dir)
+    captured = {}
+    original = NextDiTModule.configure_model
+
+    def spy(self):
+        original(self)
+        captured.setdefault("w", {k: v.clone() for k, v in self.model.state_dict().items()})
+
+    NextDiTModule.configure_model = spy
+    try:
+        s2 = run(tiny_recipe(tmp_path / "s2", output_dir=str(tmp_path / "s2/run"), stage="s2", tracking=tracking,
+                             model={"size": "NextDiT_debug", "init_from": str(s1.export_dir),
+                                    "overrides": {"in_channels": 3, "cap_feat_dim": 32, "patch_size": 2}},
+                             data={"resolution": 16}),
+                 "trainer.max_steps=1")
+    finally:
+        NextDiTModule.configure_model = original
+    for k, v in exported.state_dict().items():
+        assert torch.equal(captured["w"][k], v), k
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking["tracking_uri"])
+    assert client.get_run(s2.mlflow_run_id).data.tags["mlflow.parentRunId"] == s1.mlflow_run_id
+
+
+def test_mismatched_init_from_lists_keys(tmp_path):
+    s1 = run(tiny_recipe(tmp_path / "s1", output_dir=str(tmp_path / "s1/run")), "trainer.max_steps=1")
+    from lumina_lightning.models import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match="shape mismatches"):
+        run(tiny_recipe(tmp_path / "s2", output_dir=str(tmp_path / "s2/run"),
+                        model={"size": "NextDiT_debug", "init_from": str(s1.export_dir),
+                               "overrides": {"in_channels": 3, "cap_feat_dim": 32, "patch_size": 4}},
+                        data={"patch": 4}),
+            "trainer.max_steps=1")
+
+
+def test_atomic_checkpoint_io_keeps_previous_file(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    target = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, target)
+    before = target.read_bytes()
+
+    def dies_half_way(obj, f, *a, **k):
+        Path(f).write_bytes(b"partial")  # a truncated write, then the process is killed
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": 2}, target)
+    assert target.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_saves_checkpoint_exits_cleanly_and_resumes(tmp_path, sig, code):
+    recipe = tiny_recipe(tmp_path, trainer={"max_steps": 100000, "checkpoint_every_n_steps": 2,
+                                            "enable_progress_bar": False, "log_every_n_steps": 1,
+                                            "accelerator": "cpu", "devices": 1})
+    proc = subprocess.Popen([sys.executable, "-m", "lumina_lightning", "train", str(recipe)], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    ckpts = tmp_path / "run" / "checkpoints"
+    deadline = time.time() + 180
+    while time.time() < deadline and not any(ckpts.glob("step=*.ckpt")):
+        assert proc.poll() is None, proc.stdout.read()
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == code, out
+    assert "Traceback" not in out, out
+    last = torch.load(ckpts / "last.ckpt", weights_only=False)
+    step = last["global_step"]
+    assert step >= 2
+    resumed = run(recipe, f"trainer.max_steps={step + 2}", "resume=auto")
+    assert resumed.global_step == step + 2 and len(resumed.losses) == 2

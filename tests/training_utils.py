@@ -1,0 +1,87 @@
+"""Helpers for the training tests: a tiny offline text encoder, a tiny synthetic dataset, recipes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+_CACHE = Path(os.environ.get("LUMINA_TEST_CACHE", "/tmp/lumina-test-cache"))
+
+
+def tiny_text_encoder() -> str:
+    """A tiny random Gemma-2 + offline BPE tokenizer, built once per machine (a few seconds)."""
+    from lumina_lightning.encoders.text import build_tiny_text_encoder
+
+    out = _CACHE / "tiny-gemma-32"
+    if not (out / "config.json").exists():
+        tmp = out.with_name(out.name + f".{os.getpid()}")
+        build_tiny_text_encoder(tmp, hidden_size=32)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process won the race
+            pass
+    return str(out)
+
+
+def tiny_synthetic(size: int = 16, n: int = 96, n_test: int = 16) -> Path:
+    """A small synthetic compositional dataset (train/test manifests), built once per machine."""
+    from lumina_lightning.data.synth import generate_synthetic
+
+    out = _CACHE / f"synth-{size}-{n}-{n_test}"
+    if not (out / "test.jsonl").exists():
+        tmp = out.with_name(out.name + f".{os.getpid()}")
+        generate_synthetic(tmp, n, size, 0, n_test=n_test)
+        try:
+            tmp.rename(out)
+        except OSError:
+            pass
+    return out
+
+
+def tiny_recipe(tmp: Path, name: str = "recipe.yaml", **sections: dict[str, Any]) -> Path:
+    """Write a complete recipe for a NextDiT_debug in pixel space; ``sections`` override keys."""
+    synth = tiny_synthetic()
+    recipe: dict[str, Any] = {
+        "stage": "test",
+        "seed": 0,
+        "output_dir": str(tmp / "run"),
+        "resume": None,
+        "model": {"size": "NextDiT_debug", "overrides": {"in_channels": 3, "cap_feat_dim": 32, "patch_size": 2}},
+        "text_encoder": {"path": tiny_text_encoder(), "max_length": 32},
+        "autoencoder": {"kind": "pixel"},
+        "data": {"path": str(synth / "train.jsonl"), "resolution": 16, "patch": 2, "batch_size": 4,
+                 "num_workers": 0, "val_path": str(synth / "test.jsonl"), "val_samples": 4,
+                 "caption_weights": {"short": 1.0}},
+        "objective": {"system": "base", "aux_loss": False},
+        "optim": {"lr": 1e-3},
+        "ema": {"decay": 0.9},
+        "validation": {"every_n_steps": 0, "sample_every_n_steps": 0, "prompts": []},
+        "trainer": {"max_steps": 4, "accelerator": "cpu", "devices": 1, "checkpoint_every_n_steps": 2,
+                    "enable_progress_bar": False, "log_every_n_steps": 1},
+        "tracking": {"enabled": False},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    path = tmp / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_script(script: Path, *args: str, port: int, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run a helper script in a fresh interpreter (Lightning's DDP re-executes the command line)."""
+    full_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT),
+                "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.pop("LOCAL_RANK", None)
+    full_env.pop("RANK", None)
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
+                          env=full_env, cwd=str(ROOT))
