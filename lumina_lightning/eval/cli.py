@@ -1,0 +1,223 @@
+"""``lumina eval``: mini-GenEval of a checkpoint on the synthetic compositional prompts.
+
+Three modes:
+
+* ``lumina eval --ckpt PATH --prompts DIR/test_geneval.jsonl --out OUT [...]`` — generate, score,
+  report (``OUT/results.json``, ``report.md``, ``report.html``, ``images/``), log to MLflow;
+* ``lumina eval --validate-detector --manifest DIR/test.jsonl`` (no ``--ckpt``) — only check the
+  detector on the ground-truth renders (exit status 1 when a task is below 0.98);
+* ``lumina eval --images OUT/images --out OUT2`` — re-score images already in GenEval's layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from lumina_lightning.data.synth import TAGS
+
+
+def _teacache_version(text: str) -> str | list[float]:
+    if text in ("v1", "v2"):
+        return text
+    try:
+        return [float(c) for c in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected v1, v2 or comma-separated numbers, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="lumina eval",
+        description="Mini-GenEval: generate images for GenEval-format prompts (the synthetic test split's "
+        "test_geneval.jsonl), score them with the rule-based detector under GenEval's rules, and report "
+        "per-task accuracy (single_object, two_object, counting, colors, position, color_attr) and their mean.",
+    )
+    p.add_argument("--ckpt", help="pipeline folder, training .ckpt, diffusers folder or bare transformer "
+                   "checkpoint (then also --text-encoder and --vae)")
+    p.add_argument("--text-encoder", help="text-encoder folder (or 'minilm'); overrides the checkpoint's")
+    p.add_argument("--vae", help="VAE folder or 'pixel'; overrides the checkpoint's")
+    p.add_argument("--prompts", help="GenEval-format prompts (default: test_geneval.jsonl beside --manifest)")
+    p.add_argument("--out", default="eval_out", help="output folder (default: eval_out)")
+    p.add_argument("--preset", choices=("official", "fast", "diffusers"), default="official",
+                   help="sampler preset (default official)")
+    p.add_argument("--solver", default=None, help="override the preset's solver (euler, midpoint, dpm, ...)")
+    p.add_argument("--steps", type=int, default=None, help="solver steps (intervals)")
+    p.add_argument("--shift", type=float, default=None, help="time shift")
+    p.add_argument("--cfg", type=float, default=None, help="CFG scale (1 = no guidance)")
+    p.add_argument("--renorm", type=float, default=None, help="CFG-Renorm factor (0 = off)")
+    p.add_argument("--cfg-trunc", type=float, default=None, help="CFG truncation")
+    p.add_argument("--cfg-mode", choices=("official", "diffusers"), default=None)
+    p.add_argument("--teacache", type=float, default=None, help="TeaCache threshold (0 = off)")
+    p.add_argument("--teacache-version", type=_teacache_version, default=None)
+    p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (GenEval: 4)")
+    p.add_argument("--seed", type=int, default=0, help="base seed: image k of prompt i gets seed + i*n + k")
+    p.add_argument("--width", type=int, default=None, help="default: the manifest's / dataset's size")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
+    p.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--manifest", help="synthetic test.jsonl: fixed-timestep validation loss and detector validation")
+    p.add_argument("--val-records", type=int, default=64, help="records for the validation loss (0 = skip)")
+    p.add_argument("--compare-to-preset", choices=("official", "fast", "diffusers"), default=None,
+                   help="also sample with this reference preset from the same noise: PSNR/SSIM and score delta")
+    p.add_argument("--validate-detector", action="store_true",
+                   help="check the detector on the manifest's ground-truth renders (alone when no --ckpt)")
+    p.add_argument("--images", help="re-score an existing folder in GenEval layout (<idx>/metadata.jsonl, "
+                   "<idx>/samples/NNNN.png) instead of generating")
+    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--ema", choices=("auto", "true", "false"), default="auto", help="use EMA weights (default auto)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on small busy CPUs)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)")
+    p.add_argument("--track", action="store_true",
+                   help="log to MLflow even without a URI: sqlite:///mlruns.db + ./mlartifacts")
+    p.add_argument("--experiment", default="lumina-lightning", help="MLflow experiment (default lumina-lightning)")
+    p.add_argument("--run-name", default=None, help="MLflow run name (default eval-<preset>)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def _print_table(title: str, tags: dict[str, float], counts: dict[str, list[int]] | None, overall: float | None) -> None:
+    print(title)
+    for tag in TAGS:
+        if tag in tags:
+            extra = f"  ({counts[tag][0]} / {counts[tag][1]})" if counts else ""
+            print(f"  {tag:<14} {tags[tag]:.3f}{extra}")
+        else:
+            print(f"  {tag:<14} absent")
+    if overall is not None:
+        print(f"  {'overall':<14} {overall:.3f}  (mean of present tasks)")
+
+
+def _print_validation(dv: dict[str, Any]) -> None:
+    _print_table(f"detector on ground-truth renders ({dv['images']} images):", dv["tags"], dv["counts"], dv["overall"])
+    verdict = "passes" if dv["passed"] else "FAILS"
+    print(f"  {verdict} the {dv['target']} bar in every task; object recall {dv['object_recall']:.3f}, "
+          f"precision {dv['object_precision']:.3f}; {dv['ms_per_image']:.2f} ms per image")
+    for f in dv["failures"][:5]:
+        print(f"    fail {f['image']} [{f['tag']}] {f['prompt']}: {f['reason'].replace(chr(10), '; ')}")
+
+
+def _manifest_and_prompts(args: argparse.Namespace) -> tuple[str | None, str | None]:
+    manifest, prompts = args.manifest, args.prompts
+    if manifest is None and prompts is not None and args.validate_detector:
+        sibling = Path(prompts).parent / "test.jsonl"
+        manifest = str(sibling) if sibling.is_file() else None
+    if prompts is None and manifest is not None:
+        sibling = Path(manifest).parent / "test_geneval.jsonl"
+        prompts = str(sibling) if sibling.is_file() else None
+    return manifest, prompts
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from lumina_lightning.eval.run import detector_for, evaluate, score_folder
+    from lumina_lightning.eval.tracking import log_to_mlflow
+
+    manifest, prompts = _manifest_and_prompts(args)
+    progress = not args.no_progress
+
+    if args.images:  # re-score existing images
+        from lumina_lightning.eval.detector import Detector
+        from lumina_lightning.eval.geneval import summarize
+        from lumina_lightning.eval.report import write_report
+
+        previous = Path(args.images).parent / "results.json"
+        if prompts is None and previous.is_file() and json.loads(previous.read_text()).get("detector"):
+            detector = Detector.from_config(json.loads(previous.read_text())["detector"])  # as first scored
+        else:
+            detector = detector_for(prompts)
+        rows = score_folder(args.images, detector)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        # make report paths resolve: rows are relative to the image folder
+        for row in rows:
+            row["filename"] = str(Path(args.images).resolve() / row["filename"])
+        summary = summarize(rows)
+        results = {"version": 1, "checkpoint": None, "prompts_file": None, "images_dir": str(args.images),
+                   "overall": summary["overall"], "tags": {t: v["accuracy"] for t, v in summary["tags"].items()},
+                   "counts": {t: [v["correct"], v["total"]] for t, v in summary["tags"].items()},
+                   "absent_tags": summary["absent_tags"], "images": summary["images"], "prompts": summary["prompts"],
+                   "correct_images": summary["correct_images"], "correct_prompts": summary["correct_prompts"],
+                   "settings": {}, "detector": detector.config(), "timings": {}}
+        with open(out / "results.jsonl", "w", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+        results["files"] = write_report(results, rows, out)
+        (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        _print_table(f"lumina eval: {results['images']} images in {args.images}:", results["tags"], results["counts"],
+                     results["overall"])
+        info = log_to_mlflow(results, out, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                             run_name=args.run_name, track=args.track)
+        if info:
+            print(f"lumina eval: logged to MLflow run {info['run_id']} at {info['tracking_uri']}")
+        return 0
+
+    if not args.ckpt:
+        if not args.validate_detector:
+            print("lumina eval: error: give --ckpt (or --validate-detector with --manifest, or --images)", file=sys.stderr)
+            return 2
+        if manifest is None:
+            print("lumina eval: error: --validate-detector needs --manifest DIR/test.jsonl", file=sys.stderr)
+            return 2
+        from lumina_lightning.eval.metrics import validate_detector
+
+        dv = validate_detector(manifest, detector=detector_for(prompts or manifest))
+        _print_validation(dv)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "detector_validation.json").write_text(json.dumps(dv, indent=2) + "\n", encoding="utf-8")
+        return 0 if dv["passed"] else 1
+
+    if prompts is None:
+        print("lumina eval: error: give --prompts DIR/test_geneval.jsonl (or --manifest with one beside it)", file=sys.stderr)
+        return 2
+    overrides = {"solver": args.solver, "steps": args.steps, "shift": args.shift, "cfg_scale": args.cfg,
+                 "renorm": args.renorm, "cfg_trunc": args.cfg_trunc, "cfg_mode": args.cfg_mode,
+                 "teacache": args.teacache, "teacache_version": args.teacache_version}
+    load_kwargs = {k: v for k, v in (("text_encoder", args.text_encoder), ("vae", args.vae)) if v}
+    ema: bool | str = {"auto": "auto", "true": True, "false": False}[args.ema]
+    results = evaluate(
+        args.ckpt, prompts, args.out, preset=args.preset, images_per_prompt=args.images_per_prompt, seed=args.seed,
+        width=args.width, height=args.height, manifest=manifest, compare_to=args.compare_to_preset,
+        max_prompts=args.max_prompts, batch_size=args.batch_size, sampler_overrides=overrides, progress=progress,
+        validate=True if args.validate_detector else None, val_records=args.val_records, device=args.device, ema=ema,
+        load_kwargs=load_kwargs,
+    )
+    s = results["settings"]
+    _print_table(f"lumina eval: {results['images']} images ({results['prompts']} prompts, {s['width']}x{s['height']}, "
+                 f"{s['solver']} x{s['steps']}, cfg {s['cfg_scale']}):", results["tags"], results["counts"],
+                 results["overall"])
+    if results.get("detector_validation"):
+        _print_validation(results["detector_validation"])
+    if results.get("val_loss"):
+        print(f"validation loss: {results['val_loss']['mean']:.5f} ({results['val_loss']['records']} records)")
+    if results.get("compare"):
+        c = results["compare"]
+        print(f"vs {c['reference_preset']}: PSNR {c['psnr']:.2f} dB, SSIM {c['ssim']:.4f}, "
+              f"reference overall {c['reference_overall']:.3f}")
+    info = log_to_mlflow(results, args.out, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                         run_name=args.run_name, track=args.track)
+    if info:
+        print(f"lumina eval: logged to MLflow run {info['run_id']} (experiment {info['experiment']}) at {info['tracking_uri']}")
+    print(f"lumina eval: wrote {Path(args.out) / 'results.json'}, report.md and report.html")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        print(f"lumina eval: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

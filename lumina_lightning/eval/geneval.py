@@ -1,0 +1,205 @@
+"""GenEval-lite: GenEval's scoring rules applied to detections of the synthetic detector.
+
+The rules follow ``evaluation/evaluate_images.py`` and ``evaluation/summary_scores.py`` of GenEval
+(djghosh13/geneval; peers notes §D.1), re-implemented here:
+
+* detections are grouped by class, most confident first, at most 16 per class (``MAX_OBJECTS``);
+* every ``include`` clause ``{class, count, color?, position?}`` must hold (clauses are ANDed):
+  the clause looks at the ``count`` most confident objects of its class only, so "two red circles"
+  fails when the two most confident circles are not both red, even if a third one is;
+  - count: at least ``count`` objects (``>=``, not ``==``; exactness comes from ``exclude``);
+  - colour: among those objects at least ``count`` have the colour (GenEval classifies the colour
+    of each crop with CLIP; here the colour comes with the detection);
+  - position ``[relation, i]``: every one of those objects must stand in ``relation`` to every
+    object matched by clause ``i`` (which must itself have matched), by :func:`relative_position`;
+* every ``exclude`` clause ``{class, count}`` fails the image when ``count`` or more objects of the
+  class were detected (clauses are ORed), which is how counting prompts demand an exact count;
+* GenEval keeps Mask2Former boxes above confidence 0.3 (0.9 for counting) to suppress duplicate
+  and hallucinated boxes; the synthetic detector's components are disjoint by construction and its
+  score is a template IoU, so one threshold (``Detector.min_score``) serves every task;
+* an image is correct or not, with GenEval's reason strings joined by newlines;
+* a tag's accuracy is the mean over its images; overall = mean of the tag accuracies of the tags
+  present (GenEval averages over the tasks it finds in the results, so an absent tag is not 0).
+
+Metadata is GenEval's ``evaluation_metadata.jsonl`` format, which ``synth.generate_synthetic``
+writes for its test split as ``test_geneval.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from lumina_lightning.data.synth import TAGS
+
+__all__ = [
+    "MAX_OBJECTS",
+    "POSITION_THRESHOLD",
+    "group_detections",
+    "relative_position",
+    "evaluate_detections",
+    "summarize",
+    "read_metadata",
+]
+
+# GenEval's defaults: --options max_objects=16, position_threshold=0.1 (evaluate_images.py).
+MAX_OBJECTS = 16
+POSITION_THRESHOLD = 0.1
+# GenEval's relation test: a direction is named when its share of the (revised) offset exceeds 0.5.
+RELATION_COSINE = 0.5
+
+
+def read_metadata(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Prompt specs from a GenEval-format JSONL file (one JSON object per non-empty line)."""
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+            if not isinstance(row, dict) or "prompt" not in row or "tag" not in row:
+                raise ValueError(f"{path}:{n}: a GenEval metadata line needs 'prompt' and 'tag'")
+            rows.append(row)
+    if not rows:
+        raise ValueError(f"{path}: no prompts")
+    return rows
+
+
+def group_detections(
+    detections: Iterable[Mapping[str, Any]], max_objects: int = MAX_OBJECTS
+) -> dict[str, list[dict[str, Any]]]:
+    """``{class: [detection, ...]}``, most confident first, at most ``max_objects`` per class."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for det in sorted(detections, key=lambda d: -float(d.get("score", 1.0))):
+        items = groups.setdefault(det["class"], [])
+        if len(items) < max_objects:
+            items.append(dict(det))
+    return groups
+
+
+def relative_position(box_a: Sequence[float], box_b: Sequence[float], threshold: float = POSITION_THRESHOLD) -> set[str]:
+    """Relations of A to B as GenEval computes them (``relative_position`` in evaluate_images.py).
+
+    The centre offset A − B is shrunk towards 0 on each axis by ``threshold × (size_a + size_b)``
+    (a dead zone that scales with the objects, so touching neighbours are not "left of" each
+    other); if nothing is left there is no relation. Otherwise the revised offset is divided by the
+    length of the *original* offset and a direction is named when its component passes 0.5 (so
+    diagonal placements can have two relations, and a small revised offset none).
+    """
+    boxes = np.asarray([box_a[:4], box_b[:4]], dtype=np.float64).reshape(2, 2, 2)
+    center_a, center_b = boxes.mean(axis=-2)
+    dim_a, dim_b = np.abs(np.diff(boxes, axis=-2))[..., 0, :]
+    offset = center_a - center_b
+    revised = np.maximum(np.abs(offset) - threshold * (dim_a + dim_b), 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    relations = set()
+    if dx < -RELATION_COSINE:
+        relations.add("left of")
+    if dx > RELATION_COSINE:
+        relations.add("right of")
+    if dy < -RELATION_COSINE:  # image y grows downwards
+        relations.add("above")
+    if dy > RELATION_COSINE:
+        relations.add("below")
+    return relations
+
+
+def evaluate_detections(
+    detections: Iterable[Mapping[str, Any]] | Mapping[str, list[Mapping[str, Any]]],
+    metadata: Mapping[str, Any],
+    *,
+    max_objects: int = MAX_OBJECTS,
+    position_threshold: float = POSITION_THRESHOLD,
+) -> tuple[bool, str]:
+    """GenEval's per-image check (``evaluate`` in evaluate_images.py): ``(correct, reason)``.
+
+    ``detections`` is a list of detector outputs or an already grouped ``{class: [...]}``.
+    """
+    if isinstance(detections, Mapping):
+        objects = {k: list(v)[:max_objects] for k, v in detections.items()}
+    else:
+        objects = group_detections(detections, max_objects)
+    correct = True
+    reason: list[str] = []
+    matched_groups: list[list[Mapping[str, Any]] | None] = []
+    for req in metadata.get("include", []):
+        classname = req["class"]
+        count = int(req["count"])
+        matched = True
+        found = objects.get(classname, [])[:count]
+        if len(found) < count:
+            correct = matched = False
+            reason.append(f"expected {classname}>={count}, found {len(found)}")
+        else:
+            if "color" in req:
+                colors = [o["color"] for o in found]
+                if colors.count(req["color"]) < count:
+                    correct = matched = False
+                    seen = ", ".join(f"{colors.count(c)} {c}" for c in dict.fromkeys(colors))
+                    reason.append(f"expected {req['color']} {classname}>={count}, found "
+                                  f"{colors.count(req['color'])} {req['color']}; and {seen}")
+            if "position" in req and matched:
+                expected_rel, target_group = req["position"]
+                target = matched_groups[target_group] if target_group < len(matched_groups) else None
+                if target is None:
+                    correct = matched = False
+                    reason.append(f"no target for {classname} to be {expected_rel}")
+                else:
+                    for obj in found:
+                        for target_obj in target:
+                            true_rels = relative_position(obj["bbox"], target_obj["bbox"], position_threshold)
+                            if expected_rel not in true_rels:
+                                correct = matched = False
+                                reason.append(f"expected {classname} {expected_rel} target, found "
+                                              f"{' and '.join(sorted(true_rels)) or 'no relation to the'} target")
+                                break
+                        if not matched:
+                            break
+        matched_groups.append(found if matched else None)
+    for req in metadata.get("exclude", []):
+        classname = req["class"]
+        n = len(objects.get(classname, []))
+        if n >= int(req["count"]):
+            correct = False
+            reason.append(f"expected {classname}<{req['count']}, found {n}")
+    return correct, "\n".join(reason)
+
+
+def summarize(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per-tag and overall accuracy of per-image results (``summary_scores.py``).
+
+    Returns ``{"overall", "tags": {tag: {"accuracy", "correct", "total"}}, "absent_tags",
+    "images", "prompts", "correct_images", "correct_prompts"}``; ``overall`` is the mean over the
+    tags present (``None`` when there are no results) and tags missing from the prompt set are
+    listed in ``absent_tags`` instead of being counted as 0.
+    """
+    results = list(results)
+    per_tag: dict[str, list[bool]] = {}
+    per_prompt: dict[str, list[bool]] = {}
+    for r in results:
+        per_tag.setdefault(r["tag"], []).append(bool(r["correct"]))
+        key = r.get("metadata") or r.get("prompt")
+        key = key if isinstance(key, str) else json.dumps(key, sort_keys=True)
+        per_prompt.setdefault(key, []).append(bool(r["correct"]))
+    order = [t for t in TAGS if t in per_tag] + [t for t in per_tag if t not in TAGS]
+    tags = {t: {"accuracy": float(np.mean(per_tag[t])), "correct": int(sum(per_tag[t])), "total": len(per_tag[t])}
+            for t in order}
+    overall = float(np.mean([v["accuracy"] for v in tags.values()])) if tags else None
+    return {
+        "overall": overall,
+        "tags": tags,
+        "absent_tags": [t for t in TAGS if t not in per_tag],
+        "images": len(results),
+        "prompts": len(per_prompt),
+        "correct_images": float(np.mean([r["correct"] for r in results])) if results else None,
+        "correct_prompts": float(np.mean([any(v) for v in per_prompt.values()])) if per_prompt else None,
+    }

@@ -1,0 +1,222 @@
+"""Human-readable reports of an evaluation: Markdown and HTML, a per-tag bar plot and image grids.
+
+``write_report(results, rows, out_dir)`` writes
+
+* ``plots/tag_accuracy.png`` — per-tag accuracy (and the reference sampler's, when compared);
+* ``grids/<tag>.png`` — the first images of each task, green frame = correct, red = incorrect;
+* ``report.md`` — tables + the plot + the grids, with the reason of every shown failure;
+* ``report.html`` — the same, each image shown with ✓/✗ and its reason.
+
+Paths inside the reports are relative, so the output folder can be moved or logged as an artifact.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from PIL import Image, ImageDraw
+
+from lumina_lightning.data.synth import TAGS
+
+__all__ = ["write_report", "tag_plot", "task_grid"]
+
+GOOD = (40, 170, 70)
+BAD = (210, 40, 40)
+
+
+def _tag_order(results: dict[str, Any]) -> list[str]:
+    tags = list(results.get("tags", {}))
+    return [t for t in TAGS if t in tags] + [t for t in tags if t not in TAGS]
+
+
+def tag_plot(results: dict[str, Any], path: Path) -> Path:
+    """Bar plot of per-tag accuracy (absent tags marked), with the overall score as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    names = list(TAGS) + [t for t in results.get("tags", {}) if t not in TAGS]
+    values = [results["tags"].get(t) for t in names]
+    ref = (results.get("compare") or {}).get("reference_tags")
+    fig, ax = plt.subplots(figsize=(7.5, 3.6), dpi=100)
+    xs = list(range(len(names)))
+    width = 0.4 if ref else 0.7
+    shift = -width / 2 if ref else 0.0
+    ax.bar([x + shift for x in xs], [v or 0.0 for v in values], width=width, color="#3b6fb6",
+           label=results.get("settings", {}).get("preset", "model"))
+    if ref:
+        ax.bar([x + width / 2 for x in xs], [ref.get(t) or 0.0 for t in names], width=width, color="#aaaaaa",
+               label=f"reference ({results['compare']['reference_preset']})")
+    for x, v in zip(xs, values):
+        ax.text(x + shift, (v or 0.0) + 0.02, "absent" if v is None else f"{v:.2f}", ha="center", fontsize=8)
+    if results.get("overall") is not None:
+        ax.axhline(results["overall"], color="#d0652d", linestyle="--", linewidth=1,
+                   label=f"overall {results['overall']:.3f}")
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("accuracy")
+    ax.set_title("GenEval-lite accuracy per task")
+    ax.legend(fontsize=7, loc="upper right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def task_grid(images: Sequence[Image.Image], correct: Sequence[bool], path: Path, *, cols: int = 8,
+              tile: int = 96, border: int = 4) -> Path:
+    """A grid of images upscaled (nearest) to ``tile`` px, framed green (correct) or red."""
+    cols = max(1, min(cols, len(images)))
+    rows = (len(images) + cols - 1) // cols
+    cell = tile + 2 * border
+    canvas = Image.new("RGB", (cols * cell + (cols - 1) * 2, rows * cell + (rows - 1) * 2), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for n, (img, ok) in enumerate(zip(images, correct)):
+        x, y = (n % cols) * (cell + 2), (n // cols) * (cell + 2)
+        draw.rectangle([x, y, x + cell - 1, y + cell - 1], fill=GOOD if ok else BAD)
+        scale = tile / max(img.size)
+        shown = img.resize((max(1, round(img.width * scale)), max(1, round(img.height * scale))), Image.Resampling.NEAREST)
+        canvas.paste(shown, (x + border + (tile - shown.width) // 2, y + border + (tile - shown.height) // 2))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def _summary_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
+    s = results.get("settings", {})
+    lines = [
+        ("checkpoint", str(results.get("checkpoint") or "(in-memory pipeline)")),
+        ("prompts", f"{results.get('prompts_file')} ({results.get('prompts')} prompts, {results.get('images')} images)"),
+        ("sampler", f"preset {s.get('preset')}: {s.get('solver')} × {s.get('steps')} steps, shift {s.get('shift')}, "
+                    f"CFG {s.get('cfg_scale')}, renorm {s.get('renorm')}, cfg_trunc {s.get('cfg_trunc')}, "
+                    f"TeaCache {s.get('teacache')}"),
+        ("size / seed", f"{s.get('width')}×{s.get('height')}, {s.get('images_per_prompt')} images per prompt, "
+                        f"seed {s.get('seed')}"),
+        ("timings", ", ".join(f"{k} {_fmt(v, 2)}" for k, v in results.get("timings", {}).items())),
+    ]
+    dv = results.get("detector_validation")
+    if dv:
+        lines.append(("detector on ground truth", f"{_fmt(dv['overall'])} overall, min tag {_fmt(dv['min_tag'])} "
+                      f"({'passes' if dv['passed'] else 'FAILS'} the {dv['target']} bar; {dv['images']} images)"))
+    vl = results.get("val_loss")
+    if vl:
+        lines.append(("validation loss", f"{vl['mean']:.5f} ({vl['records']} records × {len(vl['per_t'])} timesteps, "
+                      f"caption level {vl['caption_level']})"))
+    cmp_ = results.get("compare")
+    if cmp_:
+        lines.append(("vs reference", f"{cmp_['reference_preset']}: PSNR {cmp_['psnr']:.2f} dB, SSIM {cmp_['ssim']:.4f}, "
+                      f"reference overall {_fmt(cmp_['reference_overall'])} (delta {_fmt(cmp_['overall_delta'])}), "
+                      f"speed-up {_fmt(cmp_['speedup'], 2)}×"))
+    return lines
+
+
+def _by_tag(rows: Sequence[dict[str, Any]], max_per_task: int) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        items = out.setdefault(row["tag"], [])
+        if len(items) < max_per_task:
+            items.append(row)
+    return out
+
+
+def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_dir: str | Path, *,
+                 max_per_task: int = 24) -> dict[str, Any]:
+    """Write the plot, the grids, ``report.md`` and ``report.html``; returns their relative paths."""
+    out = Path(out_dir)
+    files: dict[str, Any] = {"report_md": "report.md", "report_html": "report.html",
+                             "plot": "plots/tag_accuracy.png", "grids": {}}
+    tag_plot(results, out / files["plot"])
+    shown = _by_tag(rows, max_per_task)
+    for tag in _tag_order(results):
+        items = shown.get(tag, [])
+        if not items:
+            continue
+        images = []
+        for row in items:
+            with Image.open(out / row["filename"]) as im:
+                images.append(im.convert("RGB"))
+        rel = f"grids/{tag}.png"
+        task_grid(images, [r["correct"] for r in items], out / rel)
+        files["grids"][tag] = rel
+
+    # -- Markdown --------------------------------------------------------------------------------------
+    md = ["# Mini-GenEval report", ""]
+    md += [f"- **{k}**: {v}" for k, v in _summary_lines(results)]
+    md += ["", "## Accuracy per task", "", "| task | accuracy | correct / images |", "|---|---:|---:|"]
+    for tag in TAGS:
+        if tag in results["tags"]:
+            c, n = results["counts"][tag]
+            md.append(f"| {tag} | {results['tags'][tag]:.3f} | {c} / {n} |")
+        else:
+            md.append(f"| {tag} | absent | – |")
+    md += [f"| **overall** (mean of present tasks) | **{_fmt(results.get('overall'))}** | |", "",
+           f"![accuracy per task]({files['plot']})", ""]
+    dv = results.get("detector_validation")
+    if dv:
+        md += ["## Detector on ground-truth renders", "", "| task | accuracy |", "|---|---:|"]
+        md += [f"| {t} | {v:.3f} |" for t, v in dv["tags"].items()]
+        md += ["", f"Object recall {_fmt(dv.get('object_recall'))}, precision {_fmt(dv.get('object_precision'))}, "
+                   f"{_fmt(dv.get('ms_per_image'), 2)} ms per image.", ""]
+    for tag in _tag_order(results):
+        if tag not in files["grids"]:
+            continue
+        md += [f"## {tag}", "", f"![{tag}]({files['grids'][tag]})", "",
+               "Green frame = correct, red = incorrect (left to right, top to bottom).", "",
+               "| # | prompt | result | reason |", "|---:|---|---|---|"]
+        for n, row in enumerate(shown[tag]):
+            reason = row["reason"].replace("\n", "; ").replace("|", "\\|") or ""
+            md.append(f"| {n} | {row['prompt']} | {'✓' if row['correct'] else '✗'} | {reason} |")
+        md.append("")
+    (out / files["report_md"]).write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    # -- HTML ------------------------------------------------------------------------------------------
+    e = html.escape
+    h = ["<!doctype html>", "<html><head><meta charset='utf-8'><title>Mini-GenEval report</title>",
+         "<style>body{font-family:sans-serif;margin:2em;max-width:1200px}table{border-collapse:collapse}"
+         "td,th{border:1px solid #ccc;padding:3px 8px}figure{display:inline-block;margin:4px;width:128px;"
+         "vertical-align:top;font-size:11px}figure img{width:120px;height:auto;image-rendering:pixelated;border:4px solid}"
+         ".ok img{border-color:#28aa46}.bad img{border-color:#d22828}.ok b{color:#28aa46}.bad b{color:#d22828}"
+         "figcaption{word-wrap:break-word}</style></head><body>", "<h1>Mini-GenEval report</h1>", "<ul>"]
+    h += [f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in _summary_lines(results)]
+    h += ["</ul>", "<h2>Accuracy per task</h2>", "<table><tr><th>task</th><th>accuracy</th><th>correct / images</th></tr>"]
+    for tag in TAGS:
+        if tag in results["tags"]:
+            c, n = results["counts"][tag]
+            h.append(f"<tr><td>{tag}</td><td>{results['tags'][tag]:.3f}</td><td>{c} / {n}</td></tr>")
+        else:
+            h.append(f"<tr><td>{tag}</td><td>absent</td><td>–</td></tr>")
+    h += [f"<tr><th>overall</th><th>{_fmt(results.get('overall'))}</th><td>mean of present tasks</td></tr></table>",
+          f"<p><img src='{files['plot']}' alt='accuracy per task'></p>"]
+    if dv:
+        h += ["<h2>Detector on ground-truth renders</h2><table><tr><th>task</th><th>accuracy</th></tr>"]
+        h += [f"<tr><td>{t}</td><td>{v:.3f}</td></tr>" for t, v in dv["tags"].items()]
+        h += ["</table>"]
+    for tag in _tag_order(results):
+        if tag not in shown:
+            continue
+        h.append(f"<h2>{tag}</h2><div>")
+        for row in shown[tag]:
+            ok = row["correct"]
+            reason = row["reason"] or "all checks passed"
+            dets = ", ".join(f"{d['color']} {d['class']} {d['score']:.2f}" for d in row.get("detections", [])) or "nothing"
+            h.append(f"<figure class='{'ok' if ok else 'bad'}'><img src='{e(row['filename'])}' "
+                     f"title='{e(json.dumps(row.get('detections', [])))}'><figcaption><b>{'✓' if ok else '✗'}</b> "
+                     f"{e(row['prompt'])}<br><i>{e(reason)}</i><br>detected: {e(dets)}</figcaption></figure>")
+        h.append("</div>")
+    h.append("</body></html>")
+    (out / files["report_html"]).write_text("\n".join(h) + "\n", encoding="utf-8")
+    return files

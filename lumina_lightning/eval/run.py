@@ -1,0 +1,406 @@
+"""``evaluate``: generate images for a GenEval-format prompt set, score them, write the results.
+
+Layout of ``out_dir`` (GenEval's own image layout under ``images/``, so GenEval's scripts and
+:func:`score_folder` read it back):
+
+* ``images/<idx:05d>/metadata.jsonl`` — the prompt's GenEval spec (one JSON line);
+* ``images/<idx:05d>/samples/<k:04d>.png`` — its images, with prompt, seed and sampler settings in
+  the PNG text chunks (the ``lumina_settings`` record that ``lumina sample`` writes too);
+* ``results.jsonl`` — one line per image in GenEval's output format (``filename``, ``tag``,
+  ``prompt``, ``correct``, ``reason``, ``metadata``, ``details``) plus the raw detections;
+* ``results.json`` — summary: per-tag accuracy, overall, counts, settings, timings, detector
+  validation, validation loss, sampler PSNR/SSIM;
+* ``report.md`` / ``report.html`` with ``plots/`` and ``grids/`` (see :mod:`.report`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from lumina_lightning.eval.detector import Detector
+from lumina_lightning.eval.geneval import evaluate_detections, group_detections, read_metadata, summarize
+
+__all__ = ["evaluate", "score_images", "score_folder", "detector_for", "default_size", "RESULTS_VERSION"]
+
+RESULTS_VERSION = 1
+SETTINGS_KEY = "lumina_settings"  # same PNG text key as `lumina sample` (sampling/cli.py)
+
+
+def detector_for(prompts_path: str | os.PathLike | None) -> Detector:
+    """The detector with the vocabulary of the synthetic dataset the prompts come from.
+
+    ``synth_config.json`` beside the prompt file names the shapes and palette the dataset was
+    rendered with; like GenEval's detector, which knows the benchmark's classes, ours then only
+    chooses among those shapes. Without a config it knows every shape the renderer can draw.
+    """
+    if prompts_path is not None:
+        cfg_path = Path(prompts_path).parent / "synth_config.json"
+        if cfg_path.is_file():
+            cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+            palette = cfg.get("palette") or None
+            shapes = cfg.get("shapes")
+            kwargs: dict[str, Any] = {}
+            if shapes:
+                kwargs["shapes"] = tuple(shapes)
+            return Detector(palette={k: tuple(v) for k, v in palette.items()} if palette else None, **kwargs)
+    return Detector()
+
+
+def default_size(prompts_path: str | os.PathLike | None, manifest: str | os.PathLike | None) -> tuple[int, int]:
+    """Evaluation size when none is given: the manifest's first image size, else the synthetic
+    dataset's ``size`` (``synth_config.json`` beside the prompts), else 64 × 64."""
+    if manifest is not None and Path(manifest).is_file():
+        with open(manifest, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    row = json.loads(line)
+                    if row.get("width") and row.get("height"):
+                        return int(row["width"]), int(row["height"])
+                    break
+    if prompts_path is not None:
+        cfg_path = Path(prompts_path).parent / "synth_config.json"
+        if cfg_path.is_file():
+            size = int(json.loads(cfg_path.read_text(encoding="utf-8")).get("size", 64))
+            return size, size
+    return 64, 64
+
+
+def _details(dets: Sequence[dict[str, Any]]) -> str:
+    """GenEval's ``details`` column: ``{class: [[x0, y0, x1, y1, score], ...]}`` as JSON."""
+    return json.dumps({k: [[*d["bbox"], d["score"]] for d in v] for k, v in group_detections(dets).items()})
+
+
+def score_images(
+    images: Sequence[Image.Image],
+    specs: Sequence[dict[str, Any]],
+    detector: Detector | None = None,
+    *,
+    filenames: Sequence[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Per-image GenEval-lite results (GenEval's ``results.jsonl`` rows + ``detections``)."""
+    detector = detector or Detector()
+    rows = []
+    for k, (image, spec) in enumerate(zip(images, specs)):
+        dets = detector.detect(image)
+        ok, reason = evaluate_detections(dets, spec)
+        rows.append({
+            "filename": filenames[k] if filenames else str(k),
+            "tag": spec["tag"],
+            "prompt": spec["prompt"],
+            "correct": bool(ok),
+            "reason": reason,
+            "metadata": json.dumps(spec),
+            "details": _details(dets),
+            "detections": dets,
+        })
+    return rows
+
+
+def score_folder(image_dir: str | os.PathLike, detector: Detector | None = None) -> list[dict[str, Any]]:
+    """Score a folder in GenEval's layout (``<idx>/metadata.jsonl`` + ``<idx>/samples/NNNN.png``),
+    like GenEval's ``evaluate_images.py`` does; filenames are relative to ``image_dir``."""
+    import re
+
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise FileNotFoundError(f"no image folder at {root}")
+    rows = []
+    for sub in sorted(p for p in root.iterdir() if p.is_dir() and p.name.isdigit()):
+        meta_path = sub / "metadata.jsonl"
+        if not meta_path.is_file():
+            continue
+        spec = json.loads(meta_path.read_text(encoding="utf-8").strip().splitlines()[0])
+        files = sorted(p for p in (sub / "samples").glob("*.png") if re.fullmatch(r"\d+\.png", p.name))
+        images = []
+        for p in files:
+            with Image.open(p) as im:
+                images.append(im.convert("RGB"))
+        rows += score_images(images, [spec] * len(images), detector,
+                             filenames=[str(p.relative_to(root)) for p in files])
+    if not rows:
+        raise ValueError(f"{root}: no images in GenEval layout (<idx>/metadata.jsonl + <idx>/samples/NNNN.png)")
+    return rows
+
+
+def _save_png(image: Image.Image, path: Path, record: dict[str, Any]) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("prompt", str(record.get("prompt", "")))
+    info.add_text("seed", str(record.get("seed")))
+    info.add_text(SETTINGS_KEY, json.dumps(record, sort_keys=True))
+    image.save(path, pnginfo=info)
+
+
+def _generate(
+    pipe: Any,
+    specs: Sequence[dict[str, Any]],
+    *,
+    preset: str | None,
+    overrides: dict[str, Any],
+    images_per_prompt: int,
+    seed: int,
+    width: int,
+    height: int,
+    batch_size: int,
+    progress: bool,
+    desc: str,
+    on_batch: Callable[[list[tuple[int, int, int]], Any], None],
+) -> dict[str, Any]:
+    """Images for every (prompt, sample) in batches, handed to ``on_batch(jobs, result)`` and not
+    kept (memory stays bounded at any prompt count and size); image ``k`` of prompt ``i`` gets seed
+    ``seed + i * images_per_prompt + k`` (noise depends only on the seed, not on the batching)."""
+    jobs = [(i, k, seed + i * images_per_prompt + k) for i in range(len(specs)) for k in range(images_per_prompt)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(jobs), desc=desc, unit="img")
+    nfe = rows = 0
+    elapsed = 0.0
+    settings: dict[str, Any] = {}
+    try:
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start:start + batch_size]
+            result = pipe([specs[i]["prompt"] for i, _, _ in chunk], width=width, height=height,
+                          num_images_per_prompt=1, seed=[s for _, _, s in chunk], preset=preset, **overrides)
+            nfe = max(nfe, int(result.nfe))
+            rows += int(result.rows)
+            elapsed += float(result.elapsed)
+            settings = result.settings
+            on_batch(chunk, result)
+            if bar is not None:
+                bar.update(len(chunk))
+    finally:
+        if bar is not None:
+            bar.close()
+    return {"jobs": jobs, "nfe_per_batch": nfe, "rows": rows, "seconds": elapsed, "settings": settings}
+
+
+def _load(pipe_or_path: Any, device: str | None, ema: bool | str, load_kwargs: dict[str, Any] | None) -> tuple[Any, str | None]:
+    if isinstance(pipe_or_path, (str, os.PathLike)):
+        import torch
+
+        from lumina_lightning.sampling.pipeline_io import load_pipeline
+
+        dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+        pipe = load_pipeline(pipe_or_path, device=dev, dtype=dtype, ema=ema, **(load_kwargs or {}))
+        return pipe, str(pipe_or_path)
+    return pipe_or_path, None
+
+
+def evaluate(
+    pipe_or_path: Any,
+    prompts_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    preset: str | None = "official",
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    width: int | None = None,
+    height: int | None = None,
+    manifest: str | os.PathLike | None = None,
+    compare_to: str | None = None,
+    max_prompts: int | None = None,
+    batch_size: int = 16,
+    sampler_overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+    detector: Detector | None = None,
+    validate: bool | None = None,
+    val_records: int = 64,
+    device: str | None = None,
+    ema: bool | str = "auto",
+    load_kwargs: dict[str, Any] | None = None,
+    report: bool = True,
+) -> dict[str, Any]:
+    """Mini-GenEval of a pipeline (or anything ``load_pipeline`` reads) on a GenEval-format prompt set.
+
+    Args:
+        pipe_or_path: a :class:`~lumina_lightning.sampling.pipeline.LuminaPipeline`, or a pipeline
+            folder / training ``.ckpt`` / diffusers folder path (loaded with ``device``, ``ema`` and
+            ``load_kwargs``, e.g. ``{"text_encoder": ..., "vae": ...}`` for bare checkpoints).
+        prompts_path: GenEval ``evaluation_metadata.jsonl``-format file (``test_geneval.jsonl``).
+        out_dir: where images, ``results.json(l)`` and the reports go (the prompt folders of a
+            previous run in ``out_dir/images`` are replaced).
+        preset, sampler_overrides: sampler preset and explicit settings (``steps``, ``cfg_scale``,
+            ``solver``, ``shift``, ...; the names of ``SamplerSettings``).
+        images_per_prompt, seed: image ``k`` of prompt ``i`` uses seed ``seed + i*images_per_prompt + k``.
+        width, height: image size; default from the manifest / ``synth_config.json`` (64 × 64 otherwise).
+        manifest: a synthetic ``test.jsonl``: enables the fixed-timestep validation loss (first
+            ``val_records`` records) and the detector validation on its ground-truth renders.
+        compare_to: a reference preset (e.g. ``official``): the same prompts and noise are sampled
+            with it too; PSNR/SSIM to it and its GenEval-lite score go to ``results["compare"]``.
+        max_prompts: evaluate only the first prompts (quick checks).
+        batch_size: images per pipeline call.
+        detector: default :func:`detector_for` the prompt set.
+        validate: run the detector validation (default: when ``manifest`` is given).
+        report: write ``report.md`` / ``report.html`` (plots and grids).
+
+    Returns the results dict that is also written to ``out_dir/results.json``.
+    """
+    t_start = time.perf_counter()
+    out = Path(out_dir)
+    specs = read_metadata(prompts_path)
+    if max_prompts is not None:
+        specs = specs[:max_prompts]
+    if images_per_prompt < 1 or batch_size < 1:
+        raise ValueError(f"images_per_prompt and batch_size must be >= 1, got {images_per_prompt}, {batch_size}")
+    detector = detector or detector_for(prompts_path)
+    if width is None or height is None:
+        dw, dh = default_size(prompts_path, manifest)
+        width, height = width or dw, height or dh
+    overrides = {k: v for k, v in (sampler_overrides or {}).items() if v is not None}
+
+    t0 = time.perf_counter()
+    pipe, ckpt = _load(pipe_or_path, device, ema, load_kwargs)
+    load_s = time.perf_counter() - t0 if ckpt else 0.0
+    pipe.check_size(width, height)
+    settings = pipe.resolve(preset, **overrides)  # validates the settings before any work
+    out.mkdir(parents=True, exist_ok=True)
+
+    # -- generate, save, score ------------------------------------------------------------------
+    img_root = out / "images"
+    if img_root.is_dir():  # a previous run's prompt folders would be re-scored with these
+        import shutil
+
+        for old in img_root.iterdir():
+            if old.is_dir() and old.name.isdigit():
+                shutil.rmtree(old)
+    for i, spec in enumerate(specs):
+        sub = img_root / f"{i:05d}"
+        (sub / "samples").mkdir(parents=True, exist_ok=True)
+        (sub / "metadata.jsonl").write_text(json.dumps(spec) + "\n", encoding="utf-8")
+    rows: list[dict[str, Any]] = []
+    score_s = 0.0
+
+    def save_and_score(chunk: list[tuple[int, int, int]], result: Any) -> None:
+        nonlocal score_s
+        base = {k: v for k, v in result.settings.items() if k not in ("prompts", "seeds")}
+        files = []
+        for (i, k, s), image in zip(chunk, result.images):
+            rel = f"images/{i:05d}/samples/{k:04d}.png"
+            record = {**base, "prompt": specs[i]["prompt"], "seed": s, "index": i, "sample": k,
+                      "checkpoint": ckpt, "nfe": result.nfe}
+            _save_png(image, out / rel, record)
+            files.append(rel)
+        t0 = time.perf_counter()
+        scored = score_images(result.images, [specs[i] for i, _, _ in chunk], detector, filenames=files)
+        score_s += time.perf_counter() - t0
+        for row, (i, k, s) in zip(scored, chunk):
+            row.update(prompt_index=i, sample=k, seed=s)
+        rows.extend(scored)
+
+    gen = _generate(pipe, specs, preset=preset, overrides=overrides, images_per_prompt=images_per_prompt, seed=seed,
+                    width=width, height=height, batch_size=batch_size, progress=progress, desc="eval images",
+                    on_batch=save_and_score)
+    with open(out / "results.jsonl", "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row) + "\n")
+    summary = summarize(rows)
+
+    results: dict[str, Any] = {
+        "version": RESULTS_VERSION,
+        "checkpoint": ckpt,
+        "prompts_file": str(prompts_path),
+        "manifest": str(manifest) if manifest else None,
+        "overall": summary["overall"],
+        "tags": {t: v["accuracy"] for t, v in summary["tags"].items()},
+        "counts": {t: [v["correct"], v["total"]] for t, v in summary["tags"].items()},
+        "absent_tags": summary["absent_tags"],
+        "images": summary["images"],
+        "prompts": summary["prompts"],
+        "correct_images": summary["correct_images"],
+        "correct_prompts": summary["correct_prompts"],
+        "settings": {
+            **settings.to_dict(), "preset": preset or "official", "width": width, "height": height,
+            "images_per_prompt": images_per_prompt, "seed": seed, "batch_size": batch_size,
+            "system": gen["settings"].get("system"), "max_prompts": max_prompts,
+            "nfe_per_image": gen["nfe_per_batch"],
+        },
+        "detector": detector.config(),
+        "timings": {"load_s": load_s, "generate_s": gen["seconds"], "score_s": score_s,
+                    "seconds_per_image": gen["seconds"] / max(1, len(rows)),
+                    "detector_ms_per_image": 1000 * score_s / max(1, len(rows))},
+        "environment": {"device": str(getattr(pipe, "device", "cpu")), "python": platform.python_version(),
+                        "machine": platform.machine()},
+        "detector_validation": None,
+        "val_loss": None,
+        "compare": None,
+    }
+
+    # -- detector validation on ground-truth renders ------------------------------------------------
+    if validate or (validate is None and manifest is not None):
+        if manifest is None:
+            raise ValueError("detector validation needs the synthetic manifest (manifest=.../test.jsonl)")
+        from lumina_lightning.eval.metrics import validate_detector
+
+        t0 = time.perf_counter()
+        results["detector_validation"] = validate_detector(manifest, detector=detector)
+        results["timings"]["detector_validation_s"] = time.perf_counter() - t0
+
+    # -- fixed-timestep validation loss ---------------------------------------------------------------
+    if manifest is not None and val_records > 0:
+        from lumina_lightning.eval.metrics import validation_loss
+
+        t0 = time.perf_counter()
+        results["val_loss"] = validation_loss(pipe, manifest, width=width, height=height, max_records=val_records,
+                                              seed=seed)
+        results["timings"]["val_loss_s"] = time.perf_counter() - t0
+
+    # -- reference sampler: PSNR/SSIM from the same noise -----------------------------------------------
+    if compare_to:
+        from lumina_lightning.eval.metrics import image_fidelity
+
+        ref_settings = pipe.resolve(compare_to)
+        psnr: list[float] = []
+        ssim: list[float] = []
+        ref_rows: list[dict[str, Any]] = []
+
+        def compare_batch(chunk: list[tuple[int, int, int]], result: Any) -> None:
+            ours = []
+            for i, k, _ in chunk:  # the evaluated images, as saved (PNG is lossless)
+                with Image.open(out / f"images/{i:05d}/samples/{k:04d}.png") as im:
+                    ours.append(im.convert("RGB"))
+            fid = image_fidelity(ours, result.images)
+            psnr.extend(fid["psnr_per_image"])
+            ssim.extend(fid["ssim_per_image"])
+            ref_rows.extend(score_images(result.images, [specs[i] for i, _, _ in chunk], detector))
+
+        ref = _generate(pipe, specs, preset=compare_to, overrides={}, images_per_prompt=images_per_prompt, seed=seed,
+                        width=width, height=height, batch_size=batch_size, progress=progress,
+                        desc=f"reference ({compare_to})", on_batch=compare_batch)
+        fid = {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "images": len(psnr)}
+        ref_summary = summarize(ref_rows)
+        results["compare"] = {
+            "reference_preset": compare_to,
+            "reference_settings": ref_settings.to_dict(),
+            "psnr": fid["psnr"],
+            "ssim": fid["ssim"],
+            "images": fid["images"],
+            "reference_overall": ref_summary["overall"],
+            "reference_tags": {t: v["accuracy"] for t, v in ref_summary["tags"].items()},
+            "overall_delta": (summary["overall"] - ref_summary["overall"])
+            if summary["overall"] is not None and ref_summary["overall"] is not None else None,
+            "reference_nfe_per_image": ref["nfe_per_batch"],
+            "reference_seconds": ref["seconds"],
+            "speedup": ref["seconds"] / gen["seconds"] if gen["seconds"] > 0 else None,
+        }
+        results["timings"]["reference_generate_s"] = ref["seconds"]
+
+    results["timings"]["total_s"] = time.perf_counter() - t_start
+    results["files"] = {"results_jsonl": "results.jsonl", "images": "images"}
+    if report:
+        from lumina_lightning.eval.report import write_report
+
+        results["files"].update(write_report(results, rows, out))
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+    return results

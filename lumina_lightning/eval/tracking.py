@@ -1,0 +1,172 @@
+"""MLflow logging of an evaluation (the ``mlflow`` client directly; no Lightning logger involved).
+
+The store is chosen like training runs choose theirs (``training/run.py``): an explicit URI, else
+``MLFLOW_TRACKING_URI``, else — only when asked to track — ``sqlite:///mlruns.db``; experiments
+created here on a local store keep artifacts in ``./mlartifacts``. When the checkpoint lives in a
+training run folder (``run_info.json``), the eval run is tagged with that run's id and, in the
+same experiment, nested under it in the UI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["tracking_uri_for", "metrics_of", "params_of", "log_to_mlflow"]
+
+DEFAULT_EXPERIMENT = "lumina-lightning"  # the training recipes' default, so eval runs sit beside them
+
+
+def tracking_uri_for(explicit: str | None = None, track: bool = False) -> str | None:
+    """Where to log: explicit → ``MLFLOW_TRACKING_URI`` → (``track`` only) the local sqlite store."""
+    if explicit:
+        return explicit
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if track:
+        return f"sqlite:///{Path('mlruns.db').resolve()}"
+    return None
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def params_of(results: dict[str, Any]) -> dict[str, str]:
+    """Run parameters: checkpoint, prompt set, sampler settings and detector settings."""
+    params = {"checkpoint": results.get("checkpoint"), "prompts_file": results.get("prompts_file"),
+              "manifest": results.get("manifest")}
+    params.update(_flatten(results.get("settings", {}), "sampler."))
+    params.update(_flatten(results.get("detector", {}), "detector."))
+    if results.get("compare"):
+        params["compare.reference_preset"] = results["compare"]["reference_preset"]
+    return {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000] for k, v in params.items()}
+
+
+def metrics_of(results: dict[str, Any]) -> dict[str, float]:
+    """Numeric results under stable names (``geneval/overall``, ``geneval/<tag>``, ``val_loss``, ...)."""
+    m: dict[str, float] = {}
+    if results.get("overall") is not None:
+        m["geneval/overall"] = results["overall"]
+    for tag, acc in results.get("tags", {}).items():
+        m[f"geneval/{tag}"] = acc
+    for key in ("correct_images", "correct_prompts"):
+        if results.get(key) is not None:
+            m[f"geneval/{key}"] = results[key]
+    dv = results.get("detector_validation")
+    if dv:
+        m["detector_gt/overall"] = dv["overall"]
+        m["detector_gt/min_tag"] = dv["min_tag"]
+        for tag, acc in dv["tags"].items():
+            m[f"detector_gt/{tag}"] = acc
+    vl = results.get("val_loss")
+    if vl:
+        m["val_loss"] = vl["mean"]
+        for k, v in enumerate(vl["per_t"]):
+            m[f"val_loss_t/t{k}"] = v
+    cmp_ = results.get("compare")
+    if cmp_:
+        for key in ("psnr", "ssim", "reference_overall", "overall_delta", "speedup"):
+            if cmp_.get(key) is not None:
+                m[f"compare/{key}"] = cmp_[key]
+    for key, value in results.get("timings", {}).items():
+        if isinstance(value, (int, float)):
+            m[f"time/{key}"] = value
+    if results.get("settings", {}).get("nfe_per_image") is not None:
+        m["nfe_per_image"] = results["settings"]["nfe_per_image"]
+    return {k: float(v) for k, v in m.items()}
+
+
+def _training_run(checkpoint: str | None) -> str | None:
+    """The MLflow run id of the training run that wrote ``checkpoint`` (``run_info.json``), if any."""
+    if not checkpoint:
+        return None
+    p = Path(checkpoint).resolve()
+    for folder in (p, p.parent, p.parent.parent):
+        info = folder / "run_info.json"
+        if info.is_file():
+            try:
+                return json.loads(info.read_text()).get("mlflow_run_id")
+            except (OSError, ValueError):
+                return None
+    return None
+
+
+def log_to_mlflow(
+    results: dict[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    tracking_uri: str | None = None,
+    experiment: str = DEFAULT_EXPERIMENT,
+    run_name: str | None = None,
+    track: bool = False,
+    tags: dict[str, str] | None = None,
+    log_images: bool = True,
+) -> dict[str, str] | None:
+    """Log params, metrics and the output folder (reports, plots, grids, results, images) as a run.
+
+    Returns ``{"run_id", "tracking_uri", "experiment", "experiment_id"}`` (also stored in
+    ``results["mlflow"]`` and ``out_dir/results.json``), or ``None`` when no store is configured.
+    """
+    uri = tracking_uri_for(tracking_uri, track)
+    if uri is None:
+        return None
+    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.tracking import MlflowClient
+
+    out = Path(out_dir)
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        # local stores keep artifacts in ./mlartifacts, as training runs do (training/run.py);
+        # a tracking server decides for itself
+        server = uri.split(":", 1)[0] in ("http", "https", "databricks")
+        artifact_location = None if server else Path("mlartifacts").resolve().as_uri()
+        experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
+    else:
+        experiment_id = exp.experiment_id
+    run_tags = {"kind": "eval", "lumina.eval.preset": str(results.get("settings", {}).get("preset")),
+                **(tags or {})}
+    parent = _training_run(results.get("checkpoint"))
+    if parent:
+        run_tags["lumina.trained_by_run"] = parent
+        try:
+            if client.get_run(parent).info.experiment_id == experiment_id:
+                run_tags["mlflow.parentRunId"] = parent
+        except Exception:  # the training run may live in another store; the tag above still names it
+            pass
+    name = run_name or f"eval-{results.get('settings', {}).get('preset', 'official')}"
+    run = client.create_run(experiment_id, run_name=name, tags=run_tags)
+    run_id = run.info.run_id
+    info = {"run_id": run_id, "tracking_uri": uri, "experiment": experiment, "experiment_id": experiment_id}
+    results["mlflow"] = info
+    status = "FAILED"
+    try:
+        import time
+
+        now = int(time.time() * 1000)
+        params = [Param(k, v) for k, v in params_of(results).items()]
+        metrics = [Metric(k, v, now, 0) for k, v in metrics_of(results).items()]
+        for start in range(0, max(len(params), len(metrics)), 100):  # MLflow's batch limits
+            client.log_batch(run_id, metrics=metrics[start:start + 100], params=params[start:start + 100],
+                             tags=[RunTag("lumina.eval.out_dir", str(out.resolve()))] if start == 0 else [])
+        (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n", encoding="utf-8")
+        for name_ in ("results.json", "results.jsonl", "report.md", "report.html"):
+            if (out / name_).is_file():
+                client.log_artifact(run_id, str(out / name_))
+        for folder in ("plots", "grids") + (("images",) if log_images else ()):
+            if (out / folder).is_dir():
+                client.log_artifacts(run_id, str(out / folder), artifact_path=folder)
+        status = "FINISHED"
+    finally:
+        client.set_terminated(run_id, status=status)
+    return info

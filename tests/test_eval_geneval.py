@@ -1,0 +1,159 @@
+"""GenEval-lite scoring rules, checked against GenEval's evaluate_images.py / summary_scores.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lumina_lightning.eval.geneval import (
+    MAX_OBJECTS,
+    evaluate_detections,
+    group_detections,
+    read_metadata,
+    relative_position,
+    summarize,
+)
+
+
+def det(cls, color, box, score=1.0):
+    return {"class": cls, "color": color, "bbox": list(box), "score": score}
+
+
+# --------------------------------------------------------------------------------------------
+# relative_position: dead zone 0.1 x (sum of box sizes), relation when the share passes 0.5
+# --------------------------------------------------------------------------------------------
+def test_clear_relations():
+    a, b = (0, 0, 10, 10), (30, 0, 40, 10)
+    assert relative_position(a, b) == {"left of"}
+    assert relative_position(b, a) == {"right of"}
+    top, bottom = (0, 0, 10, 10), (0, 30, 10, 40)
+    assert relative_position(top, bottom) == {"above"}  # image y grows downwards
+    assert relative_position(bottom, top) == {"below"}
+
+
+def test_dead_zone_scales_with_box_sizes():
+    # centres 1.5 px apart, dead zone 0.1 * (10 + 10) = 2 px: no relation at all
+    assert relative_position((0, 0, 10, 10), (1.5, 0, 11.5, 10)) == set()
+    # the same 5 px offset is a relation for small boxes and none for large ones (dead zone 8 px)
+    assert relative_position((0, 0, 10, 10), (5, 0, 15, 10)) == {"left of"}
+    assert relative_position((0, 0, 40, 40), (5, 0, 45, 40)) == set()
+
+
+def test_normalised_offset_must_pass_half():
+    # offset (-10, -30): revised (-8, -28) / |(-10, -30)| = (-0.25, -0.89): only "above"
+    assert relative_position((0, 0, 10, 10), (10, 30, 20, 40)) == {"above"}
+    # diagonal placements get both relations
+    assert relative_position((0, 0, 10, 10), (20, 20, 30, 30)) == {"left of", "above"}
+    # the revised offset is divided by the *original* offset's length: (-14, -6) has revised
+    # (-12, -4) / 15.2 = (-0.79, -0.26) -> only "left of"
+    assert relative_position((0, 0, 10, 10), (14, 6, 24, 16)) == {"left of"}
+
+
+# --------------------------------------------------------------------------------------------
+# include / exclude clauses
+# --------------------------------------------------------------------------------------------
+def test_count_is_at_least_and_exclude_makes_it_exact():
+    three = [det("circle", "red", (i * 12, 0, i * 12 + 10, 10)) for i in range(3)]
+    ok, reason = evaluate_detections(three, {"tag": "counting", "include": [{"class": "circle", "count": 2}]})
+    assert ok and reason == ""  # GenEval: found >= count
+    spec = {"tag": "counting", "include": [{"class": "circle", "count": 2, "color": "red"}],
+            "exclude": [{"class": "circle", "count": 3}]}
+    ok, reason = evaluate_detections(three, spec)
+    assert not ok and reason == "expected circle<3, found 3"
+    ok, _ = evaluate_detections(three[:2], spec)
+    assert ok
+    ok, reason = evaluate_detections(three[:1], spec)
+    assert not ok and reason == "expected circle>=2, found 1"
+
+
+def test_at_most_max_objects_per_class():
+    many = [det("square", "blue", (i, 0, i + 1, 1), score=0.5 + i / 100) for i in range(20)]
+    groups = group_detections(many)
+    assert len(groups["square"]) == MAX_OBJECTS
+    assert groups["square"][0]["score"] == max(d["score"] for d in many)  # most confident first
+    ok, reason = evaluate_detections(many, {"tag": "counting", "include": [], "exclude": [{"class": "square", "count": 17}]})
+    assert ok, reason  # GenEval only ever sees 16
+
+
+def test_colour_is_checked_on_the_most_confident_objects_only():
+    spec = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}]}
+    dets = [det("circle", "blue", (0, 0, 10, 10), 0.9), det("circle", "red", (20, 0, 30, 10), 0.8)]
+    ok, reason = evaluate_detections(dets, spec)
+    assert not ok
+    assert reason.startswith("expected red circle>=1, found 0 red; and 1 blue")
+    dets[1]["score"] = 0.95
+    assert evaluate_detections(dets, spec)[0]
+
+
+def test_colour_attribution_swapped_fails_both_clauses():
+    spec = {"tag": "color_attr", "include": [{"class": "circle", "count": 1, "color": "red"},
+                                            {"class": "square", "count": 1, "color": "blue"}]}
+    right = [det("circle", "red", (0, 0, 10, 10)), det("square", "blue", (20, 0, 30, 10))]
+    swapped = [det("circle", "blue", (0, 0, 10, 10)), det("square", "red", (20, 0, 30, 10))]
+    assert evaluate_detections(right, spec) == (True, "")
+    ok, reason = evaluate_detections(swapped, spec)
+    assert not ok and len(reason.splitlines()) == 2
+    assert "expected red circle" in reason and "expected blue square" in reason
+
+
+def test_position_clause_refers_to_an_earlier_group():
+    # GenEval's format for "a red circle left of a blue square": the reference object first,
+    # the other one carries ["left of", 0]
+    spec = {"tag": "position", "include": [{"class": "square", "count": 1, "color": "blue"},
+                                          {"class": "circle", "count": 1, "color": "red", "position": ["left of", 0]}]}
+    circle, square = det("circle", "red", (0, 10, 10, 20)), det("square", "blue", (30, 10, 40, 20))
+    assert evaluate_detections([circle, square], spec) == (True, "")
+    circle2, square2 = det("circle", "red", (30, 10, 40, 20)), det("square", "blue", (0, 10, 10, 20))
+    ok, reason = evaluate_detections([circle2, square2], spec)
+    assert not ok and reason == "expected circle left of target, found right of target"
+    # no target: the square is missing (or has the wrong colour), so the relation cannot be checked
+    ok, reason = evaluate_detections([circle], spec)
+    assert not ok and reason.splitlines() == ["expected square>=1, found 0", "no target for circle to be left of"]
+    ok, reason = evaluate_detections([circle, det("square", "green", (30, 10, 40, 20))], spec)
+    assert not ok and "no target for circle to be left of" in reason
+    # too close: inside the dead zone there is no relation
+    ok, reason = evaluate_detections([det("circle", "red", (0, 10, 10, 20)), det("square", "blue", (1, 10, 11, 20))], spec)
+    assert not ok and "expected circle left of target" in reason
+
+
+def test_grouped_input_and_missing_class():
+    grouped = {"circle": [det("circle", "red", (0, 0, 5, 5))]}
+    assert evaluate_detections(grouped, {"tag": "single_object", "include": [{"class": "circle", "count": 1}]})[0]
+    ok, reason = evaluate_detections([], {"tag": "single_object", "include": [{"class": "triangle", "count": 1}]})
+    assert not ok and reason == "expected triangle>=1, found 0"
+
+
+# --------------------------------------------------------------------------------------------
+# summary
+# --------------------------------------------------------------------------------------------
+def test_overall_is_the_mean_of_present_tags():
+    rows = [
+        {"tag": "single_object", "prompt": "a", "correct": True},
+        {"tag": "single_object", "prompt": "a", "correct": True},
+        {"tag": "single_object", "prompt": "b", "correct": False},
+        {"tag": "single_object", "prompt": "b", "correct": True},
+        {"tag": "colors", "prompt": "c", "correct": False},
+        {"tag": "colors", "prompt": "c", "correct": False},
+    ]
+    s = summarize(rows)
+    assert s["tags"]["single_object"] == {"accuracy": 0.75, "correct": 3, "total": 4}
+    assert s["tags"]["colors"]["accuracy"] == 0.0
+    assert s["overall"] == pytest.approx((0.75 + 0.0) / 2)  # not the image mean 0.5
+    assert s["correct_images"] == pytest.approx(0.5)
+    assert s["correct_prompts"] == pytest.approx(2 / 3)
+    assert s["absent_tags"] == ["two_object", "counting", "position", "color_attr"]
+    assert summarize([])["overall"] is None
+
+
+def test_read_metadata(tmp_path):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps({"tag": "colors", "prompt": "a photo of a red circle",
+                                "include": [{"class": "circle", "count": 1, "color": "red"}]}) + "\n\n")
+    assert read_metadata(path)[0]["tag"] == "colors"
+    path.write_text("{not json}\n")
+    with pytest.raises(ValueError, match="m.jsonl:1"):
+        read_metadata(path)
+    path.write_text(json.dumps({"prompt": "x"}) + "\n")
+    with pytest.raises(ValueError, match="'prompt' and 'tag'"):
+        read_metadata(path)

@@ -1,0 +1,168 @@
+"""End-to-end `evaluate(...)` and `lumina eval` with a tiny random pipeline (scores ~0: we check
+structure, files, determinism and logging, not quality)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lumina_lightning.data import synth
+from lumina_lightning.data.synth import TAGS
+from lumina_lightning.eval.cli import main as eval_main
+from lumina_lightning.eval.run import evaluate
+from lumina_lightning.sampling.testing import build_tiny_pipeline, tiny_text_encoder
+
+FAST = {"steps": 2}  # preset "fast" = Flow-DPM + CFG-trunc + TeaCache; 2 steps keep it quick
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return synth.generate_synthetic(tmp_path_factory.mktemp("synth"), 0, size=16, seed=0, n_test=18)
+
+
+@pytest.fixture(scope="module")
+def pipe(tmp_path_factory):
+    return build_tiny_pipeline(tmp_path_factory.mktemp("pipe"))
+
+
+@pytest.fixture(scope="module")
+def evaluated(pipe, data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval")
+    results = evaluate(pipe, data.test_geneval, out, preset="fast", images_per_prompt=2, seed=0, manifest=data.test,
+                       compare_to="diffusers", max_prompts=6, batch_size=5, sampler_overrides=FAST, progress=False,
+                       val_records=6)
+    return out, results
+
+
+def test_results_structure(evaluated):
+    out, results = evaluated
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["overall"] == results["overall"]
+    assert set(results["tags"]) == set(TAGS) and results["absent_tags"] == []
+    assert 0.0 <= results["overall"] <= 1.0
+    assert results["overall"] == pytest.approx(np.mean(list(results["tags"].values())))
+    assert results["images"] == 12 and results["prompts"] == 6
+    assert sum(n for _, n in results["counts"].values()) == 12
+    s = results["settings"]
+    assert (s["preset"], s["solver"], s["steps"], s["width"], s["height"]) == ("fast", "dpm", 2, 16, 16)
+    assert s["images_per_prompt"] == 2 and s["seed"] == 0
+    assert results["detector"]["shapes"] == list(synth.DEFAULT_SHAPES)
+    for key in ("generate_s", "score_s", "total_s", "val_loss_s", "detector_validation_s"):
+        assert results["timings"][key] >= 0
+    # the detector passes on the ground truth of the same split
+    dv = results["detector_validation"]
+    assert dv["passed"] and set(dv["tags"]) == set(TAGS)
+    # fixed-timestep validation loss: 8 stratified timesteps, finite, deterministic inputs
+    vl = results["val_loss"]
+    assert len(vl["per_t"]) == 8 and vl["timesteps"][0] == pytest.approx(1 / 16)
+    assert math.isfinite(vl["mean"]) and vl["records"] == 6 and vl["caption_level"] == "prompt"
+    # sampler comparison from the same noise
+    c = results["compare"]
+    assert c["reference_preset"] == "diffusers" and c["images"] == 12
+    assert 0 < c["psnr"] <= 100 and -1 <= c["ssim"] <= 1
+    assert c["reference_settings"]["solver"] == "euler" and c["reference_nfe_per_image"] == 30
+
+
+def test_files_in_geneval_layout(evaluated):
+    out, _ = evaluated
+    lines = (out / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 12
+    row = json.loads(lines[0])
+    assert {"filename", "tag", "prompt", "correct", "reason", "metadata", "details"} <= set(row)
+    assert row["filename"] == "images/00000/samples/0000.png"
+    spec = json.loads((out / "images" / "00000" / "metadata.jsonl").read_text())
+    assert spec == json.loads(row["metadata"])
+    with Image.open(out / row["filename"]) as im:
+        assert im.size == (16, 16)
+        record = json.loads(im.text["lumina_settings"])
+    assert record["seed"] == 0 and record["prompt"] == spec["prompt"] and record["solver"] == "dpm"
+    assert sorted(p.name for p in (out / "images" / "00005" / "samples").iterdir()) == ["0000.png", "0001.png"]
+
+
+def test_reports(evaluated):
+    out, results = evaluated
+    md = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    for tag in TAGS:
+        assert f"## {tag}" in md and f"<h2>{tag}</h2>" in html
+        assert (out / "grids" / f"{tag}.png").is_file()
+    assert "plots/tag_accuracy.png" in md and (out / "plots" / "tag_accuracy.png").is_file()
+    assert "✗" in md and ("✗" in html or "✓" in html)
+    assert "images/00000/samples/0000.png" in html
+    assert results["files"]["grids"]["counting"] == "grids/counting.png"
+
+
+def test_seeds_do_not_depend_on_batching(pipe, data, evaluated, tmp_path):
+    out, _ = evaluated
+    again = evaluate(pipe, data.test_geneval, tmp_path, preset="fast", images_per_prompt=2, seed=0, max_prompts=2,
+                     batch_size=1, sampler_overrides=FAST, progress=False, report=False)
+    assert again["detector_validation"] is None and again["val_loss"] is None and again["compare"] is None
+    for rel in ("images/00001/samples/0001.png", "images/00000/samples/0000.png"):
+        a = np.asarray(Image.open(out / rel), dtype=np.int16)
+        b = np.asarray(Image.open(tmp_path / rel), dtype=np.int16)
+        assert np.abs(a - b).max() <= 1
+
+
+def test_cli_end_to_end_with_mlflow(pipe, data, tmp_path, monkeypatch, capsys):
+    from lumina_lightning.sampling.pipeline_io import save_pipeline
+
+    monkeypatch.chdir(tmp_path)  # MLflow's ./mlartifacts goes here
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    ckpt = save_pipeline(tmp_path / "model", pipe.model, text_encoder_spec={"path": tiny_text_encoder(tmp_path)},
+                         autoencoder_spec={"kind": "pixel"})
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    rc = eval_main(["--ckpt", str(ckpt), "--prompts", str(data.test_geneval), "--out", str(tmp_path / "out"),
+                    "--preset", "fast", "--steps", "2", "--cfg", "2.0", "--images-per-prompt", "1", "--max-prompts", "6",
+                    "--manifest", str(data.test), "--val-records", "4", "--validate-detector", "--no-progress",
+                    "--tracking-uri", uri, "--experiment", "eval-test", "--run-name", "tiny"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "overall" in printed and "detector on ground-truth renders" in printed and "MLflow run" in printed
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["checkpoint"] == str(ckpt) and results["settings"]["cfg_scale"] == 2.0
+    assert results["images"] == 6 and results["mlflow"]["experiment"] == "eval-test"
+    for name in ("report.md", "report.html", "results.jsonl"):
+        assert (tmp_path / "out" / name).is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(results["mlflow"]["run_id"])
+    assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
+    assert run.data.metrics["geneval/overall"] == pytest.approx(results["overall"])
+    assert run.data.metrics["detector_gt/min_tag"] >= 0.98 and "val_loss" in run.data.metrics
+    assert run.data.params["sampler.solver"] == "dpm" and run.data.tags["kind"] == "eval"
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"report.html", "report.md", "results.json", "grids", "plots", "images"} <= artifacts
+    assert (tmp_path / "mlartifacts").is_dir()
+
+    # re-score the saved images (GenEval layout) without generating: same per-task numbers
+    rc = eval_main(["--images", str(tmp_path / "out" / "images"), "--out", str(tmp_path / "rescored")])
+    assert rc == 0
+    rescored = json.loads((tmp_path / "rescored" / "results.json").read_text())
+    assert rescored["tags"] == results["tags"] and rescored["detector"] == results["detector"]
+
+
+def test_cli_validate_detector_only(data, tmp_path, capsys):
+    from lumina_lightning.cli import main as lumina_main
+
+    rc = lumina_main(["eval", "--validate-detector", "--manifest", str(data.test), "--out", str(tmp_path)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "passes the 0.98 bar" in printed
+    for tag in TAGS:
+        assert tag in printed
+    assert json.loads((tmp_path / "detector_validation.json").read_text())["passed"]
+
+
+def test_cli_errors(tmp_path, capsys):
+    assert eval_main(["--out", str(tmp_path)]) == 2
+    assert "give --ckpt" in capsys.readouterr().err
+    assert eval_main(["--ckpt", str(tmp_path / "missing"), "--prompts", str(tmp_path / "p.jsonl"),
+                      "--out", str(tmp_path / "out")]) == 2
+    assert "lumina eval: error:" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written before the inputs are known to be good
