@@ -23,15 +23,28 @@ def global_batch(cfg: RecipeConfig) -> int:
     return cfg.data.batch_size * devices * cfg.trainer.num_nodes * cfg.trainer.accumulate_grad_batches
 
 
-def is_generation(path: Path) -> bool:
-    return (yaml.safe_load(path.read_text()) or {}).get("task", "generation") == "generation"
+def is_pipeline(path: Path) -> bool:
+    return "stages" in (yaml.safe_load(path.read_text()) or {})
 
 
-@pytest.mark.parametrize("path", [p for p in FULL if is_generation(p)], ids=lambda p: str(p.relative_to(RECIPES)))
-def test_every_generation_recipe_loads(path):
+@pytest.mark.parametrize("path", [p for p in FULL if not is_pipeline(p)], ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_recipe_loads(path):
+    """Training recipes of every task (generation, unicap) validate against the code."""
     loaded = load_recipe(path)
     assert loaded.config.stage
     assert loaded.files[-1] == path.resolve()
+
+
+@pytest.mark.parametrize("path", [p for p in FULL if is_pipeline(p)], ids=lambda p: str(p.relative_to(RECIPES)))
+def test_every_pipeline_file_loads_and_names_real_recipes(path):
+    from lumina_lightning.training.pipeline import load_pipeline_config
+
+    for smoke in (False, True):
+        cfg = load_pipeline_config(path, smoke=smoke)
+        for stage in cfg.stages:
+            load_recipe(ROOT / stage.recipe, stage.overrides)
+        if cfg.unicap.recipe:
+            assert (ROOT / cfg.unicap.recipe).is_file() or not cfg.unicap.enabled
 
 
 @pytest.mark.parametrize("path", BASES, ids=lambda p: p.name)

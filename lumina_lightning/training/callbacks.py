@@ -103,3 +103,36 @@ class GracefulStop(pl.Callback):
     @property
     def exit_code(self) -> int:
         return self.EXIT_CODES.get(self.requested, 0) if self.requested is not None else 0
+
+
+class ConsoleProgress(pl.Callback):
+    """Plain log lines every ``every`` steps: step, loss, speed, ETA.
+
+    Used instead of the tqdm bar when ``trainer.enable_progress_bar`` is false (CI logs, batch
+    jobs, files), so a long run is never silent.
+    """
+
+    def __init__(self, every: int = 10) -> None:
+        self.every = max(1, every)
+        self._start: float | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import time
+
+        self._start = time.perf_counter()
+        self._first_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        import time
+
+        step = trainer.global_step
+        if not trainer.is_global_zero or step % self.every or self._start is None:
+            return
+        done = max(step - self._first_step, 1)
+        rate = done / (time.perf_counter() - self._start)
+        left = max(trainer.max_steps - step, 0) / rate if trainer.max_steps > 0 else float("nan")
+        loss = trainer.callback_metrics.get("train/loss")
+        loss_text = f"{float(loss):.4f}" if loss is not None else "-"
+        print(f"step {step}/{trainer.max_steps}  loss {loss_text}  {rate:.2f} steps/s  ETA {left / 60:.1f} min",
+              flush=True)

@@ -219,12 +219,14 @@ class RecipeConfig:
     """A whole training recipe.
 
     Attributes:
+        task: ``generation`` (this schema) or ``unicap`` (captioner fine-tuning; its own schema).
         stage: stage name, used for the output folder, the MLflow run name and the ``stage`` tag.
         seed: global seed (data order, caption choice, noise, timesteps, dropout).
         output_dir: where checkpoints, the resolved config and the ``export/`` pipeline go.
         resume: ``null`` (fresh), ``auto`` (the run's ``last.ckpt`` when it exists) or a checkpoint path.
     """
 
+    task: str = "generation"
     stage: str = "train"
     seed: int = 0
     output_dir: str = "runs/${stage}"

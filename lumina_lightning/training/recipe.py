@@ -29,6 +29,26 @@ from omegaconf import OmegaConf
 from lumina_lightning.training.config import RecipeConfig
 
 COMMAND_LINE = "command line"
+# task -> (module, schema class). A recipe names its task with `task:` (default: generation).
+TASKS = {
+    "generation": ("lumina_lightning.training.config", "RecipeConfig"),
+    "unicap": ("lumina_lightning.training.unicap_config", "UniCapRecipe"),
+}
+
+
+def schema_for(task: str, where: str) -> type:
+    """The dataclass a recipe of ``task`` is validated against."""
+    import importlib
+
+    if task not in TASKS:
+        close = closest(str(task), TASKS)
+        hint = f" (did you mean {close!r}?)" if close else ""
+        raise RecipeError(f"{where}: unknown `task` {task!r}{hint}; known tasks: {sorted(TASKS)}")
+    module, name = TASKS[task]
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError:
+        raise RecipeError(f"{where}: the `{task}` task is not built yet in this version ({module} is missing)") from None
 
 
 class RecipeError(ValueError):
@@ -152,7 +172,7 @@ def _resolve_default(entry: str, folder: Path, where: str) -> Path:
     raise RecipeError(f"{where}: `defaults` entry {entry!r} not found (looked for {', '.join(map(str, candidates))})")
 
 
-def _load_file(path: Path, stack: tuple[Path, ...], files: list[Path]) -> dict:
+def _load_file(path: Path, stack: tuple[Path, ...], files: list[Path], schema: type = RecipeConfig) -> dict:
     path = path.resolve()
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
@@ -171,8 +191,8 @@ def _load_file(path: Path, stack: tuple[Path, ...], files: list[Path]) -> dict:
     merged: dict = {}
     for entry in defaults:
         merged = _deep_merge(merged, _load_file(_resolve_default(str(entry), path.parent, str(path)),
-                                                (*stack, path), files))
-    check_section(data, RecipeConfig, str(path))
+                                                (*stack, path), files, schema))
+    check_section(data, schema, str(path))
     files.append(path)
     return _deep_merge(merged, data)
 
@@ -203,11 +223,12 @@ def _nest(keys: list[str], value: Any) -> dict:
 class LoadedRecipe:
     """A validated recipe: the typed config, its resolved plain-dict form and the files it came from."""
 
-    config: RecipeConfig
+    config: Any  # RecipeConfig for generation, the task's schema otherwise
     resolved: dict[str, Any]
     files: list[Path]
     overrides: list[str]
     path: Path
+    task: str = "generation"
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.resolved, sort_keys=False)
@@ -236,23 +257,40 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     """
     path = Path(path)
     files: list[Path] = []
-    merged = _load_file(path, (), files)
+    task = _peek_task(path)
+    schema = schema_for(task, str(path))
+    merged = _load_file(path, (), files, schema)
     for item in overrides:
         keys, value = parse_override(item)
         patch = _nest(keys, value)
-        check_section(patch, RecipeConfig, f"{COMMAND_LINE} ({item})")
+        check_section(patch, schema, f"{COMMAND_LINE} ({item})")
         merged = _deep_merge(merged, patch)
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(merged), resolve=True)
     except Exception as err:  # omegaconf's InterpolationKeyError etc.
         raise RecipeError(f"{path}: cannot resolve interpolation: {err}") from None
     where = f"{path} (after merging defaults and overrides)"
-    check_section(resolved, RecipeConfig, where)
-    config = build_dataclass(RecipeConfig, resolved, where)
+    check_section(resolved, schema, where)
+    config = build_dataclass(schema, resolved, where)
     # the full resolved config, defaults included: what the run actually used
     full = dataclasses.asdict(config)
-    check_semantics(config, where)
-    return LoadedRecipe(config=config, resolved=full, files=files, overrides=list(overrides), path=path)
+    if schema is RecipeConfig:
+        check_semantics(config, where)
+    elif hasattr(config, "check"):
+        try:
+            config.check()
+        except ValueError as err:
+            raise RecipeError(f"{where}: {err}") from None
+    return LoadedRecipe(config=config, resolved=full, files=files, overrides=list(overrides), path=path, task=task)
+
+
+def _peek_task(path: Path) -> str:
+    """The ``task`` a recipe names in its own file (default ``generation``)."""
+    try:
+        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+    except yaml.YAMLError:
+        return "generation"  # the full load reports the YAML error with its position
+    return str((data or {}).get("task", "generation")) if isinstance(data, dict) else "generation"
 
 
 # ------------------------------------------------------------------------------------------------

@@ -76,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.recipe}: valid ({len(loaded.files)} file(s): {', '.join(str(f) for f in loaded.files)})")
         return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if loaded.task == "unicap":
+        from lumina_lightning.training.unicap_run import train_unicap as run_task
+    else:
+        run_task = train
     try:
-        result = train(loaded)
+        result = run_task(loaded)
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
@@ -242,7 +246,7 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
     from lumina_lightning.data.cache import cache_identity as make_cache_identity
     from lumina_lightning.models.io import read_state
     from lumina_lightning.modules.generation import NextDiTModule
-    from lumina_lightning.training.callbacks import AtomicCheckpointIO, GracefulStop
+    from lumina_lightning.training.callbacks import AtomicCheckpointIO, ConsoleProgress, GracefulStop
     from lumina_lightning.training.parallelize import GPU_ONLY, build_strategy, full_state_dict, uses_fsdp2
 
     started = time.perf_counter()
@@ -311,6 +315,8 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
     callbacks = [checkpoints, stop, *(extra_callbacks or [])]
     if cfg.trainer.enable_progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
+    else:
+        callbacks.append(ConsoleProgress(cfg.trainer.log_every_n_steps))
     plugins = []
     if not uses_fsdp2(strategy) and not str(cfg.trainer.strategy).startswith("deepspeed"):
         plugins.append(AtomicCheckpointIO())

@@ -1,0 +1,308 @@
+"""``lumina pipeline PIPELINE.yaml``: the end-to-end progressive run, one command.
+
+synthetic data → (optional) UniCap fine-tune + re-captioning → stage 1 → stage 2 → stage 3 → offline
+mini-GenEval of every stage (EMA and raw weights of the last) → a summary with per-stage numbers
+and wall times, where the MLflow runs are, and how to open the Gradio app on the result.
+
+The pipeline file names recipes; it adds no training logic of its own. ``--smoke`` applies the
+file's ``smoke`` overrides (a few steps, a few prompts) so tests can run the same command quickly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lumina_lightning.pipeline")
+
+
+@dataclass
+class SyntheticStep:
+    """Generate the synthetic compositional dataset into ``out`` unless it is already there."""
+
+    out: str = "runs/tiny/synthetic"
+    n: int = 4000
+    n_test: int = 300
+    size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class UniCapStep:
+    """Fine-tune the tiny captioner, then re-caption the training images for the stages."""
+
+    enabled: bool = False
+    recipe: str = "recipes/tiny/unicap_finetune.yaml"
+    overrides: list[str] = field(default_factory=list)
+    levels: list[str] = field(default_factory=lambda: ["short", "long", "tags"])
+    limit: int | None = None
+    max_new_tokens: int = 48
+
+
+@dataclass
+class StageStep:
+    """One training stage: a recipe plus dotted overrides."""
+
+    recipe: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalStep:
+    """Mini-GenEval settings (see ``lumina eval``)."""
+
+    enabled: bool = True
+    prompts: str = "runs/tiny/synthetic/test_geneval.jsonl"
+    manifest: str | None = "runs/tiny/synthetic/test.jsonl"
+    preset: str = "official"
+    images_per_prompt: int = 2
+    seed: int = 0
+    max_prompts: int | None = None
+    batch_size: int = 32
+    steps: int | None = None
+    cfg_scale: float | None = None
+    every_stage: bool = True
+    compare_raw: bool = True
+
+
+@dataclass
+class PipelineConfig:
+    """An end-to-end pipeline; ``smoke`` holds overrides for ``--smoke`` (e.g. ``stages.*`` steps)."""
+
+    name: str = "tiny"
+    output_dir: str = "runs/${name}"
+    synthetic: SyntheticStep = field(default_factory=SyntheticStep)
+    unicap: UniCapStep = field(default_factory=UniCapStep)
+    stages: list[StageStep] = field(default_factory=list)
+    eval: EvalStep = field(default_factory=EvalStep)
+    stage_smoke_overrides: list[str] = field(default_factory=list)
+    smoke: dict[str, Any] = field(default_factory=dict)
+
+
+def load_pipeline_config(path: str | os.PathLike, overrides: list[str] = (), smoke: bool = False) -> PipelineConfig:
+    """Read and validate a pipeline YAML (unknown keys name the file and the closest key)."""
+    import yaml
+    from omegaconf import OmegaConf
+
+    from lumina_lightning.training.recipe import (
+        RecipeError,
+        _deep_merge,
+        _nest,
+        build_dataclass,
+        check_section,
+        parse_override,
+    )
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"pipeline file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    check_section(data, PipelineConfig, str(path))
+    if smoke:
+        data = _deep_merge(data, data.get("smoke") or {})
+    for item in overrides:
+        keys, value = parse_override(item)
+        patch = _nest(keys, value)
+        check_section(patch, PipelineConfig, f"command line ({item})")
+        data = _deep_merge(data, patch)
+    resolved = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+    stages = [build_dataclass(StageStep, s, str(path), "stages.") for s in resolved.pop("stages", [])]
+    cfg = build_dataclass(PipelineConfig, resolved, str(path))
+    cfg.stages = stages
+    if not cfg.stages:
+        raise RecipeError(f"{path}: `stages` is empty; list at least one stage recipe")
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lumina pipeline", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("pipeline", help="pipeline YAML, e.g. recipes/tiny/pipeline.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline file")
+    p.add_argument("--smoke", action="store_true", help="apply the file's `smoke` overrides (a quick check)")
+    p.add_argument("--skip-eval", action="store_true", help="train only")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_intermixed_args(argv)
+    from lumina_lightning.training.recipe import RecipeError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        cfg = load_pipeline_config(args.pipeline, args.overrides, smoke=args.smoke)
+        if args.skip_eval:
+            cfg.eval.enabled = False
+        summary = run_pipeline(cfg, smoke=args.smoke)
+    except RecipeError as err:
+        print(f"pipeline error: {err}", file=sys.stderr)
+        return 2
+    return 0 if summary.get("ok") else 1
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
+    """Run every step; returns (and writes ``<output_dir>/summary.json``) the per-stage results."""
+    import torch
+
+    from lumina_lightning.training.recipe import load_recipe
+    from lumina_lightning.training.run import train
+
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict[str, Any] = {"name": cfg.name, "smoke": smoke, "stages": [], "ok": False}
+
+    t0 = time.perf_counter()
+    synth = _synthetic(cfg.synthetic)
+    summary["synthetic"] = {"dir": str(synth), "seconds": round(time.perf_counter() - t0, 1)}
+
+    caption_manifest = None
+    if cfg.unicap.enabled:
+        caption_manifest = _unicap(cfg, synth, summary)
+
+    previous_export: str | None = None
+    for i, stage in enumerate(cfg.stages):
+        overrides = list(stage.overrides) + (list(cfg.stage_smoke_overrides) if smoke else [])
+        if caption_manifest is not None and i == 0:
+            overrides.append(f"data.path={caption_manifest}")
+        # Every stage writes under the pipeline's folder, and a stage that starts from a previous
+        # one (`model.init_from` in its recipe) starts from *this* pipeline's previous export — so a
+        # smoke run never resumes or initialises from a real run's checkpoints.
+        name = load_recipe(stage.recipe, overrides).config
+        overrides.append(f"output_dir={out.resolve() / name.stage}")
+        if name.model.init_from and previous_export:
+            overrides.append(f"model.init_from={previous_export}")
+        loaded = load_recipe(stage.recipe, overrides)
+        t0 = time.perf_counter()
+        print(f"\n=== stage {i + 1}/{len(cfg.stages)}: {loaded.config.stage} ({stage.recipe}) ===", flush=True)
+        result = train(loaded)
+        if result.exit_code:
+            summary["stopped"] = f"stage {loaded.config.stage} stopped by {result.stopped_by_signal}"
+            _write(out, summary)
+            return summary
+        entry = {
+            "stage": loaded.config.stage,
+            "recipe": stage.recipe,
+            "resolution": loaded.config.data.resolution,
+            "steps": result.global_step,
+            "train_seconds": round(time.perf_counter() - t0, 1),
+            "loss_first": _mean(result.losses[:20]),
+            "loss_last": _mean(result.losses[-20:]),
+            "val_loss": result.validation,
+            "export": str(result.export_dir),
+            "mlflow_run_id": result.mlflow_run_id,
+        }
+        summary["stages"].append(entry)
+        summary["tracking_uri"] = result.tracking_uri
+        previous_export = str(result.export_dir)
+        del result
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+
+    if cfg.eval.enabled:
+        last = len(summary["stages"]) - 1
+        for i, entry in enumerate(summary["stages"]):
+            if not cfg.eval.every_stage and i != last:
+                continue
+            variants = [("ema", "auto")] + ([("raw", False)] if (cfg.eval.compare_raw and i == last) else [])
+            for label, ema in variants:
+                t0 = time.perf_counter()
+                res = _evaluate(cfg, entry["export"], out / "eval" / f"{entry['stage']}_{label}", ema)
+                entry.setdefault("geneval", {})[label] = {
+                    "overall": res.get("overall"),
+                    "tags": res.get("tags"),
+                    "seconds": round(time.perf_counter() - t0, 1),
+                }
+    summary["total_seconds"] = round(time.perf_counter() - started, 1)
+    summary["ok"] = True
+    _write(out, summary)
+    _print_summary(summary, out)
+    return summary
+
+
+def _mean(values: list[float]) -> float | None:
+    return round(sum(values) / len(values), 4) if values else None
+
+
+def _synthetic(step: SyntheticStep) -> Path:
+    from lumina_lightning.data.synth import generate_synthetic
+
+    out = Path(step.out)
+    if (out / "train.jsonl").is_file() and (out / "test_geneval.jsonl").is_file():
+        return out
+    print(f"generating the synthetic dataset ({step.n} + {step.n_test} images at {step.size}px) into {out}", flush=True)
+    generate_synthetic(out, step.n, step.size, step.seed, n_test=step.n_test, progress=True)
+    return out
+
+
+def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any]) -> Path:
+    from lumina_lightning.modules.caption_cli import main as caption_main
+    from lumina_lightning.training.recipe import load_recipe
+    from lumina_lightning.training.unicap_run import train_unicap
+
+    t0 = time.perf_counter()
+    loaded = load_recipe(cfg.unicap.recipe, list(cfg.unicap.overrides))
+    print(f"\n=== UniCap: {loaded.config.stage} ({cfg.unicap.recipe}) ===", flush=True)
+    result = train_unicap(loaded)
+    export = getattr(result, "export_dir", None)
+    out_manifest = Path(cfg.output_dir) / "captions" / "train_unicap.jsonl"
+    argv = ["--model", str(export), "--input", str(synth / "train.jsonl"), "--output", str(out_manifest),
+            "--levels", ",".join(cfg.unicap.levels), "--max-new-tokens", str(cfg.unicap.max_new_tokens)]
+    if cfg.unicap.limit:
+        argv += ["--limit", str(cfg.unicap.limit)]
+    code = caption_main(argv)
+    if code:
+        raise RuntimeError(f"captioning failed with exit code {code}")
+    summary["unicap"] = {"seconds": round(time.perf_counter() - t0, 1), "manifest": str(out_manifest),
+                         "metrics": getattr(result, "metrics", None)}
+    return out_manifest
+
+
+def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any) -> dict[str, Any]:
+    from lumina_lightning.eval.run import evaluate
+    from lumina_lightning.sampling.pipeline_io import load_pipeline
+
+    e = cfg.eval
+    pipe = load_pipeline(export, ema=ema)
+    overrides = {k: v for k, v in (("steps", e.steps), ("cfg_scale", e.cfg_scale)) if v is not None}
+    return evaluate(pipe, e.prompts, out, preset=e.preset, images_per_prompt=e.images_per_prompt, seed=e.seed,
+                    manifest=e.manifest, max_prompts=e.max_prompts, batch_size=e.batch_size,
+                    sampler_overrides=overrides or None, progress=True)
+
+
+def _write(out: Path, summary: dict[str, Any]) -> None:
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
+def _print_summary(summary: dict[str, Any], out: Path) -> None:
+    lines = ["", f"=== pipeline `{summary['name']}` finished in {summary['total_seconds'] / 60:.1f} min ===", ""]
+    lines.append("| stage | res | steps | train s | loss first→last | val loss (EMA) | GenEval (EMA) | GenEval (raw) |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for e in summary["stages"]:
+        g = e.get("geneval", {})
+        fmt = lambda r: f"{r['overall']:.3f}" if r and r.get("overall") is not None else "–"  # noqa: E731
+        val = e.get("val_loss") or {}
+        lines.append(
+            f"| {e['stage']} | {e['resolution']} | {e['steps']} | {e['train_seconds']} | "
+            f"{e['loss_first']} → {e['loss_last']} | {val.get('ema', float('nan')):.4f} | {fmt(g.get('ema'))} | "
+            f"{fmt(g.get('raw'))} |"
+        )
+    last = summary["stages"][-1]
+    tags = (last.get("geneval", {}).get("ema") or {}).get("tags") or {}
+    if tags:
+        lines += ["", "final model, per task (EMA): " + ", ".join(f"{k} {v:.2f}" for k, v in tags.items())]
+    uri = summary.get("tracking_uri")
+    if uri:
+        lines += ["", f"MLflow runs: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"]
+    lines += [f"Gradio app:  lumina demo --ckpt {last['export']}", f"summary:     {out / 'summary.json'}"]
+    print("\n".join(lines), flush=True)
