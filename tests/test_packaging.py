@@ -35,8 +35,10 @@ def test_readme_cpu_install_pins_local_torch_first():
 
 def test_ci_runs_the_readme_install_and_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
-    test_cmd = next(l for l in fenced_lines(README) if "pytest" in l)
-    assert test_cmd in ci.splitlines()
+    test_cmds = [l for l in fenced_lines(README) if "pytest" in l]
+    assert len(test_cmds) >= 1
+    for cmd in test_cmds:
+        assert cmd in ci.splitlines(), cmd
     assert "pip install torch==2.13.0" in ci.splitlines()
     assert "pip install -e '.[dev]'" in ci.splitlines()
     assert "set -euo pipefail" in ci  # a failing test fails CI

@@ -153,3 +153,11 @@ def test_lightning_run_entry_point_trains(tmp_path):
                          cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "run" / "export" / "pipeline.json").is_file()
+
+
+def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
+    """YAML 1.1 (PyYAML) reads `1e-3` as a string; recipes read it as the number users mean."""
+    path = tmp_path / "r.yaml"
+    path.write_text("autoencoder: {kind: pixel}\noptim: {lr: 1e-3}\n")
+    assert load_recipe(path).config.optim.lr == 1e-3
+    assert load_recipe(path, ["optim.lr=5e-4"]).config.optim.lr == 5e-4

@@ -89,7 +89,6 @@ class PipelineConfig:
 
 def load_pipeline_config(path: str | os.PathLike, overrides: list[str] = (), smoke: bool = False) -> PipelineConfig:
     """Read and validate a pipeline YAML (unknown keys name the file and the closest key)."""
-    import yaml
     from omegaconf import OmegaConf
 
     from lumina_lightning.training.recipe import (
@@ -98,13 +97,14 @@ def load_pipeline_config(path: str | os.PathLike, overrides: list[str] = (), smo
         _nest,
         build_dataclass,
         check_section,
+        load_yaml,
         parse_override,
     )
 
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"pipeline file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = load_yaml(path.read_text()) or {}
     check_section(data, PipelineConfig, str(path))
     if smoke:
         data = _deep_merge(data, data.get("smoke") or {})

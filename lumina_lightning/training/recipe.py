@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -53,6 +54,23 @@ def schema_for(task: str, where: str) -> type:
 
 class RecipeError(ValueError):
     """A recipe that does not fit the schema; the message names the file and key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a *string*; YAML 1.2 and every user
+    reads it as a number. This loader resolves such exponents as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse recipe YAML (safe; numbers like ``1e-3`` are floats)."""
+    return yaml.load(text, Loader=_Loader)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -180,7 +198,7 @@ def _load_file(path: Path, stack: tuple[Path, ...], files: list[Path], schema: t
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(data, dict):
@@ -206,7 +224,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if not key:
         raise RecipeError(f"{COMMAND_LINE}: override {item!r} has an empty key")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
@@ -287,7 +305,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def _peek_task(path: Path) -> str:
     """The ``task`` a recipe names in its own file (default ``generation``)."""
     try:
-        data = yaml.safe_load(path.read_text()) if path.is_file() else None
+        data = load_yaml(path.read_text()) if path.is_file() else None
     except yaml.YAMLError:
         return "generation"  # the full load reports the YAML error with its position
     return str((data or {}).get("task", "generation")) if isinstance(data, dict) else "generation"
