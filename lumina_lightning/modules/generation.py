@@ -373,10 +373,10 @@ class NextDiTModule(pl.LightningModule):
             self.log_bins()
         v = self.recipe.validation
         step = self.global_step
-        last = step >= self.trainer.max_steps  # the final step: always validate and render
-        if stepped and (last or (v.every_n_steps and step % v.every_n_steps == 0)):
+        last = step >= self.trainer.max_steps  # the final step always validates and renders (unless switched off)
+        if stepped and v.every_n_steps and (last or step % v.every_n_steps == 0):
             self.run_validation()
-        if stepped and (last or (v.sample_every_n_steps and step % v.sample_every_n_steps == 0)):
+        if stepped and v.sample_every_n_steps and (last or step % v.sample_every_n_steps == 0):
             self.render_samples()
 
     def log_bins(self) -> None:

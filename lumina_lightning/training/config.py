@@ -145,9 +145,9 @@ class ValidationSection:
     """Validation: fixed-timestep loss and a sample grid, both with fixed noise/seeds.
 
     Attributes:
-        every_n_steps: run the validation loss every N optimizer steps (0 = only at the end).
+        every_n_steps: run the validation loss every N optimizer steps and at the last step (0 = never).
         n_timesteps: stratified fixed timesteps (i + 0.5)/n for the validation loss.
-        sample_every_n_steps: render the sample grid every N steps (0 = only at the end).
+        sample_every_n_steps: render the sample grid every N steps and at the last step (0 = never).
         prompts: fixed validation prompts (captions; the system template is added).
         seeds: one seed per prompt (repeated if shorter).
         preset / steps / cfg_scale: sampler settings for the grid (see ``sampling.presets``).

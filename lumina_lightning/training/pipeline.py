@@ -119,7 +119,18 @@ def load_pipeline_config(path: str | os.PathLike, overrides: list[str] = (), smo
     cfg.stages = stages
     if not cfg.stages:
         raise RecipeError(f"{path}: `stages` is empty; list at least one stage recipe")
+    # recipe paths are relative to the pipeline file (so the command works from any folder)
+    for stage in cfg.stages:
+        stage.recipe = _beside(stage.recipe, path)
+    cfg.unicap.recipe = _beside(cfg.unicap.recipe, path)
     return cfg
+
+
+def _beside(recipe: str, pipeline_file: Path) -> str:
+    candidate = (pipeline_file.parent / recipe).resolve()
+    if Path(recipe).is_absolute() or not candidate.exists():
+        return recipe
+    return str(candidate)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,7 +228,8 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
             variants = [("ema", "auto")] + ([("raw", False)] if (cfg.eval.compare_raw and i == last) else [])
             for label, ema in variants:
                 t0 = time.perf_counter()
-                res = _evaluate(cfg, entry["export"], out / "eval" / f"{entry['stage']}_{label}", ema)
+                res = _evaluate(cfg, entry["export"], out / "eval" / f"{entry['stage']}_{label}", ema,
+                                size=entry["resolution"])
                 entry.setdefault("geneval", {})[label] = {
                     "overall": res.get("overall"),
                     "tags": res.get("tags"),
@@ -268,7 +280,8 @@ def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any]) -> Path:
     return out_manifest
 
 
-def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any) -> dict[str, Any]:
+def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any, size: int) -> dict[str, Any]:
+    """Mini-GenEval of one export at its stage's resolution (a 32 px stage is judged at 32 px)."""
     from lumina_lightning.eval.run import evaluate
     from lumina_lightning.sampling.pipeline_io import load_pipeline
 
@@ -276,6 +289,7 @@ def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any) -> dict[str
     pipe = load_pipeline(export, ema=ema)
     overrides = {k: v for k, v in (("steps", e.steps), ("cfg_scale", e.cfg_scale)) if v is not None}
     return evaluate(pipe, e.prompts, out, preset=e.preset, images_per_prompt=e.images_per_prompt, seed=e.seed,
+                    width=size, height=size,
                     manifest=e.manifest, max_prompts=e.max_prompts, batch_size=e.batch_size,
                     sampler_overrides=overrides or None, progress=True)
 

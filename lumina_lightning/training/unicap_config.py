@@ -115,7 +115,12 @@ class DataSection:
 
 @dataclass
 class OptimSection:
-    """AdamW (no decay on 1-D parameters), linear warm-up, then constant or cosine to ``min_lr_ratio``."""
+    """AdamW (no decay on 1-D parameters), linear warm-up, then constant or cosine to ``min_lr_ratio``.
+
+    ``loss_reduction``: ``token`` = mean over every answer token of the batch (the model's own
+    loss; long answers weigh more), ``sample`` = mean of per-sample means (each drawn level counts
+    as much as ``data.level_weights`` say, however long its answers are).
+    """
 
     lr: float = 1e-5
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -125,6 +130,7 @@ class OptimSection:
     schedule: str = "cosine"
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    loss_reduction: str = "token"
 
 
 @dataclass
@@ -221,6 +227,7 @@ class UniCapRecipe:
         choice("trainer.strategy", self.trainer.strategy, STRATEGIES)
         choice("trainer.precision", self.trainer.precision, PRECISIONS)
         choice("optim.schedule", self.optim.schedule, ("constant", "cosine"))
+        choice("optim.loss_reduction", self.optim.loss_reduction, ("token", "sample"))
         if not self.data.path:
             raise ValueError("`data.path` is required (a manifest, data YAML or image folder)")
         if self.data.batch_size < 1 or self.trainer.max_steps < 1:
@@ -241,7 +248,7 @@ class UniCapRecipe:
         if not 0.0 <= self.data.max_skip_rate <= 1.0:
             raise ValueError(f"`data.max_skip_rate` must be in [0, 1], got {self.data.max_skip_rate}")
         lora = self.model.lora
-        if lora.enabled and (lora.r < 1 or lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0):
+        if (lora.r < 1 or lora.alpha <= 0 or not 0.0 <= lora.dropout < 1.0):
             raise ValueError("`model.lora`: r >= 1, alpha > 0 and 0 <= dropout < 1 are required")
         if not isinstance(lora.target_modules, (str, list)) or not lora.target_modules:
             raise ValueError("`model.lora.target_modules` must be a non-empty list of names or a regex string")

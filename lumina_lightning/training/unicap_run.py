@@ -222,7 +222,7 @@ def train_unicap(loaded: Any, *, extra_callbacks: list | None = None, trainer_kw
 
     # a max_time stop skips the last-step validation: validate now so the result has final numbers
     if stop.requested is None and trainer.state.finished and module.last_validation.get("step") != trainer.global_step:
-        module.run_validation(final=True)
+        module.run_validation()
 
     export_dir = None
     metrics = {k.split("/", 1)[1]: v for k, v in module.last_validation.items() if k.startswith("val/")}

@@ -1,0 +1,301 @@
+"""``lumina caption``: re-caption images with a fine-tuned UniCap captioner into a training manifest.
+
+    lumina caption --model runs/tiny/unicap/export --input data/train.jsonl \\
+        --output data/train_unicap.jsonl --levels short,long,tags [--eval]
+
+* ``--model``: the captioner export folder a UniCap run writes (full model, or LoRA adapter + base
+  path), a run folder holding ``export/``, or any local image-text-to-text model folder;
+* ``--input``: a manifest (``.jsonl``/``.json``), a data YAML, or an image folder;
+* ``--output``: a JSONL manifest in the data pipeline's record format (``image``, ``captions``
+  with one entry per level, ``width``/``height``, the input's ``meta``) that generation recipes
+  read as ``data.path``; image paths are relative to the manifest when the images lie below its
+  folder, absolute otherwise.
+
+Batched generation with a progress bar. Resumable: every batch is appended and flushed (fsync) at
+once, and a rerun skips images already in the output (or already reported unreadable), so an
+interrupted run continues where it stopped with no duplicates and the same batches. A torn last
+line (killed mid-write) is dropped on restart. Unreadable images are skipped, listed in
+``<output>.skipped.jsonl`` and summarised at the end (``--retry-skipped`` tries them again).
+``--eval`` scores the written captions against the synthetic generator's metadata (attribute
+accuracy of colours/shapes/counts; ``unicap_eval``) and writes ``<output>.eval.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+log = logging.getLogger("lumina_lightning.caption")
+
+__all__ = ["CaptionReport", "read_done", "caption_manifest", "build_parser", "main"]
+
+
+@dataclass
+class CaptionReport:
+    """What one ``caption`` run did."""
+
+    output: Path
+    total: int  # records in the input (after --limit)
+    already_done: int  # found in the output (or the skip list) at start
+    written: int  # records written by this run
+    skipped: list[dict[str, str]] = field(default_factory=list)  # this run's unreadable images
+    batches: int = 0
+    seconds: float = 0.0
+    eval: dict[str, Any] | None = None
+
+    @property
+    def complete(self) -> bool:
+        return self.already_done + self.written + len(self.skipped) >= self.total
+
+
+def skipped_path(output: Path) -> Path:
+    return output.with_name(output.name + ".skipped.jsonl")
+
+
+def _repair_tail(path: Path) -> None:
+    """Drop a torn last line (a run killed mid-write) so appends continue from a whole record."""
+    data = path.read_bytes()
+    if not data:
+        return
+    keep = len(data)
+    if not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+    else:
+        last = data[: -1].rfind(b"\n") + 1
+        try:
+            json.loads(data[last:])
+        except json.JSONDecodeError:
+            keep = last
+    if keep != len(data):
+        log.warning("%s: dropping an incomplete last line left by an interrupted run", path)
+        with open(path, "r+b") as fh:
+            fh.truncate(keep)
+
+
+def read_done(output: str | os.PathLike, include_skipped: bool = True) -> set[str]:
+    """Absolute image paths already in ``output`` (and, by default, in its skip list)."""
+    out = Path(output)
+    done: set[str] = set()
+    base = out.resolve().parent
+    for path in ([out, skipped_path(out)] if include_skipped else [out]):
+        if not path.is_file():
+            continue
+        _repair_tail(path)
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    image = json.loads(line)["image"]
+                    done.add(os.path.abspath(image if os.path.isabs(image) else base / image))
+    return done
+
+
+def _append(path: Path, lines: list[str]) -> None:
+    if not lines:
+        return
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("".join(lines))
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def caption_manifest(
+    captioner: Any,
+    input_path: str | os.PathLike,
+    output: str | os.PathLike,
+    levels: Sequence[str],
+    *,
+    batch_size: int = 16,
+    generation: dict[str, Any] | None = None,
+    limit: int | None = None,
+    keep_captions: bool = False,
+    retry_skipped: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> CaptionReport:
+    """Caption every record of ``input_path`` at ``levels`` and append them to ``output`` (resumable).
+
+    Args:
+        captioner: a :class:`~lumina_lightning.modules.unicap.Captioner`.
+        generation: decoding overrides (``max_new_tokens``, ``do_sample``, ``temperature``, ...).
+        limit: only the first ``limit`` records of the input (the same ones on every rerun).
+        keep_captions: keep the input's caption levels too (generated levels win).
+        retry_skipped: try images listed as unreadable by an earlier run again.
+        seed: sampling seed; each batch reseeds from it and the batch's position, so a resumed
+            sampled run draws what an uninterrupted one would.
+        on_batch: called as ``on_batch(batch_number, records_written_so_far)`` after each batch
+            is on disk (progress hooks, tests).
+    """
+    import torch
+
+    from lumina_lightning.data.images import load_image
+    from lumina_lightning.data.records import Record, load_records, record_to_dict
+    from lumina_lightning.data.skips import BadSample
+
+    started = time.perf_counter()
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if Path(input_path).resolve() == out.resolve():
+        raise ValueError("--output must differ from --input")
+    for level in levels:
+        if not captioner.table.has(level):
+            raise ValueError(f"the captioner has no instruction for level {level!r}; "
+                             f"known: {sorted(captioner.table.instructions)} (+ <level>_<lang> variants)")
+    records = list(load_records(input_path).records)
+    seen_images: set[str] = set()
+    unique = []
+    for r in records:  # a manifest listing an image twice is captioned once
+        if r.image not in seen_images:
+            seen_images.add(r.image)
+            unique.append(r)
+    records = unique[:limit] if limit else unique
+    if retry_skipped and skipped_path(out).exists():
+        skipped_path(out).unlink()
+    done = read_done(out)
+    pending = [(i, r) for i, r in enumerate(records) if os.path.abspath(r.image) not in done]
+    report = CaptionReport(output=out, total=len(records), already_done=len(records) - len(pending), written=0)
+    if report.already_done:
+        log.info("%s: %d of %d records already done, resuming", out, report.already_done, len(records))
+    base = out.resolve().parent
+    bar = None
+    if progress and pending:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(pending), desc="captioning", unit="img")
+    settings = dict(generation or {})
+    try:
+        for b, start in enumerate(range(0, len(pending), batch_size)):
+            chunk = pending[start:start + batch_size]
+            good: list[tuple[Record, Any]] = []
+            bad_lines = []
+            for _, rec in chunk:
+                try:
+                    good.append((rec, load_image(rec.image)))
+                except BadSample as err:
+                    entry = {"image": rec.image, "reason": err.reason, "message": str(err)}
+                    report.skipped.append(entry)
+                    bad_lines.append(json.dumps(entry, ensure_ascii=False) + "\n")
+            texts: dict[str, list[str]] = {}
+            if good:
+                torch.manual_seed(seed * 1_000_003 + chunk[0][0])
+                for level in levels:
+                    texts[level] = captioner.caption([img for _, img in good], level, **settings)
+            lines = []
+            for k, (rec, img) in enumerate(good):
+                captions = dict(rec.captions) if keep_captions else {}
+                captions.update({level: texts[level][k] for level in levels})
+                new = Record(image=rec.image, captions=captions, meta=dict(rec.meta), source=str(out),
+                             system=rec.system, width=rec.width or img.width, height=rec.height or img.height)
+                lines.append(json.dumps(record_to_dict(new, base), ensure_ascii=False) + "\n")
+            _append(out, lines)  # the records first: a skip-list entry must never hide an unwritten record
+            _append(skipped_path(out), bad_lines)
+            report.written += len(lines)
+            report.batches += 1
+            if bar is not None:
+                bar.update(len(chunk))
+            if on_batch is not None:
+                on_batch(b + 1, report.written)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not out.exists():
+        out.touch()  # an input whose images are all unreadable still yields a (empty) manifest
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+def _levels(text: str) -> list[str]:
+    levels = [x.strip() for x in text.split(",") if x.strip()]
+    if not levels:
+        raise argparse.ArgumentTypeError("--levels needs at least one level, e.g. short,long,tags")
+    return levels
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lumina caption", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="captioner export folder (or run folder, or a local VLM folder)")
+    p.add_argument("--input", required=True, help="manifest (.jsonl/.json), data YAML or image folder")
+    p.add_argument("--output", required=True, help="the JSONL manifest to write (appended to when resuming)")
+    p.add_argument("--levels", type=_levels, default=["short", "long", "tags"],
+                   help="comma-separated caption levels to generate (default: short,long,tags)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per generate call (default 16)")
+    p.add_argument("--limit", type=int, default=None, help="caption only the first N input records")
+    g = p.add_argument_group("generation (defaults: the captioner's unicap.json, else greedy, 128 tokens)")
+    g.add_argument("--max-new-tokens", type=int, default=None)
+    mode = g.add_mutually_exclusive_group()
+    mode.add_argument("--sample", dest="do_sample", action="store_true", default=None,
+                      help="sample (temperature/top-p)")
+    mode.add_argument("--greedy", dest="do_sample", action="store_false", help="greedy decoding")
+    g.add_argument("--temperature", type=float, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--num-beams", type=int, default=None)
+    g.add_argument("--repetition-penalty", type=float, default=None)
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--base-model", default=None, help="base model folder of a LoRA adapter (default: the one it names)")
+    p.add_argument("--keep-captions", action="store_true", help="keep the input's caption levels too")
+    p.add_argument("--retry-skipped", action="store_true", help="retry images an earlier run found unreadable")
+    p.add_argument("--eval", action="store_true",
+                   help="score the output's captions against synthetic metadata (colour/shape/count accuracy)")
+    p.add_argument("--eval-level", default=None,
+                   help="caption level to score (default: short if generated, else the first)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from lumina_lightning.data.records import ManifestError
+    from lumina_lightning.modules.unicap import load_captioner
+    from lumina_lightning.modules.unicap_eval import evaluate_manifest, format_accuracy, write_accuracy
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.batch_size < 1:
+        print("error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    try:
+        captioner = load_captioner(args.model, device=args.device, dtype=args.dtype, base_model=args.base_model)
+    except (FileNotFoundError, OSError, ValueError) as err:
+        print(f"error: cannot load the captioner: {err}", file=sys.stderr)
+        return 1
+    generation = {k: getattr(args, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "num_beams",
+                                                "repetition_penalty") if getattr(args, k) is not None}
+    try:
+        report = caption_manifest(captioner, args.input, args.output, args.levels, batch_size=args.batch_size,
+                                  generation=generation, limit=args.limit, keep_captions=args.keep_captions,
+                                  retry_skipped=args.retry_skipped, seed=args.seed, progress=not args.no_progress)
+    except (ManifestError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"{report.output}: wrote {report.written} records in {report.seconds:.1f}s "
+          f"({report.already_done} already done, {len(report.skipped)} unreadable, {report.total} in the input)")
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} unreadable image(s), listed in {skipped_path(report.output)}:",
+              file=sys.stderr)
+        for entry in report.skipped[:5]:
+            print(f"  {entry['reason']}: {entry['message']}", file=sys.stderr)
+    if args.eval:
+        level = args.eval_level or ("short" if "short" in args.levels else args.levels[0])
+        result = evaluate_manifest(report.output, level)
+        if result["n"] == 0:
+            print("eval: no record carries synthetic object metadata (meta.objects); nothing to score")
+        else:
+            print(format_accuracy(result))
+            path = write_accuracy(result, report.output.with_name(report.output.name + ".eval.json"))
+            print(f"eval written to {path}")
+    written_any = report.written + report.already_done > 0
+    return 0 if (written_any or report.total == 0) else 1

@@ -1,0 +1,206 @@
+"""UniCap fine-tuning: recipe validation, freezing/LoRA, a tiny tracked run that learns and exports."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from lumina_lightning.modules.unicap import (
+    UNICAP_META,
+    configure_trainable,
+    load_captioner,
+    load_vlm,
+    trainable_summary,
+    vision_and_language_parts,
+    wrap_classes,
+)
+from lumina_lightning.training.recipe import RecipeError, load_recipe
+from lumina_lightning.training.unicap_config import UniCapRecipe
+from lumina_lightning.training.unicap_run import train_unicap
+from test_unicap_helpers import tiny_vlm, unicap_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# recipes
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["unicap_finetune.yaml", "tiny/unicap_finetune.yaml"])
+def test_shipped_unicap_recipes_validate(name):
+    loaded = load_recipe(ROOT / "recipes" / name)
+    assert loaded.task == "unicap" and isinstance(loaded.config, UniCapRecipe)
+    cfg = loaded.config
+    assert cfg.data.level_weights and all(w >= 0 for w in cfg.data.level_weights.values())
+    if name.startswith("tiny"):
+        assert cfg.model.build_tiny is not None and cfg.trainer.accelerator == "cpu"
+        assert cfg.data.path == "runs/tiny/synthetic/train.jsonl" and cfg.data.synthetic  # shared with the stages
+    else:
+        assert cfg.trainer.strategy == "deepspeed_stage_3" and cfg.trainer.precision == "bf16-mixed"
+        assert cfg.trainer.devices == 8 and cfg.model.path.startswith("/")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.lorra.r=8", "did you mean `model.lora`"),
+    ("trainer.strategy=deepspeed_stage3", "did you mean 'deepspeed_stage_3'"),
+    ("data.level_weights={short: -1}", "data.level_weights.short"),
+    ("data.batch_size=two", "`data.batch_size` must be int"),
+    ("optim.loss_reduction=mean", "optim.loss_reduction"),
+    ("data.val_path=null", "validation.eval_samples"),
+    ("model.lora.r=0", "model.lora"),
+])
+def test_bad_unicap_recipes_name_the_key(override, message):
+    with pytest.raises(RecipeError, match=message.replace("{", r"\{").replace("[", r"\[")):
+        load_recipe(ROOT / "recipes/tiny/unicap_finetune.yaml", [override])
+
+
+def test_everything_frozen_is_rejected(tmp_path):
+    path = unicap_recipe(tmp_path, model={"path": "x", "freeze_vision_tower": True, "freeze_language_model": True,
+                                          "train_projector": False})
+    with pytest.raises(RecipeError, match="nothing would train"):
+        load_recipe(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# what trains
+# ------------------------------------------------------------------------------------------------
+
+
+def _cfg(**model):
+    cfg = UniCapRecipe()
+    for key, value in model.items():
+        if key.startswith("lora_"):
+            setattr(cfg.model.lora, key[5:], value)
+        else:
+            setattr(cfg.model, key, value)
+    return cfg.model
+
+
+def _trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_freeze_options_and_lora_change_what_trains():
+    base = load_vlm(tiny_vlm())
+    parts = vision_and_language_parts(base)
+    vision, projector, language = (set(parts[k]) for k in ("vision", "projector", "language"))
+    assert vision and projector and language and not parts["other"]
+    assert any("merger" in n for n in projector) and any("lm_head" in n for n in language)
+    assert {c.__name__ for c in wrap_classes(base)} == {"Qwen2VLDecoderLayer", "Qwen2VLVisionBlock"}
+
+    full = configure_trainable(load_vlm(tiny_vlm()), _cfg())
+    assert _trainable(full) == vision | projector | language
+    no_vision = configure_trainable(load_vlm(tiny_vlm()), _cfg(freeze_vision_tower=True))
+    assert _trainable(no_vision) == projector | language
+    no_lm = configure_trainable(load_vlm(tiny_vlm()), _cfg(freeze_language_model=True))
+    assert _trainable(no_lm) == vision | projector
+    only_projector = configure_trainable(load_vlm(tiny_vlm()), _cfg(freeze_vision_tower=True,
+                                                                     freeze_language_model=True))
+    assert _trainable(only_projector) == projector
+    no_projector = configure_trainable(load_vlm(tiny_vlm()), _cfg(freeze_vision_tower=True, train_projector=False))
+    assert _trainable(no_projector) == language
+
+    lora = configure_trainable(load_vlm(tiny_vlm()), _cfg(lora_enabled=True, lora_r=4, lora_alpha=8))
+    names = _trainable(lora)
+    assert names and all("lora_" in n for n in names)
+    assert all("language_model" in n for n in names)  # the default targets are the LM projections
+    summary = trainable_summary(lora)
+    assert summary["trainable"] == summary["trainable_language"] < summary["total"] // 5
+
+    # one optimizer step moves exactly the trainable parameters
+    before = {n: p.detach().clone() for n, p in lora.named_parameters()}
+    ids = torch.tensor([[5, 6, 7, 8]])
+    optimizer = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=1.0)
+    for _ in range(2):  # LoRA B starts at zero: the second step also moves A
+        lora(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    moved = {n for n, p in lora.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert moved == names
+
+
+# ------------------------------------------------------------------------------------------------
+# a tiny run
+# ------------------------------------------------------------------------------------------------
+
+
+def test_tiny_run_learns_tracks_validates_and_exports(tmp_path):
+    recipe = unicap_recipe(
+        tmp_path, trainer={"max_steps": 24, "checkpoint_every_n_steps": 12},
+        validation={"every_n_steps": 12},
+        tracking={"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
+                  "artifact_location": (tmp_path / "artifacts").as_uri(), "experiment": "t"},
+    )
+    result = train_unicap(load_recipe(recipe))
+    assert result.exit_code == 0 and result.global_step == 24 and len(result.losses) == 24
+    losses = result.losses
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses  # the caption loss clearly falls
+    assert [v["step"] for v in result.val_history] == [12.0, 24.0]
+    assert result.val_history[-1]["val/loss"] < result.val_history[0]["val/loss"]
+    for key in ("color", "shape", "count", "binding", "all"):
+        assert 0.0 <= result.metrics[f"acc_{key}"] <= 1.0
+    assert json.loads((result.output_dir / "eval.json").read_text())["step"] == 24
+    captions = (result.output_dir / "captions" / "step_0000024.txt").read_text()
+    assert "generated:" in captions and "reference:" in captions and "] tags" in captions
+
+    # the export is a transformers folder + processor + instruction table that `caption` loads
+    export = result.export_dir
+    assert (export / "config.json").is_file() and (export / "model.safetensors").is_file()
+    assert (export / "tokenizer.json").is_file() and (export / "preprocessor_config.json").is_file()
+    meta = json.loads((export / UNICAP_META).read_text())
+    assert meta["format"] == "full" and meta["instructions"]["short"].startswith("Describe")
+    captioner = load_captioner(export)
+    trained = result.module.model.state_dict()
+    for name, value in captioner.model.state_dict().items():
+        assert torch.equal(value, trained[name].cpu()), name
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlruns.db'}")
+    run = client.get_run(result.mlflow_run_id)
+    assert run.data.tags["stage"] == "unicap_test" and run.data.tags["task"] == "unicap"
+    assert run.data.params["optim.lr"] == "0.005" and run.data.params["data.batch_size"] == "8"
+    assert int(run.data.params["model.params.trainable"]) > 0
+    for metric in ("train/loss", "train/lr", "train/grad_norm", "val/loss", "val/acc_color", "val/acc_all"):
+        assert metric in run.data.metrics, metric
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"recipe", "captions", "export", "eval.json"} <= top
+    logged = [a.path for a in client.list_artifacts(run.info.run_id, "captions")]
+    assert logged == ["captions/step_0000012.txt", "captions/step_0000024.txt"]
+
+
+def test_lora_run_checkpoints_adapters_only_and_exports_an_adapter(tmp_path):
+    recipe = unicap_recipe(tmp_path, model={"path": tiny_vlm(), "dtype": "fp32",
+                                            "lora": {"enabled": True, "r": 4, "alpha": 8}},
+                           trainer={"max_steps": 3, "checkpoint_every_n_steps": 3},
+                           validation={"eval_samples": 2, "n_captions": 1, "levels": ["short"]})
+    result = train_unicap(load_recipe(recipe))
+    ckpt = torch.load(result.last_checkpoint, map_location="cpu", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all("lora_" in k for k in keys)  # frozen base weights stay in model.path
+    export = result.export_dir
+    assert (export / "adapter_config.json").is_file() and not (export / "model.safetensors").exists()
+    assert json.loads((export / UNICAP_META).read_text())["format"] == "lora"
+    captioner = load_captioner(export)  # base from unicap.json, adapter merged
+    assert not any("lora_" in n for n, _ in captioner.model.named_parameters())
+    merged = result.module.model.merge_and_unload().state_dict()
+    for name, value in captioner.model.state_dict().items():
+        assert torch.allclose(value, merged[name], atol=1e-6), name
+
+
+def test_resume_continues_to_the_same_weights(tmp_path):
+    common = dict(validation={"eval_samples": 0}, optim={"schedule": "constant", "warmup_steps": 0})
+    straight = train_unicap(load_recipe(unicap_recipe(tmp_path / "a", trainer={"max_steps": 6}, **common)))
+    first = train_unicap(load_recipe(unicap_recipe(tmp_path / "b", trainer={"max_steps": 3,
+                                                                            "checkpoint_every_n_steps": 3}, **common)))
+    resumed = train_unicap(load_recipe(unicap_recipe(tmp_path / "b", resume="auto", trainer={"max_steps": 6},
+                                                     **common)))
+    assert resumed.global_step == 6
+    # same data position, optimizer state and LR schedule: the same losses and weights as one straight run
+    assert first.losses + resumed.losses == pytest.approx(straight.losses, abs=1e-5)
+    for (name, a), (_, b) in zip(straight.module.model.named_parameters(), resumed.module.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
