@@ -181,15 +181,23 @@ class HFTextEncoder(torch.nn.Module):
                 self._cache[p] = row
                 while len(self._cache) > self.cache_size:
                     self._cache.popitem(last=False)
-        length = max(r.shape[0] for r in rows)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        feats = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
-        mask = torch.zeros(len(rows), length, dtype=torch.bool, device=feats.device)
-        for i, r in enumerate(rows):
-            feats[i, : r.shape[0]] = r
-            mask[i, : r.shape[0]] = True
-        return feats, mask
+        return pad_rows(rows, self.pad_to_multiple_of)
+
+
+def pad_rows(rows: list[torch.Tensor], multiple: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack variable-length (L_i, D) feature rows into right-padded (B, L, D) + mask (B, L).
+
+    ``multiple`` rounds L up (the official tokenizer call pads to a multiple of 8).
+    """
+    length = max(r.shape[0] for r in rows)
+    if multiple:
+        length = -(-length // multiple) * multiple
+    feats = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+    mask = torch.zeros(len(rows), length, dtype=torch.bool, device=feats.device)
+    for i, r in enumerate(rows):
+        feats[i, : r.shape[0]] = r
+        mask[i, : r.shape[0]] = True
+    return feats, mask
 
 
 def minilm_path() -> str:

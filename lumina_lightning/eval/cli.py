@@ -59,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
     p.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts")
+    p.add_argument("--max-per-tag", type=int, help="at most N prompts of each task (balanced quick runs)")
     p.add_argument("--manifest", help="synthetic test.jsonl: fixed-timestep validation loss and detector validation")
     p.add_argument("--val-records", type=int, default=64, help="records for the validation loss (0 = skip)")
     p.add_argument("--compare-to-preset", choices=("official", "fast", "diffusers"), default=None,
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     results = evaluate(
         args.ckpt, prompts, args.out, preset=args.preset, images_per_prompt=args.images_per_prompt, seed=args.seed,
         width=args.width, height=args.height, manifest=manifest, compare_to=args.compare_to_preset,
-        max_prompts=args.max_prompts, batch_size=args.batch_size, sampler_overrides=overrides, progress=progress,
+        max_prompts=args.max_prompts, max_per_tag=args.max_per_tag, batch_size=args.batch_size, sampler_overrides=overrides, progress=progress,
         validate=True if args.validate_detector else None, val_records=args.val_records, device=args.device, ema=ema,
         load_kwargs=load_kwargs,
     )

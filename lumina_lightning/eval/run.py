@@ -211,6 +211,7 @@ def evaluate(
     manifest: str | os.PathLike | None = None,
     compare_to: str | None = None,
     max_prompts: int | None = None,
+    max_per_tag: int | None = None,
     batch_size: int = 16,
     sampler_overrides: dict[str, Any] | None = None,
     progress: bool = True,
@@ -240,6 +241,8 @@ def evaluate(
         compare_to: a reference preset (e.g. ``official``): the same prompts and noise are sampled
             with it too; PSNR/SSIM to it and its GenEval-lite score go to ``results["compare"]``.
         max_prompts: evaluate only the first prompts (quick checks).
+        max_per_tag: at most this many prompts of each task, in file order — keeps a budgeted run
+            balanced when the prompt file has many more prompts of some tasks than of others.
         batch_size: images per pipeline call.
         detector: default :func:`detector_for` the prompt set.
         validate: run the detector validation (default: when ``manifest`` is given).
@@ -250,6 +253,15 @@ def evaluate(
     t_start = time.perf_counter()
     out = Path(out_dir)
     specs = read_metadata(prompts_path)
+    if max_per_tag is not None:
+        taken: dict[str, int] = {}
+        kept = []
+        for spec in specs:
+            tag = spec.get("tag")
+            if taken.get(tag, 0) < max_per_tag:
+                taken[tag] = taken.get(tag, 0) + 1
+                kept.append(spec)
+        specs = kept
     if max_prompts is not None:
         specs = specs[:max_prompts]
     if images_per_prompt < 1 or batch_size < 1:
@@ -323,7 +335,7 @@ def evaluate(
         "settings": {
             **settings.to_dict(), "preset": preset or "official", "width": width, "height": height,
             "images_per_prompt": images_per_prompt, "seed": seed, "batch_size": batch_size,
-            "system": gen["settings"].get("system"), "max_prompts": max_prompts,
+            "system": gen["settings"].get("system"), "max_prompts": max_prompts, "max_per_tag": max_per_tag,
             "nfe_per_image": gen["nfe_per_batch"],
         },
         "detector": detector.config(),

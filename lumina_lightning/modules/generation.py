@@ -29,7 +29,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from lumina_lightning.encoders.text import build_prompt
+from lumina_lightning.encoders.text import build_prompt, pad_rows
 from lumina_lightning.flow import (
     TimestepBins,
     interpolate,
@@ -57,17 +57,6 @@ def sample_generator(seed: int, epoch: int, index: int, salt: int = _SALT_TRAIN)
     """A CPU generator for one sample's random draws, independent of ranks, batches and resumes."""
     mixed = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index), salt]).generate_state(2)
     return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
-
-
-def pad_rows(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack variable-length (L_i, D) feature rows into right-padded (B, L, D) + mask (B, L)."""
-    length = max(r.shape[0] for r in rows)
-    feats = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
-    mask = torch.zeros(len(rows), length, dtype=torch.bool, device=feats.device)
-    for i, r in enumerate(rows):
-        feats[i, : r.shape[0]] = r
-        mask[i, : r.shape[0]] = True
-    return feats, mask
 
 
 class NextDiTModule(pl.LightningModule):

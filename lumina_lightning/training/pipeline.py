@@ -66,6 +66,7 @@ class EvalStep:
     images_per_prompt: int = 2
     seed: int = 0
     max_prompts: int | None = None
+    max_per_tag: int | None = None
     batch_size: int = 32
     steps: int | None = None
     cfg_scale: float | None = None
@@ -290,7 +291,8 @@ def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any, size: int) 
     overrides = {k: v for k, v in (("steps", e.steps), ("cfg_scale", e.cfg_scale)) if v is not None}
     return evaluate(pipe, e.prompts, out, preset=e.preset, images_per_prompt=e.images_per_prompt, seed=e.seed,
                     width=size, height=size,
-                    manifest=e.manifest, max_prompts=e.max_prompts, batch_size=e.batch_size,
+                    manifest=e.manifest, max_prompts=e.max_prompts, max_per_tag=e.max_per_tag,
+                    batch_size=e.batch_size,
                     sampler_overrides=overrides or None, progress=True)
 
 

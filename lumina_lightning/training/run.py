@@ -24,7 +24,12 @@ from typing import Any
 
 log = logging.getLogger("lumina_lightning.train")
 
-RUN_INFO = "run_info.json"
+from lumina_lightning.training.session import (  # noqa: F401  (re-exported for callers of this module)
+    RUN_INFO,
+    default_tracking_uri,
+    find_run_info,
+    flatten,
+)
 
 
 @dataclasses.dataclass
@@ -178,33 +183,6 @@ def ensure_synthetic(cfg: Any) -> None:
         raise FileNotFoundError(f"data.synthetic generated {folder} but data.path {cfg.data.path} is not among its files")
 
 
-def find_run_info(path: str | os.PathLike | None) -> dict[str, Any] | None:
-    """``run_info.json`` of the run that produced ``path`` (the path, or up to two folders above)."""
-    if not path:
-        return None
-    p = Path(path).resolve()
-    for folder in (p, p.parent, p.parent.parent):
-        info = folder / RUN_INFO
-        if info.is_file():
-            return json.loads(info.read_text())
-    return None
-
-
-def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
-
-
 class _DataModule:
     """Builds the training loader once ranks are known (inside ``fit``)."""
 
@@ -239,34 +217,23 @@ class _DataModule:
 
 def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: dict[str, Any] | None = None) -> TrainResult:
     """Run a validated recipe (a :class:`~lumina_lightning.training.recipe.LoadedRecipe`)."""
-    import lightning.pytorch as pl
     import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 
     from lumina_lightning.data.cache import cache_identity as make_cache_identity
     from lumina_lightning.models.io import read_state
     from lumina_lightning.modules.generation import NextDiTModule
-    from lumina_lightning.training.callbacks import AtomicCheckpointIO, ConsoleProgress, GracefulStop
-    from lumina_lightning.training.parallelize import GPU_ONLY, build_strategy, full_state_dict, uses_fsdp2
+    from lumina_lightning.training.parallelize import build_strategy, full_state_dict
+    from lumina_lightning.training.session import (
+        log_run_start,
+        make_logger,
+        make_trainer,
+        prepare_run,
+        resolve_resume,
+    )
 
     started = time.perf_counter()
     cfg = loaded.config
-    out = Path(cfg.output_dir).resolve()
-    ckpt_dir = out / "checkpoints"
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(loaded.to_yaml())
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
-
-    accelerator = cfg.trainer.accelerator
-    if cfg.trainer.strategy in GPU_ONLY and not torch.cuda.is_available():
-        raise ValueError(
-            f"trainer.strategy={cfg.trainer.strategy} runs on CUDA GPUs only (Lightning refuses CPU); on CPU use "
-            "`ddp` or `fsdp` (FSDP2 through ModelParallelStrategy)"
-        )
+    out, ckpt_dir = prepare_run(loaded)
 
     ensure_synthetic(cfg)
     text_encoder, autoencoder, spec = build_encoders(cfg)
@@ -288,71 +255,15 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
         module.set_initial_weights(raw_state, ema_state)
         parent = find_run_info(cfg.model.init_from)
 
-    strategy = build_strategy(cfg.trainer.strategy, accelerator=accelerator, devices=cfg.trainer.devices,
+    strategy = build_strategy(cfg.trainer.strategy, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                               num_nodes=cfg.trainer.num_nodes, precision=cfg.trainer.precision,
                               grad_clip=cfg.optim.grad_clip)
-    logger = False
-    tracking_uri = None
-    if cfg.tracking.enabled:
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri()
-        artifacts = cfg.tracking.artifact_location or Path("mlartifacts").resolve().as_uri()
-        tags = {"stage": cfg.stage, "recipe": str(loaded.path), **cfg.tracking.tags}
-        if parent and parent.get("mlflow_run_id"):
-            # links the 256 -> 1024 -> HQ lineage in `mlflow ui`
-            tags["mlflow.parentRunId"] = parent["mlflow_run_id"]
-            tags["lumina.init_from_run"] = parent["mlflow_run_id"]
-        logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.stage,
-                              tracking_uri=tracking_uri, tags=tags, artifact_location=artifacts, log_model=False)
-
-    stop = GracefulStop(ckpt_dir / "last.ckpt")
-    checkpoints = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="step={step:07d}", auto_insert_metric_name=False,
-        every_n_train_steps=max(1, cfg.trainer.checkpoint_every_n_steps), save_top_k=cfg.trainer.keep_checkpoints,
-        monitor="step", mode="max", save_last=True,
-    )
-    callbacks = [checkpoints, stop, *(extra_callbacks or [])]
-    if cfg.trainer.enable_progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
-    else:
-        callbacks.append(ConsoleProgress(cfg.trainer.log_every_n_steps))
-    plugins = []
-    if not uses_fsdp2(strategy) and not str(cfg.trainer.strategy).startswith("deepspeed"):
-        plugins.append(AtomicCheckpointIO())
-    engine_clips = cfg.trainer.strategy in ("fsdp1", "deepspeed_stage_2", "deepspeed_stage_3")
-    kwargs = dict(
-        max_steps=cfg.trainer.max_steps, accelerator=accelerator, devices=cfg.trainer.devices,
-        num_nodes=cfg.trainer.num_nodes, strategy=strategy, precision=cfg.trainer.precision,
-        accumulate_grad_batches=cfg.trainer.accumulate_grad_batches, log_every_n_steps=cfg.trainer.log_every_n_steps,
-        callbacks=callbacks, logger=logger, default_root_dir=str(out), plugins=plugins,
-        gradient_clip_val=cfg.optim.grad_clip if engine_clips else None,
-        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
-        enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
-        deterministic=cfg.trainer.deterministic, max_epochs=-1,
-    )
-    kwargs.update(trainer_kwargs or {})
-    trainer = pl.Trainer(**kwargs)
-
-    ckpt_path = None
-    if cfg.resume == "auto":
-        last = ckpt_dir / "last.ckpt"
-        ckpt_path = str(last) if last.exists() else None
-        log.info("resume=auto: %s", f"resuming from {last}" if ckpt_path else "no last.ckpt yet, starting fresh")
-    elif cfg.resume:
-        if not Path(cfg.resume).exists():
-            raise FileNotFoundError(f"resume checkpoint {cfg.resume} does not exist")
-        ckpt_path = cfg.resume
-
-    run_id = getattr(logger, "run_id", None) if logger else None
-    if logger:
-        logger.log_hyperparams(flatten(loaded.resolved))
-        if trainer.is_global_zero:
-            for f in loaded.files:
-                logger.experiment.log_artifact(run_id, str(f), "recipe")
-            logger.experiment.log_artifact(run_id, str(out / "config.yaml"), "recipe")
-        if trainer.is_global_zero:
-            _write_run_info(out, cfg, run_id, tracking_uri, logger)
+    logger, tracking_uri = make_logger(cfg, loaded, parent=parent)
+    trainer, stop = make_trainer(cfg, strategy=strategy, logger=logger, out=out, ckpt_dir=ckpt_dir,
+                                 extra_callbacks=extra_callbacks, trainer_kwargs=trainer_kwargs,
+                                 grad_clip=cfg.optim.grad_clip)
+    ckpt_path = resolve_resume(cfg.resume, ckpt_dir)
+    run_id = log_run_start(logger, trainer, loaded, out, tracking_uri=tracking_uri)
 
     trainer.fit(module, datamodule=_DataModule(cfg, cache_identity), ckpt_path=ckpt_path)
 
@@ -383,14 +294,6 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
         wall_time_s=time.perf_counter() - started, losses=losses,
         indices=list(getattr(module, "index_history", [])), module=module,
     )
-
-
-def _write_run_info(out: Path, cfg: Any, run_id: str | None, tracking_uri: str | None, logger: Any) -> None:
-    info = {"stage": cfg.stage, "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
-            "experiment": cfg.tracking.experiment, "experiment_id": getattr(logger, "experiment_id", None)}
-    tmp = out / (RUN_INFO + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, out / RUN_INFO)
 
 
 def _log_plots(logger: Any, run_id: str, module: Any) -> None:

@@ -117,30 +117,21 @@ def train_unicap(loaded: Any, *, extra_callbacks: list | None = None, trainer_kw
 
     ``model``/``processor`` replace the ones loaded from ``model.path`` (tests).
     """
-    import lightning.pytorch as pl
-    import torch
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
-
     from lumina_lightning.modules.unicap import UniCapModule, build_val_batches, export_captioner, load_processor
     from lumina_lightning.modules.unicap_data import UniCapCollator
-    from lumina_lightning.training.callbacks import AtomicCheckpointIO, GracefulStop
-    from lumina_lightning.training.parallelize import GPU_ONLY, full_state_dict, uses_fsdp2
-    from lumina_lightning.training.run import _write_run_info, default_tracking_uri, ensure_synthetic, flatten
+    from lumina_lightning.training.parallelize import full_state_dict
+    from lumina_lightning.training.run import ensure_synthetic
+    from lumina_lightning.training.session import (
+        log_run_start,
+        make_logger,
+        make_trainer,
+        prepare_run,
+        resolve_resume,
+    )
 
     started = time.perf_counter()
     cfg = loaded.config
-    out = Path(cfg.output_dir).resolve()
-    ckpt_dir = out / "checkpoints"
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(loaded.to_yaml())
-    pl.seed_everything(cfg.seed, workers=True, verbose=False)
-    if cfg.trainer.num_threads:
-        torch.set_num_threads(cfg.trainer.num_threads)
-    if cfg.trainer.strategy in GPU_ONLY and not torch.cuda.is_available():
-        raise ValueError(f"trainer.strategy={cfg.trainer.strategy} runs on CUDA GPUs only (Lightning refuses CPU); "
-                         "on CPU use `auto`, `ddp` or `fsdp` (FSDP2)")
+    out, ckpt_dir = prepare_run(loaded)
 
     ensure_synthetic(cfg)
     ensure_model(cfg)
@@ -157,64 +148,13 @@ def train_unicap(loaded: Any, *, extra_callbacks: list | None = None, trainer_kw
     strategy = build_unicap_strategy(cfg.trainer.strategy, accelerator=cfg.trainer.accelerator,
                                      devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes, model=module.model,
                                      find_unused_parameters=cfg.trainer.find_unused_parameters)
-    logger: Any = False
-    tracking_uri = None
-    if cfg.tracking.enabled:
-        from lightning.pytorch.loggers import MLFlowLogger
-
-        tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri()
-        artifacts = cfg.tracking.artifact_location or Path("mlartifacts").resolve().as_uri()
-        tags = {"stage": cfg.stage, "task": "unicap", "recipe": str(loaded.path), **cfg.tracking.tags}
-        logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.stage,
-                              tracking_uri=tracking_uri, tags=tags, artifact_location=artifacts, log_model=False)
-
-    stop = GracefulStop(ckpt_dir / "last.ckpt")
-    checkpoints = ModelCheckpoint(
-        dirpath=ckpt_dir, filename="step={step:07d}", auto_insert_metric_name=False,
-        every_n_train_steps=max(1, cfg.trainer.checkpoint_every_n_steps), save_top_k=cfg.trainer.keep_checkpoints,
-        monitor="step", mode="max", save_last=True,
-    )
-    callbacks = [checkpoints, stop, *(extra_callbacks or [])]
-    if cfg.trainer.enable_progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
-    plugins = []
-    if not uses_fsdp2(strategy) and not str(cfg.trainer.strategy).startswith("deepspeed"):
-        plugins.append(AtomicCheckpointIO())
-    engine_clips = cfg.trainer.strategy in ("fsdp1", "deepspeed_stage_2", "deepspeed_stage_3")
-    kwargs = dict(
-        max_steps=cfg.trainer.max_steps, max_time=cfg.trainer.max_time, accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes, strategy=strategy,
-        precision=cfg.trainer.precision, accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        log_every_n_steps=cfg.trainer.log_every_n_steps, callbacks=callbacks, logger=logger,
-        default_root_dir=str(out), plugins=plugins,
-        gradient_clip_val=cfg.optim.grad_clip if engine_clips else None,
-        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,
-        enable_progress_bar=cfg.trainer.enable_progress_bar, enable_model_summary=False,
-        deterministic=cfg.trainer.deterministic, max_epochs=-1,
-    )
-    kwargs.update(trainer_kwargs or {})
-    trainer = pl.Trainer(**kwargs)
-
-    ckpt_path = None
-    if cfg.resume == "auto":
-        last = ckpt_dir / "last.ckpt"
-        ckpt_path = str(last) if last.exists() else None
-        log.info("resume=auto: %s", f"resuming from {last}" if ckpt_path else "no last.ckpt yet, starting fresh")
-    elif cfg.resume:
-        if not Path(cfg.resume).exists():
-            raise FileNotFoundError(f"resume checkpoint {cfg.resume} does not exist")
-        ckpt_path = cfg.resume
-
-    run_id = getattr(logger, "run_id", None) if logger else None
-    if logger:
-        params = flatten(loaded.resolved)
-        params.update({f"model.params.{k}": v for k, v in module.summary.items()})
-        logger.log_hyperparams(params)
-        if trainer.is_global_zero:
-            for f in loaded.files:
-                logger.experiment.log_artifact(run_id, str(f), "recipe")
-            logger.experiment.log_artifact(run_id, str(out / "config.yaml"), "recipe")
-            _write_run_info(out, cfg, run_id, tracking_uri, logger)
+    logger, tracking_uri = make_logger(cfg, loaded, tags={"task": "unicap"})
+    trainer, stop = make_trainer(cfg, strategy=strategy, logger=logger, out=out, ckpt_dir=ckpt_dir,
+                                 extra_callbacks=extra_callbacks, trainer_kwargs=trainer_kwargs,
+                                 grad_clip=cfg.optim.grad_clip)
+    ckpt_path = resolve_resume(cfg.resume, ckpt_dir)
+    run_id = log_run_start(logger, trainer, loaded, out, tracking_uri=tracking_uri,
+                           extra_params={f"model.params.{k}": v for k, v in module.summary.items()})
 
     fit_started = time.perf_counter()
     trainer.fit(module, datamodule=_data_module(cfg, records, collator, module.table), ckpt_path=ckpt_path)

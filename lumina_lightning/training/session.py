@@ -1,0 +1,174 @@
+"""What every training task does around ``Trainer.fit`` (generation and UniCap alike).
+
+Run folder and resolved config, seeding, MLflow logger and run start artefacts, checkpointing and
+graceful-stop callbacks, the Trainer itself, and ``resume`` resolution — one implementation, so the
+two tasks cannot drift apart in how they are tracked, saved and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("lumina_lightning.train")
+
+RUN_INFO = "run_info.json"
+ENGINE_CLIPPED = ("fsdp1", "deepspeed_stage_2", "deepspeed_stage_3")
+
+
+def local_rank_from_env() -> int:
+    """This process's rank before Lightning has set up (launchers export RANK / LOCAL_RANK)."""
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+
+
+def prepare_run(loaded: Any) -> tuple[Path, Path]:
+    """Create the run folder, write the resolved config, seed, set threads, refuse GPU-only strategies on CPU.
+
+    Returns (output folder, checkpoint folder).
+    """
+    import lightning.pytorch as pl
+    import torch
+
+    from lumina_lightning.training.parallelize import GPU_ONLY
+
+    cfg = loaded.config
+    out = Path(cfg.output_dir).resolve()
+    if local_rank_from_env() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(loaded.to_yaml())
+    pl.seed_everything(cfg.seed, workers=True, verbose=False)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    if cfg.trainer.strategy in GPU_ONLY and not torch.cuda.is_available():
+        raise ValueError(
+            f"trainer.strategy={cfg.trainer.strategy} runs on CUDA GPUs only (Lightning refuses CPU); on CPU use "
+            "`auto`, `ddp` or `fsdp` (FSDP2 through ModelParallelStrategy)"
+        )
+    return out, out / "checkpoints"
+
+
+def default_tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
+
+
+def make_logger(cfg: Any, loaded: Any, *, tags: dict[str, str] | None = None,
+                parent: dict[str, Any] | None = None) -> tuple[Any, str | None]:
+    """An ``MLFlowLogger`` (or ``False`` when tracking is off) and the tracking URI it uses.
+
+    ``parent`` is the ``run_info.json`` of the run this one starts from: its run becomes the
+    MLflow parent, so stage lineages are browsable in ``mlflow ui``.
+    """
+    if not cfg.tracking.enabled:
+        return False, None
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri()
+    artifacts = cfg.tracking.artifact_location or Path("mlartifacts").resolve().as_uri()
+    all_tags = {"stage": cfg.stage, "recipe": str(loaded.path), **(tags or {}), **cfg.tracking.tags}
+    if parent and parent.get("mlflow_run_id"):
+        all_tags["mlflow.parentRunId"] = parent["mlflow_run_id"]
+        all_tags["lumina.init_from_run"] = parent["mlflow_run_id"]
+    logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.stage,
+                          tracking_uri=tracking_uri, tags=all_tags, artifact_location=artifacts, log_model=False)
+    return logger, tracking_uri
+
+
+def make_trainer(cfg: Any, *, strategy: Any, logger: Any, out: Path, ckpt_dir: Path,
+                 extra_callbacks: list | None = None, trainer_kwargs: dict[str, Any] | None = None,
+                 grad_clip: float | None = None) -> tuple[Any, Any]:
+    """The Trainer with our checkpointing, graceful stop and progress reporting.
+
+    Returns (trainer, the :class:`GracefulStop` callback, whose ``requested``/``exit_code`` tell
+    whether a signal ended the run).
+    """
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+
+    from lumina_lightning.training.callbacks import AtomicCheckpointIO, ConsoleProgress, GracefulStop
+    from lumina_lightning.training.parallelize import uses_fsdp2
+
+    t = cfg.trainer
+    stop = GracefulStop(ckpt_dir / "last.ckpt")
+    checkpoints = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="step={step:07d}", auto_insert_metric_name=False,
+        every_n_train_steps=max(1, t.checkpoint_every_n_steps), save_top_k=t.keep_checkpoints,
+        monitor="step", mode="max", save_last=True,
+    )
+    callbacks = [checkpoints, stop, *(extra_callbacks or [])]
+    callbacks.append(TQDMProgressBar(refresh_rate=1) if t.enable_progress_bar else ConsoleProgress(t.log_every_n_steps))
+    plugins = []
+    # FSDP2 and DeepSpeed write sharded checkpoints themselves and do not use a CheckpointIO
+    if not uses_fsdp2(strategy) and not str(t.strategy).startswith("deepspeed"):
+        plugins.append(AtomicCheckpointIO())
+    kwargs = dict(
+        max_steps=t.max_steps, max_time=getattr(t, "max_time", None), accelerator=t.accelerator, devices=t.devices,
+        num_nodes=t.num_nodes, strategy=strategy, precision=t.precision,
+        accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
+        callbacks=callbacks, logger=logger, default_root_dir=str(out), plugins=plugins,
+        # fsdp1 / DeepSpeed clip inside their engines; the other strategies clip in the module
+        gradient_clip_val=grad_clip if t.strategy in ENGINE_CLIPPED else None,
+        limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,  # our loaders shard themselves
+        enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,
+        deterministic=t.deterministic, max_epochs=-1,
+    )
+    kwargs.update(trainer_kwargs or {})
+    return pl.Trainer(**kwargs), stop
+
+
+def resolve_resume(resume: str | None, ckpt_dir: Path) -> str | None:
+    """``auto`` -> the run's ``last.ckpt`` when it exists; a path must exist; ``None`` -> fresh."""
+    if resume == "auto":
+        last = ckpt_dir / "last.ckpt"
+        log.info("resume=auto: %s", f"resuming from {last}" if last.exists() else "no last.ckpt yet, starting fresh")
+        return str(last) if last.exists() else None
+    if resume:
+        if not Path(resume).exists():
+            raise FileNotFoundError(f"resume checkpoint {resume} does not exist")
+        return str(resume)
+    return None
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"a.b.c": value}`` (MLflow params)."""
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def log_run_start(logger: Any, trainer: Any, loaded: Any, out: Path, *, tracking_uri: str | None,
+                  extra_params: dict[str, Any] | None = None) -> str | None:
+    """Params (the flattened resolved config), the recipe files, and ``run_info.json``; returns the run id."""
+    if not logger:
+        return None
+    run_id = logger.run_id
+    logger.log_hyperparams({**flatten(loaded.resolved), **(extra_params or {})})
+    if trainer.is_global_zero:
+        for f in loaded.files:
+            logger.experiment.log_artifact(run_id, str(f), "recipe")
+        logger.experiment.log_artifact(run_id, str(out / "config.yaml"), "recipe")
+        info = {"stage": loaded.config.stage, "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+                "experiment": loaded.config.tracking.experiment, "experiment_id": logger.experiment_id}
+        tmp = out / (RUN_INFO + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, out / RUN_INFO)
+    return run_id
+
+
+def find_run_info(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """``run_info.json`` of the run that produced ``path`` (the path, or up to two folders above)."""
+    if not path:
+        return None
+    p = Path(path).resolve()
+    for folder in (p, p.parent, p.parent.parent):
+        info = folder / RUN_INFO
+        if info.is_file():
+            return json.loads(info.read_text())
+    return None
