@@ -224,6 +224,7 @@ EXPECTED_PARAMS = {
     "NextDiT_4B_GQA_patch2_Adaln_Refiner": 4_792_618_496,
     "NextDiT_7B_GQA_patch2_Adaln_Refiner": 8_247_662_336,
     "NextDiT_debug": 87_280,
+    "NextDiT_mini": 1_083_856,
     "NextDiT_tiny": 1_928_208,
     "NextDiT_small": 10_020_240,
 }

@@ -135,10 +135,16 @@ class SyntheticDataset:
     config: Path
     n_train: int
     n_test: int
+    train_hq: Path | None = None
+    hq_data: Path | None = None
 
 
 # --------------------------------------------------------------------------------------------
 # Scene sampling
+# Tasks whose scenes hold several objects: the tiny pipeline's "high-quality" subset.
+HQ_TAGS = ("two_object", "counting", "position", "color_attr")
+
+
 # --------------------------------------------------------------------------------------------
 def _grid_for(n: int, width: int, height: int, rng: np.random.Generator) -> tuple[int, int]:
     """Columns × rows for ``n`` objects, choosing the grid whose cells are closest to square."""
@@ -604,6 +610,15 @@ def generate_synthetic(
 
     dump(train, root / "train.jsonl")
     dump(test, root / "test.jsonl")
+    # A stand-in for curated "high-quality" data (the HQ tuning stage, spec §5): the compositionally
+    # rich scenes, whose dense captions carry the most, mixed with half of everything else
+    # through a data YAML in the official META style.
+    dump([r for r in train if r["meta"]["tag"] in HQ_TAGS], root / "train_hq.jsonl")
+    (root / "hq.yaml").write_text(
+        "# HQ mix for the tiny HQ stage: multi-object scenes in full + a random half of all scenes each epoch\n"
+        "META:\n  - path: train_hq.jsonl\n    ratio: 1.0\n  - path: train.jsonl\n    ratio: 0.5\n",
+        encoding="utf-8",
+    )
     prompts: dict[str, dict[str, Any]] = {}
     for row in test:
         meta = row["meta"]
@@ -618,7 +633,8 @@ def generate_synthetic(
     }
     (root / "synth_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return SyntheticDataset(root, root / "images", root / "train.jsonl", root / "test.jsonl",
-                            root / "test_geneval.jsonl", root / "synth_config.json", n, n_test)
+                            root / "test_geneval.jsonl", root / "synth_config.json", n, n_test,
+                            root / "train_hq.jsonl", root / "hq.yaml")
 
 
 def scene_from_meta(meta: dict[str, Any], width: int, height: int) -> Scene:

@@ -18,15 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lumina_lightning.data.synth import TAGS
-
-
-def _teacache_version(text: str) -> str | list[float]:
-    if text in ("v1", "v2"):
-        return text
-    try:
-        return [float(c) for c in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected v1, v2 or comma-separated numbers, got {text!r}") from None
+from lumina_lightning.sampling.cli import teacache_version_arg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-trunc", type=float, default=None, help="CFG truncation")
     p.add_argument("--cfg-mode", choices=("official", "diffusers"), default=None)
     p.add_argument("--teacache", type=float, default=None, help="TeaCache threshold (0 = off)")
-    p.add_argument("--teacache-version", type=_teacache_version, default=None)
+    p.add_argument("--teacache-version", type=teacache_version_arg, default=None)
     p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (GenEval: 4)")
     p.add_argument("--seed", type=int, default=0, help="base seed: image k of prompt i gets seed + i*n + k")
     p.add_argument("--width", type=int, default=None, help="default: the manifest's / dataset's size")

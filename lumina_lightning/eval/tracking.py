@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lumina_lightning.training.session import flatten
+
 __all__ = ["tracking_uri_for", "metrics_of", "params_of", "log_to_mlflow"]
 
 DEFAULT_EXPERIMENT = "lumina-lightning"  # the training recipes' default, so eval runs sit beside them
@@ -26,27 +28,18 @@ def tracking_uri_for(explicit: str | None = None, track: bool = False) -> str | 
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     if track:
-        return f"sqlite:///{Path('mlruns.db').resolve()}"
+        from lumina_lightning.training.session import default_tracking_uri
+
+        return default_tracking_uri()
     return None
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, name + "."))
-        else:
-            out[name] = value
-    return out
 
 
 def params_of(results: dict[str, Any]) -> dict[str, str]:
     """Run parameters: checkpoint, prompt set, sampler settings and detector settings."""
     params = {"checkpoint": results.get("checkpoint"), "prompts_file": results.get("prompts_file"),
               "manifest": results.get("manifest")}
-    params.update(_flatten(results.get("settings", {}), "sampler."))
-    params.update(_flatten(results.get("detector", {}), "detector."))
+    params.update(flatten(results.get("settings", {}), "sampler."))
+    params.update(flatten(results.get("detector", {}), "detector."))
     if results.get("compare"):
         params["compare.reference_preset"] = results["compare"]["reference_preset"]
     return {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000] for k, v in params.items()}

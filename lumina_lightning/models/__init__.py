@@ -9,6 +9,7 @@ from lumina_lightning.models.nextdit import (
     NextDiT_4B_GQA_patch2_Adaln_Refiner,
     NextDiT_7B_GQA_patch2_Adaln_Refiner,
     NextDiT_debug,
+    NextDiT_mini,
     NextDiT_small,
     NextDiT_tiny,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "NextDiT_4B_GQA_patch2_Adaln_Refiner",
     "NextDiT_7B_GQA_patch2_Adaln_Refiner",
     "NextDiT_debug",
+    "NextDiT_mini",
     "NextDiT_small",
     "NextDiT_tiny",
     "config_for",

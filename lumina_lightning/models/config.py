@@ -149,6 +149,10 @@ SIZES: dict[str, dict[str, Any]] = {
         patch_size=2, in_channels=4, dim=32, n_layers=2, n_refiner_layers=1, n_heads=2, n_kv_heads=1,
         multiple_of=16, cap_feat_dim=32, axes_dims=[4, 6, 6], axes_lens=[300, 64, 64],
     ),
+    "NextDiT_mini": dict(
+        patch_size=2, in_channels=4, dim=96, n_layers=4, n_refiner_layers=1, n_heads=3, n_kv_heads=1,
+        multiple_of=32, cap_feat_dim=384, axes_dims=[8, 12, 12], axes_lens=[300, 128, 128],
+    ),
     "NextDiT_tiny": dict(
         patch_size=2, in_channels=4, dim=128, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_heads=2,
         multiple_of=64, cap_feat_dim=384, axes_dims=[8, 12, 12], axes_lens=[300, 128, 128],

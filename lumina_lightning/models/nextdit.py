@@ -552,6 +552,7 @@ NextDiT_3B_GQA_patch2_Adaln_Refiner = _factory("NextDiT_3B_GQA_patch2_Adaln_Refi
 NextDiT_4B_GQA_patch2_Adaln_Refiner = _factory("NextDiT_4B_GQA_patch2_Adaln_Refiner")
 NextDiT_7B_GQA_patch2_Adaln_Refiner = _factory("NextDiT_7B_GQA_patch2_Adaln_Refiner")
 NextDiT_debug = _factory("NextDiT_debug")
+NextDiT_mini = _factory("NextDiT_mini")
 NextDiT_tiny = _factory("NextDiT_tiny")
 NextDiT_small = _factory("NextDiT_small")
 
@@ -563,6 +564,7 @@ FACTORIES = {
         NextDiT_4B_GQA_patch2_Adaln_Refiner,
         NextDiT_7B_GQA_patch2_Adaln_Refiner,
         NextDiT_debug,
+        NextDiT_mini,
         NextDiT_tiny,
         NextDiT_small,
     )

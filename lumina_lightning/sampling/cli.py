@@ -19,7 +19,8 @@ SETTINGS_KEY = "lumina_settings"
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def _teacache_version(text: str) -> str | list[float]:
+def teacache_version_arg(text: str) -> str | list[float]:
+    """argparse type for ``--teacache-version``: ``v1``, ``v2`` or comma-separated coefficients."""
     if text in ("v1", "v2"):
         return text
     try:
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cfg-mode", choices=("official", "diffusers"), default=None,
                    help="renorm/truncation semantics (default official)")
     p.add_argument("--teacache", type=float, default=None, help="TeaCache threshold (0 = off)")
-    p.add_argument("--teacache-version", type=_teacache_version, default=None,
+    p.add_argument("--teacache-version", type=teacache_version_arg, default=None,
                    help="v1 | v2 (the released model's polynomials) or comma-separated coefficients, highest degree first")
     p.add_argument("--seed", type=int, default=0, help="base seed: image k gets seed+k (default 0)")
     p.add_argument("--n-per-prompt", type=int, default=1, help="images per prompt")
