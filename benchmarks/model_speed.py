@@ -25,6 +25,9 @@ from lumina_lightning.models import NextDiT, NextDiTConfig
 from lumina_lightning.models.convert import config_to_diffusers, official_to_diffusers
 
 PRESETS = {
+    # the CPU training regime of the tiny recipes (NextDiT_tiny widths, 16 latent channels)
+    "tiny": dict(dim=128, n_layers=4, n_refiner_layers=1, n_heads=4, n_kv_heads=2, multiple_of=64,
+                 cap_feat_dim=384, in_channels=16, axes_dims=[8, 12, 12]),
     # a width where matmuls dominate on CPU, 8 blocks, GQA 2:1
     "mid": dict(dim=512, n_layers=8, n_refiner_layers=2, n_heads=8, n_kv_heads=4, multiple_of=64,
                 cap_feat_dim=256, in_channels=16, axes_dims=[20, 22, 22]),
