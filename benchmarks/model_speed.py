@@ -1,8 +1,8 @@
 """Our Next-DiT vs diffusers' Lumina2Transformer2DModel: same config, same weights, same inputs.
 
 Measures, in one run and side by side:
-* forward and forward+backward wall time (median of timed repeats after warm-up),
-  CPU fp32 always, CUDA bf16 where a GPU exists;
+* forward and forward+backward wall time (median of timed repeats after warm-up, the two models
+  called alternately so both see the same machine state), CPU fp32 always, CUDA bf16 where a GPU exists;
 * activation memory kept for backward (bytes of tensors autograd saves, counted with
   ``torch.autograd.graph.saved_tensors_hooks``), with and without gradient checkpointing — a
   device-independent measure of what checkpointing saves; on CUDA also peak allocated memory.
@@ -10,7 +10,12 @@ Measures, in one run and side by side:
 Prints a table and the ratios diffusers/ours (speed) and plain/checkpointed (memory).
 
     python benchmarks/model_speed.py                 # default mid-size config
-    python benchmarks/model_speed.py --preset 2b-1layer --latent 64
+    python benchmarks/model_speed.py --preset 2b-2layers --latent 64
+    python benchmarks/model_speed.py --preset tiny --batch 16 --latent 16 --cap-len 32 --threads 1
+
+On CPU, glibc's malloc returns large freed blocks to the OS and page-faults them back on the next
+step, which costs both models 20-40% at these sizes and makes ratios noisy; we run with
+``MALLOC_MMAP_THRESHOLD_=1000000000 MALLOC_TRIM_THRESHOLD_=1000000000`` (or jemalloc/tcmalloc preloaded).
 """
 
 from __future__ import annotations
@@ -68,19 +73,27 @@ def call(model, args, is_ours: bool):
     return out if is_ours else out.sample
 
 
-def timed(fn, repeats: int, warmup: int, device: str) -> float:
+def timed_ab(fns: list, repeats: int, warmup: int, device: str) -> list[float]:
+    """Median wall time of each function, timed **interleaved** (A, B, A, B, ...).
+
+    Timing one model's repeats and then the other's lets drift between the two windows (CPU
+    frequency, neighbours on a shared host, allocator state) decide the ratio; alternating the
+    calls exposes both models to the same conditions.
+    """
     for _ in range(warmup):
-        fn()
-    times = []
+        for fn in fns:
+            fn()
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, acc in zip(fns, times):
+            if device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            acc.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
 
 
 def saved_activation_bytes(model, args, is_ours: bool) -> int:
@@ -114,18 +127,25 @@ def bench(device: str, dtype: torch.dtype, cfg: NextDiTConfig, a) -> list[dict]:
         args = inputs(cfg, a.batch, a.latent, a.cap_len, device, dtype, padded)
         with torch.no_grad():
             diff = (call(ours, args, True).float() - call(theirs, args, False).float()).abs().max().item()
-        for name, model, is_ours in (("ours", ours, True), ("diffusers", theirs, False)):
+        pair = (("ours", ours, True), ("diffusers", theirs, False))
+
+        def fwd_fn(model, is_ours):
             def fwd():
                 with torch.no_grad():
                     call(model, args, is_ours)
+            return fwd
 
+        def step_fn(model, is_ours):
             def step():
                 call(model, args, is_ours).float().square().mean().backward()
                 model.zero_grad(set_to_none=True)
+            return step
 
+        fwd_s = timed_ab([fwd_fn(m, o) for _, m, o in pair], a.repeats, a.warmup, device)
+        step_s = timed_ab([step_fn(m, o) for _, m, o in pair], a.repeats, a.warmup, device)
+        for (name, model, is_ours), f_s, s_s in zip(pair, fwd_s, step_s):
             row = dict(device=device, dtype=str(dtype).replace("torch.", ""), captions="mixed" if padded else "equal",
-                       model=name, fwd_ms=1000 * timed(fwd, a.repeats, a.warmup, device),
-                       step_ms=1000 * timed(step, a.repeats, a.warmup, device), max_abs_diff=diff)
+                       model=name, fwd_ms=1000 * f_s, step_ms=1000 * s_s, max_abs_diff=diff)
             for ckpt in (False, True):
                 set_checkpointing(model, is_ours, ckpt)
                 if device == "cuda":
