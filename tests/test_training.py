@@ -202,3 +202,16 @@ def test_signal_saves_checkpoint_exits_cleanly_and_resumes(tmp_path, sig, code):
     assert step >= 2
     resumed = run(recipe, f"trainer.max_steps={step + 2}", "resume=auto")
     assert resumed.global_step == step + 2 and len(resumed.losses) == 2
+
+
+def test_consecutive_stages_reuse_the_text_encoder_and_its_cache(tmp_path):
+    from lumina_lightning.training.run import build_encoders
+
+    cfg = load_recipe(tiny_recipe(tmp_path)).config
+    te1, _, _ = build_encoders(cfg)
+    te1.encode(["a photo of a red circle"])
+    te2, _, _ = build_encoders(load_recipe(tiny_recipe(tmp_path, "b.yaml", stage="next")).config)
+    assert te2 is te1 and "a photo of a red circle" in te2._cache
+    # a different encoder setting builds a fresh one (features would differ)
+    te3, _, _ = build_encoders(load_recipe(tiny_recipe(tmp_path, "c.yaml", text_encoder={"max_length": 16})).config)
+    assert te3 is not te1 and te3.max_length == 16

@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 # ------------------------------------------------------------------------------------------------
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+_LAST_TEXT_ENCODER: dict[tuple, Any] = {}
 
 
 def build_encoders(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
@@ -109,10 +110,18 @@ def build_encoders(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
 
     te, ae = cfg.text_encoder, cfg.autoencoder
     text_path = resolve_text_encoder_path(te.path)
-    text_encoder = HFTextEncoder(
-        text_path, max_length=te.max_length, attn_implementation=te.attn_implementation,
-        dtype=getattr(torch, _DTYPES[te.dtype]), cache_size=te.cache_size,
-    )
+    key = (os.path.abspath(text_path), te.max_length, te.attn_implementation, te.dtype, te.cache_size)
+    text_encoder = _LAST_TEXT_ENCODER.get(key)
+    if text_encoder is None:
+        text_encoder = HFTextEncoder(
+            text_path, max_length=te.max_length, attn_implementation=te.attn_implementation,
+            dtype=getattr(torch, _DTYPES[te.dtype]), cache_size=te.cache_size,
+        )
+        # Stages run one after another in one process (`lumina pipeline`) reuse the frozen encoder
+        # and its feature cache instead of reloading it and re-encoding every caption; only the
+        # most recent one is kept, so a finished run holds no more than one encoder.
+        _LAST_TEXT_ENCODER.clear()
+        _LAST_TEXT_ENCODER[key] = text_encoder
     kwargs: dict[str, Any] = {}
     if ae.kind == "vae":
         kwargs = {"scaling_factor": ae.scaling_factor, "shift_factor": ae.shift_factor,
