@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from test_packaging import fenced_lines
+
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 
@@ -20,18 +22,8 @@ def quickstart_block() -> str:
     return match.group(1)
 
 
-def commands(text: str) -> list[str]:
-    out = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        for line in block.splitlines():
-            line = line.split("  #")[0].strip()
-            if line and not line.startswith("#"):
-                out.append(line)
-    return out
-
-
 def test_quickstart_has_install_main_job_and_tests():
-    cmds = commands(quickstart_block())
+    cmds = fenced_lines(quickstart_block())
     assert "pip install torch==2.13.0" in cmds and "pip install -e '.[dev]'" in cmds
     assert any(c.startswith("lumina pipeline ") for c in cmds)
     assert any("pytest" in c for c in cmds)
@@ -39,7 +31,7 @@ def test_quickstart_has_install_main_job_and_tests():
 
 def test_quickstart_main_job_runs_in_smoke_mode(tmp_path):
     """`lumina pipeline recipes/tiny/pipeline.yaml`, exactly as written, plus `--smoke`, from a clean folder."""
-    main_job = next(c for c in commands(quickstart_block()) if c.startswith("lumina pipeline "))
+    main_job = next(c for c in fenced_lines(quickstart_block()) if c.startswith("lumina pipeline "))
     argv = shlex.split(main_job)
     argv = [str(ROOT / a) if a.endswith(".yaml") else a for a in argv]  # the README runs from the checkout
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}

@@ -6,9 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from training_utils import tiny_synthetic
+from training_utils import tiny_synthetic, write_recipe
 
 CACHE = Path(os.environ.get("LUMINA_TEST_CACHE", "/tmp/lumina-test-cache"))
 # smaller than the tiny recipe's model: 32 px images -> 16 patches -> 4 image tokens
@@ -44,15 +43,7 @@ def unicap_recipe(tmp: Path, name: str = "unicap.yaml", **sections: Any) -> Path
                     "enable_progress_bar": False, "log_every_n_steps": 1, "checkpoint_every_n_steps": 1000},
         "tracking": {"enabled": False},
     }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
-            recipe[key] = {**recipe[key], **value}
-        else:
-            recipe[key] = value
-    path = tmp / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return path
+    return write_recipe(tmp / name, recipe, sections)
 
 
 def bad_images(folder: Path) -> tuple[Path, Path]:

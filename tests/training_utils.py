@@ -66,12 +66,16 @@ def tiny_recipe(tmp: Path, name: str = "recipe.yaml", **sections: dict[str, Any]
                     "enable_progress_bar": False, "log_every_n_steps": 1},
         "tracking": {"enabled": False},
     }
+    return write_recipe(tmp / name, recipe, sections)
+
+
+def write_recipe(path: Path, recipe: dict[str, Any], sections: dict[str, Any]) -> Path:
+    """Write ``recipe`` with ``sections`` merged over it (dict sections key by key) as YAML."""
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(recipe.get(key), dict):
             recipe[key] = {**recipe[key], **value}
         else:
             recipe[key] = value
-    path = tmp / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
