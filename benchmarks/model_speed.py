@@ -3,6 +3,8 @@
 Measures, in one run and side by side:
 * forward and forward+backward wall time (median of timed repeats after warm-up, the two models
   called alternately so both see the same machine state), CPU fp32 always, CUDA bf16 where a GPU exists;
+* on CUDA, the achieved TFLOP/s of each model's forward+backward (FLOPs counted once with
+  ``torch.utils.flop_counter.FlopCounterMode``: matmuls and attention, 3x the forward for the step);
 * activation memory kept for backward (bytes of tensors autograd saves, counted with
   ``torch.autograd.graph.saved_tensors_hooks``), with and without gradient checkpointing — a
   device-independent measure of what checkpointing saves; on CUDA also peak allocated memory.
@@ -12,6 +14,7 @@ Prints a table and the ratios diffusers/ours (speed) and plain/checkpointed (mem
     python benchmarks/model_speed.py                 # default mid-size config
     python benchmarks/model_speed.py --preset 2b-2layers --latent 64
     python benchmarks/model_speed.py --preset tiny --batch 16 --latent 16 --cap-len 32 --threads 1
+    python benchmarks/model_speed.py --preset 2b --devices cuda --batch 2 --latent 64 --cap-len 128
 
 On CPU, glibc's malloc returns large freed blocks to the OS and page-faults them back on the next
 step, which costs both models 20-40% at these sizes and makes ratios noisy; we run with
@@ -39,6 +42,9 @@ PRESETS = {
     # the released block shapes (2304 wide, 24/8 heads) with few layers, to fit a CPU benchmark
     "2b-2layers": dict(dim=2304, n_layers=2, n_refiner_layers=1, n_heads=24, n_kv_heads=8, multiple_of=256,
                        cap_feat_dim=2304, in_channels=16, axes_dims=[32, 32, 32]),
+    # the released NextDiT_2B_GQA_patch2_Adaln_Refiner (GPU only: --devices cuda)
+    "2b": dict(dim=2304, n_layers=26, n_refiner_layers=2, n_heads=24, n_kv_heads=8, multiple_of=256,
+               cap_feat_dim=2304, in_channels=16, axes_dims=[32, 32, 32]),
 }
 
 
@@ -46,12 +52,13 @@ def build_pair(cfg: NextDiTConfig, device: str, dtype: torch.dtype):
     from diffusers import Lumina2Transformer2DModel
 
     torch.manual_seed(0)
-    ours = NextDiT(cfg)
-    with torch.no_grad():
-        for p in ours.parameters():
-            p.normal_(0, 0.02)
-    kwargs = {k: v for k, v in config_to_diffusers(cfg).items() if not k.startswith("_")}
-    theirs = Lumina2Transformer2DModel(**kwargs)
+    with torch.device(device):  # a 2.6B pair is built on the GPU directly, not in host memory first
+        ours = NextDiT(cfg)
+        with torch.no_grad():
+            for p in ours.parameters():
+                p.normal_(0, 0.02)
+        kwargs = {k: v for k, v in config_to_diffusers(cfg).items() if not k.startswith("_")}
+        theirs = Lumina2Transformer2DModel(**kwargs)
     theirs.load_state_dict(official_to_diffusers(ours.state_dict(), cfg))
     return ours.to(device, dtype), theirs.to(device, dtype)
 
@@ -120,6 +127,16 @@ def set_checkpointing(model, is_ours: bool, enabled: bool) -> None:
         model.disable_gradient_checkpointing()
 
 
+def forward_flops(model, args, is_ours: bool) -> int:
+    """FLOPs of one forward (matmuls + attention), as torch's flop counter sees them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        call(model, args, is_ours)
+    return counter.get_total_flops()
+
+
 def bench(device: str, dtype: torch.dtype, cfg: NextDiTConfig, a) -> list[dict]:
     ours, theirs = build_pair(cfg, device, dtype)
     rows = []
@@ -127,6 +144,9 @@ def bench(device: str, dtype: torch.dtype, cfg: NextDiTConfig, a) -> list[dict]:
         args = inputs(cfg, a.batch, a.latent, a.cap_len, device, dtype, padded)
         with torch.no_grad():
             diff = (call(ours, args, True).float() - call(theirs, args, False).float()).abs().max().item()
+        # the same useful work for both, counted on diffusers' model: torch's flop counter has no
+        # formula for SDPA's enable_gqa (ours) before torch 2.12, and diffusers repeats K/V instead
+        flops = forward_flops(theirs, args, False) if device == "cuda" else 0
         pair = (("ours", ours, True), ("diffusers", theirs, False))
 
         def fwd_fn(model, is_ours):
@@ -146,6 +166,8 @@ def bench(device: str, dtype: torch.dtype, cfg: NextDiTConfig, a) -> list[dict]:
         for (name, model, is_ours), f_s, s_s in zip(pair, fwd_s, step_s):
             row = dict(device=device, dtype=str(dtype).replace("torch.", ""), captions="mixed" if padded else "equal",
                        model=name, fwd_ms=1000 * f_s, step_ms=1000 * s_s, max_abs_diff=diff)
+            if flops:
+                row["step_TFLOPs"] = 3 * flops / s_s / 1e12
             for ckpt in (False, True):
                 set_checkpointing(model, is_ours, ckpt)
                 if device == "cuda":
@@ -168,21 +190,25 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--devices", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CPU fp32, plus CUDA bf16 where a GPU exists")
     a = p.parse_args()
+    if a.devices == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--devices cuda: no CUDA GPU here")
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg = NextDiTConfig(**PRESETS[a.preset])
     print(f"config {a.preset}: dim={cfg.dim} layers={cfg.n_layers}+2x{cfg.n_refiner_layers} heads={cfg.n_heads}/"
           f"{cfg.n_kv_heads}; batch {a.batch}, {(a.latent // 2) ** 2} image + {a.cap_len} caption tokens; "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    rows = bench("cpu", torch.float32, cfg, a)
-    if torch.cuda.is_available():
+    rows = bench("cpu", torch.float32, cfg, a) if a.devices in ("auto", "cpu") else []
+    if a.devices == "cuda" or (a.devices == "auto" and torch.cuda.is_available()):
         rows += bench("cuda", torch.bfloat16, cfg, a)
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     print("| " + " | ".join(keys) + " |")
     print("|" + "---|" * len(keys))
     for r in rows:
-        print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r[k], float) else str(r[k]) for k in keys) + " |")
+        print("| " + " | ".join(f"{r[k]:.3g}" if isinstance(r.get(k), float) else str(r.get(k, "")) for k in keys) + " |")
     print()
     for i in range(0, len(rows), 2):
         o, d = rows[i], rows[i + 1]

@@ -83,7 +83,8 @@ def write_recipe(path: Path, recipe: dict[str, Any], sections: dict[str, Any]) -
 
 def run_script(script: Path, *args: str, port: int, timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run a helper script in a fresh interpreter (Lightning's DDP re-executes the command line)."""
-    full_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(ROOT),
+    python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    full_env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": python_path,
                 "OMP_NUM_THREADS": "1", **(env or {})}
     full_env.pop("LOCAL_RANK", None)
     full_env.pop("RANK", None)

@@ -60,12 +60,20 @@ def attention(
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     attn_mask = None if mask is None else mask[:, None, None, :]
+    gqa = q.shape[2] != k.shape[2]
+    if gqa and mask is not None and q.is_cuda:
+        # CUDA SDPA's flash kernel (the one that takes enable_gqa) has no masks, and a masked
+        # enable_gqa call can fall back to the O(L^2)-memory math kernel; expanding K/V (same
+        # head mapping h -> h // rep) keeps the masked call on the memory-efficient kernel.
+        rep = q.shape[2] // k.shape[2]
+        k, v = k.repeat_interleave(rep, dim=2), v.repeat_interleave(rep, dim=2)
+        gqa = False
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2),
         k.transpose(1, 2),
         v.transpose(1, 2),
         attn_mask=attn_mask,
-        enable_gqa=q.shape[2] != k.shape[2],
+        enable_gqa=gqa,
     )
     return out.transpose(1, 2)
 

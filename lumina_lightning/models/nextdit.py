@@ -283,7 +283,10 @@ class NextDiT(nn.Module):
         The velocity (data − noise), same shape/type as ``x`` (tensor or list).
     """
 
-    def __init__(self, config: NextDiTConfig | None = None, **kwargs: Any) -> None:
+    def __init__(self, config: NextDiTConfig | None = None, *, initialize: bool = True, **kwargs: Any) -> None:
+        """``initialize=False`` skips the spec §1.6 initialisation, for callers that initialise or
+        load the weights themselves (e.g. where the parameters are partitioned while they are
+        built, as under DeepSpeed ZeRO-3, and must be gathered first)."""
         super().__init__()
         if config is None:
             config = NextDiTConfig(**kwargs)
@@ -313,7 +316,8 @@ class NextDiT(nn.Module):
 
         self.rope = MultiAxisRope(cfg.axes_dims, cfg.axes_lens, cfg.rope_theta)
         self.gradient_checkpointing = False
-        self.initialize_weights()
+        if initialize:
+            self.initialize_weights()
 
     # -- construction helpers ----------------------------------------------------------------------
     def initialize_weights(self) -> None:

@@ -45,7 +45,13 @@ from lumina_lightning.models.config import NextDiTConfig, config_for
 from lumina_lightning.models.nextdit import NextDiT
 from lumina_lightning.modules.ema import ema_copy_, ema_update
 from lumina_lightning.training.config import RecipeConfig
-from lumina_lightning.training.parallelize import parallelize, uses_deepspeed
+from lumina_lightning.training.parallelize import (
+    builds_partitioned,
+    clip_grad_norm,
+    gathered,
+    parallelize,
+    uses_deepspeed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,24 +145,31 @@ class NextDiTModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:
             return
-        model = NextDiT(self.nextdit_config)
-        ema = NextDiT(self.nextdit_config) if self.recipe.ema.enabled else None
-        if self._init_state is not None:
-            state, ema_state = self._init_state
-            from lumina_lightning.models.io import check_state_dict
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        # Under ZeRO-3 the parameters are partitioned while they are built: initialise and load
+        # them gathered instead (same values; see parallelize.gathered)
+        deferred = builds_partitioned(strategy)
+        model = NextDiT(self.nextdit_config, initialize=not deferred)
+        if deferred:
+            with gathered(strategy, model):  # before the EMA is built: the same draws as a plain build
+                model.initialize_weights()
+        ema = NextDiT(self.nextdit_config, initialize=not deferred) if self.recipe.ema.enabled else None
+        with gathered(strategy, model, ema):
+            if self._init_state is not None:
+                state, ema_state = self._init_state
+                from lumina_lightning.models.io import check_state_dict
 
-            check_state_dict(model, state, str(self.recipe.model.init_from))
-            model.load_state_dict(state, strict=False)
-            if ema is not None:
-                ema.load_state_dict(ema_state if ema_state is not None else state, strict=False)
-            self._init_state = None
-        elif ema is not None:
-            ema_copy_(ema, model)
+                check_state_dict(model, state, str(self.recipe.model.init_from))
+                model.load_state_dict(state, strict=False)
+                if ema is not None:
+                    ema.load_state_dict(ema_state if ema_state is not None else state, strict=False)
+                self._init_state = None
+            elif ema is not None:
+                ema_copy_(ema, model)
         if ema is not None:
             # Frozen; left in train mode on purpose: Next-DiT has no dropout or batch norm, so the
             # mode changes nothing, and Lightning warns about eval-mode submodules at fit start.
             ema.requires_grad_(False)
-        strategy = self.trainer.strategy if self._trainer is not None else None
         mesh = None
         param_dtype = torch.bfloat16 if "bf16" in str(self.recipe.trainer.precision) else None
         if strategy is not None and getattr(strategy, "_device_mesh", None) is not None:
@@ -319,20 +332,12 @@ class NextDiTModule(pl.LightningModule):
     # optimisation: clipping, EMA, throughput
     # ------------------------------------------------------------------------------------------
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if self.trainer.gradient_clip_val is not None or uses_deepspeed(self.trainer.strategy):
-            # fsdp1 / DeepSpeed clip inside their engines (Trainer.gradient_clip_val is set for them)
+        if uses_deepspeed(self.trainer.strategy):
+            # DeepSpeed clips inside its engine (the Trainer's gradient_clip_val is set for it)
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return
-        total = torch.nn.utils.get_total_norm(grads, foreach=True)
-        if hasattr(total, "full_tensor"):  # FSDP2: the norm over all shards
-            total = total.full_tensor()
-        self.log("train/grad_norm", total.detach().float(), on_step=True, prog_bar=False)
-        max_norm = self.recipe.optim.grad_clip
-        if max_norm and max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_([p for p in self.model.parameters() if p.grad is not None],
-                                                 max_norm, total, foreach=True)
+        total = clip_grad_norm(self, list(self.model.parameters()), self.recipe.optim.grad_clip)
+        if total is not None:
+            self.log("train/grad_norm", total.detach().float(), on_step=True, prog_bar=False)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)

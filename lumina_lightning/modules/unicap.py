@@ -628,21 +628,14 @@ class UniCapModule(pl.LightningModule):
         return answer_loss(logits, labels, reduction="sample")
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        from lumina_lightning.training.parallelize import uses_deepspeed
+        from lumina_lightning.training.parallelize import clip_grad_norm, uses_deepspeed
 
-        if self.trainer.gradient_clip_val is not None or uses_deepspeed(self.trainer.strategy):
-            # FSDP1 / DeepSpeed clip inside their engines (the Trainer's gradient_clip_val is set for them)
+        if uses_deepspeed(self.trainer.strategy):
+            # DeepSpeed clips inside its engine (the Trainer's gradient_clip_val is set for it)
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if not params:
-            return
-        total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        if hasattr(total, "full_tensor"):  # FSDP2: the norm over all shards
-            total = total.full_tensor()
-        self.log("train/grad_norm", total.detach().float(), on_step=True)
-        clip = self.recipe.optim.grad_clip
-        if clip and clip > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, clip, total, foreach=True)
+        total = clip_grad_norm(self, list(self.model.parameters()), self.recipe.optim.grad_clip)
+        if total is not None:
+            self.log("train/grad_norm", total.detach().float(), on_step=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()

@@ -82,6 +82,55 @@ def uses_deepspeed(strategy: Any) -> bool:
     return isinstance(strategy, DeepSpeedStrategy)
 
 
+def builds_partitioned(strategy: Any) -> bool:
+    """True where ``configure_model`` runs inside DeepSpeed ZeRO-3's ``zero.Init``: every module's
+    parameters are partitioned as soon as its own ``__init__`` returns, so whole-model
+    initialisation and weight loading must run on gathered parameters (:func:`gathered`)."""
+    return uses_deepspeed(strategy) and getattr(strategy, "zero_stage_3", False)
+
+
+def gathered(strategy: Any, *modules: torch.nn.Module | None) -> Any:
+    """A context in which the modules' parameters are whole and writable (rank 0's writes are
+    broadcast and re-partitioned on exit under ZeRO-3; a no-op everywhere else)."""
+    import contextlib
+
+    if not builds_partitioned(strategy):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    params = [p for m in modules if m is not None for p in m.parameters()]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+
+
+def uses_fsdp1(strategy: Any) -> bool:
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    return isinstance(strategy, FSDPStrategy)
+
+
+def clip_grad_norm(module: Any, params: list[torch.nn.Parameter], max_norm: float | None) -> torch.Tensor | None:
+    """The total gradient norm over every rank and shard, clipping to ``max_norm`` (<= 0: no clip).
+
+    Called from a LightningModule's ``configure_gradient_clipping`` for every strategy but
+    DeepSpeed (whose engine clips). FSDP1 needs its root wrapper's ``clip_grad_norm_``, which
+    reduces the norm over ranks — Lightning's ``FSDPPrecision`` refuses ``gradient_clip_algorithm=
+    'norm'``, and the Lightning docs prescribe exactly this override. FSDP2 grads are DTensors whose
+    norm is reduced by ``full_tensor``; DDP / single device grads are already whole.
+    """
+    clip = max_norm if max_norm and max_norm > 0 else None
+    if uses_fsdp1(module.trainer.strategy):
+        return module.trainer.model.clip_grad_norm_(clip if clip is not None else float("inf"))
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return None
+    total = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+    if hasattr(total, "full_tensor"):  # FSDP2: the norm over all shards
+        total = total.full_tensor()
+    if clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(params, clip, total, foreach=True)
+    return total
+
+
 def fsdp2_shard(model: NextDiT, mesh: Any, *, param_dtype: torch.dtype | None = None) -> NextDiT:
     """``fully_shard`` each transformer block, then the root (torchtitan's per-block pattern)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -16,7 +16,7 @@ from typing import Any
 log = logging.getLogger("lumina_lightning.train")
 
 RUN_INFO = "run_info.json"
-ENGINE_CLIPPED = ("fsdp1", "deepspeed_stage_2", "deepspeed_stage_3")
+ENGINE_CLIPPED = ("deepspeed_stage_2", "deepspeed_stage_3")
 
 
 def local_rank_from_env() -> int:
@@ -108,7 +108,8 @@ def make_trainer(cfg: Any, *, strategy: Any, logger: Any, out: Path, ckpt_dir: P
         num_nodes=t.num_nodes, strategy=strategy, precision=t.precision,
         accumulate_grad_batches=t.accumulate_grad_batches, log_every_n_steps=t.log_every_n_steps,
         callbacks=callbacks, logger=logger, default_root_dir=str(out), plugins=plugins,
-        # fsdp1 / DeepSpeed clip inside their engines; the other strategies clip in the module
+        # DeepSpeed clips inside its engine; the other strategies clip in the module (FSDP1 too:
+        # Lightning's FSDPPrecision refuses norm clipping, see parallelize.clip_grad_norm)
         gradient_clip_val=grad_clip if t.strategy in ENGINE_CLIPPED else None,
         limit_val_batches=0, num_sanity_val_steps=0, use_distributed_sampler=False,  # our loaders shard themselves
         enable_progress_bar=t.enable_progress_bar, enable_model_summary=False,

@@ -17,8 +17,9 @@ def main() -> None:
     torch.set_num_threads(1)
     result = train(load_recipe(recipe, overrides))
     weights = full_state_dict(result.module.model)
+    ema = full_state_dict(result.module.ema_model) if result.module.ema_model is not None else None
     if result.module.trainer.is_global_zero:
-        torch.save({"weights": weights, "step": result.global_step, "losses": result.losses}, out)
+        torch.save({"weights": weights, "ema": ema, "step": result.global_step, "losses": result.losses}, out)
 
 
 if __name__ == "__main__":
