@@ -168,7 +168,9 @@ def train_unicap(loaded: Any, *, extra_callbacks: list | None = None, trainer_kw
     metrics = {k.split("/", 1)[1]: v for k, v in module.last_validation.items() if k.startswith("val/")}
     if stop.requested is None and trainer.state.finished:
         export_dir = out / "export"
-        sharded = cfg.trainer.strategy in ("fsdp", "fsdp1", "deepspeed_stage_3") and trainer.world_size > 1
+        # sharded parameters stay sharded on one rank too (DTensors / ZeRO-3 partitions), so gather
+        # whatever the world size; every rank takes part
+        sharded = cfg.trainer.strategy in ("fsdp", "fsdp1", "deepspeed_stage_3")
         state = full_state_dict(module.model) if sharded else None
         if trainer.is_global_zero:
             export_captioner(module.model, export_dir, source_path=cfg.model.path, recipe=cfg, table=module.table,
