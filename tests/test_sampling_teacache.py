@@ -135,3 +135,21 @@ def test_calibrated_coefficients(pipe, tmp_path):
     assert torch.equal(again.latents, r.latents)
     with pytest.raises(ValueError):
         _run(pipe, "euler", 2, teacache=0.1, teacache_version=[float("nan")])
+
+
+def test_fit_coefficients_recovers_a_usable_polynomial_and_rejects_unusable_ones():
+    from lumina_lightning.sampling.teacache import fit_coefficients
+
+    x = np.linspace(0.01, 0.3, 20)
+    exact = fit_coefficients(list(zip(x, 0.5 * x**2 + 2 * x + 0.1)), degree=2)
+    assert exact == pytest.approx([0.5, 2.0, 0.1], abs=1e-9)  # increasing and positive: kept as fitted
+    # an output change that falls as the input change grows: no polynomial of degree 2 or 1 is
+    # monotone there, so the schedule falls back to the mean change per call (here 0.5)
+    x = np.linspace(0.0, 1.0, 11)
+    assert fit_coefficients(list(zip(x, 1.0 - x)), degree=2) == pytest.approx([0.0, 0.0, 0.5])
+    # a quadratic that would turn negative inside the observed range is replaced by the linear fit
+    x = np.linspace(0.0, 1.0, 21)
+    y = np.where(x < 0.8, x, 0.8 - 3 * (x - 0.8))  # rises, then collapses
+    coeffs = fit_coefficients(list(zip(x, y)), degree=2)
+    values = np.polyval(coeffs, np.linspace(0, 1, 101))
+    assert coeffs[0] == 0.0 and values.min() >= 0 and np.all(np.diff(values) >= 0)

@@ -257,9 +257,27 @@ class TeaCacheProbe:
 
 
 def fit_coefficients(pairs: Sequence[tuple[float, float]], degree: int = 4) -> list[float]:
-    """Least-squares polynomial (highest degree first) from indicator change to output change."""
+    """Least-squares polynomial (highest degree first) from indicator change to output change.
+
+    The result drives an accumulator, so over the observed range [0, max change] it must be
+    non-negative and non-decreasing (a larger input change must never predict a smaller output
+    change, let alone a negative one that pays back earlier steps). Where the degree-``degree`` fit
+    is not, lower degrees are tried, down to the constant mean output change per call (a uniform
+    skip schedule). Leading zeros keep the length ``degree + 1``.
+
+    Seen on a tiny trained model: an unconstrained quadratic came out as ``-0.91 x² + 0.47 x + 0.012``,
+    negative beyond x = 0.54, so rows with large changes stopped recomputing at all.
+    """
     pts = [(a, b) for a, b in pairs if np.isfinite(a) and np.isfinite(b)]
     if len(pts) <= degree:
         raise ValueError(f"need more than {degree} calibration pairs, got {len(pts)}")
     x, y = np.array(pts, dtype=np.float64).T
-    return [float(c) for c in np.polyfit(x, y, degree)]
+    grid = np.linspace(0.0, float(x.max()), 257)
+    coeffs = np.array([max(float(y.mean()), 0.0)])
+    for d in range(degree, 0, -1):
+        fit = np.polyfit(x, y, d)
+        values = np.polyval(fit, grid)
+        if values.min() >= 0.0 and np.all(np.diff(values) >= -1e-12):
+            coeffs = fit
+            break
+    return [0.0] * (degree + 1 - len(coeffs)) + [float(c) for c in coeffs]
