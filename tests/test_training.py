@@ -215,3 +215,41 @@ def test_consecutive_stages_reuse_the_text_encoder_and_its_cache(tmp_path):
     # a different encoder setting builds a fresh one (features would differ)
     te3, _, _ = build_encoders(load_recipe(tiny_recipe(tmp_path, "c.yaml", text_encoder={"max_length": 16})).config)
     assert te3 is not te1 and te3.max_length == 16
+
+
+def test_ema_in_bf16_averages_in_fp32():
+    """DeepSpeed bf16 casts the EMA copy to bf16; its (1 − decay) steps must not be rounded away."""
+    from lumina_lightning.modules.ema import ema_update, fp32_shadow
+
+    def pair():
+        model, ema = torch.nn.Linear(4, 4, bias=False), torch.nn.Linear(4, 4, bias=False).to(torch.bfloat16)
+        with torch.no_grad():
+            model.weight.fill_(1.01)  # bf16 steps are 2^-7 = 0.0078 at 1.0
+            ema.weight.fill_(1.0)
+        return model, ema
+
+    model, ema = pair()
+    assert fp32_shadow(model, model) is None  # an fp32 EMA needs no shadow
+    for _ in range(100):
+        ema_update(ema, model, 0.95)
+    assert torch.all(ema.weight == 1.0)  # each 0.05 * 0.01 step is under half a bf16 step: stalled
+    model, ema = pair()
+    shadow = fp32_shadow(ema, model)
+    for _ in range(100):
+        ema_update(ema, model, 0.95, shadow=shadow)
+    expected = 1.01 - 0.01 * 0.95**100  # = 1.0099408
+    assert torch.allclose(shadow[0], torch.full((4, 4), expected), atol=1e-6)
+    assert torch.all(ema.weight == torch.tensor(expected, dtype=torch.bfloat16))  # 1.0078125, rounded once
+
+
+def test_half_precision_training_keeps_the_ema_average_in_fp32(tmp_path):
+    from lumina_lightning.training.recipe import load_recipe
+    from lumina_lightning.training.run import train
+
+    result = train(load_recipe(tiny_recipe(tmp_path, trainer={"precision": "bf16-true", "max_steps": 3})))
+    module = result.module
+    ema = [p for p in module.ema_model.parameters() if p.dtype == torch.bfloat16]
+    shadow = module._ema_shadow[0]
+    assert ema and shadow is not None and all(s.dtype == torch.float32 for s in shadow)
+    trained = [p for p, q in zip(module.ema_model.parameters(), module.model.parameters()) if q.requires_grad]
+    assert all(torch.equal(p, s.to(torch.bfloat16)) for p, s in zip(trained, shadow))

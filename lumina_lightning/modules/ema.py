@@ -16,10 +16,13 @@ from lumina_lightning.training.parallelize import local_tensor
 
 
 @torch.no_grad()
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float,
+               shadow: list[torch.Tensor] | None = None) -> None:
     """``ema ← decay · ema + (1 − decay) · model`` for every parameter that is trained.
 
-    Parameters that do not train (the unused ``norm_final``) are copied instead, so the two stay identical.
+    Parameters that do not train (the unused ``norm_final``) are copied instead, so the two stay
+    identical. With ``shadow`` (from :func:`fp32_shadow`) the average is kept in those fp32 tensors
+    and the EMA parameters receive its rounded value.
     """
     ema_params = dict(ema.named_parameters())
     trained_ema, trained_src = [], []
@@ -27,11 +30,34 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         target = ema_params[name]
         if p.requires_grad:
             trained_ema.append(local_tensor(target))
-            trained_src.append(local_tensor(p).to(target.dtype))
+            trained_src.append(local_tensor(p))
         else:
             local_tensor(target).copy_(local_tensor(p))
-    if trained_ema:
-        torch._foreach_lerp_(trained_ema, trained_src, 1.0 - decay)
+    if not trained_ema:
+        return
+    if shadow is None:
+        torch._foreach_lerp_(trained_ema, [s.to(t.dtype) for s, t in zip(trained_src, trained_ema)], 1.0 - decay)
+        return
+    torch._foreach_lerp_(shadow, [s.float() for s in trained_src], 1.0 - decay)
+    for target, value in zip(trained_ema, shadow):
+        target.copy_(value)
+
+
+@torch.no_grad()
+def fp32_shadow(ema: torch.nn.Module, model: torch.nn.Module) -> list[torch.Tensor] | None:
+    """fp32 copies of the trained EMA tensors (this rank's shards) when they are stored in lower
+    precision, else ``None``.
+
+    DeepSpeed's bf16/fp16 modes cast the whole module to half precision, the frozen EMA copy
+    included. An EMA step ``(1 − decay)·(model − ema)`` is then often smaller than half a unit in the
+    last place of the weight (bf16 keeps 8 mantissa bits: 0.4 % relative) and is rounded away, so
+    the average stalls. Averaging in fp32 and rounding only the stored copy avoids that.
+    """
+    ema_params = dict(ema.named_parameters())
+    targets = [local_tensor(ema_params[n]) for n, p in model.named_parameters() if p.requires_grad]
+    if all(t.dtype == torch.float32 or t.dtype == torch.float64 for t in targets):
+        return None
+    return [t.float().clone() for t in targets]
 
 
 @torch.no_grad()

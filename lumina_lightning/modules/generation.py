@@ -43,7 +43,7 @@ from lumina_lightning.flow import (
 )
 from lumina_lightning.models.config import NextDiTConfig, config_for
 from lumina_lightning.models.nextdit import NextDiT
-from lumina_lightning.modules.ema import ema_copy_, ema_update
+from lumina_lightning.modules.ema import ema_copy_, ema_update, fp32_shadow
 from lumina_lightning.training.config import RecipeConfig
 from lumina_lightning.training.parallelize import (
     builds_partitioned,
@@ -104,6 +104,7 @@ class NextDiTModule(pl.LightningModule):
         self.index_history: list[list[int]] = []  # sample ids of each step (proves the data position on resume)
         self._step_started: float | None = None
         self._skipped = False
+        self._ema_shadow: tuple[list[torch.Tensor] | None] | None = None  # (fp32 average or None,) once built
         self._init_state: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None] | None = None
         self._pipeline = None
         res = recipe.data.resolution
@@ -195,6 +196,7 @@ class NextDiTModule(pl.LightningModule):
             if isinstance(enc, torch.nn.Module):
                 enc.to(self.device)
         self._val_cache = None
+        self._ema_shadow = None  # rebuilt from the (possibly restored or cast) EMA at the first update
 
     def configure_optimizers(self) -> Any:
         o = self.recipe.optim
@@ -344,7 +346,9 @@ class NextDiTModule(pl.LightningModule):
         # The EMA moves right after the weights, before any callback (ModelCheckpoint saves in
         # on_train_batch_end), so a checkpoint always holds the EMA of the weights it holds.
         if self.ema_model is not None and not self._skipped:
-            ema_update(self.ema_model, self.model, self.recipe.ema.decay)
+            if self._ema_shadow is None:  # built at the first update, after any cast or restore
+                self._ema_shadow = (fp32_shadow(self.ema_model, self.model),)
+            ema_update(self.ema_model, self.model, self.recipe.ema.decay, shadow=self._ema_shadow[0])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
