@@ -97,9 +97,9 @@ def test_unknown_key_names_file_key_and_closest_key(tmp_path):
 
 
 def test_bad_key_in_a_defaults_file_names_that_file(tmp_path):
-    (tmp_path / "base.yaml").write_text("optim:\n  lr_rate: 0.1\n")
+    (tmp_path / "base.yaml").write_text("optim:\n  warmup_step: 10\n")
     (tmp_path / "top.yaml").write_text("defaults: [base]\nstage: x\nautoencoder: {kind: pixel}\n")
-    with pytest.raises(RecipeError, match=r"base\.yaml: unknown key `optim.lr_rate`; did you mean `optim.lr`"):
+    with pytest.raises(RecipeError, match=r"base\.yaml: unknown key `optim.warmup_step`; did you mean `optim.warmup_steps`"):
         load_recipe(tmp_path / "top.yaml")
 
 

@@ -253,3 +253,28 @@ def test_half_precision_training_keeps_the_ema_average_in_fp32(tmp_path):
     assert ema and shadow is not None and all(s.dtype == torch.float32 for s in shadow)
     trained = [p for p, q in zip(module.ema_model.parameters(), module.model.parameters()) if q.requires_grad]
     assert all(torch.equal(p, s.to(torch.bfloat16)) for p, s in zip(trained, shadow))
+
+
+def test_lr_schedules_by_hand():
+    from lumina_lightning.training.schedules import lr_factor
+
+    # warm-up 10 of 110 steps, then 100 decay steps
+    assert lr_factor(0, total=110, warmup=10, schedule="cosine") == pytest.approx(0.1)
+    assert lr_factor(9, total=110, warmup=10, schedule="linear") == pytest.approx(1.0)
+    assert lr_factor(60, total=110, warmup=10, schedule="linear") == pytest.approx(0.5)
+    assert lr_factor(60, total=110, warmup=10, schedule="cosine", min_ratio=0.2) == pytest.approx(0.6)
+    assert lr_factor(35, total=110, warmup=10, schedule="cosine") == pytest.approx(0.5 * (1 + 2**-0.5))
+    assert lr_factor(110, total=110, warmup=10, schedule="cosine", min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(500, total=110, schedule="linear") == 0.0
+    assert lr_factor(500, total=110, schedule="constant") == 1.0
+    with pytest.raises(ValueError, match="schedule"):
+        lr_factor(0, total=1, schedule="step")
+
+
+def test_recipe_schedule_is_validated(tmp_path):
+    from lumina_lightning.training.recipe import RecipeError, load_recipe
+
+    cfg = load_recipe(tiny_recipe(tmp_path), ["optim.schedule=cosine", "optim.min_lr_ratio=0.1"]).config
+    assert cfg.optim.schedule == "cosine" and cfg.optim.min_lr_ratio == 0.1
+    with pytest.raises(RecipeError, match="optim.schedule"):
+        load_recipe(tiny_recipe(tmp_path), ["optim.schedule=cosin"])

@@ -206,43 +206,37 @@ def test_resume_continues_to_the_same_weights(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def _strategy_run(tmp_path: Path, steps: int, port: int, **trainer) -> tuple[dict, dict, dict]:
+    """Fine-tune in a fresh interpreter with ``trainer`` settings; (result, exported weights, base weights)."""
+    from training_utils import run_script
+
+    recipe = unicap_recipe(tmp_path, trainer={"max_steps": steps, **trainer}, validation={"eval_samples": 0})
+    out = run_script(ROOT / "tests" / "scripts" / "unicap_strategy_run.py", str(recipe), str(tmp_path / "w.pt"),
+                     port=port)
+    assert out.returncode == 0, out.stderr[-4000:]
+    result = torch.load(tmp_path / "w.pt")
+    assert result["exit_code"] == 0 and result["step"] == steps
+    exported = load_captioner(result["export"]).model.state_dict()
+    return result, exported, load_vlm(tiny_vlm(), dtype="fp32").state_dict()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("strategy", ["fsdp1", "deepspeed_stage_2", "deepspeed_stage_3", "fsdp"])
 def test_gpu_strategies_fine_tune(tmp_path, strategy):
     import math
 
-    from training_utils import run_script
-
-    recipe = unicap_recipe(tmp_path, trainer={"accelerator": "gpu", "devices": min(torch.cuda.device_count(), 2),
-                                              "max_steps": 4, "strategy": strategy, "precision": "bf16-mixed"},
-                           validation={"eval_samples": 0})
-    out = run_script(ROOT / "tests" / "scripts" / "unicap_strategy_run.py", str(recipe), str(tmp_path / "w.pt"),
-                     port=29651)
-    assert out.returncode == 0, out.stderr[-4000:]
-    result = torch.load(tmp_path / "w.pt")
-    assert result["exit_code"] == 0 and result["step"] == 4
+    result, exported, start = _strategy_run(tmp_path, 4, 29651, accelerator="gpu", strategy=strategy,
+                                            devices=min(torch.cuda.device_count(), 2), precision="bf16-mixed")
     assert all(math.isfinite(v) for v in result["losses"])
-    start = load_vlm(tiny_vlm(), dtype="fp32").state_dict()
     moved = [k for k, v in result["weights"].items() if k in start and not torch.allclose(v.float().cpu(), start[k], atol=1e-3)]
     assert moved  # the fine-tune changed the weights
-    exported = load_captioner(result["export"]).model.state_dict()
     for name, value in result["weights"].items():
         assert torch.allclose(exported[name].float(), value.float().cpu(), atol=1e-2), name
 
 
 def test_fsdp2_fine_tune_exports_the_gathered_weights(tmp_path):
     """FSDP2 on CPU (gloo): parameters are DTensors even on one rank; the export holds the full weights."""
-    from training_utils import run_script
-
-    recipe = unicap_recipe(tmp_path, trainer={"max_steps": 2, "strategy": "fsdp", "devices": 1},
-                           validation={"eval_samples": 0})
-    out = run_script(ROOT / "tests" / "scripts" / "unicap_strategy_run.py", str(recipe), str(tmp_path / "w.pt"),
-                     port=29652)
-    assert out.returncode == 0, out.stderr[-4000:]
-    result = torch.load(tmp_path / "w.pt")
-    assert result["exit_code"] == 0 and result["step"] == 2
-    exported = load_captioner(result["export"]).model.state_dict()
-    start = load_vlm(tiny_vlm(), dtype="fp32").state_dict()
+    result, exported, start = _strategy_run(tmp_path, 2, 29652, strategy="fsdp", devices=1)
     assert any(not torch.equal(exported[k], start[k]) for k in start)  # trained weights, not the base
     for name, value in result["weights"].items():
         assert torch.equal(exported[name], value), name

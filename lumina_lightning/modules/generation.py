@@ -202,11 +202,12 @@ class NextDiTModule(pl.LightningModule):
         o = self.recipe.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        warmup = max(0, o.warmup_steps)
-        # Constant LR like the official code; a linear warm-up only when asked (DEVIATION when > 0).
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        from lumina_lightning.training.schedules import lr_factor
+
+        total, warmup = max(1, self.recipe.trainer.max_steps), max(0, o.warmup_steps)
+        # Constant LR like the official code; a linear warm-up or a decay only when asked (DEVIATION).
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+            step, total=total, warmup=warmup, schedule=o.schedule, min_ratio=o.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------

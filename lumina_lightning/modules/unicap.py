@@ -28,7 +28,6 @@ import importlib.util
 import contextlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -567,18 +566,11 @@ class UniCapModule(pl.LightningModule):
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        total = max(1, self.recipe.trainer.max_steps)
-        warmup = max(0, o.warmup_steps)
+        from lumina_lightning.training.schedules import lr_factor
 
-        def factor(step: int) -> float:
-            if warmup and step < warmup:
-                return (step + 1) / warmup
-            if o.schedule == "cosine":
-                progress = min(1.0, (step - warmup) / max(1, total - warmup))
-                return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-            return 1.0
-
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        total, warmup = max(1, self.recipe.trainer.max_steps), max(0, o.warmup_steps)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+            step, total=total, warmup=warmup, schedule=o.schedule, min_ratio=o.min_lr_ratio))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------

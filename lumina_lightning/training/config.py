@@ -118,7 +118,9 @@ class ObjectiveSection:
 class OptimSection:
     """AdamW, constant LR (spec §5): betas (0.9, 0.95), eps 1e-15, no weight decay, clip 2.0.
 
-    ``warmup_steps`` > 0 ramps the LR linearly (DEVIATION: the official code has no warm-up; off by default).
+    ``warmup_steps`` > 0 ramps the LR linearly, and ``schedule: cosine | linear`` decays it to
+    ``min_lr_ratio`` × lr at ``trainer.max_steps`` (DEVIATIONS: the official code has neither; both
+    off by default).
     """
 
     lr: float = 2e-4
@@ -127,6 +129,8 @@ class OptimSection:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     grad_clip: float = 2.0
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.0
 
 
 @dataclass

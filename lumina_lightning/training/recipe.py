@@ -352,6 +352,11 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
     _choice(where, "objective.system", cfg.objective.system, SYSTEM_PROMPTS)
     _choice(where, "trainer.strategy", cfg.trainer.strategy, STRATEGIES)
     _choice(where, "trainer.precision", cfg.trainer.precision, PRECISIONS)
+    from lumina_lightning.training.schedules import SCHEDULES
+
+    _choice(where, "optim.schedule", cfg.optim.schedule, SCHEDULES)
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise RecipeError(f"{where}: `optim.min_lr_ratio` must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if len(cfg.optim.betas) != 2:
         raise RecipeError(f"{where}: `optim.betas` needs two numbers, got {cfg.optim.betas}")
     if not 0.0 <= cfg.ema.decay < 1.0:

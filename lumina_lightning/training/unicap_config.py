@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lumina_lightning.training.config import TrackingSection
+from lumina_lightning.training.schedules import SCHEDULES
 
 STRATEGIES = ("auto", "ddp", "fsdp", "fsdp1", "deepspeed_stage_2", "deepspeed_stage_3")
 PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
@@ -226,7 +227,7 @@ class UniCapRecipe:
         choice("model.dtype", self.model.dtype, DTYPES)
         choice("trainer.strategy", self.trainer.strategy, STRATEGIES)
         choice("trainer.precision", self.trainer.precision, PRECISIONS)
-        choice("optim.schedule", self.optim.schedule, ("constant", "cosine"))
+        choice("optim.schedule", self.optim.schedule, SCHEDULES)
         choice("optim.loss_reduction", self.optim.loss_reduction, ("token", "sample"))
         if not self.data.path:
             raise ValueError("`data.path` is required (a manifest, data YAML or image folder)")
