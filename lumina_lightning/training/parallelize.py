@@ -15,6 +15,7 @@ outside its registered submodules, so they are neither sharded nor checkpointed.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -92,8 +93,6 @@ def builds_partitioned(strategy: Any) -> bool:
 def gathered(strategy: Any, *modules: torch.nn.Module | None) -> Any:
     """A context in which the modules' parameters are whole and writable (rank 0's writes are
     broadcast and re-partitioned on exit under ZeRO-3; a no-op everywhere else)."""
-    import contextlib
-
     if not builds_partitioned(strategy):
         return contextlib.nullcontext()
     import deepspeed
@@ -113,9 +112,9 @@ def clip_grad_norm(module: Any, params: list[torch.nn.Parameter], max_norm: floa
 
     Called from a LightningModule's ``configure_gradient_clipping`` for every strategy but
     DeepSpeed (whose engine clips). FSDP1 needs its root wrapper's ``clip_grad_norm_``, which
-    reduces the norm over ranks — Lightning's ``FSDPPrecision`` refuses ``gradient_clip_algorithm=
-    'norm'``, and the Lightning docs prescribe exactly this override. FSDP2 grads are DTensors whose
-    norm is reduced by ``full_tensor``; DDP / single device grads are already whole.
+    reduces the norm over ranks (Lightning's ``FSDPPrecision`` refuses ``gradient_clip_algorithm=
+    'norm'``, seen on a GPU). FSDP2 grads are DTensors whose norm is reduced by ``full_tensor``;
+    DDP / single device grads are already whole.
     """
     clip = max_norm if max_norm and max_norm > 0 else None
     if uses_fsdp1(module.trainer.strategy):
