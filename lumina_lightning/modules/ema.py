@@ -55,7 +55,7 @@ def fp32_shadow(ema: torch.nn.Module, model: torch.nn.Module) -> list[torch.Tens
     """
     ema_params = dict(ema.named_parameters())
     targets = [local_tensor(ema_params[n]) for n, p in model.named_parameters() if p.requires_grad]
-    if all(t.dtype == torch.float32 or t.dtype == torch.float64 for t in targets):
+    if all(t.dtype in (torch.float32, torch.float64) for t in targets):
         return None
     return [t.float().clone() for t in targets]
 

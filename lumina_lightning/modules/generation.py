@@ -202,12 +202,10 @@ class NextDiTModule(pl.LightningModule):
         o = self.recipe.optim
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
-        from lumina_lightning.training.schedules import lr_factor
+        from lumina_lightning.training.schedules import lambda_scheduler
 
-        total, warmup = max(1, self.recipe.trainer.max_steps), max(0, o.warmup_steps)
         # Constant LR like the official code; a linear warm-up or a decay only when asked (DEVIATION).
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-            step, total=total, warmup=warmup, schedule=o.schedule, min_ratio=o.min_lr_ratio))
+        schedule = lambda_scheduler(optimizer, o, self.recipe.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------

@@ -566,11 +566,9 @@ class UniCapModule(pl.LightningModule):
                 (decay if p.ndim >= 2 else no_decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
-        from lumina_lightning.training.schedules import lr_factor
+        from lumina_lightning.training.schedules import lambda_scheduler
 
-        total, warmup = max(1, self.recipe.trainer.max_steps), max(0, o.warmup_steps)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-            step, total=total, warmup=warmup, schedule=o.schedule, min_ratio=o.min_lr_ratio))
+        schedule = lambda_scheduler(optimizer, o, self.recipe.trainer.max_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     # ------------------------------------------------------------------------------------------
