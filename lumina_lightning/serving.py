@@ -399,12 +399,13 @@ class DemoService:
         return [(f"{names.get(s, s)}: {n} forward{'s' if n > 1 else ''}/step", s) for s, n in EVALS_PER_STEP.items()]
 
     def base_resolution(self) -> int:
-        """Side of the square preset: the configured ``resolution``, else 64 tokens a side for latent
-        models (1024 px with the FLUX VAE, the 2B model's native size) and 16 tokens a side for
-        pixel-space models (the CPU tiny recipes train at 32-64 px); snapped and kept within the
-        model's position tables and the pixel budget."""
+        """Side of the square preset: the configured ``resolution``, else the one the checkpoint was
+        trained at (``pipeline.json``), else 64 tokens a side for latent models (1024 px with the FLUX
+        VAE, the 2B model's native size) and 16 tokens a side for pixel-space models; snapped and
+        kept within the model's position tables and the pixel budget."""
         m = self.size_multiple
-        side = self.config.resolution or (64 if int(self.pipe.autoencoder.downsample) > 1 else 16) * m
+        side = (self.config.resolution or getattr(self.pipe, "resolution", None)
+                or (64 if int(self.pipe.autoencoder.downsample) > 1 else 16) * m)
         side = max(m, int(side) // m * m)
         side = min(side, *self.pipe.max_size)
         budget_side = int(math.sqrt(self.config.max_pixels)) // m * m

@@ -78,6 +78,11 @@ def test_resolution_presets_keep_the_area_multiple_and_budget(service, pipe):
     latent = SimpleNamespace(text_encoder=None, size_multiple=16, max_size=(4096, 4096),
                              autoencoder=SimpleNamespace(downsample=8))
     assert DemoService(latent, ServeConfig()).base_resolution() == 1024
+    # a checkpoint that records its training size (pipeline.json) opens at that size; the
+    # server's --resolution still wins
+    trained = SimpleNamespace(**vars(latent), resolution=512)
+    assert DemoService(trained, ServeConfig()).base_resolution() == 512
+    assert DemoService(trained, ServeConfig(resolution=256)).base_resolution() == 256
 
 
 def test_defaults_are_always_a_valid_request(pipe):

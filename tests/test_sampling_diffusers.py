@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -57,6 +59,14 @@ def test_load_exported_folder_and_refuse_pixel(exported, tmp_path):
     pipe, folder = exported
     loaded = load_pipeline(folder)
     assert loaded.defaults["shift"] == 6.0
+    assert loaded.resolution == 128 * 8  # diffusers' default sample_size (latent px) x the VAE factor
+    pipe.resolution = 64  # a trained size known to our pipeline travels as diffusers' sample_size
+    try:
+        again = export_diffusers_pipeline(pipe, tmp_path / "sized")
+    finally:
+        pipe.resolution = None
+    assert json.loads((again / "transformer" / "config.json").read_text())["sample_size"] == 8
+    assert load_pipeline(again).resolution == 64
     a = pipe("two green stars", width=32, height=16, seed=0, steps=3, solver="euler")
     b = loaded("two green stars", width=32, height=16, seed=0, steps=3, solver="euler")
     assert torch.allclose(a.latents, b.latents, atol=1e-5)

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from lumina_lightning.models.io import save_nextdit
 from lumina_lightning.sampling import (
@@ -132,6 +133,7 @@ def test_pipeline_folder_round_trip(pipe, folder, tmp_path):
     assert spec["autoencoder"] == {"kind": "pixel"} and spec["text_encoder"]["max_length"] == 256
     loaded = load_pipeline(folder)
     assert loaded.defaults == {"shift": 3.0} and loaded.resolve().shift == 3.0
+    assert "resolution" not in spec and loaded.resolution is None  # not recorded: callers fall back
     a = pipe("a red circle", width=24, height=16, seed=1, shift=3.0, **FAST)
     b = loaded("a red circle", width=24, height=16, seed=1, **FAST)
     assert torch.equal(a.latents, b.latents)
@@ -143,6 +145,22 @@ def test_pipeline_folder_round_trip(pipe, folder, tmp_path):
     assert torch.equal(with_ema.model.x_embedder.weight, ema["x_embedder.weight"])
     raw = load_pipeline(tmp_path / "with_ema", ema=False)
     assert torch.equal(raw.model.x_embedder.weight, pipe.model.x_embedder.weight)
+
+
+def test_trained_resolution_is_recorded_and_validated(pipe, tmp_path):
+    folder = save_pipeline(tmp_path / "p", pipe.model, text_encoder_spec={"path": pipe.text_encoder.path},
+                           autoencoder_spec={"kind": "pixel"}, resolution=32)
+    assert json.loads((folder / "pipeline.json").read_text())["resolution"] == 32
+    assert load_pipeline(folder).resolution == 32
+    # `lumina sample` without --width/--height draws at that size
+    rc = sample_main(["--ckpt", str(folder), "--prompt", "a red circle", "--out", str(tmp_path / "o"),
+                      "--preset", "fast", "--steps", "1"])
+    assert rc == 0
+    [png] = (tmp_path / "o").glob("*.png")
+    assert Image.open(png).size == (32, 32)
+    for bad in (0, -16, 31.5):
+        with pytest.raises(ValueError, match="resolution must be a positive integer"):
+            pipeline_spec({"path": "minilm"}, {"kind": "pixel"}, resolution=bad)
 
 
 def test_training_ckpt_and_bare_checkpoint(pipe, tmp_path):
@@ -188,7 +206,6 @@ def test_cli_writes_pngs_with_settings_that_round_trip(pipe, folder, tmp_path, c
     first = records[0]
     assert first["preset"] == "fast" and first["solver"] == "dpm" and first["steps"] == 3 and first["shift"] == 3.0
     assert first["width"] == 24 and first["height"] == 16 and first["system"] == "real"
-    from PIL import Image
 
     with Image.open(files[2]) as im:
         assert im.size == (24, 16) and im.text["prompt"] == "two green stars" and im.text["seed"] == "100"

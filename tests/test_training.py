@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from lumina_lightning.models.io import load_nextdit, read_state
+from lumina_lightning.sampling.pipeline_io import load_pipeline
 from lumina_lightning.modules.generation import NextDiTModule, pad_rows, sample_generator
 from lumina_lightning.training.callbacks import AtomicCheckpointIO
 from lumina_lightning.training.recipe import load_recipe
@@ -51,7 +53,10 @@ def test_tiny_run_learns_tracks_and_exports(tmp_path):
     assert len(losses) == 24
     assert sum(losses[-6:]) / 6 < 0.85 * sum(losses[:6]) / 6, losses  # the loss clearly falls
     # the export is a pipeline folder the sampler, the next stage and the app read
-    assert (result.export_dir / "pipeline.json").is_file()
+    # it records the trained resolution: the default size of `lumina sample` / `eval` / `demo`
+    spec = json.loads((result.export_dir / "pipeline.json").read_text())
+    assert spec["resolution"] == load_recipe(recipe).config.data.resolution == 16
+    assert load_pipeline(result.export_dir).resolution == 16
     state, cfg, fmt = read_state(result.export_dir, ema=True)
     assert fmt == "lumina" and cfg.in_channels == 3
     assert set(result.validation) == {"raw", "ema"}

@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "'prompt' and optional 'seed' / 'negative_prompt'")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for every prompt (default: none = '')")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=None,
+                   help="default: the resolution the checkpoint was trained at, else 1024")
+    p.add_argument("--height", type=int, default=None, help="default: as --width")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="official (default) | fast | diffusers")
     p.add_argument("--solver", choices=SOLVER_NAMES, default=None)
     p.add_argument("--steps", type=int, default=None, help="solver steps (intervals; official '18' = 17 steps)")
@@ -140,6 +141,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = getattr(torch, _DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
     ema: bool | str = {"auto": "auto", "true": True, "false": False}[args.ema]
     pipe = load_pipeline(args.ckpt, text_encoder=args.text_encoder, vae=args.vae, device=device, dtype=dtype, ema=ema)
+    side = pipe.resolution or 1024
+    args.width, args.height = args.width or side, args.height or side
     pipe.check_size(args.width, args.height)
     system = pipe.default_system if args.system is None else (None if args.system == "none" else args.system)
     overrides = dict(

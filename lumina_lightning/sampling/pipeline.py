@@ -114,6 +114,8 @@ class LuminaPipeline:
         dtype: transformer autocast dtype on CUDA (the state stays fp32; ignored on CPU).
         default_system: system template used when a call does not name one (``real``).
         defaults: sampler-setting defaults applied over the preset (e.g. from ``pipeline.json``).
+        resolution: the image side the model was trained at, if known (``pipeline.json``): the
+            default size of the CLI, the evaluation and the app.
     """
 
     def __init__(
@@ -126,8 +128,11 @@ class LuminaPipeline:
         dtype: torch.dtype = torch.float32,
         default_system: str | None = "real",
         defaults: dict[str, Any] | None = None,
+        resolution: int | None = None,
     ) -> None:
         self.device = torch.device(device)
+        # the side the model was trained at (from the checkpoint), the callers' default image size
+        self.resolution = int(resolution) if resolution else None
         self.dtype = dtype
         self.model = model.to(self.device)
         self.text_encoder = text_encoder.to(self.device) if isinstance(text_encoder, torch.nn.Module) else text_encoder

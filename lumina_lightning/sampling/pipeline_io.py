@@ -61,8 +61,13 @@ def pipeline_spec(
     *,
     default_system: str | None = "real",
     defaults: dict[str, Any] | None = None,
+    resolution: int | None = None,
 ) -> dict[str, Any]:
-    """The JSON-able dict stored as ``pipeline.json`` (and under ``"lumina_pipeline"`` in training ckpts)."""
+    """The JSON-able dict stored as ``pipeline.json`` (and under ``"lumina_pipeline"`` in training ckpts).
+
+    ``resolution``: the side the model was trained at (the last stage's ``data.resolution``), the
+    default image size of ``lumina sample`` / ``eval`` / ``demo``; ``None`` when unknown.
+    """
     if "path" not in text_encoder_spec:
         raise ValueError("text_encoder_spec needs a 'path' (a local folder or 'minilm')")
     kind = autoencoder_spec.get("kind")
@@ -75,6 +80,8 @@ def pipeline_spec(
     unknown = sorted(set(defaults or {}) - set(SETTING_NAMES))
     if unknown:
         raise ValueError(f"unknown sampler default(s) {unknown}; known: {list(SETTING_NAMES)}")
+    if resolution is not None and (int(resolution) != resolution or resolution < 1):
+        raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
     te = {k: v for k, v in text_encoder_spec.items() if k == "path" or k in _TEXT_ENCODER_KEYS}
     te["path"] = str(te["path"])
     ae = {k: (str(v) if k == "path" else v) for k, v in autoencoder_spec.items()
@@ -86,6 +93,7 @@ def pipeline_spec(
         "autoencoder": ae,
         "default_system": default_system,
         "defaults": dict(defaults or {}),
+        **({"resolution": int(resolution)} if resolution is not None else {}),
     }
 
 
@@ -99,6 +107,7 @@ def save_pipeline(
     ema_state_dict: dict[str, torch.Tensor] | None = None,
     default_system: str | None = "real",
     defaults: dict[str, Any] | None = None,
+    resolution: int | None = None,
 ) -> Path:
     """Write our pipeline folder: ``transformer/`` (lumina layout, + EMA) and ``pipeline.json``.
 
@@ -108,8 +117,10 @@ def save_pipeline(
         autoencoder_spec: ``{"kind": "pixel"}`` or ``{"kind": "vae", "path": ...}``.
         ema_state_dict: EMA weights, loaded by default (``ema="auto"``).
         default_system, defaults: what callers get unless they say otherwise.
+        resolution: the trained image side, the default size when sampling (``None``: unknown).
     """
-    spec = pipeline_spec(text_encoder_spec, autoencoder_spec, default_system=default_system, defaults=defaults)
+    spec = pipeline_spec(text_encoder_spec, autoencoder_spec, default_system=default_system, defaults=defaults,
+                         resolution=resolution)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if isinstance(model, NextDiT):
@@ -260,16 +271,24 @@ def load_pipeline(
                 f"text encoder and autoencoder go with it; pass " + " and ".join(what)
             )
 
+    resolution: int | None = None
     if spec is not None:
         defaults.update(spec.get("defaults") or {})
         default_system = spec.get("default_system", "real")
+        resolution = spec.get("resolution")
         if te_obj is None:
             te_obj = _text_encoder_from_spec(spec["text_encoder"], base)
         if ae_obj is None:
             ae_obj = _autoencoder_from_spec(spec["autoencoder"], base)
+    elif kind == "diffusers":
+        # diffusers records the trained size in latent pixels (128 for the released 1024 px model)
+        tcfg = path / "transformer" / "config.json"
+        sample_size = json.loads(tcfg.read_text()).get("sample_size") if tcfg.is_file() else None
+        if isinstance(sample_size, int) and sample_size > 0:
+            resolution = sample_size * int(getattr(ae_obj, "downsample", 8))
     model = model.float().eval().requires_grad_(False)
     return LuminaPipeline(model, te_obj, ae_obj, device=device, dtype=dtype, default_system=default_system,
-                          defaults=defaults)
+                          defaults=defaults, resolution=resolution)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -304,6 +323,12 @@ def export_diffusers_pipeline(pipe: LuminaPipeline, path: str | os.PathLike, *, 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     save_nextdit(pipe.model, path / "transformer", fmt="diffusers")
+    if getattr(pipe, "resolution", None):
+        # diffusers' record of the trained size, in latent pixels (what load_pipeline reads back)
+        tcfg_file = path / "transformer" / "config.json"
+        tcfg = json.loads(tcfg_file.read_text())
+        tcfg["sample_size"] = max(1, int(pipe.resolution) // int(ae.downsample))
+        tcfg_file.write_text(json.dumps(tcfg, indent=2))
     ae.vae.save_pretrained(path / "vae")
     vae_cfg_file = path / "vae" / "config.json"
     vae_cfg = json.loads(vae_cfg_file.read_text())

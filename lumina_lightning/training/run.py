@@ -133,7 +133,7 @@ def build_encoders(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
     if ae.kind == "vae":
         ae_spec.update(path=os.path.abspath(ae.path), scaling_factor=autoencoder.scaling_factor,
                        shift_factor=autoencoder.shift_factor)
-    spec = pipeline_spec(te_spec, ae_spec, default_system=cfg.objective.system)
+    spec = pipeline_spec(te_spec, ae_spec, default_system=cfg.objective.system, resolution=cfg.data.resolution)
     return text_encoder, autoencoder, spec
 
 
@@ -286,7 +286,7 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
 
             save_pipeline(export_dir, model_sd, config=module.nextdit_config, ema_state_dict=ema_sd,
                           text_encoder_spec=spec["text_encoder"], autoencoder_spec=spec["autoencoder"],
-                          default_system=spec["default_system"])
+                          default_system=spec["default_system"], resolution=spec.get("resolution"))
             if logger and cfg.tracking.log_checkpoints:
                 logger.experiment.log_artifacts(run_id, str(export_dir), "export")
             if logger:
