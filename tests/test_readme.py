@@ -41,4 +41,7 @@ def test_quickstart_main_job_runs_in_smoke_mode(tmp_path):
     summary = json.loads(next(tmp_path.glob("runs/*/summary.json")).read_text())
     assert summary["ok"] and len(summary["stages"]) == 3
     assert all(s["geneval"]["ema"]["overall"] is not None for s in summary["stages"])
+    # the exports carry the trained size and the guidance scale the pipeline judged them with
+    final = json.loads((Path(summary["stages"][-1]["export"]) / "pipeline.json").read_text())
+    assert final["resolution"] == 32 and final["defaults"] == {"cfg_scale": 2.0}
     assert "lumina demo --ckpt" in out.stdout and "pipeline `" in out.stdout

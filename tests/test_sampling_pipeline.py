@@ -17,6 +17,7 @@ from lumina_lightning.sampling import (
     pipeline_spec,
     save_pipeline,
     snap_size,
+    update_pipeline_defaults,
 )
 from lumina_lightning.sampling.cli import main as sample_main
 from lumina_lightning.sampling.cli import read_png_settings
@@ -158,6 +159,19 @@ def test_trained_resolution_is_recorded_and_validated(pipe, tmp_path):
     assert rc == 0
     [png] = (tmp_path / "o").glob("*.png")
     assert Image.open(png).size == (32, 32)
+
+
+def test_update_pipeline_defaults(pipe, tmp_path):
+    folder = save_pipeline(tmp_path / "p", pipe.model, text_encoder_spec={"path": pipe.text_encoder.path},
+                           autoencoder_spec={"kind": "pixel"}, defaults={"shift": 3.0})
+    assert update_pipeline_defaults(folder, cfg_scale=2.0) == {"shift": 3.0, "cfg_scale": 2.0}
+    s = load_pipeline(folder).resolve("fast")
+    assert (s.cfg_scale, s.shift, s.solver) == (2.0, 3.0, "dpm")  # over every preset; the rest kept
+    with pytest.raises(ValueError, match="unknown sampler default"):
+        update_pipeline_defaults(folder, guidance=2.0)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        update_pipeline_defaults(folder, steps=0)
+    assert json.loads((folder / "pipeline.json").read_text())["defaults"] == {"shift": 3.0, "cfg_scale": 2.0}
     for bad in (0, -16, 31.5):
         with pytest.raises(ValueError, match="resolution must be a positive integer"):
             pipeline_spec({"path": "minilm"}, {"kind": "pixel"}, resolution=bad)

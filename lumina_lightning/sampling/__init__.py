@@ -21,6 +21,7 @@ from lumina_lightning.sampling.pipeline_io import (
     load_pipeline,
     pipeline_spec,
     save_pipeline,
+    update_pipeline_defaults,
 )
 from lumina_lightning.sampling.presets import PRESETS, SamplerSettings, resolve_settings
 from lumina_lightning.sampling.solvers import SOLVERS, dpm_solver_2m, euler, midpoint, nfe, solve
@@ -57,6 +58,7 @@ __all__ = [
     "rescale",
     "resolve_settings",
     "save_pipeline",
+    "update_pipeline_defaults",
     "snap_size",
     "solve",
     "to_pil",

@@ -37,7 +37,7 @@ from lumina_lightning.models.config import NextDiTConfig
 from lumina_lightning.models.io import detect_format, load_nextdit, save_nextdit
 from lumina_lightning.models.nextdit import NextDiT
 from lumina_lightning.sampling.pipeline import LuminaPipeline
-from lumina_lightning.sampling.presets import SETTING_NAMES
+from lumina_lightning.sampling.presets import SETTING_NAMES, resolve_settings
 
 PIPELINE_FORMAT = "lumina-lightning/pipeline"
 PIPELINE_JSON = "pipeline.json"
@@ -95,6 +95,27 @@ def pipeline_spec(
         "defaults": dict(defaults or {}),
         **({"resolution": int(resolution)} if resolution is not None else {}),
     }
+
+
+def update_pipeline_defaults(path: str | os.PathLike, **settings: Any) -> dict[str, Any]:
+    """Set sampler defaults (``SamplerSettings`` names) in a pipeline folder's ``pipeline.json``.
+
+    The file is rewritten atomically (a reader never sees half of it). Returns the new defaults.
+    """
+    file = Path(path) / PIPELINE_JSON
+    spec = json.loads(file.read_text())
+    if spec.get("format") != PIPELINE_FORMAT:
+        raise PipelineLoadError(f"{file}: not a lumina-lightning pipeline.json")
+    unknown = sorted(set(settings) - set(SETTING_NAMES))
+    if unknown:
+        raise ValueError(f"unknown sampler default(s) {unknown}; known: {list(SETTING_NAMES)}")
+    defaults = {**(spec.get("defaults") or {}), **settings}
+    resolve_settings(None, defaults)  # validates the values
+    spec["defaults"] = defaults
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(json.dumps(spec, indent=2))
+    os.replace(tmp, file)
+    return defaults
 
 
 def save_pipeline(

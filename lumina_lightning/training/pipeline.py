@@ -215,6 +215,12 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
             "export": str(result.export_dir),
             "mlflow_run_id": result.mlflow_run_id,
         }
+        if cfg.eval.cfg_scale is not None and result.export_dir is not None:
+            # The export is judged with the pipeline's guidance scale (eval.cfg_scale), so `lumina
+            # sample` / `demo` on it start from the same one instead of the preset's.
+            from lumina_lightning.sampling.pipeline_io import update_pipeline_defaults
+
+            update_pipeline_defaults(result.export_dir, cfg_scale=float(cfg.eval.cfg_scale))
         summary["stages"].append(entry)
         summary["tracking_uri"] = result.tracking_uri
         previous_export = str(result.export_dir)
