@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacache-version", type=teacache_version_arg, default=None)
     p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (GenEval: 4)")
     p.add_argument("--seed", type=int, default=0, help="base seed: image k of prompt i gets seed + i*n + k")
-    p.add_argument("--width", type=int, default=None, help="default: the checkpoint's training resolution, else the manifest's / dataset's size")
+    p.add_argument("--width", type=int, default=None,
+                   help="default: the checkpoint's training resolution, else the manifest's / dataset's size")
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=16, help="images per pipeline call")
     p.add_argument("--max-prompts", type=int, default=None, help="only the first N prompts")
