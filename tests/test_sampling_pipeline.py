@@ -167,7 +167,7 @@ def test_update_pipeline_defaults(pipe, tmp_path):
     assert update_pipeline_defaults(folder, cfg_scale=2.0) == {"shift": 3.0, "cfg_scale": 2.0}
     s = load_pipeline(folder).resolve("fast")
     assert (s.cfg_scale, s.shift, s.solver) == (2.0, 3.0, "dpm")  # over every preset; the rest kept
-    with pytest.raises(ValueError, match="unknown sampler default"):
+    with pytest.raises(ValueError, match="unknown sampler setting"):
         update_pipeline_defaults(folder, guidance=2.0)
     with pytest.raises(ValueError, match="steps must be >= 1"):
         update_pipeline_defaults(folder, steps=0)
