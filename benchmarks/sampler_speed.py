@@ -132,15 +132,21 @@ class Run:
     images: np.ndarray
 
 
-def run_config(pipe: LuminaPipeline, name: str, settings: SamplerSettings, noise, cond, uncond) -> Run:
-    if pipe.device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    latents, stats = pipe.sample_latents(noise, cond, uncond, settings)
-    if pipe.device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return Run(name, settings, seconds, stats["nfe"], stats["rows"], stats["block_rows"], to_unit_images(pipe, latents))
+def run_config(pipe: LuminaPipeline, name: str, settings: SamplerSettings, noise, cond, uncond,
+               repeats: int = 1) -> Run:
+    """One configuration; the wall time is the median of ``repeats`` identical runs (a single CPU run
+    of a tiny model swings by 30-60 % from one try to the next)."""
+    times = []
+    for _ in range(max(1, repeats)):
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        latents, stats = pipe.sample_latents(noise, cond, uncond, settings)
+        if pipe.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return Run(name, settings, float(np.median(times)), stats["nfe"], stats["rows"], stats["block_rows"],
+               to_unit_images(pipe, latents))
 
 
 def reference_settings(s: SamplerSettings, solver: str = "euler", steps: int = 100) -> SamplerSettings:
@@ -152,7 +158,8 @@ CALIBRATION_PROMPTS = ["three yellow triangles above a purple diamond", "a white
 
 
 def benchmark(pipe: LuminaPipeline, prompts: list[str], size: tuple[int, int], *, seed: int, accurate: bool,
-              teacache: float | None, calibrate: bool, calibrated_threshold: float = 0.1, log=print) -> tuple[list[dict[str, Any]], list[float] | None]:
+              teacache: float | None, calibrate: bool, calibrated_threshold: float = 0.1, log=print,
+              repeats: int = 1) -> tuple[list[dict[str, Any]], list[float] | None]:
     width, height = size
     pipe.check_size(width, height)
     noise = pipe.make_noise(list(range(seed, seed + len(prompts))), width, height)
@@ -177,7 +184,7 @@ def benchmark(pipe: LuminaPipeline, prompts: list[str], size: tuple[int, int], *
                 log(f"  reference midpoint-50 for guidance {key} ...")
                 accurate_refs[key] = run_config(pipe, "ref2", reference_settings(settings, "midpoint", 50), noise, cond, uncond).images
         log(f"  {name} ...")
-        r = run_config(pipe, name, settings, noise, cond, uncond)
+        r = run_config(pipe, name, settings, noise, cond, uncond, repeats)
         row = {"name": name, "solver": settings.solver, "steps": settings.steps, "seconds": r.seconds,
                "calls": r.calls, "rows": r.rows, "block_rows": r.block_rows, **errors(r.images, refs[key])}
         if accurate:
@@ -208,6 +215,38 @@ def table(rows: list[dict[str, Any]]) -> str:
             cells.append(f"{r['psnr_accurate']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def context_gain(pipe: LuminaPipeline, prompts: list[str], size: tuple[int, int], repeats: int = 200) -> str:
+    """One transformer call with and without the caption context the pipeline keeps per run
+    (``NextDiT.prepare(context=...)``: caption refiner, positions, RoPE once), timed alternately so
+    drift on a shared host hits both alike; batch 1 (conditional) and 2 (cond + uncond)."""
+    from lumina_lightning.sampling.guidance import pad_captions
+
+    width, height = size
+    cond, uncond = pipe.encode_prompts(prompts[:1], [""], pipe.default_system)
+    both = pad_captions([cond[0], uncond[0]], [cond[1], uncond[1]])
+    model, lines = pipe.model, []
+    for label, (feats, mask) in (("conditional, batch 1", cond), ("cond + uncond, batch 2", both)):
+        b = feats.shape[0]
+        x = pipe.make_noise(list(range(b)), width, height)
+        t = torch.full((b,), 0.3, device=x.device)
+        context: dict = {}
+        plain, cached = [], []
+        with torch.no_grad():
+            for i in range(repeats + 5):
+                t0 = time.perf_counter()
+                model(x, t, feats, mask)
+                t1 = time.perf_counter()
+                model(x, t, feats, mask, context)
+                t2 = time.perf_counter()
+                if i >= 5:  # warm-up
+                    plain.append(t1 - t0)
+                    cached.append(t2 - t1)
+        a, c = float(np.median(plain)), float(np.median(cached))
+        lines.append(f"| {label} | {1e3 * a:.2f} | {1e3 * c:.2f} | {a / c:.2f}x |")
+    return ("Caption context (medians of alternated calls):\n\n| call | ms without | ms with | speed-up |\n"
+            "|---|---|---|---|\n" + "\n".join(lines))
 
 
 def verdict(rows: list[dict[str, Any]]) -> str:
@@ -254,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-accurate-ref", action="store_true", help="skip the second-order (midpoint-50) reference")
     p.add_argument("--no-calibrate", action="store_true", help="skip the rows with TeaCache calibrated for the model")
     p.add_argument("--calibrated-threshold", type=float, default=0.1, help="TeaCache threshold with calibrated coefficients")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (the median is reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = p.parse_args(argv)
@@ -267,8 +307,9 @@ def main(argv: list[str] | None = None) -> int:
         pipe = load_pipeline(args.ckpt, text_encoder=args.text_encoder, vae=args.vae, device=args.device)
         rows, coeffs = benchmark(pipe, args.prompts, (args.size, args.size), seed=args.seed, accurate=accurate,
                                  teacache=args.teacache, calibrate=not args.no_calibrate,
-                                 calibrated_threshold=args.calibrated_threshold, log=log)
-        print(f"## Trained model `{args.ckpt}` at {args.size}x{args.size}\n\n{table(rows)}\n\n{verdict(rows)}\n"
+                                 calibrated_threshold=args.calibrated_threshold, log=log, repeats=args.repeats)
+        print(f"## Trained model `{args.ckpt}` at {args.size}x{args.size}\n\n{table(rows)}\n\n{verdict(rows)}\n\n"
+              f"{context_gain(pipe, args.prompts, (args.size, args.size))}\n"
               + (f"\nCalibrated TeaCache coefficients: {[round(c, 4) for c in coeffs]}\n" if coeffs else ""))
     else:
         print("## Trained model\n\nskipped: no --ckpt given (pass a trained tiny checkpoint or pipeline folder).\n")
@@ -280,10 +321,11 @@ def main(argv: list[str] | None = None) -> int:
             log(f"random {args.random_model} ({n_params:.1f}M parameters) at {args.random_size}px")
             rows, coeffs = benchmark(pipe, args.prompts, (args.random_size, args.random_size), seed=args.seed,
                                      accurate=accurate, teacache=args.teacache, calibrate=not args.no_calibrate,
-                                 calibrated_threshold=args.calibrated_threshold, log=log)
+                                 calibrated_threshold=args.calibrated_threshold, log=log, repeats=args.repeats)
         print(f"## Random {args.random_model} ({n_params:.1f}M params, weights ~N(0, {args.random_std}²)), pixel "
               f"autoencoder, {args.random_size}x{args.random_size}, {len(args.prompts)} prompt(s)\n\n"
-              f"{table(rows)}\n\n{verdict(rows)}\n"
+              f"{table(rows)}\n\n{verdict(rows)}\n\n"
+              f"{context_gain(pipe, args.prompts, (args.random_size, args.random_size), repeats=20)}\n"
               + (f"\nCalibrated TeaCache coefficients: {[round(c, 4) for c in coeffs]}\n" if coeffs else ""))
     return 0
 

@@ -188,3 +188,16 @@ def test_interrupted_save_keeps_previous_file(model, tmp_path, monkeypatch):
         save_nextdit(model, target, "lumina")
     assert target.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]  # no temp files left behind
+
+
+def test_convert_refuses_data_prediction_models_for_velocity_layouts(model, tmp_path, capsys):
+    from lumina_lightning.sampling.pipeline_io import save_pipeline
+
+    src = save_pipeline(tmp_path / "pipe", model, text_encoder_spec={"path": "minilm"},
+                        autoencoder_spec={"kind": "pixel"}, prediction="data")
+    for to in ("official", "diffusers"):
+        assert lumina_main(["convert", str(src), str(tmp_path / to), "--to", to]) == 2
+        assert "predicts 'data'" in capsys.readouterr().err and not (tmp_path / to).exists()
+    assert lumina_main(["convert", str(src), str(tmp_path / "ours.safetensors"), "--to", "lumina"]) == 0
+    assert "note:" in capsys.readouterr().err
+    assert torch.equal(load_nextdit(tmp_path / "ours.safetensors").x_embedder.weight, model.x_embedder.weight)

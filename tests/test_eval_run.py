@@ -182,3 +182,32 @@ def test_default_size_is_the_trained_resolution(pipe, data, tmp_path):
         assert (s["width"], s["height"]) == (48, 16)  # explicit sizes still win
     finally:
         pipe.resolution = None
+
+
+def test_min_images_per_task_by_hand():
+    from lumina_lightning.eval.run import image_jobs, images_per_spec
+
+    specs = [{"tag": "single_object"}] * 3 + [{"tag": "position"}] * 10
+    # 3 single-object prompts need ceil(32 / 3) = 11 images each; 10 position prompts x 4 = 40 >= 32
+    assert images_per_spec(specs, 4, 32) == [11] * 3 + [4] * 10
+    assert images_per_spec(specs, 4, 0) == [4] * 13
+    jobs = image_jobs([3, 1, 2], 2, seed=100)
+    # the first images_per_prompt images keep their seeds; extras take 100 + 3*2 = 106, 107, ...
+    assert jobs == [(0, 0, 100), (0, 1, 101), (0, 2, 106), (1, 0, 102), (2, 0, 104), (2, 1, 105)]
+    assert len({s for _, _, s in jobs}) == len(jobs)
+
+
+def test_min_images_per_task_scores_small_tasks_on_more_images(pipe, data, tmp_path):
+    common = dict(preset="fast", images_per_prompt=1, max_per_tag=1, sampler_overrides={"steps": 1},
+                  progress=False, report=False)
+    plain = evaluate(pipe, data.test_geneval, tmp_path / "a", **common)
+    more = evaluate(pipe, data.test_geneval, tmp_path / "b", min_images_per_task=3, **common)
+    assert all(total == 1 for _, total in plain["counts"].values())
+    assert more["counts"] and all(total == 3 for _, total in more["counts"].values())
+    assert more["settings"]["min_images_per_task"] == 3 and more["images"] == 3 * plain["images"]
+    # image 0 of every prompt is the same image in both runs
+    for i in range(plain["prompts"]):
+        rel = f"images/{i:05d}/samples/0000.png"
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / rel)), np.asarray(Image.open(tmp_path / "b" / rel)))
+    with pytest.raises(ValueError, match="min_images_per_task"):
+        evaluate(pipe, data.test_geneval, tmp_path / "c", min_images_per_task=-1, **common)

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lumina_lightning.flow import (
+    PREDICTIONS,
     TimestepBins,
     flow_matching_loss,
     image_seq_len,
@@ -21,6 +22,7 @@ from lumina_lightning.flow import (
     t_to_sigma,
     time_shift,
     training_shift,
+    velocity_from_output,
     velocity_target,
     velocity_to_sigma_flow,
 )
@@ -41,6 +43,31 @@ def test_velocity_target_is_data_minus_noise_and_sigma_conversions():
     assert velocity_to_sigma_flow(torch.tensor([2.0])).item() == -2.0
     # d x_t / d t = x1 − x0: one Euler step of size 1 from noise with the exact target lands on data
     assert torch.equal(x0 + 1.0 * velocity_target(x0, x1), x1)
+
+
+def test_velocity_from_output_hand_values():
+    assert PREDICTIONS == ("velocity", "data")
+    x0, x1 = torch.tensor([[1.0, -1.0]]), torch.tensor([[3.0, 5.0]])
+    out = torch.tensor([[7.0, 8.0]])
+    xt = interpolate(x0, x1, torch.tensor([0.5]))  # [2, 2]
+    # velocity: the output is the velocity
+    assert torch.equal(velocity_from_output(out, xt, torch.tensor([0.5]), "velocity"), out)
+    # data: an exact x1 gives the exact velocity x1 − x0 = [2, 6]: (x1 − x_t)/(1 − t) = ([3, 5] − [2, 2]) / 0.5
+    v = velocity_from_output(x1, xt, torch.tensor([0.5]), "data")
+    assert torch.allclose(v, torch.tensor([[2.0, 6.0]]))
+    # per-row t: row 0 at t = 0 (x_t = x0, gap 1), row 1 at t = 0.75 (gap 0.25)
+    x1b, x0b = torch.tensor([[4.0], [4.0]]), torch.tensor([[0.0], [0.0]])
+    tb = torch.tensor([0.0, 0.75])
+    xtb = interpolate(x0b, x1b, tb)  # [[0], [3]]
+    assert torch.allclose(velocity_from_output(x1b, xtb, tb, "data"), torch.tensor([[4.0], [4.0]]))
+    # 1 − t is clipped at 0.05 (JiT): at t = 0.99, (x̂ − x_t) / 0.05, not / 0.01
+    t = torch.tensor([0.99])
+    xt = torch.tensor([[1.0, 1.0]])
+    assert torch.allclose(velocity_from_output(torch.tensor([[2.0, 0.0]]), xt, t, "data"), torch.tensor([[20.0, -20.0]]))
+    # a scalar t works too (the samplers pass per-row tensors, tests and tools may pass floats)
+    assert torch.allclose(velocity_from_output(torch.tensor([[2.0]]), torch.tensor([[1.0]]), 0.5, "data"), torch.tensor([[2.0]]))
+    with pytest.raises(ValueError, match="unknown prediction 'eps'"):
+        velocity_from_output(out, xt, t, "eps")
 
 
 def test_time_shift_hand_values():

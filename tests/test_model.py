@@ -96,6 +96,30 @@ def test_list_of_mixed_sizes_equals_per_sample_runs():
             assert (out[i] - alone).abs().max().item() < 1e-5
 
 
+def test_prepare_context_reuses_the_caption_half_bitwise():
+    """A sampler's context (caption refiner, positions, RoPE computed once) changes no bit of the output."""
+    model = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"]))).eval()
+    g = torch.Generator().manual_seed(4)
+    feats, mask = caption_batch(3, 9, 32, [9, 4, 1])
+    calls = []
+    hook = model.context_refiner[0].register_forward_hook(lambda *a: calls.append(1))
+    context: dict = {}
+    with torch.no_grad():
+        for t in (0.1, 0.6, 0.9):  # sampler steps: new x and t, same captions
+            x = torch.randn(3, 4, 8, 12, generator=g)
+            tt = torch.full((3,), t)
+            assert torch.equal(model(x, tt, feats, mask, context), model(x, tt, feats, mask))
+        assert len(calls) == 1 + 3  # once for the context, then once per call without it
+        # a mixed-size list gets its own geometry in the same context
+        xs = [torch.randn(4, 8, 12, generator=g), torch.randn(4, 16, 4, generator=g), torch.randn(4, 6, 6, generator=g)]
+        for a, b in zip(model(xs, tt, feats, mask, context), model(xs, tt, feats, mask)):
+            assert torch.equal(a, b)
+        assert len(calls) == 1 + 4
+        with pytest.raises(ValueError, match="holds captions for 3 samples, not 1"):
+            model(x[:1], tt[:1], feats[:1], mask[:1], context)
+    hook.remove()
+
+
 def test_padding_never_changes_real_tokens():
     """Extra caption padding (any values) leaves the output unchanged."""
     model = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"]))).eval()

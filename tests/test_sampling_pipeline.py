@@ -21,7 +21,10 @@ from lumina_lightning.sampling import (
 )
 from lumina_lightning.sampling.cli import main as sample_main
 from lumina_lightning.sampling.cli import read_png_settings
+from lumina_lightning.sampling.pipeline import LuminaPipeline
+from lumina_lightning.sampling.pipeline_io import export_diffusers_pipeline, source_prediction
 from lumina_lightning.sampling.testing import build_tiny_pipeline, randomize_
+from lumina_lightning.sampling.timesteps import grid_for
 
 FAST = dict(steps=3, solver="euler")
 
@@ -159,6 +162,66 @@ def test_trained_resolution_is_recorded_and_validated(pipe, tmp_path):
     assert rc == 0
     [png] = (tmp_path / "o").glob("*.png")
     assert Image.open(png).size == (32, 32)
+
+
+def test_data_prediction_is_recorded_and_sampled_as_a_velocity(pipe, folder, tmp_path):
+    assert json.loads((folder / "pipeline.json").read_text())["prediction"] == "velocity"
+    assert load_pipeline(folder).prediction == "velocity" and source_prediction(folder) == "velocity"
+    data = save_pipeline(tmp_path / "data", pipe.model, text_encoder_spec={"path": pipe.text_encoder.path},
+                         autoencoder_spec={"kind": "pixel"}, prediction="data")
+    assert json.loads((data / "pipeline.json").read_text())["prediction"] == "data"
+    loaded = load_pipeline(data)
+    assert loaded.prediction == "data" and source_prediction(data) == "data"
+    # the sampler integrates the velocity the output stands for: Euler by hand, unguided
+    noise = pipe.make_noise([3], 16, 16)
+    got = loaded("a red circle", width=16, height=16, latents=noise, cfg_scale=1.0, **FAST).latents
+    (feats, mask), _ = loaded.encode_prompts(["a red circle"], None, loaded.default_system)
+    grid = grid_for("euler", FAST["steps"], loaded.resolve(**FAST).shift).tolist()
+    x = noise.clone()
+    with torch.no_grad():
+        for t, t_next in zip(grid[:-1], grid[1:]):
+            x_hat = loaded.model(x, torch.full((1,), t), feats, mask)
+            x = x + (t_next - t) * (x_hat - x) / max(1.0 - t, 0.05)
+    assert torch.allclose(got, x, atol=1e-5)
+    as_velocity = pipe("a red circle", width=16, height=16, latents=noise, cfg_scale=1.0, **FAST).latents
+    assert not torch.allclose(got, as_velocity, atol=1e-3)
+    with pytest.raises(ValueError, match="predicts 'data'"):
+        export_diffusers_pipeline(loaded, tmp_path / "diffusers")
+    with pytest.raises(ValueError, match="unknown prediction"):
+        LuminaPipeline(pipe.model, pipe.text_encoder, pipe.autoencoder, prediction="noise")
+    with pytest.raises(ValueError, match="unknown prediction"):
+        pipeline_spec({"path": "minilm"}, {"kind": "pixel"}, prediction="x")
+
+
+@pytest.mark.parametrize("teacache", [0.0, 0.3])
+def test_captions_are_refined_once_per_run(pipe, teacache):
+    """The context refiner runs once per set of captions, not once per step (and changes nothing)."""
+    calls = []
+    hook = pipe.model.context_refiner[0].register_forward_hook(lambda *a: calls.append(1))
+    try:
+        res = pipe(["a red circle", "two blue squares"], width=16, height=16, seed=[1, 2], preset="fast", steps=6,
+                   teacache=teacache)
+    finally:
+        hook.remove()
+    assert res.stats["nfe"] == 6 and 0 < res.stats["guided_calls"] < 6  # guided steps, then conditional only
+    assert len(calls) == 2  # [cond ; uncond] once, cond alone once
+    # bitwise what a step-by-step recomputation gives
+    noise = pipe.make_noise([1, 2], 16, 16)
+    settings = pipe.resolve("fast", steps=6, teacache=teacache)
+    (cond, uncond) = pipe.encode_prompts(["a red circle", "two blue squares"], ["", ""], pipe.default_system)
+    from lumina_lightning.sampling.guidance import GuidedVelocity, truncation_time
+    from lumina_lightning.sampling.solvers import nfe, solve
+    from lumina_lightning.sampling.teacache import TeaCache
+
+    model = pipe.model
+    inner = (TeaCache(model, teacache, nfe("dpm", 6)) if teacache else
+             (lambda x, t, f, m, rows: model(x, t, f, m)))
+    grid = grid_for("dpm", 6, settings.shift)
+    velocity = GuidedVelocity(lambda x, t, f, m, rows: inner(x, t, f, m, rows).float(), cond, uncond,
+                              settings.guidance, truncation_time(settings.guidance, grid))
+    with torch.no_grad():
+        expected = solve("dpm", velocity, noise, grid)
+    assert torch.equal(res.latents, expected)
 
 
 def test_update_pipeline_defaults(pipe, tmp_path):

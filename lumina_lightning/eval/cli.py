@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--teacache", type=float, default=None, help="TeaCache threshold (0 = off)")
     p.add_argument("--teacache-version", type=teacache_version_arg, default=None)
     p.add_argument("--images-per-prompt", type=int, default=4, help="images per prompt (GenEval: 4)")
+    p.add_argument("--min-images-per-task", type=int, default=0,
+                   help="score every task on at least this many images: tasks with few prompts get more images "
+                        "per prompt (default 0: off)")
     p.add_argument("--seed", type=int, default=0, help="base seed: image k of prompt i gets seed + i*n + k")
     p.add_argument("--width", type=int, default=None,
                    help="default: the checkpoint's training resolution, else the manifest's / dataset's size")
@@ -177,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     load_kwargs = {k: v for k, v in (("text_encoder", args.text_encoder), ("vae", args.vae)) if v}
     ema: bool | str = {"auto": "auto", "true": True, "false": False}[args.ema]
     results = evaluate(
-        args.ckpt, prompts, args.out, preset=args.preset, images_per_prompt=args.images_per_prompt, seed=args.seed,
+        args.ckpt, prompts, args.out, preset=args.preset, images_per_prompt=args.images_per_prompt,
+        min_images_per_task=args.min_images_per_task, seed=args.seed,
         width=args.width, height=args.height, manifest=manifest, compare_to=args.compare_to_preset,
         max_prompts=args.max_prompts, max_per_tag=args.max_per_tag, batch_size=args.batch_size, sampler_overrides=overrides, progress=progress,
         validate=True if args.validate_detector else None, val_records=args.val_records, device=args.device, ema=ema,

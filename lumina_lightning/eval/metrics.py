@@ -221,7 +221,13 @@ def validation_loss(
     from lumina_lightning.data.images import load_image, resize_cover_center_crop, to_tensor
     from lumina_lightning.data.records import read_manifest
     from lumina_lightning.encoders.text import build_prompt
-    from lumina_lightning.flow import interpolate, per_sample_mse, stratified_timesteps, velocity_target
+    from lumina_lightning.flow import (
+        interpolate,
+        per_sample_mse,
+        stratified_timesteps,
+        velocity_from_output,
+        velocity_target,
+    )
 
     records = read_manifest(manifest)[:max_records]
     if not records:
@@ -252,7 +258,8 @@ def validation_loss(
                 g = torch.Generator().manual_seed(int(seed) * 1_000_003 + k * 1009 + b)
                 x0 = torch.randn(latents.shape, generator=g).to(latents)
                 tt = torch.full((latents.shape[0],), t, device=latents.device)
-                pred = model(interpolate(x0, latents, tt), tt, feats, mask)
+                xt = interpolate(x0, latents, tt)
+                pred = velocity_from_output(model(xt, tt, feats, mask), xt, tt, getattr(pipe, "prediction", "velocity"))
                 total += float(per_sample_mse(pred, velocity_target(x0, latents)).sum())
                 count += latents.shape[0]
             per_t.append(total / count)

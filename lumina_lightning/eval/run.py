@@ -154,11 +154,12 @@ def _generate(
     progress: bool,
     desc: str,
     on_batch: Callable[[list[tuple[int, int, int]], Any], None],
+    counts: Sequence[int] | None = None,
 ) -> dict[str, Any]:
     """Images for every (prompt, sample) in batches, handed to ``on_batch(jobs, result)`` and not
-    kept (memory stays bounded at any prompt count and size); image ``k`` of prompt ``i`` gets seed
-    ``seed + i * images_per_prompt + k`` (noise depends only on the seed, not on the batching)."""
-    jobs = [(i, k, seed + i * images_per_prompt + k) for i in range(len(specs)) for k in range(images_per_prompt)]
+    kept (memory stays bounded at any prompt count and size); see :func:`image_jobs` for the seeds
+    (noise depends only on the seed, not on the batching)."""
+    jobs = image_jobs(counts or [images_per_prompt] * len(specs), images_per_prompt, seed)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -185,6 +186,35 @@ def _generate(
     return {"jobs": jobs, "nfe_per_batch": nfe, "rows": rows, "seconds": elapsed, "settings": settings}
 
 
+def image_jobs(counts: Sequence[int], images_per_prompt: int, seed: int) -> list[tuple[int, int, int]]:
+    """``(prompt i, sample k, seed)`` for ``counts[i]`` images of each prompt.
+
+    Image ``k < images_per_prompt`` of prompt ``i`` gets seed ``seed + i * images_per_prompt + k`` (so
+    these images do not depend on ``min_images_per_task``); the extra images of small tasks take the
+    seeds after the last of those, in order.
+    """
+    jobs = []
+    extra = seed + len(counts) * images_per_prompt
+    for i, n in enumerate(counts):
+        for k in range(n):
+            if k < images_per_prompt:
+                jobs.append((i, k, seed + i * images_per_prompt + k))
+            else:
+                jobs.append((i, k, extra))
+                extra += 1
+    return jobs
+
+
+def images_per_spec(specs: Sequence[dict[str, Any]], images_per_prompt: int, min_images_per_task: int) -> list[int]:
+    """Images to draw for each prompt: ``images_per_prompt``, raised for the prompts of a task with
+    so few prompts that it would get fewer than ``min_images_per_task`` images (e.g. 3 held-out
+    single-object prompts x 4 images: one image is 0.083 of the task's score)."""
+    per_task: dict[Any, int] = {}
+    for spec in specs:
+        per_task[spec.get("tag")] = per_task.get(spec.get("tag"), 0) + 1
+    return [max(images_per_prompt, -(-int(min_images_per_task) // per_task[spec.get("tag")])) for spec in specs]
+
+
 def _load(pipe_or_path: Any, device: str | None, ema: bool | str, load_kwargs: dict[str, Any] | None) -> tuple[Any, str | None]:
     if isinstance(pipe_or_path, (str, os.PathLike)):
         import torch
@@ -205,6 +235,7 @@ def evaluate(
     *,
     preset: str | None = "official",
     images_per_prompt: int = 4,
+    min_images_per_task: int = 0,
     seed: int = 0,
     width: int | None = None,
     height: int | None = None,
@@ -235,6 +266,8 @@ def evaluate(
         preset, sampler_overrides: sampler preset and explicit settings (``steps``, ``cfg_scale``,
             ``solver``, ``shift``, ...; the names of ``SamplerSettings``).
         images_per_prompt, seed: image ``k`` of prompt ``i`` uses seed ``seed + i*images_per_prompt + k``.
+        min_images_per_task: draw more images per prompt for tasks with few prompts, so that every
+            task is scored on at least this many images (0: off; see :func:`images_per_spec`).
         width, height: image size; default: the resolution the checkpoint was trained at (recorded in
             its ``pipeline.json``), else the manifest's / ``synth_config.json``'s (64 × 64 otherwise).
         manifest: a synthetic ``test.jsonl``: enables the fixed-timestep validation loss (first
@@ -267,6 +300,9 @@ def evaluate(
         specs = specs[:max_prompts]
     if images_per_prompt < 1 or batch_size < 1:
         raise ValueError(f"images_per_prompt and batch_size must be >= 1, got {images_per_prompt}, {batch_size}")
+    if min_images_per_task < 0:
+        raise ValueError(f"min_images_per_task must be >= 0, got {min_images_per_task}")
+    counts = images_per_spec(specs, images_per_prompt, min_images_per_task)
     detector = detector or detector_for(prompts_path)
     overrides = {k: v for k, v in (sampler_overrides or {}).items() if v is not None}
 
@@ -317,7 +353,7 @@ def evaluate(
 
     gen = _generate(pipe, specs, preset=preset, overrides=overrides, images_per_prompt=images_per_prompt, seed=seed,
                     width=width, height=height, batch_size=batch_size, progress=progress, desc="eval images",
-                    on_batch=save_and_score)
+                    on_batch=save_and_score, counts=counts)
     with open(out / "results.jsonl", "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row) + "\n")
@@ -338,7 +374,8 @@ def evaluate(
         "correct_prompts": summary["correct_prompts"],
         "settings": {
             **settings.to_dict(), "preset": preset or "official", "width": width, "height": height,
-            "images_per_prompt": images_per_prompt, "seed": seed, "batch_size": batch_size,
+            "images_per_prompt": images_per_prompt, "min_images_per_task": min_images_per_task,
+            "seed": seed, "batch_size": batch_size,
             "system": gen["settings"].get("system"), "max_prompts": max_prompts, "max_per_tag": max_per_tag,
             "nfe_per_image": gen["nfe_per_batch"],
         },
@@ -393,7 +430,7 @@ def evaluate(
 
         ref = _generate(pipe, specs, preset=compare_to, overrides={}, images_per_prompt=images_per_prompt, seed=seed,
                         width=width, height=height, batch_size=batch_size, progress=progress,
-                        desc=f"reference ({compare_to})", on_batch=compare_batch)
+                        desc=f"reference ({compare_to})", on_batch=compare_batch, counts=counts)
         fid = {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "images": len(psnr)}
         ref_summary = summarize(ref_rows)
         results["compare"] = {

@@ -1,9 +1,12 @@
 """Rectified-flow maths: the time convention (t=0 noise, t=1 data) and the training objective."""
 
 from lumina_lightning.flow.convention import (
+    PREDICTIONS,
+    check_prediction,
     interpolate,
     sigma_to_t,
     t_to_sigma,
+    velocity_from_output,
     velocity_target,
     velocity_to_sigma_flow,
 )
@@ -21,7 +24,9 @@ from lumina_lightning.flow.objective import (
 )
 
 __all__ = [
+    "PREDICTIONS",
     "TimestepBins",
+    "check_prediction",
     "flow_matching_loss",
     "image_seq_len",
     "interpolate",
@@ -34,6 +39,7 @@ __all__ = [
     "t_to_sigma",
     "time_shift",
     "training_shift",
+    "velocity_from_output",
     "velocity_target",
     "velocity_to_sigma_flow",
 ]

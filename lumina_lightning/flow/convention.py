@@ -13,6 +13,11 @@ Everything in ``flow/`` and ``sampling/`` uses this convention. Code that talks 
 converts at the boundary with :func:`sigma_to_t` / :func:`t_to_sigma` and :func:`velocity_to_sigma_flow`
 (the model output is negated there). Getting this backwards is the classic bug of third-party
 Lumina-2 trainers (spec §9.2: kohya sd-scripts #2201; diffusers' LoRA script shifts toward data).
+
+What the network's output *means* is a separate choice (:data:`PREDICTIONS`): the official models
+predict the velocity; ``prediction: data`` (a DEVIATION, opt-in per recipe) has the same network
+predict the clean sample ``x1`` and turns it into the velocity with :func:`velocity_from_output`, so
+the loss, the samplers, guidance and TeaCache all keep working on velocities.
 """
 
 from __future__ import annotations
@@ -32,6 +37,39 @@ def interpolate(x0: torch.Tensor, x1: torch.Tensor, t: torch.Tensor) -> torch.Te
 def velocity_target(x0: torch.Tensor, x1: torch.Tensor) -> torch.Tensor:
     """The flow-matching target ``u_t = x1 - x0`` (data minus noise)."""
     return x1 - x0
+
+
+# What the network outputs: "velocity" (official, spec §1.5) or "data" (x1-prediction; Li & He 2025,
+# "Back to Basics: Let Denoising Generative Models Denoise" (JiT): a small pixel-space model cannot
+# reproduce the noise part of v = x1 - x0 patch by patch, but the clean image is simple).
+PREDICTIONS = ("velocity", "data")
+# JiT's clip of 1 - t in the data -> velocity conversion, so t -> 1 does not divide by zero.
+DATA_PREDICTION_MIN_GAP = 0.05
+
+
+def check_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of {PREDICTIONS}")
+    return prediction
+
+
+def velocity_from_output(
+    out: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor | float,
+    prediction: str = "velocity",
+    min_gap: float = DATA_PREDICTION_MIN_GAP,
+) -> torch.Tensor:
+    """The velocity a network output stands for.
+
+    ``velocity``: the output itself. ``data``: the output is an estimate of x1; since
+    ``x_t = t x1 + (1 - t) x0`` the velocity ``x1 - x0`` is ``(x1 - x_t) / (1 - t)``, with ``1 - t``
+    clipped below at ``min_gap`` (JiT, §3).
+    """
+    if check_prediction(prediction) == "velocity":
+        return out
+    gap = (1.0 - _expand(t, x_t)).clamp_min(min_gap)
+    return (out - x_t) / gap
 
 
 def t_to_sigma(t: torch.Tensor | float) -> torch.Tensor | float:

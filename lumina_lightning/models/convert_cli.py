@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -42,6 +43,18 @@ def main(argv: list[str] | None = None) -> int:
         key, value = item.split("=", 1)
         overrides[key] = yaml.safe_load(value)
     ema = {"auto": "auto", "true": True, "false": False}[args.ema]
+    from lumina_lightning.sampling.pipeline_io import source_prediction
+
+    prediction = source_prediction(args.src) if os.path.exists(args.src) else "velocity"
+    if prediction != "velocity":
+        # the weights themselves do not say what they output; official and diffusers code read a velocity
+        if args.to != "lumina":
+            print(f"lumina convert: {args.src} predicts {prediction!r} (objective.prediction), but {args.to} code "
+                  "treats the transformer output as a velocity; refusing to write a checkpoint that would sample "
+                  "wrongly there", file=sys.stderr)
+            return 2
+        print(f"lumina convert: note: {args.src} predicts {prediction!r}; the written transformer does not record "
+              "that; sample it through a pipeline folder whose pipeline.json says so", file=sys.stderr)
     start = time.perf_counter()
     with tqdm(total=3, desc="convert", unit="step") as bar:
         bar.set_postfix_str("reading")

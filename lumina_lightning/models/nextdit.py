@@ -372,9 +372,19 @@ class NextDiT(nn.Module):
         t: torch.Tensor | float,
         cap_feats: torch.Tensor,
         cap_mask: torch.Tensor,
+        context: dict[Any, Any] | None = None,
     ) -> JointSequence:
-        """Embed, refine and join: everything before the main blocks (spec §1.3 steps 1–3)."""
-        cfg, p = self.config, self.patch_size
+        """Embed, refine and join: everything before the main blocks (spec §1.3 steps 1–3).
+
+        ``context``: an optional dict, owned by the caller, for repeated calls with the *same*
+        ``cap_feats`` / ``cap_mask`` (the steps of a sampler). The first call stores what depends
+        only on the captions and the latent sizes — the caption embedder and context refiner
+        output (the context refiner has no time modulation, spec §1.3), positions, RoPE tables,
+        gather indices and masks — and later calls reuse it, so a step recomputes only the time
+        embedding, the image tokens and the noise refiner. Results are bitwise identical to calls
+        without it. For inference: a stored caption state carries no gradient history to reuse.
+        """
+        p = self.patch_size
         is_tensor = isinstance(x, torch.Tensor)
         images = list(x) if not is_tensor else None
         batch = x.shape[0] if is_tensor else len(images)
@@ -391,28 +401,18 @@ class NextDiT(nn.Module):
         t = t.expand(batch) if t.dim() == 0 else t.reshape(batch)
         adaln = self.t_embedder(t)
 
-        # captions: real tokens must be a right-padded prefix (official `cap_mask.sum(1)` semantics)
-        cap_mask = cap_mask.bool()
-        n_cap = cap_feats.shape[1]
-        cap_lens = cap_mask.sum(dim=1)
-        ar_cap = torch.arange(n_cap, device=device)
-        if not torch.equal(cap_mask, ar_cap[None] < cap_lens[:, None]):
-            raise ValueError("cap_mask must mark a prefix of each caption (right padding), like the tokenizer's mask")
-        cap_lens_list = cap_lens.tolist()
-
         # image tokens: patchify (features ordered (ph, pw, c), tokens row-major; spec §1.2)
         if is_tensor:
             sizes = [tuple(x.shape[-2:])] * batch
         else:
             sizes = [tuple(img.shape[-2:]) for img in images]
-        for h, w in set(sizes):
-            if h % p or w % p:
-                raise ValueError(f"latent size {h}x{w} is not a multiple of the patch size {p}")
-        grid_h = torch.tensor([h // p for h, _ in sizes], device=device)
-        grid_w = torch.tensor([w // p for _, w in sizes], device=device)
-        img_lens = grid_h * grid_w
-        img_lens_list = img_lens.tolist()
-        n_img = max(img_lens_list)
+        geo_key = ("geometry", tuple(sizes))
+        geo = context.get(geo_key) if context is not None else None
+        if geo is None:
+            for h, w in set(sizes):
+                if h % p or w % p:
+                    raise ValueError(f"latent size {h}x{w} is not a multiple of the patch size {p}")
+        n_img = max((h // p) * (w // p) for h, w in sizes)
         if is_tensor:
             c = x.shape[1]
             tokens = x.view(batch, c, sizes[0][0] // p, p, sizes[0][1] // p, p).permute(0, 2, 4, 3, 5, 1)
@@ -421,10 +421,85 @@ class NextDiT(nn.Module):
             tokens = x_pad = images[0].new_zeros(batch, n_img, p * p * images[0].shape[0])
             for i, img in enumerate(images):
                 c, h, w = img.shape
-                x_pad[i, : img_lens_list[i]] = img.view(c, h // p, p, w // p, p).permute(1, 3, 2, 4, 0).reshape(-1, p * p * c)
-        same_img = len(set(img_lens_list)) == 1
+                n = (h // p) * (w // p)
+                x_pad[i, :n] = img.view(c, h // p, p, w // p, p).permute(1, 3, 2, 4, 0).reshape(-1, p * p * c)
 
-        # positions (spec §1.4): caption j -> (j,0,0); image token (r,c) -> (cap_len, r, c); padding -> 0
+        # captions (refined once per context) and the geometry of [caption ; image] ---------------
+        cap = context.get("captions") if context is not None else None
+        if cap is None:
+            cap = self._caption_part(cap_feats, cap_mask)
+            if context is not None:
+                context["captions"] = cap
+        cap_lens, cap_h = cap
+        if cap_h.shape[0] != batch:
+            raise ValueError(f"this context holds captions for {cap_h.shape[0]} samples, not {batch}: use one context "
+                             "per set of captions")
+        if geo is None:
+            geo = self._geometry(cap_lens, cap_mask, sizes, device)
+            if context is not None:
+                context[geo_key] = geo
+
+        # noise refiner ---------------------------------------------------------------------------
+        img_h = self.x_embedder(tokens.to(w_dtype))
+        for block in self.noise_refiner:
+            img_h = self._block(block, img_h, geo["img_attn_mask"], geo["img_rope"], adaln)
+
+        # joint sequence [real caption ; image ; pad] via one gather (spec §1.3 step 3)
+        joint = torch.cat((cap_h, img_h), dim=1)
+        joint = torch.gather(joint, 1, geo["src"][..., None].expand(-1, -1, joint.shape[-1]))
+        # where(), not a multiply: a padded row may hold non-finite values (e.g. a caption row with
+        # no real token attends to nothing) and 0 * nan would leak into masked keys' values.
+        joint = torch.where(geo["valid"][..., None], joint, torch.zeros((), dtype=joint.dtype, device=joint.device))
+        return JointSequence(
+            hidden=joint,
+            mask=geo["joint_mask"],
+            rope=geo["joint_rope"],
+            adaln=adaln,
+            cap_lens=cap_lens,
+            latent_sizes=sizes,
+            is_tensor=is_tensor,
+            out_dtype=out_dtype,
+        )
+
+    def _caption_part(self, cap_feats: torch.Tensor, cap_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(caption lengths, embedded and context-refined caption tokens): no dependence on x or t."""
+        device = cap_feats.device
+        # real tokens must be a right-padded prefix (official `cap_mask.sum(1)` semantics)
+        cap_mask = cap_mask.bool()
+        n_cap = cap_feats.shape[1]
+        cap_lens = cap_mask.sum(dim=1)
+        ar_cap = torch.arange(n_cap, device=device)
+        if not torch.equal(cap_mask, ar_cap[None] < cap_lens[:, None]):
+            raise ValueError("cap_mask must mark a prefix of each caption (right padding), like the tokenizer's mask")
+        lens = self.config.axes_lens
+        if int(cap_lens.max()) >= lens[0]:
+            raise ValueError(
+                f"caption of {int(cap_lens.max())} tokens is too long: this model allows at most {lens[0] - 1} "
+                f"(axes_lens[0]={lens[0]}; image tokens sit at position cap_len)"
+            )
+        # positions (spec §1.4): caption j -> (j, 0, 0); padding -> 0
+        zeros = torch.zeros(cap_feats.shape[0], n_cap, dtype=torch.long, device=device)
+        cap_pos = torch.stack((ar_cap[None].expand(cap_feats.shape[0], n_cap), zeros, zeros), dim=-1) * cap_mask[..., None]
+        cap_h = self.cap_embedder(cap_feats.to(self.x_embedder.weight.dtype))
+        cap_attn_mask = None if cap_mask.all() else cap_mask
+        cap_rope = self.rope(cap_pos, cap_mask)
+        for block in self.context_refiner:
+            cap_h = self._block(block, cap_h, cap_attn_mask, cap_rope)
+        return cap_lens, cap_h
+
+    def _geometry(
+        self, cap_lens: torch.Tensor, cap_mask: torch.Tensor, sizes: list[tuple[int, int]], device: torch.device
+    ) -> dict[str, Any]:
+        """Positions, RoPE tables, masks and gather indices of the image and joint sequences."""
+        p = self.patch_size
+        batch, n_cap = cap_mask.shape[:2]
+        grid_h = torch.tensor([h // p for h, _ in sizes], device=device)
+        grid_w = torch.tensor([w // p for _, w in sizes], device=device)
+        img_lens = grid_h * grid_w
+        img_lens_list = img_lens.tolist()
+        n_img = max(img_lens_list)
+        self._check_positions(int(cap_lens.max()), int(grid_h.max()), int(grid_w.max()))
+        # positions (spec §1.4): image token (r, c) -> (cap_len, r, c); padding -> 0
         ar_img = torch.arange(n_img, device=device)
         img_valid = ar_img[None] < img_lens[:, None]
         img_pos = torch.stack(
@@ -435,37 +510,13 @@ class NextDiT(nn.Module):
             ),
             dim=-1,
         ) * img_valid[..., None]
-        zeros = torch.zeros(batch, n_cap, dtype=torch.long, device=device)
-        cap_pos = torch.stack((ar_cap[None].expand(batch, n_cap), zeros, zeros), dim=-1) * cap_mask[..., None]
-        self._check_positions(max(cap_lens_list), int(grid_h.max()), int(grid_w.max()))
-
-        # refiners --------------------------------------------------------------------------------
-        cap_h = self.cap_embedder(cap_feats.to(w_dtype))
-        cap_attn_mask = None if cap_mask.all() else cap_mask
-        cap_rope = self.rope(cap_pos, cap_mask)
-        for block in self.context_refiner:
-            cap_h = self._block(block, cap_h, cap_attn_mask, cap_rope)
-
-        img_h = self.x_embedder(tokens.to(w_dtype))
-        img_attn_mask = None if same_img else img_valid
-        img_rope = self.rope(img_pos, img_valid)
-        for block in self.noise_refiner:
-            img_h = self._block(block, img_h, img_attn_mask, img_rope, adaln)
-
-        # joint sequence [real caption ; image ; pad] via one gather (spec §1.3 step 3)
         seq_lens = cap_lens + img_lens
-        n_seq = int(max(a + b for a, b in zip(cap_lens_list, img_lens_list)))
+        n_seq = int((cap_lens + img_lens).max())
         ar_seq = torch.arange(n_seq, device=device)[None]
         is_cap = ar_seq < cap_lens[:, None]
         k = ar_seq - cap_lens[:, None]
         is_img = (k >= 0) & (k < img_lens[:, None])
-        src = torch.where(is_cap, ar_seq, torch.where(is_img, n_cap + k, 0))
-        joint = torch.cat((cap_h, img_h), dim=1)
-        joint = torch.gather(joint, 1, src[..., None].expand(-1, -1, joint.shape[-1]))
         valid = is_cap | is_img
-        # where(), not a multiply: a padded row may hold non-finite values (e.g. a caption row with
-        # no real token attends to nothing) and 0 * nan would leak into masked keys' values.
-        joint = torch.where(valid[..., None], joint, torch.zeros((), dtype=joint.dtype, device=joint.device))
         kc = k.clamp(min=0)
         joint_pos = torch.stack(
             (
@@ -475,17 +526,14 @@ class NextDiT(nn.Module):
             ),
             dim=-1,
         ) * valid[..., None]
-        joint_mask = None if len(set(seq_lens.tolist())) == 1 else valid
-        return JointSequence(
-            hidden=joint,
-            mask=joint_mask,
-            rope=self.rope(joint_pos),
-            adaln=adaln,
-            cap_lens=cap_lens,
-            latent_sizes=sizes,
-            is_tensor=is_tensor,
-            out_dtype=out_dtype,
-        )
+        return {
+            "img_attn_mask": None if len(set(img_lens_list)) == 1 else img_valid,
+            "img_rope": self.rope(img_pos, img_valid),
+            "src": torch.where(is_cap, ar_seq, torch.where(is_img, n_cap + k, 0)),
+            "valid": valid,
+            "joint_mask": None if len(set(seq_lens.tolist())) == 1 else valid,
+            "joint_rope": self.rope(joint_pos),
+        }
 
     def _check_positions(self, max_cap_len: int, max_rows: int, max_cols: int) -> None:
         # Positions past a RoPE table would silently clamp/wrap; fail with the limit instead (spec §1.4).
@@ -532,8 +580,9 @@ class NextDiT(nn.Module):
         t: torch.Tensor | float,
         cap_feats: torch.Tensor,
         cap_mask: torch.Tensor,
+        context: dict[Any, Any] | None = None,
     ) -> torch.Tensor | list[torch.Tensor]:
-        seq = self.prepare(x, t, cap_feats, cap_mask)
+        seq = self.prepare(x, t, cap_feats, cap_mask, context)
         return self.finalize(self.run_layers(seq.hidden, seq), seq)
 
 

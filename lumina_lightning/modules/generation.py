@@ -39,6 +39,7 @@ from lumina_lightning.flow import (
     stratified_timesteps,
     time_shift,
     training_shift,
+    velocity_from_output,
     velocity_target,
 )
 from lumina_lightning.models.config import NextDiTConfig, config_for
@@ -272,14 +273,20 @@ class NextDiTModule(pl.LightningModule):
     def flow_losses(self, model: torch.nn.Module, latents, feats, mask, draws) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-sample main loss (B,) and auxiliary pooled loss (B,) or None."""
         t, x0 = draws["t"], draws["noise"].to(latents.dtype)
-        pred = model(interpolate(x0, latents, t), t, feats, mask)
-        main = per_sample_mse(pred, velocity_target(x0, latents))
+        main = per_sample_mse(self.velocity(model, interpolate(x0, latents, t), t, feats, mask),
+                              velocity_target(x0, latents))
         aux = None
         if "t_aux" in draws:
             small = pool_latents(latents, self.recipe.objective.aux_pool)
             ta, xa = draws["t_aux"], draws["noise_aux"].to(latents.dtype)
-            aux = per_sample_mse(model(interpolate(xa, small, ta), ta, feats, mask), velocity_target(xa, small))
+            aux = per_sample_mse(self.velocity(model, interpolate(xa, small, ta), ta, feats, mask),
+                                 velocity_target(xa, small))
         return main, aux
+
+    def velocity(self, model: torch.nn.Module, xt: torch.Tensor, t: torch.Tensor, feats, mask) -> torch.Tensor:
+        """The model's velocity at ``(xt, t)``, whatever its output means (``objective.prediction``):
+        the loss is always the velocity loss (JiT's v-loss for ``data``)."""
+        return velocity_from_output(model(xt, t, feats, mask), xt, t, self.recipe.objective.prediction)
 
     def latent_shape(self, batch: dict[str, Any]) -> torch.Size:
         """Shape of the batch's latents without encoding (the draws need it first)."""
@@ -416,7 +423,7 @@ class NextDiTModule(pl.LightningModule):
                 g = torch.Generator().manual_seed(v.seed * 1_000_003 + k * 1009 + b)
                 x0 = torch.randn(latents.shape, generator=g).to(latents)
                 tt = torch.full((latents.shape[0],), t, device=latents.device)
-                losses = per_sample_mse(model(interpolate(x0, latents, tt), tt, feats, mask),
+                losses = per_sample_mse(self.velocity(model, interpolate(x0, latents, tt), tt, feats, mask),
                                         velocity_target(x0, latents))
                 total += float(losses.sum())
                 count += latents.shape[0]
@@ -455,7 +462,8 @@ class NextDiTModule(pl.LightningModule):
         model = self.sampling_model()
         was_training = model.training
         pipe = LuminaPipeline(model, self.text_encoder, self.autoencoder, device=self.device,
-                              default_system=self.recipe.objective.system)
+                              default_system=self.recipe.objective.system,
+                              prediction=self.recipe.objective.prediction)
         seeds = [v.seeds[i % len(v.seeds)] for i in range(len(v.prompts))]
         size = self.recipe.data.resolution
         kwargs = {k: val for k, val in (("steps", v.steps), ("cfg_scale", v.cfg_scale)) if val is not None}

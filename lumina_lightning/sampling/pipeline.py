@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from lumina_lightning.flow.convention import check_prediction, velocity_from_output
 from lumina_lightning.encoders.text import build_prompt, system_prompt
 from lumina_lightning.models.nextdit import NextDiT
 from lumina_lightning.sampling.guidance import GuidedVelocity, truncation_time
@@ -116,6 +117,9 @@ class LuminaPipeline:
         defaults: sampler-setting defaults applied over the preset (e.g. from ``pipeline.json``).
         resolution: the image side the model was trained at, if known (``pipeline.json``): the
             default size of the CLI, the evaluation and the app.
+        prediction: what the model outputs, ``velocity`` (official) or ``data`` (``pipeline.json``;
+            see :func:`~lumina_lightning.flow.convention.velocity_from_output`). Solvers, guidance and
+            TeaCache see velocities either way.
     """
 
     def __init__(
@@ -129,8 +133,10 @@ class LuminaPipeline:
         default_system: str | None = "real",
         defaults: dict[str, Any] | None = None,
         resolution: int | None = None,
+        prediction: str = "velocity",
     ) -> None:
         self.device = torch.device(device)
+        self.prediction = check_prediction(prediction)
         # the side the model was trained at (from the checkpoint), the callers' default image size
         self.resolution = int(resolution) if resolution else None
         self.dtype = dtype
@@ -216,12 +222,18 @@ class LuminaPipeline:
 
     def _transformer_call(self, inner: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         use_autocast = self.device.type == "cuda" and self.dtype != torch.float32
+        # One NextDiT.prepare context per set of captions (cond+uncond, then cond alone after
+        # CFG truncation): the caption refiner, positions and RoPE tables are computed on the first
+        # step only. The feature tensors live for the whole run, so their storage identifies them.
+        contexts: dict[tuple, dict] = {}
 
         def call(x, t, feats, mask, rows):
+            key = (feats.data_ptr(), tuple(feats.shape), mask.data_ptr(), tuple(mask.shape))
+            context = contexts.setdefault(key, {"_keep": (feats, mask)})
             ctx = torch.autocast("cuda", dtype=self.dtype) if use_autocast else contextlib.nullcontext()
             with ctx:
-                out = inner(x, t, feats, mask, rows)
-            return out.float()
+                out = inner(x, t, feats, mask, rows, context=context)
+            return velocity_from_output(out.float(), x, t, self.prediction)
 
         return call
 
@@ -240,7 +252,7 @@ class LuminaPipeline:
         if settings.teacache > 0:
             inner = TeaCache(model, settings.teacache, total, settings.teacache_version)
         else:
-            inner = lambda x, t, f, m, rows: model(x, t, f, m)  # noqa: E731
+            inner = lambda x, t, f, m, rows, context=None: model(x, t, f, m, context)  # noqa: E731
         grid = grid_for(settings.solver, settings.steps, settings.shift)
         guidance = settings.guidance
         velocity = GuidedVelocity(

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from lumina_lightning.flow.convention import check_prediction
 from lumina_lightning.encoders.autoencoder import DiffusersVAE, PixelAutoencoder, build_autoencoder
 from lumina_lightning.encoders.text import SYSTEM_PROMPTS, HFTextEncoder, resolve_text_encoder_path
 from lumina_lightning.models.config import NextDiTConfig
@@ -62,12 +63,16 @@ def pipeline_spec(
     default_system: str | None = "real",
     defaults: dict[str, Any] | None = None,
     resolution: int | None = None,
+    prediction: str = "velocity",
 ) -> dict[str, Any]:
     """The JSON-able dict stored as ``pipeline.json`` (and under ``"lumina_pipeline"`` in training ckpts).
 
     ``resolution``: the side the model was trained at (the last stage's ``data.resolution``), the
     default image size of ``lumina sample`` / ``eval`` / ``demo``; ``None`` when unknown.
+    ``prediction``: what the transformer outputs (``objective.prediction``); files without the key
+    are ``velocity``, like every official and diffusers checkpoint.
     """
+    check_prediction(prediction)
     if "path" not in text_encoder_spec:
         raise ValueError("text_encoder_spec needs a 'path' (a local folder or 'minilm')")
     kind = autoencoder_spec.get("kind")
@@ -94,7 +99,20 @@ def pipeline_spec(
         "default_system": default_system,
         "defaults": dict(defaults or {}),
         **({"resolution": int(resolution)} if resolution is not None else {}),
+        "prediction": prediction,
     }
+
+
+def source_prediction(path: str | os.PathLike) -> str:
+    """What the transformer at ``path`` outputs: its ``pipeline.json`` / checkpoint spec says, and
+    anything without one (official ``.pth``, diffusers folders, bare transformers) is ``velocity``."""
+    p = Path(path)
+    spec = None
+    if p.is_dir() and (p / PIPELINE_JSON).is_file():
+        spec = json.loads((p / PIPELINE_JSON).read_text())
+    elif p.is_file() and p.suffix == ".ckpt":
+        spec = _read_ckpt_spec(p)
+    return check_prediction((spec or {}).get("prediction", "velocity"))
 
 
 def update_pipeline_defaults(path: str | os.PathLike, **settings: Any) -> dict[str, Any]:
@@ -126,6 +144,7 @@ def save_pipeline(
     default_system: str | None = "real",
     defaults: dict[str, Any] | None = None,
     resolution: int | None = None,
+    prediction: str = "velocity",
 ) -> Path:
     """Write our pipeline folder: ``transformer/`` (lumina layout, + EMA) and ``pipeline.json``.
 
@@ -136,9 +155,10 @@ def save_pipeline(
         ema_state_dict: EMA weights, loaded by default (``ema="auto"``).
         default_system, defaults: what callers get unless they say otherwise.
         resolution: the trained image side, the default size when sampling (``None``: unknown).
+        prediction: what the transformer outputs, ``velocity`` or ``data`` (``objective.prediction``).
     """
     spec = pipeline_spec(text_encoder_spec, autoencoder_spec, default_system=default_system, defaults=defaults,
-                         resolution=resolution)
+                         resolution=resolution, prediction=prediction)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if isinstance(model, NextDiT):
@@ -290,10 +310,12 @@ def load_pipeline(
             )
 
     resolution: int | None = None
+    prediction = "velocity"
     if spec is not None:
         defaults.update(spec.get("defaults") or {})
         default_system = spec.get("default_system", "real")
         resolution = spec.get("resolution")
+        prediction = spec.get("prediction", "velocity")
         if te_obj is None:
             te_obj = _text_encoder_from_spec(spec["text_encoder"], base)
         if ae_obj is None:
@@ -306,7 +328,7 @@ def load_pipeline(
             resolution = sample_size * int(getattr(ae_obj, "downsample", 8))
     model = model.float().eval().requires_grad_(False)
     return LuminaPipeline(model, te_obj, ae_obj, device=device, dtype=dtype, default_system=default_system,
-                          defaults=defaults, resolution=resolution)
+                          defaults=defaults, resolution=resolution, prediction=prediction)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -325,6 +347,11 @@ def export_diffusers_pipeline(pipe: LuminaPipeline, path: str | os.PathLike, *, 
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    if getattr(pipe, "prediction", "velocity") != "velocity":
+        raise ValueError(
+            f"cannot export to diffusers: this model predicts {pipe.prediction!r} (objective.prediction), but "
+            "diffusers' Lumina2Pipeline treats the transformer output as a velocity"
+        )
     ae = pipe.autoencoder
     if not isinstance(ae, DiffusersVAE):
         raise ValueError(

@@ -3,7 +3,9 @@
 The forward is run in stages (``NextDiT.prepare`` → ``run_layers`` → ``finalize``); nothing in the
 model is patched. Per transformer call:
 
-1. ``prepare`` (embedders, refiners, joint sequence) always runs — it is cheap next to the main blocks.
+1. ``prepare`` (embedders, refiners, joint sequence) always runs — it is cheap next to the main blocks,
+   and with the pipeline's ``context`` its caption half (caption refiner, positions, RoPE) is
+   computed on the first call only.
 2. The indicator is the modulated input of the first main block, ``layers[0].modulated_input``
    (RMSNorm(x)·(1 + scale_msa)), exactly the official TeaCache4Lumina2 choice.
 3. ``rel = mean|m − m_prev| / mean|m_prev|``; the accumulator adds ``poly(rel)`` with the v1 or v2
@@ -149,6 +151,7 @@ class TeaCache:
         cap_feats: torch.Tensor,
         cap_mask: torch.Tensor,
         rows: Sequence[Hashable],
+        context: dict | None = None,
     ) -> torch.Tensor:
         k = self.call_index
         self.call_index += 1
@@ -158,10 +161,10 @@ class TeaCache:
         if not self.enabled:
             self.stats.computed_rows += b
             self.log.append([True] * b)
-            return self.model(x, t, cap_feats, cap_mask)
+            return self.model(x, t, cap_feats, cap_mask, context)
 
         model = self.model
-        seq = model.prepare(x, t, cap_feats, cap_mask)
+        seq = model.prepare(x, t, cap_feats, cap_mask, context)
         indicator = model.layers[0].modulated_input(seq.hidden, seq.adaln)
         img_lens = [(h // model.patch_size) * (w // model.patch_size) for h, w in seq.latent_sizes]
         seq_lens = [int(c) + n for c, n in zip(seq.cap_lens.tolist(), img_lens)]
@@ -240,9 +243,9 @@ class TeaCacheProbe:
         self.previous: dict[Hashable, tuple[torch.Tensor, torch.Tensor]] = {}
         self.pairs: list[tuple[float, float]] = []
 
-    def __call__(self, x, t, cap_feats, cap_mask, rows):
+    def __call__(self, x, t, cap_feats, cap_mask, rows, context=None):
         model = self.model
-        seq = model.prepare(x, t, cap_feats, cap_mask)
+        seq = model.prepare(x, t, cap_feats, cap_mask, context)
         indicator = model.layers[0].modulated_input(seq.hidden, seq.adaln)
         img_lens = [(h // model.patch_size) * (w // model.patch_size) for h, w in seq.latent_sizes]
         out = model.finalize(model.run_layers(seq.hidden, seq), seq)

@@ -102,6 +102,9 @@ class ObjectiveSection:
             by "" — the unconditional input of CFG (official 0.1).
         system: template for records whose source names none (official: ``align`` for
             ``super_high_quality_caption`` records, ``base`` for ``path``+``prompt`` records).
+        prediction: what the network outputs: ``velocity`` (official) or ``data`` (the clean sample,
+            turned into a velocity for the loss and the samplers; a DEVIATION, see
+            :mod:`lumina_lightning.flow.convention`). Recorded in every export.
     """
 
     timestep_sampler: str = "lognorm"
@@ -112,6 +115,7 @@ class ObjectiveSection:
     aux_pool: int = 4
     caption_dropout: float = 0.1
     system: str = "align"
+    prediction: str = "velocity"
 
 
 @dataclass

@@ -64,6 +64,7 @@ class EvalStep:
     manifest: str | None = "runs/tiny/synthetic/test.jsonl"
     preset: str = "official"
     images_per_prompt: int = 2
+    min_images_per_task: int = 0
     seed: int = 0
     max_prompts: int | None = None
     max_per_tag: int | None = None
@@ -295,7 +296,8 @@ def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any, size: int) 
     e = cfg.eval
     pipe = load_pipeline(export, ema=ema)
     overrides = {k: v for k, v in (("steps", e.steps), ("cfg_scale", e.cfg_scale)) if v is not None}
-    return evaluate(pipe, e.prompts, out, preset=e.preset, images_per_prompt=e.images_per_prompt, seed=e.seed,
+    return evaluate(pipe, e.prompts, out, preset=e.preset, images_per_prompt=e.images_per_prompt,
+                    min_images_per_task=e.min_images_per_task, seed=e.seed,
                     width=size, height=size,
                     manifest=e.manifest, max_prompts=e.max_prompts, max_per_tag=e.max_per_tag,
                     batch_size=e.batch_size,

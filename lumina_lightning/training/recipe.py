@@ -27,6 +27,7 @@ from typing import Any, Union
 import yaml
 from omegaconf import OmegaConf
 
+from lumina_lightning.flow.convention import PREDICTIONS
 from lumina_lightning.training.config import RecipeConfig
 
 COMMAND_LINE = "command line"
@@ -344,6 +345,7 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
     for key, value in (("text_encoder.dtype", cfg.text_encoder.dtype), ("autoencoder.dtype", cfg.autoencoder.dtype)):
         _choice(where, key, value, ("fp32", "bf16", "fp16"))
     _choice(where, "objective.timestep_sampler", cfg.objective.timestep_sampler, ("lognorm", "uniform"))
+    _choice(where, "objective.prediction", cfg.objective.prediction, PREDICTIONS)
     shift = cfg.objective.shift
     if not (shift == "auto" or (isinstance(shift, (int, float)) and not isinstance(shift, bool) and shift > 0)):
         raise RecipeError(f"{where}: `objective.shift` must be 'auto' or a number > 0, got {shift!r}")

@@ -133,7 +133,8 @@ def build_encoders(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
     if ae.kind == "vae":
         ae_spec.update(path=os.path.abspath(ae.path), scaling_factor=autoencoder.scaling_factor,
                        shift_factor=autoencoder.shift_factor)
-    spec = pipeline_spec(te_spec, ae_spec, default_system=cfg.objective.system, resolution=cfg.data.resolution)
+    spec = pipeline_spec(te_spec, ae_spec, default_system=cfg.objective.system, resolution=cfg.data.resolution,
+                         prediction=cfg.objective.prediction)
     return text_encoder, autoencoder, spec
 
 
@@ -256,6 +257,15 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
                            val_batches=validation_batches(cfg), output_dir=out)
     parent = None
     if cfg.model.init_from:
+        from lumina_lightning.sampling.pipeline_io import source_prediction
+
+        parent_prediction = source_prediction(cfg.model.init_from)
+        if parent_prediction != cfg.objective.prediction:
+            raise ValueError(
+                f"model.init_from={cfg.model.init_from} was trained with objective.prediction={parent_prediction!r} "
+                f"but this recipe ({loaded.path}) sets {cfg.objective.prediction!r}: its outputs would be read as the "
+                "wrong quantity; set objective.prediction to match"
+            )
         raw_state, _, fmt = read_state(cfg.model.init_from, ema=cfg.model.init_ema == "ema")
         ema_state = None
         if cfg.model.init_ema == "auto":
@@ -286,7 +296,8 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
 
             save_pipeline(export_dir, model_sd, config=module.nextdit_config, ema_state_dict=ema_sd,
                           text_encoder_spec=spec["text_encoder"], autoencoder_spec=spec["autoencoder"],
-                          default_system=spec["default_system"], resolution=spec.get("resolution"))
+                          default_system=spec["default_system"], resolution=spec.get("resolution"),
+                          prediction=spec["prediction"])
             if logger and cfg.tracking.log_checkpoints:
                 logger.experiment.log_artifacts(run_id, str(export_dir), "export")
             if logger:
