@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -45,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ema = {"auto": "auto", "true": True, "false": False}[args.ema]
     from lumina_lightning.sampling.pipeline_io import source_prediction
 
-    prediction = source_prediction(args.src) if os.path.exists(args.src) else "velocity"
+    prediction = source_prediction(args.src)  # "velocity" for anything without a pipeline spec
     if prediction != "velocity":
         # the weights themselves do not say what they output; official and diffusers code read a velocity
         if args.to != "lumina":

@@ -471,12 +471,7 @@ class NextDiT(nn.Module):
         ar_cap = torch.arange(n_cap, device=device)
         if not torch.equal(cap_mask, ar_cap[None] < cap_lens[:, None]):
             raise ValueError("cap_mask must mark a prefix of each caption (right padding), like the tokenizer's mask")
-        lens = self.config.axes_lens
-        if int(cap_lens.max()) >= lens[0]:
-            raise ValueError(
-                f"caption of {int(cap_lens.max())} tokens is too long: this model allows at most {lens[0] - 1} "
-                f"(axes_lens[0]={lens[0]}; image tokens sit at position cap_len)"
-            )
+        self._check_positions(int(cap_lens.max()), 0, 0)  # before the caption RoPE lookup
         # positions (spec §1.4): caption j -> (j, 0, 0); padding -> 0
         zeros = torch.zeros(cap_feats.shape[0], n_cap, dtype=torch.long, device=device)
         cap_pos = torch.stack((ar_cap[None].expand(cap_feats.shape[0], n_cap), zeros, zeros), dim=-1) * cap_mask[..., None]
@@ -511,7 +506,7 @@ class NextDiT(nn.Module):
             dim=-1,
         ) * img_valid[..., None]
         seq_lens = cap_lens + img_lens
-        n_seq = int((cap_lens + img_lens).max())
+        n_seq = int(seq_lens.max())
         ar_seq = torch.arange(n_seq, device=device)[None]
         is_cap = ar_seq < cap_lens[:, None]
         k = ar_seq - cap_lens[:, None]
