@@ -8,6 +8,8 @@ import pytest
 
 from lumina_lightning.eval.geneval import (
     MAX_OBJECTS,
+    confidence_intervals,
+    paired_difference,
     evaluate_detections,
     group_detections,
     read_metadata,
@@ -157,3 +159,101 @@ def test_read_metadata(tmp_path):
     path.write_text(json.dumps({"prompt": "x"}) + "\n")
     with pytest.raises(ValueError, match="'prompt' and 'tag'"):
         read_metadata(path)
+
+
+# --------------------------------------------------------------------------------------------
+# confidence_intervals: two-stage bootstrap (prompts, then images), checked against hand values
+# --------------------------------------------------------------------------------------------
+def _rows(tag, per_prompt):
+    """``per_prompt``: list of (correct, total) per prompt."""
+    rows = []
+    for j, (c, n) in enumerate(per_prompt):
+        rows += [{"tag": tag, "prompt": f"{tag} {j}", "correct": k < c} for k in range(n)]
+    return rows
+
+
+def test_intervals_of_certain_results_have_no_width():
+    ci = confidence_intervals(_rows("colors", [(5, 5), (3, 3)]) + _rows("position", [(0, 4), (0, 2)]))
+    assert ci["tags"]["colors"] == [1.0, 1.0] and ci["tags"]["position"] == [0.0, 0.0]
+    assert ci["overall"] == [0.5, 0.5] and ci["level"] == 0.95
+    assert confidence_intervals([])["overall"] is None
+
+
+def test_one_prompt_is_the_binomial_interval():
+    # 200 of 400 images of a single prompt: p ± 1.96·sqrt(p(1-p)/n) = 0.5 ± 0.049
+    low, high = confidence_intervals(_rows("counting", [(200, 400)]), n_boot=4000)["tags"]["counting"]
+    assert low == pytest.approx(0.451, abs=0.012) and high == pytest.approx(0.549, abs=0.012)
+
+
+def test_images_of_one_prompt_are_not_independent():
+    # 20 prompts x 10 images, each prompt all right or all wrong: only the prompts vary, so the
+    # accuracy is Binomial(20, 0.5)/20, whose 2.5 / 97.5 % quantiles are 6/20 and 14/20 -- far wider
+    # than 100 of 200 independent images would give (0.5 ± 0.07)
+    rows = _rows("two_object", [(10, 10)] * 10 + [(0, 10)] * 10)
+    low, high = confidence_intervals(rows, n_boot=4000)["tags"]["two_object"]
+    assert low == pytest.approx(0.30, abs=0.051) and high == pytest.approx(0.70, abs=0.051)
+
+
+def test_overall_interval_is_over_the_mean_of_tags():
+    rows = _rows("single_object", [(8, 8)]) + _rows("counting", [(200, 400)])
+    ci = confidence_intervals(rows, n_boot=4000, seed=3)
+    # single_object is certain (1.0), so overall = (1 + counting) / 2
+    assert ci["overall"][0] == pytest.approx((1 + 0.451) / 2, abs=0.008)
+    assert ci["overall"][1] == pytest.approx((1 + 0.549) / 2, abs=0.008)
+    assert ci["overall"][0] <= summarize(rows)["overall"] <= ci["overall"][1]
+
+
+def test_intervals_are_reproducible_and_validated():
+    rows = _rows("colors", [(3, 4), (1, 4), (2, 4)])
+    assert confidence_intervals(rows, seed=1) == confidence_intervals(rows, seed=1)
+    narrow = confidence_intervals(rows, level=0.5)["tags"]["colors"]
+    wide = confidence_intervals(rows, level=0.99)["tags"]["colors"]
+    assert wide[0] <= narrow[0] <= narrow[1] <= wide[1]
+    with pytest.raises(ValueError, match="level"):
+        confidence_intervals(rows, level=1.0)
+    with pytest.raises(ValueError, match="n_boot"):
+        confidence_intervals(rows, n_boot=0)
+
+
+# --------------------------------------------------------------------------------------------
+# paired_difference: same prompts and seeds, outcomes paired image by image
+# --------------------------------------------------------------------------------------------
+def _paired(tag, outcomes, prompt="p"):
+    """``outcomes``: list of (a correct, b correct) for the images of one prompt."""
+    a = [{"tag": tag, "prompt": prompt, "sample": k, "correct": x} for k, (x, _) in enumerate(outcomes)]
+    b = [{"tag": tag, "prompt": prompt, "sample": k, "correct": y} for k, (_, y) in enumerate(outcomes)]
+    return a, b
+
+
+def test_identical_and_opposite_runs():
+    a, _ = _paired("colors", [(True, True), (False, False), (True, True)])
+    same = paired_difference(a, a)
+    assert same["difference"] == 0.0 and same["interval"] == [0.0, 0.0] and same["pairs"] == 3
+    a, b = _paired("colors", [(True, False)] * 5)
+    opposite = paired_difference(a, b)
+    assert opposite["difference"] == 1.0 and opposite["interval"] == [1.0, 1.0]
+    assert opposite["tags"]["colors"]["difference"] == 1.0
+    assert paired_difference(a, [])["difference"] is None
+
+
+def test_paired_interval_is_the_binomial_of_the_discordant_images():
+    # 400 images: a right and b wrong on 100, both right on 100, both wrong on 200. The difference
+    # per image is 1 with p = 0.25, else 0: 0.25 ± 1.96·sqrt(0.25·0.75/400) = 0.25 ± 0.042.
+    a, b = _paired("counting", [(True, False)] * 100 + [(True, True)] * 100 + [(False, False)] * 200)
+    d = paired_difference(a, b, n_boot=4000)
+    assert d["difference"] == pytest.approx(0.25)
+    assert d["interval"][0] == pytest.approx(0.208, abs=0.012) and d["interval"][1] == pytest.approx(0.292, abs=0.012)
+
+
+def test_pairs_are_matched_by_prompt_and_sample():
+    a, b = _paired("two_object", [(True, False), (False, True)])
+    # reversed order and an unmatched extra image in b change nothing
+    extra = {"tag": "two_object", "prompt": "p", "sample": 9, "correct": False}
+    d = paired_difference(a, list(reversed(b)) + [extra])
+    assert d["pairs"] == 2 and d["difference"] == 0.0
+    # overall is the mean over tags of the per-tag differences
+    a2, b2 = _paired("position", [(True, False)] * 4, prompt="q")
+    d = paired_difference(a + a2, b + b2)
+    assert d["tags"]["position"]["difference"] == 1.0 and d["difference"] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="level"):
+        paired_difference(a, b, level=0.0)

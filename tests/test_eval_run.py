@@ -56,6 +56,14 @@ def test_results_structure(evaluated):
     # the detector passes on the ground truth of the same split
     dv = results["detector_validation"]
     assert dv["passed"] and set(dv["tags"]) == set(TAGS)
+    # sampling-noise intervals around every score, and the chance level of each task
+    ci = results["ci95"]
+    assert ci["overall"][0] <= results["overall"] <= ci["overall"][1]
+    for tag, (low, high) in ci["tags"].items():
+        assert low <= results["tags"][tag] <= high
+    pb = results["prompt_blind"]
+    assert set(pb["tags"]) == set(TAGS) and all(0.0 <= v <= 1.0 for v in pb["tags"].values())
+    assert pb["overall"] < dv["overall"]  # ignoring prompts loses against the same renders' own prompts
     # fixed-timestep validation loss: 8 stratified timesteps, finite, deterministic inputs
     vl = results["val_loss"]
     assert len(vl["per_t"]) == 8 and vl["timesteps"][0] == pytest.approx(1 / 16)
@@ -91,6 +99,9 @@ def test_reports(evaluated):
         assert f"## {tag}" in md and f"<h2>{tag}</h2>" in html
         assert (out / "grids" / f"{tag}.png").is_file()
     assert "plots/tag_accuracy.png" in md and (out / "plots" / "tag_accuracy.png").is_file()
+    blind = results["prompt_blind"]["tags"]["colors"]
+    assert f"| {results['tags']['colors']:.3f} | " in md and f"| {blind:.3f} |" in md
+    assert "prompt-blind" in md and "95 % interval" in html
     assert "✗" in md and ("✗" in html or "✓" in html)
     assert "images/00000/samples/0000.png" in html
     assert results["files"]["grids"]["counting"] == "grids/counting.png"
@@ -123,6 +134,8 @@ def test_cli_end_to_end_with_mlflow(pipe, data, tmp_path, monkeypatch, capsys):
     printed = capsys.readouterr().out
     assert "overall" in printed and "detector on ground-truth renders" in printed and "MLflow run" in printed
     results = json.loads((tmp_path / "out" / "results.json").read_text())
+    low, high = results["ci95"]["overall"]
+    assert f"95 % [{low:.2f}, {high:.2f}]  chance {results['prompt_blind']['overall']:.3f}" in printed
     assert results["checkpoint"] == str(ckpt) and results["settings"]["cfg_scale"] == 2.0
     assert results["images"] == 6 and results["mlflow"]["experiment"] == "eval-test"
     for name in ("report.md", "report.html", "results.jsonl"):
@@ -135,6 +148,8 @@ def test_cli_end_to_end_with_mlflow(pipe, data, tmp_path, monkeypatch, capsys):
     assert run.info.run_name == "tiny" and run.info.status == "FINISHED"
     assert run.data.metrics["geneval/overall"] == pytest.approx(results["overall"])
     assert run.data.metrics["detector_gt/min_tag"] >= 0.98 and "val_loss" in run.data.metrics
+    assert run.data.metrics["prompt_blind/overall"] == pytest.approx(results["prompt_blind"]["overall"])
+    assert run.data.metrics["geneval_ci95/overall_low"] <= results["overall"]
     assert run.data.params["sampler.solver"] == "dpm" and run.data.tags["kind"] == "eval"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"report.html", "report.md", "results.json", "grids", "plots", "images"} <= artifacts

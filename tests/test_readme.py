@@ -29,6 +29,11 @@ def test_quickstart_has_install_main_job_and_tests():
     assert any("pytest" in c for c in cmds)
 
 
+def final_eval_images(root):
+    results = json.loads(next(root.glob("runs/*/eval/tiny_stage3_hq_ema/results.json")).read_text())
+    return results["images"]
+
+
 def test_quickstart_main_job_runs_in_smoke_mode(tmp_path):
     """`lumina pipeline recipes/tiny/pipeline.yaml`, exactly as written, plus `--smoke`, from a clean folder."""
     main_job = next(c for c in fenced_lines(quickstart_block()) if c.startswith("lumina pipeline "))
@@ -41,6 +46,14 @@ def test_quickstart_main_job_runs_in_smoke_mode(tmp_path):
     summary = json.loads(next(tmp_path.glob("runs/*/summary.json")).read_text())
     assert summary["ok"] and len(summary["stages"]) == 3
     assert all(s["geneval"]["ema"]["overall"] is not None for s in summary["stages"])
+    final_eval = summary["stages"][-1]["geneval"]["ema"]
+    low, high = final_eval["ci95"]["overall"]
+    assert low <= final_eval["overall"] <= high and final_eval["prompt_blind"]["overall"] is not None
+    assert "prompt-blind chance level:" in out.stdout
+    # the final model against stage 1, paired image by image (smoke mode skips the raw weights)
+    cmp_ = summary["comparisons"]["final_vs_stage1"]
+    assert cmp_["pairs"] == final_eval_images(tmp_path) and cmp_["interval"][0] <= cmp_["difference"] <= cmp_["interval"][1]
+    assert "(paired over" in out.stdout
     # the exports carry the trained size and the guidance scale the pipeline judged them with
     final = json.loads((Path(summary["stages"][-1]["export"]) / "pipeline.json").read_text())
     assert final["resolution"] == 32 and final["defaults"] == {"cfg_scale": 2.0}

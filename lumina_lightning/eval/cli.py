@@ -76,16 +76,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _print_table(title: str, tags: dict[str, float], counts: dict[str, list[int]] | None, overall: float | None) -> None:
+def _print_table(title: str, tags: dict[str, float], counts: dict[str, list[int]] | None, overall: float | None,
+                 results: dict[str, Any] | None = None) -> None:
+    """Per-task scores; with ``results`` also their 95 % intervals and prompt-blind chance levels."""
+    ci = (results or {}).get("ci95") or {}
+    blind = (results or {}).get("prompt_blind") or {}
+
+    def extras(iv: list[float] | None, chance: float | None) -> str:
+        text = f"  95 % [{iv[0]:.2f}, {iv[1]:.2f}]" if iv else ""
+        return text + (f"  chance {chance:.3f}" if chance is not None else "")
+
     print(title)
     for tag in TAGS:
         if tag in tags:
             extra = f"  ({counts[tag][0]} / {counts[tag][1]})" if counts else ""
+            extra += extras((ci.get("tags") or {}).get(tag), (blind.get("tags") or {}).get(tag))
             print(f"  {tag:<14} {tags[tag]:.3f}{extra}")
         else:
             print(f"  {tag:<14} absent")
     if overall is not None:
-        print(f"  {'overall':<14} {overall:.3f}  (mean of present tasks)")
+        print(f"  {'overall':<14} {overall:.3f}  (mean of present tasks){extras(ci.get('overall'), blind.get('overall'))}")
+    if blind:
+        print("  (chance = prompt-blind level: a random correct scene of the task, whatever the prompt)")
 
 
 def _print_validation(dv: dict[str, Any]) -> None:
@@ -190,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     s = results["settings"]
     _print_table(f"lumina eval: {results['images']} images ({results['prompts']} prompts, {s['width']}x{s['height']}, "
                  f"{s['solver']} x{s['steps']}, cfg {s['cfg_scale']}):", results["tags"], results["counts"],
-                 results["overall"])
+                 results["overall"], results)
     if results.get("detector_validation"):
         _print_validation(results["detector_validation"])
     if results.get("val_loss"):

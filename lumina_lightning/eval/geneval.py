@@ -42,6 +42,8 @@ __all__ = [
     "relative_position",
     "evaluate_detections",
     "summarize",
+    "confidence_intervals",
+    "paired_difference",
     "read_metadata",
 ]
 
@@ -203,3 +205,120 @@ def summarize(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "correct_images": float(np.mean([r["correct"] for r in results])) if results else None,
         "correct_prompts": float(np.mean([any(v) for v in per_prompt.values()])) if per_prompt else None,
     }
+
+
+def confidence_intervals(
+    results: Iterable[Mapping[str, Any]], *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> dict[str, Any]:
+    """Percentile-bootstrap intervals for every tag's accuracy and for ``overall``.
+
+    Why: mini-GenEval scores a few dozen images per task, so two runs of nearby recipes differ by
+    several points from sampling alone; an interval says which differences mean something. Images of
+    one prompt are not independent draws (same prompt, neighbouring seeds), and a task may have only
+    three prompts, so the bootstrap has two stages, within each tag: resample the *prompts*, then each
+    drawn prompt's images (its correct count ~ Binomial(images, its accuracy)). The first stage alone
+    would call three equally-scored prompts certain; the second alone would ignore that prompts differ.
+    ``overall`` is the mean of the resampled tag accuracies, as :func:`summarize` computes it.
+    Deterministic for a given ``seed``.
+
+    Returns ``{"level", "n_boot", "method", "overall": [low, high] | None, "tags": {tag: [low, high]}}``.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    per_tag: dict[str, dict[str, list[int]]] = {}
+    for r in results:
+        cell = per_tag.setdefault(r["tag"], {}).setdefault(_prompt_key(r), [0, 0])
+        cell[0] += int(bool(r["correct"]))
+        cell[1] += 1
+    out: dict[str, Any] = {"level": level, "n_boot": n_boot, "method": "two-stage bootstrap: prompts, then images of each prompt",
+                           "overall": None, "tags": {}}
+    if not per_tag:
+        return out
+    rng = np.random.default_rng(seed)
+    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    order = [t for t in TAGS if t in per_tag] + [t for t in per_tag if t not in TAGS]
+    draws = []
+    for tag in order:
+        cells = np.array(list(per_tag[tag].values()), dtype=np.float64)  # (prompts, [correct, total])
+        pick = rng.integers(0, len(cells), size=(n_boot, len(cells)))
+        totals = cells[pick, 1]
+        correct = rng.binomial(totals.astype(np.int64), cells[pick, 0] / totals)
+        acc = correct.sum(axis=1) / totals.sum(axis=1)
+        draws.append(acc)
+        out["tags"][tag] = [float(np.percentile(acc, lo_q)), float(np.percentile(acc, hi_q))]
+    overall = np.mean(np.stack(draws), axis=0)
+    out["overall"] = [float(np.percentile(overall, lo_q)), float(np.percentile(overall, hi_q))]
+    return out
+
+
+def _prompt_key(r: Mapping[str, Any]) -> str:
+    key = r.get("metadata") or r.get("prompt")
+    return key if isinstance(key, str) else json.dumps(key, sort_keys=True)
+
+
+def paired_difference(
+    results_a: Iterable[Mapping[str, Any]],
+    results_b: Iterable[Mapping[str, Any]],
+    *,
+    n_boot: int = 2000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Score of ``a`` minus score of ``b`` on the same prompts and seeds, with a bootstrap interval.
+
+    Why: "stage 3 no worse than stage 1" and "EMA no worse than raw weights" compare two models that
+    drew images for the *same* prompts from the *same* noise, so their outcomes are paired and the
+    difference is far better determined than two separate intervals suggest. Images are paired by
+    (tag, prompt, sample index); images present in only one run are left out (``pairs`` counts the
+    rest). The bootstrap resamples prompts within each tag, then each drawn prompt's image pairs
+    (multinomially over its four outcome kinds), as :func:`confidence_intervals` does for one run.
+
+    Returns ``{"difference": overall_a − overall_b, "interval": [low, high], "tags": {tag:
+    {"difference", "interval"}}, "pairs", "level", "n_boot"}``; ``difference`` is ``None`` without pairs.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+
+    def keyed(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, tuple[str, str, bool]]:
+        out = {}
+        for r in rows:
+            sample = r.get("sample", r.get("seed"))
+            out[(r["tag"], _prompt_key(r), sample)] = (r["tag"], _prompt_key(r), bool(r["correct"]))
+        return out
+
+    a, b = keyed(results_a), keyed(results_b)
+    # per tag, per prompt: counts of (a right, b right), (a right, b wrong), (a wrong, b right), (both wrong)
+    cells: dict[str, dict[str, list[int]]] = {}
+    for key in a.keys() & b.keys():
+        tag, prompt, ok_a = a[key]
+        ok_b = b[key][2]
+        kind = {(True, True): 0, (True, False): 1, (False, True): 2, (False, False): 3}[(ok_a, ok_b)]
+        cells.setdefault(tag, {}).setdefault(prompt, [0, 0, 0, 0])[kind] += 1
+    out: dict[str, Any] = {"difference": None, "interval": None, "tags": {}, "pairs": 0, "level": level,
+                           "n_boot": n_boot}
+    if not cells:
+        return out
+    rng = np.random.default_rng(seed)
+    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    order = [t for t in TAGS if t in cells] + [t for t in cells if t not in TAGS]
+    points, draws = [], []
+    for tag in order:
+        counts = np.array(sorted(cells[tag].values()), dtype=np.int64)  # (prompts, 4)
+        totals = counts.sum(axis=1)
+        point = (counts[:, 1].sum() - counts[:, 2].sum()) / totals.sum()
+        pick = rng.integers(0, len(counts), size=(n_boot, len(counts)))
+        resampled = rng.multinomial(totals[pick], counts[pick] / totals[pick][..., None])
+        diff = (resampled[..., 1].sum(axis=1) - resampled[..., 2].sum(axis=1)) / totals[pick].sum(axis=1)
+        points.append(point)
+        draws.append(diff)
+        out["tags"][tag] = {"difference": float(point),
+                            "interval": [float(np.percentile(diff, lo_q)), float(np.percentile(diff, hi_q))]}
+        out["pairs"] += int(totals.sum())
+    overall = np.mean(np.stack(draws), axis=0)
+    out["difference"] = float(np.mean(points))
+    out["interval"] = [float(np.percentile(overall, lo_q)), float(np.percentile(overall, hi_q))]
+    return out

@@ -30,6 +30,7 @@ __all__ = [
     "box_iou",
     "image_fidelity",
     "match_objects",
+    "prompt_blind_baseline",
     "validate_detector",
     "validation_loss",
 ]
@@ -81,6 +82,21 @@ def _load_gt(row: dict[str, Any], base: Path) -> Image.Image:
     return render_scene(scene_from_meta(row["meta"], int(row["width"]), int(row["height"])))
 
 
+def _read_manifest(manifest: str | os.PathLike | Iterable[dict[str, Any]], root: str | os.PathLike | None
+                   ) -> tuple[list[dict[str, Any]], Path]:
+    if isinstance(manifest, (str, os.PathLike)):
+        import json
+
+        path = Path(manifest)
+        base = Path(root) if root is not None else path.resolve().parent
+        with open(path, encoding="utf-8") as fh:
+            rows = [json.loads(line) for line in fh if line.strip()]
+    else:
+        base = Path(root) if root is not None else Path.cwd()
+        rows = list(manifest)
+    return [r for r in rows if isinstance(r.get("meta"), dict) and r["meta"].get("tag")], base
+
+
 def validate_detector(
     manifest: str | os.PathLike | Iterable[dict[str, Any]],
     *,
@@ -103,18 +119,9 @@ def validate_detector(
     "min_tag", "passed" (every tag ≥ 0.98), "object_recall", "object_precision", "failures",
     "ms_per_image"}``.
     """
-    import json
     import time
 
-    if isinstance(manifest, (str, os.PathLike)):
-        path = Path(manifest)
-        base = Path(root) if root is not None else path.resolve().parent
-        with open(path, encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
-    else:
-        base = Path(root) if root is not None else Path.cwd()
-        rows = list(manifest)
-    rows = [r for r in rows if isinstance(r.get("meta"), dict) and r["meta"].get("tag")]
+    rows, base = _read_manifest(manifest, root)
     if max_records is not None:
         rows = rows[:max_records]
     if not rows:
@@ -153,6 +160,73 @@ def validate_detector(
         "object_precision": matched / n_det if n_det else None,
         "failures": listed,
         "ms_per_image": 1000 * seconds / len(rows),
+    }
+
+
+def prompt_blind_baseline(
+    specs: Sequence[dict[str, Any]],
+    manifest: str | os.PathLike | Iterable[dict[str, Any]],
+    *,
+    weights: Sequence[float] | None = None,
+    size: tuple[int, int] | None = None,
+    detector: Detector | None = None,
+    root: str | os.PathLike | None = None,
+) -> dict[str, Any]:
+    """The mini-GenEval a model would get by ignoring the prompt: the chance level of each task.
+
+    Why: "single object 0.70" means little until one knows what a model that draws *some* correct
+    scene of the task scores — any circle passes a third of the single-object prompts. Such a model
+    is emulated exactly with the ground-truth renders of the held-out split: prompt ``i`` of a task is
+    scored against *every* ground-truth image of that task (one detection per image), so the result
+    is the expected accuracy of drawing a uniformly random scene of the task, with no sampling noise.
+
+    Args:
+        specs: the GenEval metadata of the evaluated prompts (as :func:`~.geneval.read_metadata`).
+        manifest: the synthetic ``test.jsonl`` (or its rows) whose renders stand for the task's scenes.
+        weights: images per prompt in the evaluation (tags are averaged over images, as the score is);
+            default 1 each.
+        size: ``(width, height)`` the renders are brought to first (the evaluated size, so the
+            detector sees what it sees on the model's images); default: as stored.
+        root: folder relative image paths are resolved against (default: the manifest's folder).
+
+    Returns ``{"overall", "tags": {tag: accuracy}, "images": {tag: renders used}, "missing_tags"}``;
+    a tag of ``specs`` without renders in the manifest is listed in ``missing_tags`` and left out.
+    """
+    from lumina_lightning.data.images import resize_cover_center_crop
+
+    specs = list(specs)
+    weights = [1.0] * len(specs) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(specs):
+        raise ValueError(f"need one weight per prompt, got {len(weights)} for {len(specs)}")
+    rows, base = _read_manifest(manifest, root)
+    detector = detector or Detector()
+    wanted = {spec.get("tag") for spec in specs}
+    detections: dict[str, list[list[dict[str, Any]]]] = {}
+    for row in rows:
+        tag = row["meta"]["tag"]
+        if tag not in wanted:
+            continue
+        image = _load_gt(row, base)
+        if size is not None and image.size != tuple(size):
+            image = resize_cover_center_crop(image, tuple(size))
+        detections.setdefault(tag, []).append(detector.detect(image))
+    sums: dict[str, list[float]] = {}
+    for spec, w in zip(specs, weights):
+        tag = spec.get("tag")
+        dets = detections.get(tag)
+        if not dets or w <= 0:
+            continue
+        acc = float(np.mean([evaluate_detections(d, spec)[0] for d in dets]))
+        cell = sums.setdefault(tag, [0.0, 0.0])
+        cell[0] += w * acc
+        cell[1] += w
+    order = [t for t in TAGS if t in sums] + [t for t in sums if t not in TAGS]
+    tags = {t: sums[t][0] / sums[t][1] for t in order}
+    return {
+        "overall": float(np.mean(list(tags.values()))) if tags else None,
+        "tags": tags,
+        "images": {t: len(detections[t]) for t in order},
+        "missing_tags": sorted(t for t in wanted if t not in detections and t is not None),
     }
 
 

@@ -48,13 +48,26 @@ def tag_plot(results: dict[str, Any], path: Path) -> Path:
     shift = -width / 2 if ref else 0.0
     ax.bar([x + shift for x in xs], [v or 0.0 for v in values], width=width, color="#3b6fb6",
            label=results.get("settings", {}).get("preset", "model"))
+    cis = [_interval(results, t) for t in names]
+    ci_x = [x + shift for x, v, iv in zip(xs, values, cis) if v is not None and iv]
+    if ci_x:
+        low = [v - iv[0] for v, iv in zip(values, cis) if v is not None and iv]
+        high = [iv[1] - v for v, iv in zip(values, cis) if v is not None and iv]
+        ax.errorbar(ci_x, [v for v, iv in zip(values, cis) if v is not None and iv], yerr=[low, high],
+                    fmt="none", ecolor="#222222", elinewidth=1, capsize=3, label="95 % interval")
+    blind = [(x + shift, _blind(results, t)) for x, t in zip(xs, names) if _blind(results, t) is not None]
+    if blind:
+        ax.scatter([b[0] for b in blind], [b[1] for b in blind], marker="_", s=900, linewidths=2.5, color="#d22828",
+                   zorder=3, label="prompt-blind (chance)")
     if ref:
         ax.bar([x + width / 2 for x in xs], [ref.get(t) or 0.0 for t in names], width=width, color="#aaaaaa",
                label=f"reference ({results['compare']['reference_preset']})")
     for x, v in zip(xs, values):
-        ax.text(x + shift, (v or 0.0) + 0.02, "absent" if v is None else f"{v:.2f}", ha="center", fontsize=8)
+        # beside the interval bar, not on it
+        ax.text(x + shift + width * 0.08, (v or 0.0) + 0.02, "absent" if v is None else f"{v:.2f}", ha="left",
+                fontsize=8)
     if results.get("overall") is not None:
-        ax.axhline(results["overall"], color="#d0652d", linestyle="--", linewidth=1,
+        ax.axhline(results["overall"], color="#777777", linestyle="--", linewidth=1,
                    label=f"overall {results['overall']:.3f}")
     ax.set_xticks(xs)
     ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
@@ -94,6 +107,20 @@ def _fmt(v: Any, digits: int = 3) -> str:
     if isinstance(v, float):
         return f"{v:.{digits}f}"
     return str(v)
+
+
+def _interval(results: dict[str, Any], tag: str | None = None) -> list[float] | None:
+    ci = results.get("ci95") or {}
+    return ci.get("overall") if tag is None else (ci.get("tags") or {}).get(tag)
+
+
+def _fmt_ci(iv: list[float] | None) -> str:
+    return "–" if not iv else f"{iv[0]:.2f}–{iv[1]:.2f}"
+
+
+def _blind(results: dict[str, Any], tag: str | None = None) -> float | None:
+    pb = results.get("prompt_blind") or {}
+    return pb.get("overall") if tag is None else (pb.get("tags") or {}).get(tag)
 
 
 def _summary_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
@@ -156,14 +183,19 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
     # -- Markdown --------------------------------------------------------------------------------------
     md = ["# Mini-GenEval report", ""]
     md += [f"- **{k}**: {v}" for k, v in _summary_lines(results)]
-    md += ["", "## Accuracy per task", "", "| task | accuracy | correct / images |", "|---|---:|---:|"]
+    md += ["", "## Accuracy per task", "",
+           "95 % interval: bootstrap over prompts. Prompt-blind: the score of a model that draws a random "
+           "correct scene of the task whatever the prompt (ground-truth renders), i.e. the chance level.", "",
+           "| task | accuracy | 95 % interval | correct / images | prompt-blind |", "|---|---:|---:|---:|---:|"]
     for tag in TAGS:
         if tag in results["tags"]:
             c, n = results["counts"][tag]
-            md.append(f"| {tag} | {results['tags'][tag]:.3f} | {c} / {n} |")
+            md.append(f"| {tag} | {results['tags'][tag]:.3f} | {_fmt_ci(_interval(results, tag))} | {c} / {n} | "
+                      f"{_fmt(_blind(results, tag))} |")
         else:
-            md.append(f"| {tag} | absent | – |")
-    md += [f"| **overall** (mean of present tasks) | **{_fmt(results.get('overall'))}** | |", "",
+            md.append(f"| {tag} | absent | – | – | – |")
+    md += [f"| **overall** (mean of present tasks) | **{_fmt(results.get('overall'))}** | "
+           f"{_fmt_ci(_interval(results))} | | {_fmt(_blind(results))} |", "",
            f"![accuracy per task]({files['plot']})", ""]
     dv = results.get("detector_validation")
     if dv:
@@ -192,14 +224,20 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
          ".ok img{border-color:#28aa46}.bad img{border-color:#d22828}.ok b{color:#28aa46}.bad b{color:#d22828}"
          "figcaption{word-wrap:break-word}</style></head><body>", "<h1>Mini-GenEval report</h1>", "<ul>"]
     h += [f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in _summary_lines(results)]
-    h += ["</ul>", "<h2>Accuracy per task</h2>", "<table><tr><th>task</th><th>accuracy</th><th>correct / images</th></tr>"]
+    h += ["</ul>", "<h2>Accuracy per task</h2>",
+          "<p>95 % interval: bootstrap over prompts. Prompt-blind: the chance level (a random correct scene of "
+          "the task, whatever the prompt).</p>",
+          "<table><tr><th>task</th><th>accuracy</th><th>95 % interval</th><th>correct / images</th>"
+          "<th>prompt-blind</th></tr>"]
     for tag in TAGS:
         if tag in results["tags"]:
             c, n = results["counts"][tag]
-            h.append(f"<tr><td>{tag}</td><td>{results['tags'][tag]:.3f}</td><td>{c} / {n}</td></tr>")
+            h.append(f"<tr><td>{tag}</td><td>{results['tags'][tag]:.3f}</td><td>{_fmt_ci(_interval(results, tag))}</td>"
+                     f"<td>{c} / {n}</td><td>{_fmt(_blind(results, tag))}</td></tr>")
         else:
-            h.append(f"<tr><td>{tag}</td><td>absent</td><td>–</td></tr>")
-    h += [f"<tr><th>overall</th><th>{_fmt(results.get('overall'))}</th><td>mean of present tasks</td></tr></table>",
+            h.append(f"<tr><td>{tag}</td><td>absent</td><td>–</td><td>–</td><td>–</td></tr>")
+    h += [f"<tr><th>overall</th><th>{_fmt(results.get('overall'))}</th><td>{_fmt_ci(_interval(results))}</td>"
+          f"<td>mean of present tasks</td><td>{_fmt(_blind(results))}</td></tr></table>",
           f"<p><img src='{files['plot']}' alt='accuracy per task'></p>"]
     if dv:
         h += ["<h2>Detector on ground-truth renders</h2><table><tr><th>task</th><th>accuracy</th></tr>"]

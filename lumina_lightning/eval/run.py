@@ -26,7 +26,13 @@ import numpy as np
 from PIL import Image
 
 from lumina_lightning.eval.detector import Detector
-from lumina_lightning.eval.geneval import evaluate_detections, group_detections, read_metadata, summarize
+from lumina_lightning.eval.geneval import (
+    confidence_intervals,
+    evaluate_detections,
+    group_detections,
+    read_metadata,
+    summarize,
+)
 
 __all__ = ["evaluate", "score_images", "score_folder", "detector_for", "default_size", "RESULTS_VERSION"]
 
@@ -271,7 +277,9 @@ def evaluate(
         width, height: image size; default: the resolution the checkpoint was trained at (recorded in
             its ``pipeline.json``), else the manifest's / ``synth_config.json``'s (64 × 64 otherwise).
         manifest: a synthetic ``test.jsonl``: enables the fixed-timestep validation loss (first
-            ``val_records`` records) and the detector validation on its ground-truth renders.
+            ``val_records`` records), the detector validation on its ground-truth renders and the
+            prompt-blind chance level (``results["prompt_blind"]``, see
+            :func:`~lumina_lightning.eval.metrics.prompt_blind_baseline`).
         compare_to: a reference preset (e.g. ``official``): the same prompts and noise are sampled
             with it too; PSNR/SSIM to it and its GenEval-lite score go to ``results["compare"]``.
         max_prompts: evaluate only the first prompts (quick checks).
@@ -367,6 +375,8 @@ def evaluate(
         "overall": summary["overall"],
         "tags": {t: v["accuracy"] for t, v in summary["tags"].items()},
         "counts": {t: [v["correct"], v["total"]] for t, v in summary["tags"].items()},
+        # 95 % intervals from resampling prompts: differences inside them are sampling noise
+        "ci95": confidence_intervals(rows, level=0.95, seed=seed),
         "absent_tags": summary["absent_tags"],
         "images": summary["images"],
         "prompts": summary["prompts"],
@@ -386,6 +396,7 @@ def evaluate(
         "environment": {"device": str(getattr(pipe, "device", "cpu")), "python": platform.python_version(),
                         "machine": platform.machine()},
         "detector_validation": None,
+        "prompt_blind": None,
         "val_loss": None,
         "compare": None,
     }
@@ -399,6 +410,15 @@ def evaluate(
         t0 = time.perf_counter()
         results["detector_validation"] = validate_detector(manifest, detector=detector)
         results["timings"]["detector_validation_s"] = time.perf_counter() - t0
+
+    # -- chance level: a model that ignores the prompt (ground-truth renders of the task) ----------------
+    if manifest is not None:
+        from lumina_lightning.eval.metrics import prompt_blind_baseline
+
+        t0 = time.perf_counter()
+        results["prompt_blind"] = prompt_blind_baseline(specs, manifest, weights=counts, size=(width, height),
+                                                        detector=detector)
+        results["timings"]["prompt_blind_s"] = time.perf_counter() - t0
 
     # -- fixed-timestep validation loss ---------------------------------------------------------------
     if manifest is not None and val_records > 0:

@@ -61,6 +61,16 @@ def metrics_of(results: dict[str, Any]) -> dict[str, float]:
         m["detector_gt/min_tag"] = dv["min_tag"]
         for tag, acc in dv["tags"].items():
             m[f"detector_gt/{tag}"] = acc
+    ci = results.get("ci95") or {}
+    if ci.get("overall"):
+        m["geneval_ci95/overall_low"], m["geneval_ci95/overall_high"] = ci["overall"]
+    for tag, (low, high) in (ci.get("tags") or {}).items():
+        m[f"geneval_ci95/{tag}_low"], m[f"geneval_ci95/{tag}_high"] = low, high
+    pb = results.get("prompt_blind") or {}
+    if pb.get("overall") is not None:
+        m["prompt_blind/overall"] = pb["overall"]
+        for tag, acc in pb["tags"].items():
+            m[f"prompt_blind/{tag}"] = acc
     vl = results.get("val_loss")
     if vl:
         m["val_loss"] = vl["mean"]

@@ -241,8 +241,11 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
                 entry.setdefault("geneval", {})[label] = {
                     "overall": res.get("overall"),
                     "tags": res.get("tags"),
+                    "ci95": res.get("ci95"),
+                    "prompt_blind": res.get("prompt_blind"),
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
+        summary["comparisons"] = _comparisons(summary, out / "eval")
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
     summary["ok"] = True
     _write(out, summary)
@@ -304,27 +307,70 @@ def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any, size: int) 
                     sampler_overrides=overrides or None, progress=True)
 
 
+def _comparisons(summary: dict[str, Any], eval_dir: Path) -> dict[str, Any]:
+    """Paired score differences behind the pipeline's own checks: the final model against stage 1
+    and EMA against raw weights (same prompts, same seeds; see ``geneval.paired_difference``)."""
+    from lumina_lightning.eval.geneval import paired_difference
+
+    def rows(stage: dict[str, Any], label: str) -> list[dict[str, Any]] | None:
+        path = eval_dir / f"{stage['stage']}_{label}" / "results.jsonl"
+        if label not in stage.get("geneval", {}) or not path.is_file():
+            return None
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+    stages = summary["stages"]
+    pairs = {"final_vs_stage1": ((stages[-1], "ema"), (stages[0], "ema")),
+             "ema_vs_raw": ((stages[-1], "ema"), (stages[-1], "raw"))}
+    out: dict[str, Any] = {}
+    for name, ((sa, la), (sb, lb)) in pairs.items():
+        if sa is sb and la == lb:
+            continue
+        a, b = rows(sa, la), rows(sb, lb)
+        if a and b:
+            out[name] = {"a": f"{sa['stage']} ({la})", "b": f"{sb['stage']} ({lb})", **paired_difference(a, b)}
+    return out
+
+
 def _write(out: Path, summary: dict[str, Any]) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
 
+def _fmt_score(result: dict[str, Any] | None, interval: bool = False) -> str:
+    if not result or result.get("overall") is None:
+        return "–"
+    text = f"{result['overall']:.3f}"
+    ci = (result.get("ci95") or {}).get("overall") if interval else None
+    return f"{text} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else text
+
+
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
     lines = ["", f"=== pipeline `{summary['name']}` finished in {summary['total_seconds'] / 60:.1f} min ===", ""]
-    lines.append("| stage | res | steps | train s | loss first→last | val loss (EMA) | GenEval (EMA) | GenEval (raw) |")
+    lines.append("| stage | res | steps | train s | loss first→last | val loss (EMA) | GenEval (EMA) [95 % interval] "
+                 "| GenEval (raw) |")
     lines.append("|---|---|---|---|---|---|---|---|")
     for e in summary["stages"]:
         g = e.get("geneval", {})
-        fmt = lambda r: f"{r['overall']:.3f}" if r and r.get("overall") is not None else "–"  # noqa: E731
         val = e.get("val_loss") or {}
         lines.append(
             f"| {e['stage']} | {e['resolution']} | {e['steps']} | {e['train_seconds']} | "
-            f"{e['loss_first']} → {e['loss_last']} | {val.get('ema', float('nan')):.4f} | {fmt(g.get('ema'))} | "
-            f"{fmt(g.get('raw'))} |"
+            f"{e['loss_first']} → {e['loss_last']} | {val.get('ema', float('nan')):.4f} | "
+            f"{_fmt_score(g.get('ema'), interval=True)} | {_fmt_score(g.get('raw'))} |"
         )
     last = summary["stages"][-1]
-    tags = (last.get("geneval", {}).get("ema") or {}).get("tags") or {}
+    final = last.get("geneval", {}).get("ema") or {}
+    tags = final.get("tags") or {}
     if tags:
         lines += ["", "final model, per task (EMA): " + ", ".join(f"{k} {v:.2f}" for k, v in tags.items())]
+    blind = final.get("prompt_blind") or {}
+    if blind.get("tags"):
+        # the chance level: what drawing a random correct scene of each task, whatever the prompt, scores
+        lines += ["prompt-blind chance level:    " + ", ".join(f"{k} {v:.2f}" for k, v in blind["tags"].items())
+                  + f"; overall {blind['overall']:.3f}"]
+    for cmp_ in (summary.get("comparisons") or {}).values():
+        if cmp_.get("difference") is not None:
+            low, high = cmp_["interval"]
+            lines.append(f"{cmp_['a']} − {cmp_['b']}: {cmp_['difference']:+.3f} [{low:+.3f}, {high:+.3f}] "
+                         f"(paired over {cmp_['pairs']} images; an interval containing 0 is no measurable difference)")
     uri = summary.get("tracking_uri")
     if uri:
         lines += ["", f"MLflow runs: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"]
