@@ -52,8 +52,13 @@ def test_quickstart_main_job_runs_in_smoke_mode(tmp_path):
     assert "prompt-blind chance level:" in out.stdout
     # the final model against stage 1, paired image by image (smoke mode skips the raw weights)
     cmp_ = summary["comparisons"]["final_vs_stage1"]
-    assert cmp_["pairs"] == final_eval_images(tmp_path) and cmp_["interval"][0] <= cmp_["difference"] <= cmp_["interval"][1]
+    assert cmp_["pairs"] == final_eval_images(tmp_path)
+    assert cmp_["interval"][0] <= cmp_["difference"] <= cmp_["interval"][1]
     assert "(paired over" in out.stdout
+    # issue #8's bar, judged in the summary (smoke mode has no raw-weight evaluation to compare)
+    judged = {t["name"]: t["met"] for t in summary["targets"]}
+    assert judged["overall >= 0.6"] in (True, False) and judged["ema_vs_raw: no worse"] is None
+    assert "targets (final model, EMA weights; reported, not enforced):" in out.stdout
     # the exports carry the trained size and the guidance scale the pipeline judged them with
     final = json.loads((Path(summary["stages"][-1]["export"]) / "pipeline.json").read_text())
     assert final["resolution"] == 32 and final["defaults"] == {"cfg_scale": 2.0}

@@ -161,3 +161,42 @@ def test_scientific_notation_without_a_dot_is_a_number(tmp_path):
     path.write_text("autoencoder: {kind: pixel}\noptim: {lr: 1e-3}\n")
     assert load_recipe(path).config.optim.lr == 1e-3
     assert load_recipe(path, ["optim.lr=5e-4"]).config.optim.lr == 5e-4
+
+
+def test_pipeline_targets_are_validated(tmp_path):
+    from lumina_lightning.training.pipeline import load_pipeline_config
+
+    tiny = yaml.safe_load((RECIPES / "tiny" / "pipeline.yaml").read_text())
+    cfg = load_pipeline_config(RECIPES / "tiny" / "pipeline.yaml")
+    assert cfg.targets.scores == {"overall": 0.6, "single_object": 0.9, "colors": 0.8}
+    for bad, message in (({"scores": {"colours": 0.8}}, "targets.scores.colours` is not a task"),
+                         ({"scores": {"overall": 6}}, r"score in \[0, 1\]"),
+                         ({"no_worse": ["stage3_vs_stage1"]}, "known comparisons")):
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump({**tiny, "targets": bad}))
+        with pytest.raises(RecipeError, match=message) as err:
+            load_pipeline_config(path)
+        assert str(path) in str(err.value)
+
+
+def test_pipeline_targets_are_judged_on_scores_and_paired_intervals():
+    from lumina_lightning.training.pipeline import Targets, judge_targets
+
+    summary = {
+        "stages": [{"geneval": {"ema": {"overall": 0.62, "tags": {"colors": 0.75},
+                                        "ci95": {"overall": [0.55, 0.70], "tags": {"colors": [0.6, 0.9]}}}}}],
+        "comparisons": {
+            "final_vs_stage1": {"a": "s3 (ema)", "b": "s1 (ema)", "difference": 0.1, "interval": [0.02, 0.2]},
+            "ema_vs_raw": {"a": "s3 (ema)", "b": "s3 (raw)", "difference": -0.05, "interval": [-0.09, -0.01]},
+        },
+    }
+    judged = judge_targets(Targets(scores={"overall": 0.6, "colors": 0.8, "counting": 0.5},
+                                   no_worse=["final_vs_stage1", "ema_vs_raw"]), summary)
+    assert [(t["name"], t["met"]) for t in judged] == [
+        ("overall >= 0.6", True), ("colors >= 0.8", False), ("counting >= 0.5", None),
+        ("s3 (ema) no worse than s1 (ema)", True),
+        ("s3 (ema) no worse than s3 (raw)", False),  # the whole paired interval is below 0
+    ]
+    assert judged[0]["interval"] == [0.55, 0.70]
+    summary["comparisons"]["ema_vs_raw"]["interval"] = [-0.09, 0.01]  # reaches 0: not measurably worse
+    assert judge_targets(Targets(no_worse=["ema_vs_raw"]), summary)[0]["met"] is True

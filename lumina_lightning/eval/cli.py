@@ -95,7 +95,8 @@ def _print_table(title: str, tags: dict[str, float], counts: dict[str, list[int]
         else:
             print(f"  {tag:<14} absent")
     if overall is not None:
-        print(f"  {'overall':<14} {overall:.3f}  (mean of present tasks){extras(ci.get('overall'), blind.get('overall'))}")
+        extra = extras(ci.get("overall"), blind.get("overall"))
+        print(f"  {'overall':<14} {overall:.3f}  (mean of present tasks){extra}")
     if blind:
         print("  (chance = prompt-blind level: a random correct scene of the task, whatever the prompt)")
 

@@ -232,8 +232,8 @@ def confidence_intervals(
         cell = per_tag.setdefault(r["tag"], {}).setdefault(_prompt_key(r), [0, 0])
         cell[0] += int(bool(r["correct"]))
         cell[1] += 1
-    out: dict[str, Any] = {"level": level, "n_boot": n_boot, "method": "two-stage bootstrap: prompts, then images of each prompt",
-                           "overall": None, "tags": {}}
+    out: dict[str, Any] = {"level": level, "n_boot": n_boot, "overall": None, "tags": {},
+                           "method": "two-stage bootstrap: prompts, then images of each prompt"}
     if not per_tag:
         return out
     rng = np.random.default_rng(seed)

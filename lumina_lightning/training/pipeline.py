@@ -75,6 +75,25 @@ class EvalStep:
     compare_raw: bool = True
 
 
+# the paired comparisons a `no_worse` target may name (see _comparisons)
+COMPARISONS = ("final_vs_stage1", "ema_vs_raw")
+
+
+@dataclass
+class Targets:
+    """Quality bars the final model (EMA weights) is reported against — in the summary, never enforced.
+
+    Attributes:
+        scores: minimum mini-GenEval per task (a GenEval tag) or ``overall``; judged on the point
+            estimate, printed with its 95 % interval.
+        no_worse: paired comparisons (``final_vs_stage1``, ``ema_vs_raw``) whose first model must not
+            be measurably worse than the second: met while the paired interval reaches 0 or above.
+    """
+
+    scores: dict[str, float] = field(default_factory=dict)
+    no_worse: list[str] = field(default_factory=list)
+
+
 @dataclass
 class PipelineConfig:
     """An end-to-end pipeline; ``smoke`` holds overrides for ``--smoke`` (e.g. ``stages.*`` steps)."""
@@ -85,6 +104,7 @@ class PipelineConfig:
     unicap: UniCapStep = field(default_factory=UniCapStep)
     stages: list[StageStep] = field(default_factory=list)
     eval: EvalStep = field(default_factory=EvalStep)
+    targets: Targets = field(default_factory=Targets)
     stage_smoke_overrides: list[str] = field(default_factory=list)
     smoke: dict[str, Any] = field(default_factory=dict)
 
@@ -125,7 +145,22 @@ def load_pipeline_config(path: str | os.PathLike, overrides: list[str] = (), smo
     for stage in cfg.stages:
         stage.recipe = _beside(stage.recipe, path)
     cfg.unicap.recipe = _beside(cfg.unicap.recipe, path)
+    _check_targets(cfg.targets, str(path))
     return cfg
+
+
+def _check_targets(targets: Targets, where: str) -> None:
+    from lumina_lightning.data.synth import TAGS
+    from lumina_lightning.training.recipe import RecipeError
+
+    for key, value in targets.scores.items():
+        if key != "overall" and key not in TAGS:
+            raise RecipeError(f"{where}: `targets.scores.{key}` is not a task; use `overall` or one of {list(TAGS)}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+            raise RecipeError(f"{where}: `targets.scores.{key}` must be a score in [0, 1], got {value!r}")
+    for name in targets.no_worse:
+        if name not in COMPARISONS:
+            raise RecipeError(f"{where}: `targets.no_worse` names {name!r}; known comparisons: {list(COMPARISONS)}")
 
 
 def _beside(recipe: str, pipeline_file: Path) -> str:
@@ -246,6 +281,7 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
         summary["comparisons"] = _comparisons(summary, out / "eval")
+        summary["targets"] = judge_targets(cfg.targets, summary)
     summary["total_seconds"] = round(time.perf_counter() - started, 1)
     summary["ok"] = True
     _write(out, summary)
@@ -331,6 +367,25 @@ def _comparisons(summary: dict[str, Any], eval_dir: Path) -> dict[str, Any]:
     return out
 
 
+def judge_targets(targets: Targets, summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target with the measured value, its interval and ``met`` (``None`` when not measured)."""
+    final = summary["stages"][-1].get("geneval", {}).get("ema") or {}
+    ci = final.get("ci95") or {}
+    out = []
+    for key, bar in targets.scores.items():
+        value = final.get("overall") if key == "overall" else (final.get("tags") or {}).get(key)
+        interval = ci.get("overall") if key == "overall" else (ci.get("tags") or {}).get(key)
+        out.append({"name": f"{key} >= {bar:g}", "kind": "score", "value": value, "interval": interval,
+                    "met": None if value is None else bool(value >= bar)})
+    for name in targets.no_worse:
+        cmp_ = (summary.get("comparisons") or {}).get(name) or {}
+        interval = cmp_.get("interval")
+        label = f"{cmp_['a']} no worse than {cmp_['b']}" if cmp_ else f"{name}: no worse"
+        out.append({"name": label, "kind": "paired", "value": cmp_.get("difference"), "interval": interval,
+                    "met": None if interval is None else bool(interval[1] >= 0.0)})
+    return out
+
+
 def _write(out: Path, summary: dict[str, Any]) -> None:
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
 
@@ -371,6 +426,14 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
             low, high = cmp_["interval"]
             lines.append(f"{cmp_['a']} − {cmp_['b']}: {cmp_['difference']:+.3f} [{low:+.3f}, {high:+.3f}] "
                          f"(paired over {cmp_['pairs']} images; an interval containing 0 is no measurable difference)")
+    if summary.get("targets"):
+        lines += ["", "targets (final model, EMA weights; reported, not enforced):"]
+        for t in summary["targets"]:
+            verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+            sign = "+" if t["kind"] == "paired" else ""  # a paired difference, not a score
+            value = "–" if t["value"] is None else f"{t['value']:{sign}.3f}"
+            iv = f" [{t['interval'][0]:{sign}.2f}, {t['interval'][1]:{sign}.2f}]" if t["interval"] else ""
+            lines.append(f"  {t['name']}: {value}{iv}  {verdict}")
     uri = summary.get("tracking_uri")
     if uri:
         lines += ["", f"MLflow runs: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"]
