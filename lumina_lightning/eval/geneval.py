@@ -207,6 +207,19 @@ def summarize(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _check_bootstrap(level: float, n_boot: int) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+
+
+def _percentile_interval(draws: np.ndarray, level: float) -> list[float]:
+    """The central ``level`` interval of bootstrap draws, ``[low, high]``."""
+    low, high = np.percentile(draws, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return [float(low), float(high)]
+
+
 def confidence_intervals(
     results: Iterable[Mapping[str, Any]], *, n_boot: int = 2000, level: float = 0.95, seed: int = 0
 ) -> dict[str, Any]:
@@ -223,10 +236,7 @@ def confidence_intervals(
 
     Returns ``{"level", "n_boot", "method", "overall": [low, high] | None, "tags": {tag: [low, high]}}``.
     """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    _check_bootstrap(level, n_boot)
     per_tag: dict[str, dict[str, list[int]]] = {}
     for r in results:
         cell = per_tag.setdefault(r["tag"], {}).setdefault(_prompt_key(r), [0, 0])
@@ -237,7 +247,6 @@ def confidence_intervals(
     if not per_tag:
         return out
     rng = np.random.default_rng(seed)
-    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     order = [t for t in TAGS if t in per_tag] + [t for t in per_tag if t not in TAGS]
     draws = []
     for tag in order:
@@ -247,9 +256,8 @@ def confidence_intervals(
         correct = rng.binomial(totals.astype(np.int64), cells[pick, 0] / totals)
         acc = correct.sum(axis=1) / totals.sum(axis=1)
         draws.append(acc)
-        out["tags"][tag] = [float(np.percentile(acc, lo_q)), float(np.percentile(acc, hi_q))]
-    overall = np.mean(np.stack(draws), axis=0)
-    out["overall"] = [float(np.percentile(overall, lo_q)), float(np.percentile(overall, hi_q))]
+        out["tags"][tag] = _percentile_interval(acc, level)
+    out["overall"] = _percentile_interval(np.mean(np.stack(draws), axis=0), level)
     return out
 
 
@@ -278,32 +286,23 @@ def paired_difference(
     Returns ``{"difference": overall_a − overall_b, "interval": [low, high], "tags": {tag:
     {"difference", "interval"}}, "pairs", "level", "n_boot"}``; ``difference`` is ``None`` without pairs.
     """
-    if not 0.0 < level < 1.0:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if n_boot < 1:
-        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    _check_bootstrap(level, n_boot)
 
-    def keyed(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, tuple[str, str, bool]]:
-        out = {}
-        for r in rows:
-            sample = r.get("sample", r.get("seed"))
-            out[(r["tag"], _prompt_key(r), sample)] = (r["tag"], _prompt_key(r), bool(r["correct"]))
-        return out
+    def keyed(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, bool]:
+        return {(r["tag"], _prompt_key(r), r.get("sample", r.get("seed"))): bool(r["correct"]) for r in rows}
 
     a, b = keyed(results_a), keyed(results_b)
     # per tag, per prompt: counts of (a right, b right), (a right, b wrong), (a wrong, b right), (both wrong)
     cells: dict[str, dict[str, list[int]]] = {}
     for key in a.keys() & b.keys():
-        tag, prompt, ok_a = a[key]
-        ok_b = b[key][2]
-        kind = {(True, True): 0, (True, False): 1, (False, True): 2, (False, False): 3}[(ok_a, ok_b)]
+        tag, prompt, _ = key
+        kind = {(True, True): 0, (True, False): 1, (False, True): 2, (False, False): 3}[(a[key], b[key])]
         cells.setdefault(tag, {}).setdefault(prompt, [0, 0, 0, 0])[kind] += 1
     out: dict[str, Any] = {"difference": None, "interval": None, "tags": {}, "pairs": 0, "level": level,
                            "n_boot": n_boot}
     if not cells:
         return out
     rng = np.random.default_rng(seed)
-    lo_q, hi_q = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     order = [t for t in TAGS if t in cells] + [t for t in cells if t not in TAGS]
     points, draws = [], []
     for tag in order:
@@ -315,10 +314,8 @@ def paired_difference(
         diff = (resampled[..., 1].sum(axis=1) - resampled[..., 2].sum(axis=1)) / totals[pick].sum(axis=1)
         points.append(point)
         draws.append(diff)
-        out["tags"][tag] = {"difference": float(point),
-                            "interval": [float(np.percentile(diff, lo_q)), float(np.percentile(diff, hi_q))]}
+        out["tags"][tag] = {"difference": float(point), "interval": _percentile_interval(diff, level)}
         out["pairs"] += int(totals.sum())
-    overall = np.mean(np.stack(draws), axis=0)
     out["difference"] = float(np.mean(points))
-    out["interval"] = [float(np.percentile(overall, lo_q)), float(np.percentile(overall, hi_q))]
+    out["interval"] = _percentile_interval(np.mean(np.stack(draws), axis=0), level)
     return out

@@ -375,7 +375,7 @@ def evaluate(
         "overall": summary["overall"],
         "tags": {t: v["accuracy"] for t, v in summary["tags"].items()},
         "counts": {t: [v["correct"], v["total"]] for t, v in summary["tags"].items()},
-        # 95 % intervals from resampling prompts: differences inside them are sampling noise
+        # 95 % intervals from resampling prompts, then their images: differences inside are sampling noise
         "ci95": confidence_intervals(rows, level=0.95, seed=seed),
         "absent_tags": summary["absent_tags"],
         "images": summary["images"],
