@@ -136,6 +136,13 @@ def test_cli_end_to_end_with_mlflow(pipe, data, tmp_path, monkeypatch, capsys):
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     low, high = results["ci95"]["overall"]
     assert f"95 % [{low:.2f}, {high:.2f}]  chance {results['prompt_blind']['overall']:.3f}" in printed
+    # the same command again, paired with the first run: the CLI prints the paired difference
+    rc = eval_main(["--ckpt", str(ckpt), "--prompts", str(data.test_geneval), "--out", str(tmp_path / "out2"),
+                    "--preset", "fast", "--steps", "2", "--cfg", "2.0", "--images-per-prompt", "1", "--max-prompts", "6",
+                    "--val-records", "0", "--no-progress", "--paired-with", str(tmp_path / "out")])
+    assert rc == 0
+    assert "overall difference +0.000 [+0.000, +0.000] over 6 paired images" in capsys.readouterr().out
+    assert "this run − " in (tmp_path / "out2" / "report.md").read_text()
     assert results["checkpoint"] == str(ckpt) and results["settings"]["cfg_scale"] == 2.0
     assert results["images"] == 6 and results["mlflow"]["experiment"] == "eval-test"
     for name in ("report.md", "report.html", "results.jsonl"):
@@ -226,3 +233,18 @@ def test_min_images_per_task_scores_small_tasks_on_more_images(pipe, data, tmp_p
         assert np.array_equal(np.asarray(Image.open(tmp_path / "a" / rel)), np.asarray(Image.open(tmp_path / "b" / rel)))
     with pytest.raises(ValueError, match="min_images_per_task"):
         evaluate(pipe, data.test_geneval, tmp_path / "c", min_images_per_task=-1, **common)
+
+
+def test_paired_with_an_earlier_run(pipe, data, evaluated, tmp_path, capsys):
+    out, results = evaluated
+    kwargs = dict(preset="fast", images_per_prompt=2, max_prompts=6, batch_size=5, sampler_overrides=FAST,
+                  progress=False, val_records=0, report=False)
+    # the same pipeline, prompts and seeds draw the same images: a difference of exactly 0
+    again = evaluate(pipe, data.test_geneval, tmp_path / "again", seed=0, paired_with=out, **kwargs)
+    assert again["paired"]["pairs"] == results["images"] == 12
+    assert again["paired"]["difference"] == 0.0 and again["paired"]["interval"] == [0.0, 0.0]
+    # other seeds: nothing to pair, said plainly
+    other = evaluate(pipe, data.test_geneval, tmp_path / "other", seed=100, paired_with=out, **kwargs)
+    assert other["paired"]["pairs"] == 0 and other["paired"]["difference"] is None
+    with pytest.raises(FileNotFoundError, match="earlier `lumina eval`"):
+        evaluate(pipe, data.test_geneval, tmp_path / "x", paired_with=tmp_path / "nowhere", **kwargs)

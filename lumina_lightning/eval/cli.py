@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-records", type=int, default=64, help="records for the validation loss (0 = skip)")
     p.add_argument("--compare-to-preset", choices=("official", "fast", "diffusers"), default=None,
                    help="also sample with this reference preset from the same noise: PSNR/SSIM and score delta")
+    p.add_argument("--paired-with", metavar="DIR",
+                   help="the --out folder of an earlier eval of the same prompts and seeds: print this run's score "
+                        "minus that one's, paired image by image, with a 95 %% interval")
     p.add_argument("--validate-detector", action="store_true",
                    help="check the detector on the manifest's ground-truth renders (alone when no --ckpt)")
     p.add_argument("--images", help="re-score an existing folder in GenEval layout (<idx>/metadata.jsonl, "
@@ -99,6 +102,14 @@ def _print_table(title: str, tags: dict[str, float], counts: dict[str, list[int]
         print(f"  {'overall':<14} {overall:.3f}  (mean of present tasks){extra}")
     if blind:
         print("  (chance = prompt-blind level: a random correct scene of the task, whatever the prompt)")
+
+
+def _paired_text(paired: dict[str, Any]) -> str:
+    if paired.get("difference") is None:
+        return "no images in common (pairing needs the same prompts, sample indices and seeds)"
+    low, high = paired["interval"]
+    return (f"overall difference {paired['difference']:+.3f} [{low:+.3f}, {high:+.3f}] over {paired['pairs']} "
+            "paired images (an interval containing 0 is no measurable difference)")
 
 
 def _print_validation(dv: dict[str, Any]) -> None:
@@ -198,6 +209,7 @@ def run(args: argparse.Namespace) -> int:
         width=args.width, height=args.height, manifest=manifest, compare_to=args.compare_to_preset,
         max_prompts=args.max_prompts, max_per_tag=args.max_per_tag, batch_size=args.batch_size, sampler_overrides=overrides, progress=progress,
         validate=True if args.validate_detector else None, val_records=args.val_records, device=args.device, ema=ema,
+        paired_with=args.paired_with,
         load_kwargs=load_kwargs,
     )
     s = results["settings"]
@@ -212,6 +224,8 @@ def run(args: argparse.Namespace) -> int:
         c = results["compare"]
         print(f"vs {c['reference_preset']}: PSNR {c['psnr']:.2f} dB, SSIM {c['ssim']:.4f}, "
               f"reference overall {c['reference_overall']:.3f}")
+    if results.get("paired"):
+        print(f"vs {results['paired']['with']}: {_paired_text(results['paired'])}")
     info = log_to_mlflow(results, args.out, tracking_uri=args.tracking_uri, experiment=args.experiment,
                          run_name=args.run_name, track=args.track)
     if info:

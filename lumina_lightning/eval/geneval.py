@@ -279,8 +279,8 @@ def paired_difference(
     Why: "stage 3 no worse than stage 1" and "EMA no worse than raw weights" compare two models that
     drew images for the *same* prompts from the *same* noise, so their outcomes are paired and the
     difference is far better determined than two separate intervals suggest. Images are paired by
-    (tag, prompt, sample index); images present in only one run are left out (``pairs`` counts the
-    rest). The bootstrap resamples prompts within each tag, then each drawn prompt's image pairs
+    (tag, prompt, sample index, seed); images present in only one run are left out (``pairs`` counts
+    the rest). The bootstrap resamples prompts within each tag, then each drawn prompt's image pairs
     (multinomially over its four outcome kinds), as :func:`confidence_intervals` does for one run.
 
     Returns ``{"difference": overall_a − overall_b, "interval": [low, high], "tags": {tag:
@@ -289,13 +289,13 @@ def paired_difference(
     _check_bootstrap(level, n_boot)
 
     def keyed(rows: Iterable[Mapping[str, Any]]) -> dict[tuple, bool]:
-        return {(r["tag"], _prompt_key(r), r.get("sample", r.get("seed"))): bool(r["correct"]) for r in rows}
+        return {(r["tag"], _prompt_key(r), r.get("sample"), r.get("seed")): bool(r["correct"]) for r in rows}
 
     a, b = keyed(results_a), keyed(results_b)
     # per tag, per prompt: counts of (a right, b right), (a right, b wrong), (a wrong, b right), (both wrong)
     cells: dict[str, dict[str, list[int]]] = {}
     for key in a.keys() & b.keys():
-        tag, prompt, _ = key
+        tag, prompt = key[:2]
         kind = {(True, True): 0, (True, False): 1, (False, True): 2, (False, False): 3}[(a[key], b[key])]
         cells.setdefault(tag, {}).setdefault(prompt, [0, 0, 0, 0])[kind] += 1
     out: dict[str, Any] = {"difference": None, "interval": None, "tags": {}, "pairs": 0, "level": level,

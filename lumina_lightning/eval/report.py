@@ -143,6 +143,12 @@ def _summary_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
     if vl:
         lines.append(("validation loss", f"{vl['mean']:.5f} ({vl['records']} records × {len(vl['per_t'])} timesteps, "
                       f"caption level {vl['caption_level']})"))
+    pr = results.get("paired")
+    if pr:
+        text = ("no images in common" if pr.get("difference") is None else
+                f"{pr['difference']:+.3f} [{pr['interval'][0]:+.3f}, {pr['interval'][1]:+.3f}] over {pr['pairs']} "
+                "paired images")
+        lines.append((f"this run − {pr['with']}", text))
     cmp_ = results.get("compare")
     if cmp_:
         lines.append(("vs reference", f"{cmp_['reference_preset']}: PSNR {cmp_['psnr']:.2f} dB, SSIM {cmp_['ssim']:.4f}, "

@@ -221,6 +221,15 @@ def images_per_spec(specs: Sequence[dict[str, Any]], images_per_prompt: int, min
     return [max(images_per_prompt, -(-int(min_images_per_task) // per_task[spec.get("tag")])) for spec in specs]
 
 
+def _read_rows(folder: str | os.PathLike) -> list[dict[str, Any]]:
+    """The per-image results of an earlier ``evaluate`` (its ``results.jsonl``)."""
+    path = Path(folder) / "results.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: pair with the output folder of an earlier `lumina eval`")
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
 def _load(pipe_or_path: Any, device: str | None, ema: bool | str, load_kwargs: dict[str, Any] | None) -> tuple[Any, str | None]:
     if isinstance(pipe_or_path, (str, os.PathLike)):
         import torch
@@ -259,6 +268,7 @@ def evaluate(
     ema: bool | str = "auto",
     load_kwargs: dict[str, Any] | None = None,
     report: bool = True,
+    paired_with: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Mini-GenEval of a pipeline (or anything ``load_pipeline`` reads) on a GenEval-format prompt set.
 
@@ -289,11 +299,16 @@ def evaluate(
         detector: default :func:`detector_for` the prompt set.
         validate: run the detector validation (default: when ``manifest`` is given).
         report: write ``report.md`` / ``report.html`` (plots and grids).
+        paired_with: the output folder of an earlier evaluation of the same prompts and seeds (another
+            checkpoint, sampler or recipe): ``results["paired"]`` gets this run's score minus that
+            one's, paired image by image, with its 95 % interval
+            (:func:`~lumina_lightning.eval.geneval.paired_difference`).
 
     Returns the results dict that is also written to ``out_dir/results.json``.
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
+    other_rows = _read_rows(paired_with) if paired_with is not None else None  # before any work
     specs = read_metadata(prompts_path)
     if max_per_tag is not None:
         taken: dict[str, int] = {}
@@ -399,7 +414,12 @@ def evaluate(
         "prompt_blind": None,
         "val_loss": None,
         "compare": None,
+        "paired": None,
     }
+    if other_rows is not None:
+        from lumina_lightning.eval.geneval import paired_difference
+
+        results["paired"] = {"with": str(paired_with), **paired_difference(rows, other_rows, seed=seed)}
 
     # -- detector validation on ground-truth renders ------------------------------------------------
     if validate or (validate is None and manifest is not None):

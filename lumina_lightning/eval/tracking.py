@@ -71,6 +71,10 @@ def metrics_of(results: dict[str, Any]) -> dict[str, float]:
         m["prompt_blind/overall"] = pb["overall"]
         for tag, acc in pb["tags"].items():
             m[f"prompt_blind/{tag}"] = acc
+    pr = results.get("paired") or {}
+    if pr.get("difference") is not None:
+        m["paired/difference"] = pr["difference"]
+        m["paired/low"], m["paired/high"] = pr["interval"]
     vl = results.get("val_loss")
     if vl:
         m["val_loss"] = vl["mean"]
