@@ -31,6 +31,10 @@ _EXPORTS = {
     "evaluate": "run",
     "score_images": "run",
     "score_folder": "run",
+    "read_results": "run",
+    "confidence_intervals": "geneval",
+    "paired_difference": "geneval",
+    "prompt_blind_baseline": "metrics",
     "write_report": "report",
     "log_to_mlflow": "tracking",
 }

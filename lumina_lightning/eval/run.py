@@ -34,7 +34,9 @@ from lumina_lightning.eval.geneval import (
     summarize,
 )
 
-__all__ = ["evaluate", "score_images", "score_folder", "detector_for", "default_size", "RESULTS_VERSION"]
+__all__ = [
+    "evaluate", "score_images", "score_folder", "read_results", "detector_for", "default_size", "RESULTS_VERSION",
+]
 
 RESULTS_VERSION = 1
 SETTINGS_KEY = "lumina_settings"  # same PNG text key as `lumina sample` (sampling/cli.py)
@@ -221,7 +223,7 @@ def images_per_spec(specs: Sequence[dict[str, Any]], images_per_prompt: int, min
     return [max(images_per_prompt, -(-int(min_images_per_task) // per_task[spec.get("tag")])) for spec in specs]
 
 
-def _read_rows(folder: str | os.PathLike) -> list[dict[str, Any]]:
+def read_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
     """The per-image results of an earlier ``evaluate`` (its ``results.jsonl``)."""
     path = Path(folder) / "results.jsonl"
     if not path.is_file():
@@ -308,7 +310,7 @@ def evaluate(
     """
     t_start = time.perf_counter()
     out = Path(out_dir)
-    other_rows = _read_rows(paired_with) if paired_with is not None else None  # before any work
+    other_rows = read_results(paired_with) if paired_with is not None else None  # before any work
     specs = read_metadata(prompts_path)
     if max_per_tag is not None:
         taken: dict[str, int] = {}

@@ -347,12 +347,13 @@ def _comparisons(summary: dict[str, Any], eval_dir: Path) -> dict[str, Any]:
     """Paired score differences behind the pipeline's own checks: the final model against stage 1
     and EMA against raw weights (same prompts, same seeds; see ``geneval.paired_difference``)."""
     from lumina_lightning.eval.geneval import paired_difference
+    from lumina_lightning.eval.run import read_results
 
     def rows(stage: dict[str, Any], label: str) -> list[dict[str, Any]] | None:
-        path = eval_dir / f"{stage['stage']}_{label}" / "results.jsonl"
-        if label not in stage.get("geneval", {}) or not path.is_file():
+        folder = eval_dir / f"{stage['stage']}_{label}"
+        if label not in stage.get("geneval", {}) or not (folder / "results.jsonl").is_file():
             return None
-        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return read_results(folder)
 
     stages = summary["stages"]
     pairs = {"final_vs_stage1": ((stages[-1], "ema"), (stages[0], "ema")),
