@@ -45,6 +45,7 @@ __all__ = [
     "confidence_intervals",
     "paired_difference",
     "read_metadata",
+    "tag_order",
 ]
 
 # GenEval's defaults: --options max_objects=16, position_threshold=0.1 (evaluate_images.py).
@@ -52,6 +53,12 @@ MAX_OBJECTS = 16
 POSITION_THRESHOLD = 0.1
 # GenEval's relation test: a direction is named when its share of the (revised) offset exceeds 0.5.
 RELATION_COSINE = 0.5
+
+
+def tag_order(tags: Iterable[str]) -> list[str]:
+    """GenEval's six tasks in their usual order, then any other tags in the order given."""
+    tags = list(tags)
+    return [t for t in TAGS if t in tags] + [t for t in tags if t not in TAGS]
 
 
 def read_metadata(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -192,7 +199,7 @@ def summarize(results: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         key = r.get("metadata") or r.get("prompt")
         key = key if isinstance(key, str) else json.dumps(key, sort_keys=True)
         per_prompt.setdefault(key, []).append(bool(r["correct"]))
-    order = [t for t in TAGS if t in per_tag] + [t for t in per_tag if t not in TAGS]
+    order = tag_order(per_tag)
     tags = {t: {"accuracy": float(np.mean(per_tag[t])), "correct": int(sum(per_tag[t])), "total": len(per_tag[t])}
             for t in order}
     overall = float(np.mean([v["accuracy"] for v in tags.values()])) if tags else None
@@ -247,7 +254,7 @@ def confidence_intervals(
     if not per_tag:
         return out
     rng = np.random.default_rng(seed)
-    order = [t for t in TAGS if t in per_tag] + [t for t in per_tag if t not in TAGS]
+    order = tag_order(per_tag)
     draws = []
     for tag in order:
         cells = np.array(list(per_tag[tag].values()), dtype=np.float64)  # (prompts, [correct, total])
@@ -303,7 +310,7 @@ def paired_difference(
     if not cells:
         return out
     rng = np.random.default_rng(seed)
-    order = [t for t in TAGS if t in cells] + [t for t in cells if t not in TAGS]
+    order = tag_order(cells)
     points, draws = [], []
     for tag in order:
         counts = np.array(sorted(cells[tag].values()), dtype=np.int64)  # (prompts, 4)

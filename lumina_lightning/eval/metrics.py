@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -20,9 +21,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lumina_lightning.data.synth import TAGS, render_scene, scene_from_meta
+from lumina_lightning.data.synth import render_scene, scene_from_meta
 from lumina_lightning.eval.detector import Detector
-from lumina_lightning.eval.geneval import evaluate_detections
+from lumina_lightning.eval.geneval import evaluate_detections, tag_order
 
 __all__ = [
     "CAPTION_LEVELS",
@@ -85,8 +86,6 @@ def _load_gt(row: dict[str, Any], base: Path) -> Image.Image:
 def _read_manifest(manifest: str | os.PathLike | Iterable[dict[str, Any]], root: str | os.PathLike | None
                    ) -> tuple[list[dict[str, Any]], Path]:
     if isinstance(manifest, (str, os.PathLike)):
-        import json
-
         path = Path(manifest)
         base = Path(root) if root is not None else path.resolve().parent
         with open(path, encoding="utf-8") as fh:
@@ -146,7 +145,7 @@ def validate_detector(
         if not ok and len(listed) < failures:
             listed.append({"image": str(row["image"]), "tag": row["meta"]["tag"], "prompt": row["meta"].get("prompt"),
                            "reason": reason, "detections": dets})
-    order = [t for t in TAGS if t in per_tag] + [t for t in per_tag if t not in TAGS]
+    order = tag_order(per_tag)
     tags = {t: float(np.mean(per_tag[t])) for t in order}
     return {
         "overall": float(np.mean(list(tags.values()))),
@@ -220,7 +219,7 @@ def prompt_blind_baseline(
         cell = sums.setdefault(tag, [0.0, 0.0])
         cell[0] += w * acc
         cell[1] += w
-    order = [t for t in TAGS if t in sums] + [t for t in sums if t not in TAGS]
+    order = tag_order(sums)
     tags = {t: sums[t][0] / sums[t][1] for t in order}
     return {
         "overall": float(np.mean(list(tags.values()))) if tags else None,

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 from PIL import Image, ImageDraw
 
 from lumina_lightning.data.synth import TAGS
+from lumina_lightning.eval.geneval import tag_order
 
 __all__ = ["write_report", "tag_plot", "task_grid"]
 
@@ -28,8 +29,7 @@ BAD = (210, 40, 40)
 
 
 def _tag_order(results: dict[str, Any]) -> list[str]:
-    tags = list(results.get("tags", {}))
-    return [t for t in TAGS if t in tags] + [t for t in tags if t not in TAGS]
+    return tag_order(results.get("tags", {}))
 
 
 def tag_plot(results: dict[str, Any], path: Path) -> Path:
