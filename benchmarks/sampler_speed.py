@@ -44,6 +44,7 @@ from lumina_lightning.sampling import LuminaPipeline, load_pipeline
 from lumina_lightning.sampling.presets import PRESETS, SamplerSettings
 
 BASELINE = "Euler-50, full CFG"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def configurations(teacache: float | None = None, calibrated: list[float] | None = None,
@@ -136,6 +137,10 @@ def run_config(pipe: LuminaPipeline, name: str, settings: SamplerSettings, noise
                repeats: int = 1) -> Run:
     """One configuration; the wall time is the median of ``repeats`` identical runs (a single CPU run
     of a tiny model swings by 30-60 % from one try to the next)."""
+    if pipe.device.type == "cuda":
+        # untimed first run: a configuration's own shapes (sub-batches of TeaCache rows, the
+        # conditional-only batch after truncation) build their cuDNN attention plans here
+        pipe.sample_latents(noise, cond, uncond, settings)
     times = []
     for _ in range(max(1, repeats)):
         if pipe.device.type == "cuda":
@@ -159,7 +164,7 @@ CALIBRATION_PROMPTS = ["three yellow triangles above a purple diamond", "a white
 
 def benchmark(pipe: LuminaPipeline, prompts: list[str], size: tuple[int, int], *, seed: int, accurate: bool,
               teacache: float | None, calibrate: bool, calibrated_threshold: float = 0.1, log=print,
-              repeats: int = 1) -> tuple[list[dict[str, Any]], list[float] | None]:
+              repeats: int = 1, only: list[str] | None = None) -> tuple[list[dict[str, Any]], list[float] | None]:
     width, height = size
     pipe.check_size(width, height)
     noise = pipe.make_noise(list(range(seed, seed + len(prompts))), width, height)
@@ -170,6 +175,8 @@ def benchmark(pipe: LuminaPipeline, prompts: list[str], size: tuple[int, int], *
         log("  calibrating TeaCache coefficients ...")
         calibrated = pipe.calibrate_teacache(CALIBRATION_PROMPTS, width=width, height=height, seeds=(101, 102))
     configs = configurations(teacache, calibrated, calibrated_threshold)
+    if only:
+        configs = [c for i, c in enumerate(configs) if i == 0 or any(c[0].startswith(o) for o in only)]
     # warm-up (allocator, kernels, caches) so the first timed run is not penalised
     pipe.sample_latents(noise, cond, uncond, configs[0][1].replace(steps=2))
     refs: dict[tuple, np.ndarray] = {}
@@ -186,7 +193,8 @@ def benchmark(pipe: LuminaPipeline, prompts: list[str], size: tuple[int, int], *
         log(f"  {name} ...")
         r = run_config(pipe, name, settings, noise, cond, uncond, repeats)
         row = {"name": name, "solver": settings.solver, "steps": settings.steps, "seconds": r.seconds,
-               "calls": r.calls, "rows": r.rows, "block_rows": r.block_rows, **errors(r.images, refs[key])}
+               "calls": r.calls, "rows": r.rows, "block_rows": r.block_rows, "images": r.images,
+               **errors(r.images, refs[key])}
         if accurate:
             row["psnr_accurate"] = errors(r.images, accurate_refs[key])["psnr"]
         rows.append(row)
@@ -233,7 +241,7 @@ def context_gain(pipe: LuminaPipeline, prompts: list[str], size: tuple[int, int]
         t = torch.full((b,), 0.3, device=x.device)
         context: dict = {}
         plain, cached = [], []
-        with torch.no_grad():
+        with torch.no_grad(), pipe.precision():
             for i in range(repeats + 5):
                 t0 = time.perf_counter()
                 model(x, t, feats, mask)
@@ -296,18 +304,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (the median is reported)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--only", nargs="+", default=None,
+                   help="configurations whose names start with these (the Euler-50 baseline always runs)")
+    p.add_argument("--compare-cast", action="store_true",
+                   help="random model on CUDA: run with fp32 weights under autocast, then with the weights held "
+                        "in --dtype (LuminaPipeline cast_weights), and print the wall-time ratios")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="transformer autocast dtype on CUDA (the official inference runs bf16; ignored on CPU)")
     args = p.parse_args(argv)
+    dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     accurate = not args.no_accurate_ref
-    print(f"# Sampler benchmark (device {args.device}, torch threads {torch.get_num_threads()})\n")
+    print(f"# Sampler benchmark (device {args.device}, {args.dtype}, torch threads {torch.get_num_threads()})\n")
     if args.ckpt:
         log(f"trained model: {args.ckpt}")
-        pipe = load_pipeline(args.ckpt, text_encoder=args.text_encoder, vae=args.vae, device=args.device)
+        pipe = load_pipeline(args.ckpt, text_encoder=args.text_encoder, vae=args.vae, device=args.device, dtype=dtype)
         rows, coeffs = benchmark(pipe, args.prompts, (args.size, args.size), seed=args.seed, accurate=accurate,
                                  teacache=args.teacache, calibrate=not args.no_calibrate,
-                                 calibrated_threshold=args.calibrated_threshold, log=log, repeats=args.repeats)
+                                 calibrated_threshold=args.calibrated_threshold, log=log, repeats=args.repeats,
+                                 only=args.only)
         print(f"## Trained model `{args.ckpt}` at {args.size}x{args.size}\n\n{table(rows)}\n\n{verdict(rows)}\n\n"
               f"{context_gain(pipe, args.prompts, (args.size, args.size))}\n"
               + (f"\nCalibrated TeaCache coefficients: {[round(c, 4) for c in coeffs]}\n" if coeffs else ""))
@@ -315,18 +332,32 @@ def main(argv: list[str] | None = None) -> int:
         print("## Trained model\n\nskipped: no --ckpt given (pass a trained tiny checkpoint or pipeline folder).\n")
     if args.random_model:
         with tempfile.TemporaryDirectory() as tmp:
-            pipe = random_pipeline(Path(tmp), args.random_model, args.random_std, args.seed)
-            pipe = LuminaPipeline(pipe.model, pipe.text_encoder, pipe.autoencoder, device=args.device)
-            n_params = pipe.model.parameter_count() / 1e6
-            log(f"random {args.random_model} ({n_params:.1f}M parameters) at {args.random_size}px")
-            rows, coeffs = benchmark(pipe, args.prompts, (args.random_size, args.random_size), seed=args.seed,
-                                     accurate=accurate, teacache=args.teacache, calibrate=not args.no_calibrate,
-                                 calibrated_threshold=args.calibrated_threshold, log=log, repeats=args.repeats)
-        print(f"## Random {args.random_model} ({n_params:.1f}M params, weights ~N(0, {args.random_std}²)), pixel "
-              f"autoencoder, {args.random_size}x{args.random_size}, {len(args.prompts)} prompt(s)\n\n"
-              f"{table(rows)}\n\n{verdict(rows)}\n\n"
-              f"{context_gain(pipe, args.prompts, (args.random_size, args.random_size), repeats=20)}\n"
-              + (f"\nCalibrated TeaCache coefficients: {[round(c, 4) for c in coeffs]}\n" if coeffs else ""))
+            base = random_pipeline(Path(tmp), args.random_model, args.random_std, args.seed)
+            casts = [False, True] if args.compare_cast else [False]
+            walls: dict[bool, list[dict[str, Any]]] = {}
+            for cast in casts:
+                pipe = LuminaPipeline(base.model, base.text_encoder, base.autoencoder, device=args.device, dtype=dtype,
+                                      cast_weights=cast)
+                weights = str(next(pipe.model.parameters()).dtype).replace("torch.", "")
+                n_params = pipe.model.parameter_count() / 1e6
+                log(f"random {args.random_model} ({n_params:.1f}M parameters) at {args.random_size}px, {weights} weights")
+                rows, coeffs = benchmark(pipe, args.prompts, (args.random_size, args.random_size), seed=args.seed,
+                                         accurate=accurate, teacache=args.teacache, calibrate=not args.no_calibrate,
+                                         calibrated_threshold=args.calibrated_threshold, log=log, repeats=args.repeats,
+                                         only=args.only)
+                walls[cast] = rows
+                print(f"## Random {args.random_model} ({n_params:.1f}M params, weights ~N(0, {args.random_std}²)), pixel "
+                      f"autoencoder, {args.random_size}x{args.random_size}, {len(args.prompts)} prompt(s), "
+                      f"{weights} weights, {args.dtype} compute\n\n"
+                      f"{table(rows)}\n\n{verdict(rows)}\n\n"
+                      f"{context_gain(pipe, args.prompts, (args.random_size, args.random_size), repeats=20)}\n"
+                      + (f"\nCalibrated TeaCache coefficients: {[round(c, 4) for c in coeffs]}\n" if coeffs else ""))
+            if len(walls) == 2:
+                print("## Weights held in the compute dtype vs fp32 weights under autocast (wall time)\n\n"
+                      "| configuration | fp32 weights s | cast weights s | speed-up | PSNR between the two |\n|---|---|---|---|---|")
+                for a, b in zip(walls[False], walls[True]):
+                    print(f"| {a['name']} | {a['seconds']:.3f} | {b['seconds']:.3f} | {a['seconds'] / b['seconds']:.2f}x "
+                          f"| {psnr(a['images'], b['images']):.1f} dB |")
     return 0
 
 

@@ -151,6 +151,41 @@ def test_pipeline_folder_round_trip(pipe, folder, tmp_path):
     assert torch.equal(raw.model.x_embedder.weight, pipe.model.x_embedder.weight)
 
 
+def test_cast_weights_only_on_cuda_in_a_lower_precision(pipe, folder):
+    """``load_pipeline`` owns its model and asks for bf16 weights; they are cast only on CUDA with a
+    dtype other than fp32, and the settings record which weights ran."""
+    cpu = load_pipeline(folder, dtype=torch.bfloat16)
+    assert cpu.cast_weights is False and next(cpu.model.parameters()).dtype == torch.float32
+    r = cpu("a red circle", width=16, height=16, seed=1, **FAST)
+    assert r.settings["weights_dtype"] == "float32" and r.settings["dtype"] == "bfloat16"
+    with cpu.precision():  # no autocast on the CPU: the fp32 call is unchanged
+        assert torch.is_autocast_enabled("cpu") is False
+    assert LuminaPipeline(pipe.model, pipe.text_encoder, pipe.autoencoder, cast_weights=True).cast_weights is False
+
+
+@pytest.mark.gpu
+def test_cast_weights_on_cuda_match_fp32_weights_under_autocast(folder):
+    """bf16-held weights (the official scripts' choice) against fp32 weights under bf16 autocast: the
+    matmuls see the same bf16 weights, so the images agree to bf16 rounding."""
+    plain = load_pipeline(folder, device="cuda", dtype=torch.bfloat16, cast_weights=False)
+    cast = load_pipeline(folder, device="cuda", dtype=torch.bfloat16)
+    assert cast.cast_weights and next(cast.model.parameters()).dtype == torch.bfloat16
+    assert next(plain.model.parameters()).dtype == torch.float32
+    for preset in ("official", "fast"):
+        a = plain(["a red circle", "two blue squares"], width=32, height=32, seed=3, preset=preset)
+        b = cast(["a red circle", "two blue squares"], width=32, height=32, seed=3, preset=preset)
+        assert b.settings["weights_dtype"] == "bfloat16"
+        assert (a.latents.float() - b.latents.float()).abs().max().item() < 0.05
+    # the evaluation's validation loss calls the model directly, in the pipeline's precision
+    from training_utils import tiny_synthetic
+
+    from lumina_lightning.eval.metrics import validation_loss
+
+    manifest = tiny_synthetic() / "test.jsonl"
+    losses = [validation_loss(p, manifest, width=16, height=16, max_records=8, n_timesteps=2)["mean"] for p in (plain, cast)]
+    assert np.isfinite(losses).all() and losses[1] == pytest.approx(losses[0], rel=0.05)
+
+
 def test_trained_resolution_is_recorded_and_validated(pipe, tmp_path):
     folder = save_pipeline(tmp_path / "p", pipe.model, text_encoder_spec={"path": pipe.text_encoder.path},
                            autoencoder_spec={"kind": "pixel"}, resolution=32)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lumina_lightning.sampling.teacache import COEFFICIENTS, TeaCache, rel_l1, rescale
+from lumina_lightning.sampling.teacache import COEFFICIENTS, TeaCache, rel_l1, rel_l1_rows, rescale
 from lumina_lightning.sampling.testing import build_tiny_pipeline
 
 PROMPTS = ["a red circle left of a blue square", "two green stars"]
@@ -37,6 +37,10 @@ def test_polynomials_and_indicator():
     a, b = torch.ones(4, 3), torch.full((4, 3), 1.1)
     assert rel_l1(b, a) == pytest.approx(0.1, rel=1e-5)
     assert rel_l1(torch.zeros(2), torch.zeros(2)) == 0.0
+    # the per-call batch of rows (one host read) gives each row's rel_l1, edge cases included
+    pairs = [(b, a), (torch.randn(5, 3), torch.randn(5, 3)), (torch.zeros(2), torch.zeros(2)), (torch.ones(2), torch.zeros(2))]
+    assert rel_l1_rows(pairs) == pytest.approx([rel_l1(c, p) for c, p in pairs[:3]] + [float("inf")])
+    assert rel_l1_rows(pairs)[3] == float("inf") and rel_l1_rows([]) == []
     with pytest.raises(ValueError):
         rescale(0.1, "v3")
 

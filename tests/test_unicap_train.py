@@ -216,7 +216,9 @@ def _strategy_run(tmp_path: Path, steps: int, port: int, **trainer) -> tuple[dic
     assert out.returncode == 0, out.stderr[-4000:]
     result = torch.load(tmp_path / "w.pt")
     assert result["exit_code"] == 0 and result["step"] == steps
-    exported = load_captioner(result["export"]).model.state_dict()
+    # read back on the CPU in fp32 whatever the host: the comparison is of the exported values, not of
+    # the bf16-on-CUDA copy ``device="auto"`` would make on a GPU host
+    exported = load_captioner(result["export"], device="cpu", dtype="fp32").model.state_dict()
     return result, exported, load_vlm(tiny_vlm(), dtype="fp32").state_dict()
 
 

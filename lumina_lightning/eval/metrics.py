@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -307,6 +308,8 @@ def validation_loss(
         raise ValueError(f"{manifest}: no records for the validation loss")
     device = getattr(pipe, "device", torch.device("cpu"))
     model = pipe.model
+    # the pipeline's own precision (bf16 autocast on CUDA, which its bf16-held weights need)
+    precision = getattr(pipe, "precision", contextlib.nullcontext)
     batches = []
     levels: dict[str, int] = {}
     for start in range(0, len(records), batch_size):
@@ -332,7 +335,9 @@ def validation_loss(
                 x0 = torch.randn(latents.shape, generator=g).to(latents)
                 tt = torch.full((latents.shape[0],), t, device=latents.device)
                 xt = interpolate(x0, latents, tt)
-                pred = velocity_from_output(model(xt, tt, feats, mask), xt, tt, getattr(pipe, "prediction", "velocity"))
+                with precision():
+                    out = model(xt, tt, feats, mask)
+                pred = velocity_from_output(out.float(), xt, tt, getattr(pipe, "prediction", "velocity"))
                 total += float(per_sample_mse(pred, velocity_target(x0, latents)).sum())
                 count += latents.shape[0]
             per_t.append(total / count)

@@ -250,6 +250,7 @@ def load_pipeline(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     ema: bool | str = "auto",
+    cast_weights: bool = True,
 ) -> LuminaPipeline:
     """Build a :class:`LuminaPipeline` from any supported source (see the module docstring).
 
@@ -258,7 +259,9 @@ def load_pipeline(
         text_encoder: a text-encoder folder (or ``"minilm"``, or a diffusers pipeline folder) or an object;
             required for bare transformer checkpoints, an override otherwise.
         vae: a VAE folder, ``"pixel"``, or an object; required for bare checkpoints, an override otherwise.
-        device, dtype: see :class:`LuminaPipeline` (the weights stay fp32; ``dtype`` is the CUDA autocast dtype).
+        device, dtype: see :class:`LuminaPipeline` (``dtype`` is the CUDA autocast dtype).
+        cast_weights: hold the transformer in ``dtype`` on CUDA, as the official scripts do (the pipeline
+            owns the model it loads); ``False`` keeps fp32 weights under autocast. No effect on CPU.
         ema: ``"auto"`` loads EMA weights where the checkpoint has them; ``True``/``False`` force.
     """
     path = Path(path)
@@ -328,7 +331,7 @@ def load_pipeline(
             resolution = sample_size * int(getattr(ae_obj, "downsample", 8))
     model = model.float().eval().requires_grad_(False)
     return LuminaPipeline(model, te_obj, ae_obj, device=device, dtype=dtype, default_system=default_system,
-                          defaults=defaults, resolution=resolution, prediction=prediction)
+                          defaults=defaults, resolution=resolution, prediction=prediction, cast_weights=cast_weights)
 
 
 # ------------------------------------------------------------------------------------------------
