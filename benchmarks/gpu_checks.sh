@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one short run (about 9 minutes on one H100; each step has its own time limit), most valuable first:
+# The checks that need a CUDA GPU, in one short run (about 9 minutes on one H100), most valuable first:
 #   1. which SDPA kernels take our attention calls (GQA without / with a padding mask);
 #   2. the `gpu`-marked tests: a tiny recipe trained with every GPU strategy (auto, Lightning
 #      FSDPStrategy, DeepSpeed ZeRO-2/3, FSDP2) in bf16-mixed, the same for the UniCap fine-tune, and
