@@ -59,7 +59,11 @@ def test_quickstart_main_job_runs_in_smoke_mode(tmp_path):
     judged = {t["name"]: t["met"] for t in summary["targets"]}
     assert judged["overall >= 0.6"] in (True, False) and judged["ema_vs_raw: no worse"] is None
     assert "targets (final model, EMA weights; reported, not enforced):" in out.stdout
-    # the exports carry the trained size and the guidance scale the pipeline judged them with
+    # the exports carry the trained size, the guidance scale the pipeline judged them with and
+    # TeaCache coefficients calibrated on them (with the threshold they were chosen for)
     final = json.loads((Path(summary["stages"][-1]["export"]) / "pipeline.json").read_text())
-    assert final["resolution"] == 32 and final["defaults"] == {"cfg_scale": 2.0}
+    stage = summary["stages"][-1]["teacache"]
+    assert final["resolution"] == 32 and final["defaults"] == {
+        "cfg_scale": 2.0, "teacache_version": stage["coefficients"], "teacache": 0.1}
+    assert len(stage["coefficients"]) == 3 and "TeaCache calibrated for" in out.stdout
     assert "lumina demo --ckpt" in out.stdout and "pipeline `" in out.stdout

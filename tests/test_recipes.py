@@ -179,6 +179,25 @@ def test_pipeline_targets_are_validated(tmp_path):
         assert str(path) in str(err.value)
 
 
+def test_pipeline_teacache_calibration_is_validated(tmp_path):
+    from lumina_lightning.training.pipeline import load_pipeline_config
+
+    tiny = yaml.safe_load((RECIPES / "tiny" / "pipeline.yaml").read_text())
+    c = load_pipeline_config(RECIPES / "tiny" / "pipeline.yaml").teacache_calibration
+    assert c.enabled and c.threshold == 0.1 and c.prompts == 4 and c.seeds == [101, 102]
+    for bad in ({"threshold": 0}, {"prompts": 0}, {"seeds": []}):
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump({**tiny, "teacache_calibration": {**tiny["teacache_calibration"], **bad}}))
+        with pytest.raises(RecipeError, match="teacache_calibration needs") as err:
+            load_pipeline_config(path)
+        assert str(path) in str(err.value)
+    path.write_text(yaml.safe_dump({**tiny, "teacache_calibration": {"enabled": False, "threshold": 0}}))
+    assert load_pipeline_config(path).teacache_calibration.enabled is False  # off: nothing to check
+    path.write_text(yaml.safe_dump({**tiny, "teacache_calibration": {"treshold": 0.1}}))
+    with pytest.raises(RecipeError, match="treshold"):
+        load_pipeline_config(path)
+
+
 def test_pipeline_targets_are_judged_on_scores_and_paired_intervals():
     from lumina_lightning.training.pipeline import Targets, judge_targets
 

@@ -275,6 +275,28 @@ def test_update_pipeline_defaults(pipe, tmp_path):
             pipeline_spec({"path": "minilm"}, {"kind": "pixel"}, resolution=bad)
 
 
+def test_calibrated_teacache_defaults_apply_only_where_teacache_is_on(pipe, tmp_path):
+    """A pipeline's calibrated coefficients and threshold set TeaCache for `fast`, never switch it on
+    for `official`, and `teacache=True` uses the calibrated threshold."""
+    folder = save_pipeline(tmp_path / "p", pipe.model, text_encoder_spec={"path": pipe.text_encoder.path},
+                           autoencoder_spec={"kind": "pixel"})
+    coeffs = pipe.calibrate_teacache(["a red circle", "two blue squares"], width=16, height=16, seeds=(7,))
+    assert len(coeffs) == 3 and np.polyval(coeffs, 0.0) >= 0
+    update_pipeline_defaults(folder, teacache_version=coeffs, teacache=0.1)
+    loaded = load_pipeline(folder)
+    fast, official = loaded.resolve("fast"), loaded.resolve("official")
+    assert fast.teacache == 0.1 and fast.teacache_version == tuple(coeffs)
+    assert official.teacache == 0.0  # the exact preset stays exact
+    assert loaded.resolve("official", teacache=True).teacache == 0.1
+    assert loaded.resolve("fast", teacache=0.5).teacache == 0.5 and loaded.resolve("fast", teacache=0).teacache == 0
+    assert pipe.resolve("official", teacache=True).teacache == 0.3  # no calibration: fast's threshold
+    r = loaded("a red circle", width=16, height=16, seed=1, preset="fast", steps=6)
+    assert r.settings["teacache"] == 0.1 and r.settings["teacache_version"] == list(coeffs)
+    for bad in (0, -1, True):
+        with pytest.raises(ValueError, match="default teacache threshold"):
+            update_pipeline_defaults(folder, teacache=bad)
+
+
 def test_training_ckpt_and_bare_checkpoint(pipe, tmp_path):
     spec = pipeline_spec({"path": pipe.text_encoder.path}, {"kind": "pixel"}, default_system="base")
     ckpt = {

@@ -32,6 +32,7 @@ __all__ = [
     "box_iou",
     "image_fidelity",
     "match_objects",
+    "preferred_caption",
     "prompt_blind_baseline",
     "validate_detector",
     "validation_loss",
@@ -262,7 +263,8 @@ def image_fidelity(images: Sequence[Image.Image], reference: Sequence[Image.Imag
             "ssim_per_image": [float(s) for s in ssim], "images": len(psnr)}
 
 
-def _caption(captions: dict[str, str]) -> str:
+def preferred_caption(captions: dict[str, str]) -> str:
+    """A record's caption at the first of ``CAPTION_LEVELS`` it has (else its first caption)."""
     for level in CAPTION_LEVELS:
         if captions.get(level):
             return captions[level]
@@ -320,7 +322,7 @@ def validation_loss(
         for r in chunk:
             level = next((lv for lv in CAPTION_LEVELS if r.captions.get(lv)), next(iter(r.captions), "?"))
             levels[level] = levels.get(level, 0) + 1
-            texts.append(build_prompt(_caption(r.captions), pipe.default_system))
+            texts.append(build_prompt(preferred_caption(r.captions), pipe.default_system))
         feats, mask = pipe.text_encoder.encode(texts)
         batches.append((latents, feats.to(device), mask.to(device)))
     ts = stratified_timesteps(n_timesteps)

@@ -9,8 +9,10 @@ so the official default is midpoint with 17 steps = 34 transformer calls (spec �
   20 steps, CFG-Trunc in model time at 0.25 (the official demo's value: under shift 6 it keeps CFG for
   about the first 2/3 of the grid), TeaCache v1 at 0.3 (the reference script's default threshold). The
   v1/v2 polynomials were fitted on the released 2.6B model; for other models put coefficients from
-  ``LuminaPipeline.calibrate_teacache`` into the pipeline's defaults (``teacache_version``), which
-  then apply to every preset that turns TeaCache on. Benchmark: ``benchmarks/sampler_speed.py``.
+  ``LuminaPipeline.calibrate_teacache`` into the pipeline's defaults (``teacache_version``, with the
+  threshold they were chosen for as ``teacache``), which then apply to every preset that turns
+  TeaCache on (``lumina pipeline`` does this for its exports: ``teacache_calibration``). Benchmark:
+  ``benchmarks/sampler_speed.py``.
 * ``diffusers`` — ``Lumina2Pipeline`` defaults (spec §6.2): Euler 30, shift 6, CFG 4, diffusers' renorm
   (last-axis, always rescale) and step-fraction truncation with ratio 1.0 (never).
 """
@@ -90,18 +92,32 @@ SETTING_NAMES = tuple(f.name for f in fields(SamplerSettings))
 
 def resolve_settings(preset: str | None = None, base: dict[str, Any] | None = None, **overrides: Any) -> SamplerSettings:
     """``SamplerSettings`` from a preset (default ``official``), then ``base`` (e.g. a pipeline folder's
-    defaults), then explicit overrides; ``None`` values are ignored at each level."""
+    defaults), then explicit overrides; ``None`` values are ignored at each level.
+
+    A ``teacache`` threshold in ``base`` belongs with the coefficients calibrated for that model
+    (``teacache_version``): it sets the threshold of presets that use TeaCache and never turns the
+    cache on for one that does not (``official`` stays exact). ``teacache=True`` in the overrides
+    turns it on at that threshold, or at ``fast``'s without one.
+    """
     name = preset or DEFAULT_PRESET
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     settings = PRESETS[name]
-    for layer in (base or {}, overrides):
+    base = dict(base or {})
+    for layer in (base, overrides):
         unknown = sorted(set(layer) - set(SETTING_NAMES))
         if unknown:
             raise ValueError(f"unknown sampler setting(s) {unknown}; known: {list(SETTING_NAMES)}")
+    model_threshold = base.pop("teacache", None)
+    if model_threshold is not None and (isinstance(model_threshold, bool) or float(model_threshold) <= 0):
+        raise ValueError(f"a pipeline's default teacache threshold must be a number > 0, got {model_threshold!r}")
+    for layer in (base, overrides):
         changes = {k: v for k, v in layer.items() if v is not None}
+        if layer is base and model_threshold is not None and settings.teacache:
+            changes["teacache"] = float(model_threshold)
         if changes:
             settings = settings.replace(**changes)
     if isinstance(settings.teacache, bool):
-        settings = settings.replace(teacache=PRESETS["fast"].teacache if settings.teacache else 0.0)
+        on = float(model_threshold) if model_threshold is not None else PRESETS["fast"].teacache
+        settings = settings.replace(teacache=on if settings.teacache else 0.0)
     return settings.replace(steps=int(settings.steps))

@@ -75,6 +75,24 @@ class EvalStep:
     compare_raw: bool = True
 
 
+@dataclass
+class TeaCacheCalibrationStep:
+    """Fit TeaCache coefficients for each stage's export and store them, with ``threshold``, in its
+    ``pipeline.json`` defaults (``LuminaPipeline.calibrate_teacache``): the released v1/v2 polynomials
+    were fitted on the 2.6B model and barely skip, or skip badly, on any other, so without this the
+    ``fast`` preset's cache does not mean on these exports what it means on the released model.
+
+    ``prompts`` captions are taken from the start of the stage's training manifest (never the
+    evaluation prompts), each sampled from ``seeds``. Presets without TeaCache (``official``) are
+    unaffected (see ``resolve_settings``).
+    """
+
+    enabled: bool = True
+    threshold: float = 0.1
+    prompts: int = 4
+    seeds: list[int] = field(default_factory=lambda: [101, 102])
+
+
 # the paired comparisons a `no_worse` target may name (see _comparisons)
 COMPARISONS = ("final_vs_stage1", "ema_vs_raw")
 
@@ -103,6 +121,7 @@ class PipelineConfig:
     synthetic: SyntheticStep = field(default_factory=SyntheticStep)
     unicap: UniCapStep = field(default_factory=UniCapStep)
     stages: list[StageStep] = field(default_factory=list)
+    teacache_calibration: TeaCacheCalibrationStep = field(default_factory=TeaCacheCalibrationStep)
     eval: EvalStep = field(default_factory=EvalStep)
     targets: Targets = field(default_factory=Targets)
     stage_smoke_overrides: list[str] = field(default_factory=list)
@@ -146,6 +165,10 @@ def load_pipeline_config(path: str | os.PathLike, overrides: list[str] = (), smo
         stage.recipe = _beside(stage.recipe, path)
     cfg.unicap.recipe = _beside(cfg.unicap.recipe, path)
     _check_targets(cfg.targets, str(path))
+    c = cfg.teacache_calibration
+    if c.enabled and (not c.threshold > 0 or c.prompts < 1 or not c.seeds):
+        raise RecipeError(f"{path}: teacache_calibration needs threshold > 0, prompts >= 1 and at least one seed "
+                          f"(got threshold={c.threshold}, prompts={c.prompts}, seeds={c.seeds})")
     return cfg
 
 
@@ -257,6 +280,9 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
             from lumina_lightning.sampling.pipeline_io import update_pipeline_defaults
 
             update_pipeline_defaults(result.export_dir, cfg_scale=float(cfg.eval.cfg_scale))
+        if cfg.teacache_calibration.enabled and result.export_dir is not None:
+            entry["teacache"] = _calibrate_teacache(cfg.teacache_calibration, result.export_dir,
+                                                    loaded.config.data.path, entry["resolution"])
         summary["stages"].append(entry)
         summary["tracking_uri"] = result.tracking_uri
         previous_export = str(result.export_dir)
@@ -325,6 +351,25 @@ def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any]) -> Path:
     summary["unicap"] = {"seconds": round(time.perf_counter() - t0, 1), "manifest": str(out_manifest),
                          "metrics": getattr(result, "metrics", None)}
     return out_manifest
+
+
+def _calibrate_teacache(c: TeaCacheCalibrationStep, export: str | os.PathLike, data_path: str, size: int) -> dict[str, Any]:
+    """Calibrate TeaCache on an export (its EMA weights, its own defaults, e.g. the guidance scale)
+    and write the coefficients and threshold into its ``pipeline.json``."""
+    from lumina_lightning.data.records import load_records
+    from lumina_lightning.eval.metrics import preferred_caption
+    from lumina_lightning.sampling.pipeline_io import load_pipeline, update_pipeline_defaults
+
+    t0 = time.perf_counter()
+    prompts = [preferred_caption(r.captions) for r in load_records(data_path).records[: c.prompts]]
+    if not prompts:
+        raise ValueError(f"teacache_calibration: no captions in {data_path}")
+    pipe = load_pipeline(export)
+    coeffs = pipe.calibrate_teacache(prompts, width=size, height=size, seeds=tuple(c.seeds))
+    update_pipeline_defaults(export, teacache_version=coeffs, teacache=float(c.threshold))
+    print(f"TeaCache calibrated for {export}: coefficients {[round(x, 4) for x in coeffs]}, threshold "
+          f"{c.threshold} (in its pipeline.json; presets with TeaCache use them)", flush=True)
+    return {"coefficients": coeffs, "threshold": float(c.threshold), "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any, size: int) -> dict[str, Any]:
