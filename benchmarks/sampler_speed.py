@@ -48,7 +48,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def configurations(teacache: float | None = None, calibrated: list[float] | None = None,
-                   calibrated_threshold: float = 0.1) -> list[tuple[str, SamplerSettings]]:
+                   calibrated_threshold: float = 0.1, stored: dict[str, Any] | None = None) -> list[tuple[str, SamplerSettings]]:
+    """The measured configurations; ``stored`` = a pipeline folder's calibrated TeaCache defaults
+    (``teacache_version`` coefficients and ``teacache`` threshold, as ``lumina pipeline`` writes them),
+    which is what ``--preset fast`` runs on that folder."""
     fast = PRESETS["fast"] if teacache is None else PRESETS["fast"].replace(teacache=teacache)
     base = SamplerSettings(solver="euler", steps=50, shift=6.0, cfg_scale=4.0, renorm=1.0, cfg_trunc=None, teacache=0.0)
     tc = f"TeaCache {fast.teacache_version} {fast.teacache}"
@@ -57,6 +60,9 @@ def configurations(teacache: float | None = None, calibrated: list[float] | None
         ("official (midpoint 17)", PRESETS["official"]),
         (f"fast (DPM {fast.steps} + trunc {fast.cfg_trunc} + {tc})", fast),
     ]
+    if stored is not None:
+        configs.append((f"fast with the pipeline's stored TeaCache calibration ({stored['teacache']})",
+                        fast.replace(teacache=stored["teacache"], teacache_version=stored["teacache_version"])))
     if calibrated is not None:
         configs.append((f"fast, calibrated TeaCache {calibrated_threshold}",
                         fast.replace(teacache=calibrated_threshold, teacache_version=calibrated)))
@@ -174,7 +180,10 @@ def benchmark(pipe: LuminaPipeline, prompts: list[str], size: tuple[int, int], *
         # fitted on other prompts and seeds than the ones measured below
         log("  calibrating TeaCache coefficients ...")
         calibrated = pipe.calibrate_teacache(CALIBRATION_PROMPTS, width=width, height=height, seeds=(101, 102))
-    configs = configurations(teacache, calibrated, calibrated_threshold)
+    d = pipe.defaults
+    stored = ({"teacache": float(d["teacache"]), "teacache_version": d["teacache_version"]}
+              if d.get("teacache") and not isinstance(d.get("teacache_version", "v1"), str) else None)
+    configs = configurations(teacache, calibrated, calibrated_threshold, stored)
     if only:
         configs = [c for i, c in enumerate(configs) if i == 0 or any(c[0].startswith(o) for o in only)]
     # warm-up (allocator, kernels, caches) so the first timed run is not penalised
@@ -259,7 +268,9 @@ def context_gain(pipe: LuminaPipeline, prompts: list[str], size: tuple[int, int]
 
 def verdict(rows: list[dict[str, Any]]) -> str:
     base = rows[0]
-    fast = [r for r in rows if r["name"].startswith("fast")][-1]
+    # what `--preset fast` runs: with a pipeline's stored calibration where it has one
+    fasts = [r for r in rows if r["name"].startswith("fast")]
+    fast = ([r for r in fasts if "stored" in r["name"]] or fasts)[-1]
     wall = base["seconds"] / fast["seconds"]
     calls = base["calls"] / fast["calls"]
     block = base["block_rows"] / max(fast["block_rows"], 1)
