@@ -12,6 +12,8 @@
 #      released 2.6B shape at 1024 px, with achieved TFLOP/s and peak memory.
 # Each step has its own time limit, so a hung step costs its limit, not the rest of the run.
 # usage: bash benchmarks/gpu_checks.sh [OUT_DIR]        (logs go to OUT_DIR, default gpu_checks/)
+# On a host with PyTorch but without our other dependencies and without a package index, install
+# the wheels benchmarks/gpu_wheels.sh fetches elsewhere (its header says how).
 set -uo pipefail
 out=${1:-gpu_checks}
 mkdir -p "$out"
