@@ -81,10 +81,7 @@ def rescale(rel: float, version: Version = "v1") -> float:
 
 def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> float:
     """Relative L1 change ``mean|cur − prev| / mean|prev|`` (0 when both are ~0, inf when only prev is)."""
-    prev_mean = previous.abs().float().mean().item()
-    if prev_mean <= 1e-9:
-        return 0.0 if current.abs().float().mean().item() <= 1e-9 else float("inf")
-    return (current.float() - previous.float()).abs().mean().item() / prev_mean
+    return rel_l1_rows([(current, previous)])[0]
 
 
 def rel_l1_rows(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
