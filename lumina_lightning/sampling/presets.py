@@ -104,17 +104,16 @@ def resolve_settings(preset: str | None = None, base: dict[str, Any] | None = No
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     settings = PRESETS[name]
     base = dict(base or {})
+    model_threshold = base.pop("teacache", None)
+    if model_threshold is not None and (isinstance(model_threshold, bool) or float(model_threshold) <= 0):
+        raise ValueError(f"a pipeline's default teacache threshold must be a number > 0, got {model_threshold!r}")
+    if model_threshold is not None and settings.teacache:
+        base["teacache"] = float(model_threshold)
     for layer in (base, overrides):
         unknown = sorted(set(layer) - set(SETTING_NAMES))
         if unknown:
             raise ValueError(f"unknown sampler setting(s) {unknown}; known: {list(SETTING_NAMES)}")
-    model_threshold = base.pop("teacache", None)
-    if model_threshold is not None and (isinstance(model_threshold, bool) or float(model_threshold) <= 0):
-        raise ValueError(f"a pipeline's default teacache threshold must be a number > 0, got {model_threshold!r}")
-    for layer in (base, overrides):
         changes = {k: v for k, v in layer.items() if v is not None}
-        if layer is base and model_threshold is not None and settings.teacache:
-            changes["teacache"] = float(model_threshold)
         if changes:
             settings = settings.replace(**changes)
     if isinstance(settings.teacache, bool):
