@@ -103,6 +103,9 @@ def test_reports(evaluated):
     assert f"| {results['tags']['colors']:.3f} | " in md and f"| {blind:.3f} |" in md
     assert "prompt-blind" in md and "95 % interval" in html
     assert "✗" in md and ("✗" in html or "✓" in html)
+    # the validation loss at every timestep, not only its mean (where a model is weak)
+    vl = results["val_loss"]
+    assert f"{vl['timesteps'][3]:.2f}: {vl['per_t'][3]:.4f}" in md and f"{vl['mean']:.5f}" in md
     assert "images/00000/samples/0000.png" in html
     assert results["files"]["grids"]["counting"] == "grids/counting.png"
 

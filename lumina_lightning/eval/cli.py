@@ -219,7 +219,9 @@ def run(args: argparse.Namespace) -> int:
     if results.get("detector_validation"):
         _print_validation(results["detector_validation"])
     if results.get("val_loss"):
-        print(f"validation loss: {results['val_loss']['mean']:.5f} ({results['val_loss']['records']} records)")
+        from lumina_lightning.eval.report import val_loss_text
+
+        print(f"validation loss: {val_loss_text(results['val_loss'])}")
     if results.get("compare"):
         c = results["compare"]
         print(f"vs {c['reference_preset']}: PSNR {c['psnr']:.2f} dB, SSIM {c['ssim']:.4f}, "
