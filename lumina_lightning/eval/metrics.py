@@ -263,14 +263,19 @@ def image_fidelity(images: Sequence[Image.Image], reference: Sequence[Image.Imag
             "ssim_per_image": [float(s) for s in ssim], "images": len(psnr)}
 
 
-def preferred_caption(captions: dict[str, str]) -> str:
-    """A record's caption at the first of ``CAPTION_LEVELS`` it has (else its first caption)."""
+def preferred_level(captions: dict[str, str]) -> str:
+    """The caption level a record is judged by: the first of ``CAPTION_LEVELS`` it has, else its first."""
     for level in CAPTION_LEVELS:
         if captions.get(level):
-            return captions[level]
+            return level
     if captions:
-        return next(iter(captions.values()))
+        return next(iter(captions))
     raise ValueError("a validation record has no caption")
+
+
+def preferred_caption(captions: dict[str, str]) -> str:
+    """A record's caption at :func:`preferred_level`."""
+    return captions[preferred_level(captions)]
 
 
 @torch.no_grad()
@@ -320,9 +325,9 @@ def validation_loss(
         latents = pipe.autoencoder.encode(pixels.to(device)).float()
         texts = []
         for r in chunk:
-            level = next((lv for lv in CAPTION_LEVELS if r.captions.get(lv)), next(iter(r.captions), "?"))
+            level = preferred_level(r.captions)
             levels[level] = levels.get(level, 0) + 1
-            texts.append(build_prompt(preferred_caption(r.captions), pipe.default_system))
+            texts.append(build_prompt(r.captions[level], pipe.default_system))
         feats, mask = pipe.text_encoder.encode(texts)
         batches.append((latents, feats.to(device), mask.to(device)))
     ts = stratified_timesteps(n_timesteps)
