@@ -52,6 +52,22 @@ def test_ground_truth_scores_at_least_098_in_every_task(split, request):
     assert result["object_recall"] >= 0.98 and result["object_precision"] >= 0.98
 
 
+def test_ground_truth_at_the_evaluated_size(split64):
+    """Validated at the size samples are judged at: renders reduced with the training transform."""
+    native = validate_detector(split64.test, detector=detector_for(split64.test_geneval))
+    at16 = validate_detector(split64.test, detector=detector_for(split64.test_geneval), size=(16, 16))
+    assert at16["size"] == [16, 16] and at16["resized"] == at16["images"] == native["images"]
+    assert native["size"] is None and native["resized"] == 0
+    # 64 -> 16 px loses what tells small objects apart: a lower ceiling, and no box matching
+    # (the truth boxes are in 64 px coordinates)
+    assert at16["overall"] < native["overall"]
+    assert at16["object_recall"] is None and at16["object_precision"] is None
+    # a size the renders already have changes nothing
+    same = validate_detector(split64.test, detector=detector_for(split64.test_geneval), size=(64, 64))
+    assert same["resized"] == 0 and same["tags"] == native["tags"]
+    assert same["object_recall"] == native["object_recall"]
+
+
 def test_vocabulary_follows_the_dataset(split64, split_all_shapes):
     assert detector_for(split64.test_geneval).shapes == synth.DEFAULT_SHAPES
     assert detector_for(split_all_shapes.test_geneval).shapes == synth.SHAPES

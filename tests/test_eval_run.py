@@ -110,6 +110,26 @@ def test_reports(evaluated):
     assert results["files"]["grids"]["counting"] == "grids/counting.png"
 
 
+def test_detector_is_validated_at_the_evaluated_size(pipe, tmp_path_factory, tmp_path, capsys):
+    """Samples judged at 16 px from 32 px renders: the detector is validated on the renders reduced
+    to 16 px (the ceiling of the model's score), with the native result beside it."""
+    data32 = synth.generate_synthetic(tmp_path_factory.mktemp("synth32"), 0, size=32, seed=1, n_test=18)
+    results = evaluate(pipe, data32.test_geneval, tmp_path, preset="fast", images_per_prompt=1, seed=0,
+                       manifest=data32.test, max_prompts=2, width=16, height=16, sampler_overrides=FAST,
+                       progress=False, val_records=0)
+    dv = results["detector_validation"]
+    assert dv["size"] == [16, 16] and dv["resized"] == dv["images"] == 18
+    assert dv["native"]["images"] == 18 and dv["native"]["passed"] and dv["native"]["object_recall"] >= 0.98
+    assert dv["overall"] <= dv["native"]["overall"] and dv["object_recall"] is None
+    md = (tmp_path / "report.md").read_text()
+    assert "## Detector on ground-truth renders at 16×16" in md and "| at native size |" in md
+    from lumina_lightning.eval.cli import _print_validation
+
+    _print_validation(dv)
+    printed = capsys.readouterr().out
+    assert "at 16×16, the evaluated size" in printed and "at their native size:" in printed
+
+
 def test_seeds_do_not_depend_on_batching(pipe, data, evaluated, tmp_path):
     out, _ = evaluated
     again = evaluate(pipe, data.test_geneval, tmp_path, preset="fast", images_per_prompt=2, seed=0, max_prompts=2,

@@ -50,6 +50,10 @@ def test_quickstart_main_job_runs_in_smoke_mode(tmp_path):
     low, high = final_eval["ci95"]["overall"]
     assert low <= final_eval["overall"] <= high and final_eval["prompt_blind"]["overall"] is not None
     assert "prompt-blind chance level:" in out.stdout
+    # the detector's ceiling at each stage's size (16 px renders lose more than 32 px ones)
+    ceilings = [s["geneval"]["ema"]["detector_ceiling"] for s in summary["stages"]]
+    assert all(0.5 <= c <= 1.0 for c in ceilings) and ceilings[0] <= ceilings[1]
+    assert "| detector on ground truth at this size |" in out.stdout
     # the final model against stage 1, paired image by image (smoke mode skips the raw weights)
     cmp_ = summary["comparisons"]["final_vs_stage1"]
     assert cmp_["pairs"] == final_eval_images(tmp_path)

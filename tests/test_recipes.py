@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from lumina_lightning.training.config import RecipeConfig
@@ -177,6 +178,19 @@ def test_pipeline_targets_are_validated(tmp_path):
         with pytest.raises(RecipeError, match=message) as err:
             load_pipeline_config(path)
         assert str(path) in str(err.value)
+
+
+def test_pipeline_eval_device_is_validated(tmp_path):
+    from lumina_lightning.training.pipeline import _sampling_device, load_pipeline_config
+
+    tiny = RECIPES / "tiny" / "pipeline.yaml"
+    assert load_pipeline_config(tiny).eval.device == "cpu"
+    assert load_pipeline_config(tiny, ["eval.device=cuda:1"]).eval.device == "cuda:1"
+    auto = load_pipeline_config(tiny, ["eval.device=auto"]).eval
+    assert _sampling_device(auto) == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(RecipeError, match="`eval.device` must be cpu, cuda, cuda:N or auto, got 'gpu'") as err:
+        load_pipeline_config(tiny, ["eval.device=gpu"])
+    assert str(tiny) in str(err.value)
 
 
 def test_pipeline_teacache_calibration_is_validated(tmp_path):

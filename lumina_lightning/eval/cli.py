@@ -113,10 +113,17 @@ def _paired_text(paired: dict[str, Any]) -> str:
 
 
 def _print_validation(dv: dict[str, Any]) -> None:
-    _print_table(f"detector on ground-truth renders ({dv['images']} images):", dv["tags"], dv["counts"], dv["overall"])
+    at = f" at {dv['size'][0]}×{dv['size'][1]}, the evaluated size" if dv.get("resized") else ""
+    _print_table(f"detector on ground-truth renders{at} ({dv['images']} images):", dv["tags"], dv["counts"],
+                 dv["overall"])
     verdict = "passes" if dv["passed"] else "FAILS"
-    print(f"  {verdict} the {dv['target']} bar in every task; object recall {dv['object_recall']:.3f}, "
-          f"precision {dv['object_precision']:.3f}; {dv['ms_per_image']:.2f} ms per image")
+    boxes = (f"; object recall {dv['object_recall']:.3f}, precision {dv['object_precision']:.3f}"
+             if dv.get("object_recall") is not None else "")
+    print(f"  {verdict} the {dv['target']} bar in every task{boxes}; {dv['ms_per_image']:.2f} ms per image")
+    native = dv.get("native")
+    if native:
+        print(f"  at their native size: {native['overall']:.3f} overall, min task {native['min_tag']:.3f} "
+              f"({'passes' if native['passed'] else 'FAILS'}); the evaluated size is the ceiling of the model's score")
     for f in dv["failures"][:5]:
         print(f"    fail {f['image']} [{f['tag']}] {f['prompt']}: {f['reason'].replace(chr(10), '; ')}")
 

@@ -148,8 +148,13 @@ def _summary_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
     ]
     dv = results.get("detector_validation")
     if dv:
-        lines.append(("detector on ground truth", f"{_fmt(dv['overall'])} overall, min tag {_fmt(dv['min_tag'])} "
-                      f"({'passes' if dv['passed'] else 'FAILS'} the {dv['target']} bar; {dv['images']} images)"))
+        at = f" at {dv['size'][0]}×{dv['size'][1]}" if dv.get("resized") else ""
+        native = dv.get("native")
+        native_text = (f"; at the renders' native size {_fmt(native['overall'])} overall, min tag "
+                       f"{_fmt(native['min_tag'])}" if native else "")
+        lines.append(("detector on ground truth", f"{_fmt(dv['overall'])} overall{at}, min tag {_fmt(dv['min_tag'])} "
+                      f"({'passes' if dv['passed'] else 'FAILS'} the {dv['target']} bar; {dv['images']} images"
+                      f"{native_text})"))
     vl = results.get("val_loss")
     if vl:
         lines.append(("validation loss", val_loss_text(vl)))
@@ -216,10 +221,19 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
            f"![accuracy per task]({files['plot']})", ""]
     dv = results.get("detector_validation")
     if dv:
-        md += ["## Detector on ground-truth renders", "", "| task | accuracy |", "|---|---:|"]
-        md += [f"| {t} | {v:.3f} |" for t, v in dv["tags"].items()]
-        md += ["", f"Object recall {_fmt(dv.get('object_recall'))}, precision {_fmt(dv.get('object_precision'))}, "
-                   f"{_fmt(dv.get('ms_per_image'), 2)} ms per image.", ""]
+        native = dv.get("native")
+        at = f" at {dv['size'][0]}×{dv['size'][1]} (the evaluated size: the ceiling of the model's score)" \
+            if dv.get("resized") else ""
+        md += [f"## Detector on ground-truth renders{at}", ""]
+        if native:
+            md += ["| task | accuracy | at native size |", "|---|---:|---:|"]
+            md += [f"| {t} | {v:.3f} | {native['tags'].get(t, float('nan')):.3f} |" for t, v in dv["tags"].items()]
+        else:
+            md += ["| task | accuracy |", "|---|---:|"]
+            md += [f"| {t} | {v:.3f} |" for t, v in dv["tags"].items()]
+        boxes = native or dv  # boxes are matched in the renders' own coordinates
+        md += ["", f"Object recall {_fmt(boxes.get('object_recall'))}, precision {_fmt(boxes.get('object_precision'))}"
+                   f"{' (native size)' if native else ''}, {_fmt(dv.get('ms_per_image'), 2)} ms per image.", ""]
     for tag in _tag_order(results):
         if tag not in files["grids"]:
             continue

@@ -61,6 +61,9 @@ def metrics_of(results: dict[str, Any]) -> dict[str, float]:
         m["detector_gt/min_tag"] = dv["min_tag"]
         for tag, acc in dv["tags"].items():
             m[f"detector_gt/{tag}"] = acc
+        if dv.get("native"):
+            m["detector_gt_native/overall"] = dv["native"]["overall"]
+            m["detector_gt_native/min_tag"] = dv["native"]["min_tag"]
     ci = results.get("ci95") or {}
     if ci.get("overall"):
         m["geneval_ci95/overall_low"], m["geneval_ci95/overall_high"] = ci["overall"]

@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -57,7 +58,13 @@ class StageStep:
 
 @dataclass
 class EvalStep:
-    """Mini-GenEval settings (see ``lumina eval``)."""
+    """Mini-GenEval settings (see ``lumina eval``).
+
+    ``device`` is where the exports are sampled, for evaluation and for TeaCache's calibration:
+    ``cpu`` (the default, so scores match a CPU run of the same pipeline), ``cuda`` / ``cuda:N``, or
+    ``auto`` (CUDA where there is one). Sampling stays fp32 on CUDA too (``load_pipeline``'s default):
+    the scores then differ from CPU ones only by kernel rounding.
+    """
 
     enabled: bool = True
     prompts: str = "runs/tiny/synthetic/test_geneval.jsonl"
@@ -73,6 +80,7 @@ class EvalStep:
     cfg_scale: float | None = None
     every_stage: bool = True
     compare_raw: bool = True
+    device: str = "cpu"
 
 
 @dataclass
@@ -165,6 +173,8 @@ def load_pipeline_config(path: str | os.PathLike, overrides: list[str] = (), smo
         stage.recipe = _beside(stage.recipe, path)
     cfg.unicap.recipe = _beside(cfg.unicap.recipe, path)
     _check_targets(cfg.targets, str(path))
+    if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", cfg.eval.device):
+        raise RecipeError(f"{path}: `eval.device` must be cpu, cuda, cuda:N or auto, got {cfg.eval.device!r}")
     c = cfg.teacache_calibration
     if c.enabled and (not c.threshold > 0 or c.prompts < 1 or not c.seeds):
         raise RecipeError(f"{path}: teacache_calibration needs threshold > 0, prompts >= 1 and at least one seed "
@@ -282,7 +292,8 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
             update_pipeline_defaults(result.export_dir, cfg_scale=float(cfg.eval.cfg_scale))
         if cfg.teacache_calibration.enabled and result.export_dir is not None:
             entry["teacache"] = _calibrate_teacache(cfg.teacache_calibration, result.export_dir,
-                                                    loaded.config.data.path, entry["resolution"])
+                                                    loaded.config.data.path, entry["resolution"],
+                                                    device=_sampling_device(cfg.eval))
         summary["stages"].append(entry)
         summary["tracking_uri"] = result.tracking_uri
         previous_export = str(result.export_dir)
@@ -304,6 +315,8 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
                     "tags": res.get("tags"),
                     "ci95": res.get("ci95"),
                     "prompt_blind": res.get("prompt_blind"),
+                    # the detector on ground-truth renders at this stage's size: the score's ceiling
+                    "detector_ceiling": (res.get("detector_validation") or {}).get("overall"),
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
         summary["comparisons"] = _comparisons(summary, out / "eval")
@@ -353,7 +366,16 @@ def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any]) -> Path:
     return out_manifest
 
 
-def _calibrate_teacache(c: TeaCacheCalibrationStep, export: str | os.PathLike, data_path: str, size: int) -> dict[str, Any]:
+def _sampling_device(e: EvalStep) -> str:
+    import torch
+
+    if e.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return e.device
+
+
+def _calibrate_teacache(c: TeaCacheCalibrationStep, export: str | os.PathLike, data_path: str, size: int,
+                        device: str = "cpu") -> dict[str, Any]:
     """Calibrate TeaCache on an export (its EMA weights, its own defaults, e.g. the guidance scale)
     and write the coefficients and threshold into its ``pipeline.json``."""
     from lumina_lightning.data.records import load_records
@@ -364,7 +386,7 @@ def _calibrate_teacache(c: TeaCacheCalibrationStep, export: str | os.PathLike, d
     prompts = [preferred_caption(r.captions) for r in load_records(data_path).records[: c.prompts]]
     if not prompts:
         raise ValueError(f"teacache_calibration: no captions in {data_path}")
-    pipe = load_pipeline(export)
+    pipe = load_pipeline(export, device=device)
     coeffs = pipe.calibrate_teacache(prompts, width=size, height=size, seeds=tuple(c.seeds))
     update_pipeline_defaults(export, teacache_version=coeffs, teacache=float(c.threshold))
     print(f"TeaCache calibrated for {export}: coefficients {[round(x, 4) for x in coeffs]}, threshold "
@@ -378,7 +400,7 @@ def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any, size: int) 
     from lumina_lightning.sampling.pipeline_io import load_pipeline
 
     e = cfg.eval
-    pipe = load_pipeline(export, ema=ema)
+    pipe = load_pipeline(export, ema=ema, device=_sampling_device(e))
     overrides = {k: v for k, v in (("steps", e.steps), ("cfg_scale", e.cfg_scale)) if v is not None}
     return evaluate(pipe, e.prompts, out, preset=e.preset, images_per_prompt=e.images_per_prompt,
                     min_images_per_task=e.min_images_per_task, seed=e.seed,
@@ -447,15 +469,16 @@ def _fmt_score(result: dict[str, Any] | None, interval: bool = False) -> str:
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
     lines = ["", f"=== pipeline `{summary['name']}` finished in {summary['total_seconds'] / 60:.1f} min ===", ""]
     lines.append("| stage | res | steps | train s | loss first→last | val loss (EMA) | GenEval (EMA) [95 % interval] "
-                 "| GenEval (raw) |")
-    lines.append("|---|---|---|---|---|---|---|---|")
+                 "| GenEval (raw) | detector on ground truth at this size |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
     for e in summary["stages"]:
         g = e.get("geneval", {})
         val = e.get("val_loss") or {}
         lines.append(
             f"| {e['stage']} | {e['resolution']} | {e['steps']} | {e['train_seconds']} | "
             f"{e['loss_first']} → {e['loss_last']} | {val.get('ema', float('nan')):.4f} | "
-            f"{_fmt_score(g.get('ema'), interval=True)} | {_fmt_score(g.get('raw'))} |"
+            f"{_fmt_score(g.get('ema'), interval=True)} | {_fmt_score(g.get('raw'))} | "
+            f"{_fmt_score({'overall': (g.get('ema') or {}).get('detector_ceiling')})} |"
         )
     last = summary["stages"][-1]
     final = last.get("geneval", {}).get("ema") or {}
