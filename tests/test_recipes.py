@@ -193,6 +193,31 @@ def test_pipeline_eval_device_is_validated(tmp_path):
     assert str(tiny) in str(err.value)
 
 
+def test_pipeline_stage_overrides_apply_to_every_stage_and_fail_fast(tmp_path, monkeypatch):
+    from lumina_lightning.training import pipeline as pl
+
+    tiny = RECIPES / "tiny" / "pipeline.yaml"
+    cfg = pl.load_pipeline_config(tiny, ["stage_overrides=[trainer.accelerator=gpu, optim.lr=1e-4]",
+                                         f"output_dir={tmp_path / 'out'}"])
+    assert cfg.stage_overrides == ["trainer.accelerator=gpu", "optim.lr=1e-4"]
+    seen = []
+
+    def fake_train(loaded):  # records what each stage would train with, then stops the pipeline
+        seen.append(loaded.config)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("lumina_lightning.training.run.train", fake_train)
+    monkeypatch.setattr(pl, "_synthetic", lambda step: tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        pl.run_pipeline(cfg)
+    assert seen[0].trainer.accelerator == "gpu" and seen[0].optim.lr == 1e-4
+    # a typo in any stage's overrides fails before anything runs (no synthetic data, no training)
+    bad = pl.load_pipeline_config(tiny, ["stage_overrides=[trainer.acclerator=gpu]", f"output_dir={tmp_path / 'b'}"])
+    with pytest.raises(RecipeError, match="stage .*stage1_lowres.yaml: .*did you mean `trainer.accelerator`"):
+        pl.run_pipeline(bad)
+    assert not (tmp_path / "b").exists()
+
+
 def test_pipeline_teacache_calibration_is_validated(tmp_path):
     from lumina_lightning.training.pipeline import load_pipeline_config
 

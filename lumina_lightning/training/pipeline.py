@@ -122,7 +122,13 @@ class Targets:
 
 @dataclass
 class PipelineConfig:
-    """An end-to-end pipeline; ``smoke`` holds overrides for ``--smoke`` (e.g. ``stages.*`` steps)."""
+    """An end-to-end pipeline; ``smoke`` holds overrides for ``--smoke`` (e.g. ``stages.*`` steps).
+
+    ``stage_overrides`` are dotted recipe overrides applied to every stage after its own, e.g.
+    ``stage_overrides=[trainer.accelerator=gpu]`` on the command line to train the tiny pipeline on
+    a GPU (with ``eval.device=cuda`` to sample there too). Every stage's recipe is loaded with its
+    overrides before the first one trains, so a bad key fails in seconds, not after stage 1.
+    """
 
     name: str = "tiny"
     output_dir: str = "runs/${name}"
@@ -132,6 +138,7 @@ class PipelineConfig:
     teacache_calibration: TeaCacheCalibrationStep = field(default_factory=TeaCacheCalibrationStep)
     eval: EvalStep = field(default_factory=EvalStep)
     targets: Targets = field(default_factory=Targets)
+    stage_overrides: list[str] = field(default_factory=list)
     stage_smoke_overrides: list[str] = field(default_factory=list)
     smoke: dict[str, Any] = field(default_factory=dict)
 
@@ -236,8 +243,17 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
     """Run every step; returns (and writes ``<output_dir>/summary.json``) the per-stage results."""
     import torch
 
-    from lumina_lightning.training.recipe import load_recipe
+    from lumina_lightning.training.recipe import RecipeError, load_recipe
     from lumina_lightning.training.run import train
+
+    def stage_overrides(stage: StageStep) -> list[str]:
+        return list(stage.overrides) + list(cfg.stage_overrides) + (list(cfg.stage_smoke_overrides) if smoke else [])
+
+    for stage in cfg.stages:  # fail on a bad recipe or override now, not after hours of stage 1
+        try:
+            load_recipe(stage.recipe, stage_overrides(stage))
+        except RecipeError as e:
+            raise RecipeError(f"stage {stage.recipe}: {e}") from None
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
@@ -254,7 +270,7 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
 
     previous_export: str | None = None
     for i, stage in enumerate(cfg.stages):
-        overrides = list(stage.overrides) + (list(cfg.stage_smoke_overrides) if smoke else [])
+        overrides = stage_overrides(stage)
         if caption_manifest is not None and i == 0:
             overrides.append(f"data.path={caption_manifest}")
         # Every stage writes under the pipeline's folder, and a stage that starts from a previous
