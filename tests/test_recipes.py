@@ -191,6 +191,13 @@ def test_pipeline_eval_device_is_validated(tmp_path):
     with pytest.raises(RecipeError, match="`eval.device` must be cpu, cuda, cuda:N or auto, got 'gpu'") as err:
         load_pipeline_config(tiny, ["eval.device=gpu"])
     assert str(tiny) in str(err.value)
+    if not torch.cuda.is_available():  # refused before anything runs, not after training
+        from lumina_lightning.training.pipeline import run_pipeline
+
+        cfg = load_pipeline_config(tiny, ["eval.device=cuda", f"output_dir={tmp_path / 'out'}"])
+        with pytest.raises(RecipeError, match="eval.device=cuda, but this host has no CUDA device"):
+            run_pipeline(cfg)
+        assert not (tmp_path / "out").exists()
 
 
 def test_pipeline_stage_overrides_apply_to_every_stage_and_fail_fast(tmp_path, monkeypatch):

@@ -254,6 +254,8 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
             load_recipe(stage.recipe, stage_overrides(stage))
         except RecipeError as e:
             raise RecipeError(f"stage {stage.recipe}: {e}") from None
+    if cfg.eval.enabled and cfg.eval.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RecipeError(f"eval.device={cfg.eval.device}, but this host has no CUDA device (use cpu or auto)")
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
