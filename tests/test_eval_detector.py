@@ -322,3 +322,46 @@ def test_score_folder_on_ground_truth_layout(split32, tmp_path):
     results = score_folder(tmp_path, detector_for(split32.test_geneval))
     assert len(results) == 12 and all(r["correct"] for r in results)
     assert results[0]["filename"] == "00000/samples/0000.png"
+
+
+def test_ground_truth_records_the_smallest_object_per_task(split64):
+    result = validate_detector(split64.test, detector=detector_for(split64.test_geneval))
+    areas = result["min_object_area"]
+    assert set(areas) == set(synth.TAGS)
+    # single objects are drawn large; counting / relations use smaller cells
+    assert areas["single_object"] > areas["counting"] > 0
+    at32 = validate_detector(split64.test, detector=detector_for(split64.test_geneval), size=(32, 32))
+    assert at32["min_object_area"]["single_object"] < areas["single_object"]  # measured at the judged size
+
+
+def _row(tag, correct, include, detections):
+    return {"tag": tag, "correct": correct, "metadata": json.dumps({"tag": tag, "include": include}),
+            "detections": detections}
+
+
+def test_undersized_credits_hand_computed():
+    from lumina_lightning.eval.metrics import undersized_credits
+
+    sq = lambda area, color="red": {"class": "square", "color": color, "area": area}  # noqa: E731
+    rows = [
+        # credited on a 16 px patch only: undersized
+        _row("single_object", True, [{"class": "square", "count": 1}], [sq(16), {"class": "circle", "color": "red",
+                                                                                  "area": 300}]),
+        # a real-sized square beside a patch: the largest match counts, not undersized
+        _row("single_object", True, [{"class": "square", "count": 1}], [sq(16), sq(120)]),
+        _row("single_object", False, [{"class": "square", "count": 1}], []),
+        # colour: only the detection of the asked colour counts
+        _row("colors", True, [{"class": "square", "count": 1, "color": "red"}], [sq(20, "red"), sq(200, "blue")]),
+        # two objects: undersized when either asked object is
+        _row("two_object", True, [{"class": "square", "count": 1}, {"class": "circle", "count": 1}],
+             [sq(50), {"class": "circle", "color": "red", "area": 10}]),
+        _row("position", True, [{"class": "square", "count": 1}], [sq(5)]),  # no reference area: left out
+    ]
+    u = undersized_credits(rows, {"single_object": 90, "colors": 100, "two_object": 30})
+    assert u["tags"] == {"single_object": {"undersized": 1, "correct": 2, "total": 3},
+                         "two_object": {"undersized": 1, "correct": 1, "total": 1},
+                         "colors": {"undersized": 1, "correct": 1, "total": 1}}
+    assert (u["undersized"], u["correct"]) == (3, 4) and u["share"] == pytest.approx(0.75)
+    assert u["accuracy_without"] == {"single_object": pytest.approx(1 / 3), "two_object": 0.0, "colors": 0.0}
+    assert u["overall_without"] == pytest.approx(1 / 9)
+    assert undersized_credits([], {})["share"] is None

@@ -64,6 +64,11 @@ def test_results_structure(evaluated):
     pb = results["prompt_blind"]
     assert set(pb["tags"]) == set(TAGS) and all(0.0 <= v <= 1.0 for v in pb["tags"].values())
     assert pb["overall"] < dv["overall"]  # ignoring prompts loses against the same renders' own prompts
+    # correct images credited on objects smaller than any ground-truth object of their task
+    u = results["undersized"]
+    assert set(u["tags"]) <= set(dv["min_object_area"]) and 0 <= u["undersized"] <= u["correct"]
+    assert u["correct"] == sum(t["correct"] for t in u["tags"].values())
+    assert u["overall_without"] <= results["overall"] + 1e-9
     # fixed-timestep validation loss: 8 stratified timesteps, finite, deterministic inputs
     vl = results["val_loss"]
     assert len(vl["per_t"]) == 8 and vl["timesteps"][0] == pytest.approx(1 / 16)
@@ -102,6 +107,7 @@ def test_reports(evaluated):
     blind = results["prompt_blind"]["tags"]["colors"]
     assert f"| {results['tags']['colors']:.3f} | " in md and f"| {blind:.3f} |" in md
     assert "prompt-blind" in md and "95 % interval" in html
+    assert "undersized credits" in md
     assert "✗" in md and ("✗" in html or "✓" in html)
     # the validation loss at every timestep, not only its mean (where a model is weak)
     vl = results["val_loss"]

@@ -54,6 +54,7 @@ def test_quickstart_main_job_runs_in_smoke_mode(tmp_path):
     ceilings = [s["geneval"]["ema"]["detector_ceiling"] for s in summary["stages"]]
     assert all(0.5 <= c <= 1.0 for c in ceilings) and ceilings[0] <= ceilings[1]
     assert "| detector on ground truth at this size |" in out.stdout
+    assert "undersized credits (final model):" in out.stdout and final_eval["undersized"]["correct"] >= 0
     # the final model against stage 1, paired image by image (smoke mode skips the raw weights)
     cmp_ = summary["comparisons"]["final_vs_stage1"]
     assert cmp_["pairs"] == final_eval_images(tmp_path)

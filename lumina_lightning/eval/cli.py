@@ -225,6 +225,10 @@ def run(args: argparse.Namespace) -> int:
                  results["overall"], results)
     if results.get("detector_validation"):
         _print_validation(results["detector_validation"])
+    if results.get("undersized"):
+        from lumina_lightning.eval.report import undersized_text
+
+        print(f"undersized credits: {undersized_text(results['undersized'])}")
     if results.get("val_loss"):
         from lumina_lightning.eval.report import val_loss_text
 

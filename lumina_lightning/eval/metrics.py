@@ -2,7 +2,10 @@
 
 * :func:`validate_detector` — the detector on the ground-truth renders of a synthetic split, scored
   with the same GenEval rules as generated images (peers notes §D.4.2: it must score ~100% there,
-  so that a low score measures the model, not the detector), plus object-level recall/precision.
+  so that a low score measures the model, not the detector), plus object-level recall/precision
+  and the smallest object it finds per task.
+* :func:`undersized_credits` — correct generated images whose prompt objects are all smaller than
+  any ground-truth object of the task at that size (a fragment the detector reads as a shape).
 * :func:`image_fidelity` — PSNR/SSIM of images against a reference sampler's images from the same
   noise (§D.4.7 acceleration parity), with torchmetrics on [0, 1] tensors.
 * :func:`validation_loss` — the fixed-timestep velocity MSE on a manifest (§D.4.6): stratified
@@ -34,6 +37,7 @@ __all__ = [
     "match_objects",
     "preferred_caption",
     "prompt_blind_baseline",
+    "undersized_credits",
     "validate_detector",
     "validation_loss",
 ]
@@ -125,7 +129,8 @@ def validate_detector(
     "size" ([w, h], or None for native), "resized" (how many renders ``size`` changed), "min_tag",
     "passed" (every tag ≥ 0.98), "object_recall", "object_precision", "failures", "ms_per_image"}``.
     Recall and precision match boxes in the render's own coordinates, so they are None once a render
-    was resized.
+    was resized. ``min_object_area`` is, per task, the smallest object (pixels) the detector found
+    in the renders it judged correct: the smallest a real object of that task is at this size.
     """
     import time
 
@@ -140,6 +145,7 @@ def validate_detector(
 
         size = (int(size[0]), int(size[1]))
     per_tag: dict[str, list[bool]] = {}
+    smallest: dict[str, int] = {}
     matched = n_det = n_truth = 0
     resized = 0
     listed: list[dict[str, Any]] = []
@@ -156,6 +162,9 @@ def validate_detector(
         seconds += time.perf_counter() - start
         ok, reason = evaluate_detections(dets, row["meta"])
         per_tag.setdefault(row["meta"]["tag"], []).append(ok)
+        if ok and dets:
+            tag = row["meta"]["tag"]
+            smallest[tag] = min(smallest.get(tag, 1 << 30), min(int(d["area"]) for d in dets))
         if "objects" in row["meta"] and not resized:
             m, d, t = match_objects(dets, row["meta"]["objects"])
             matched, n_det, n_truth = matched + m, n_det + d, n_truth + t
@@ -176,8 +185,54 @@ def validate_detector(
         "target": VALIDATION_TARGET,
         "object_recall": matched / n_truth if n_truth and not resized else None,
         "object_precision": matched / n_det if n_det and not resized else None,
+        "min_object_area": {t: smallest[t] for t in order if t in smallest},
         "failures": listed,
         "ms_per_image": 1000 * seconds / len(rows),
+    }
+
+
+def undersized_credits(rows: Iterable[dict[str, Any]], min_object_area: dict[str, int]) -> dict[str, Any]:
+    """How many correct images were credited on objects smaller than any ground-truth object of their task.
+
+    A correct image is *undersized* when, for some object the prompt asks for (class, and colour
+    where given), even the largest matching detection is smaller than ``min_object_area[tag]`` — the
+    smallest such object in the ground-truth renders at the same size (``validate_detector(...,
+    size=...)["min_object_area"]``). A scattered sample is often credited on a patch of the right
+    colour that happens to look like a small square; this counts those, without changing the score.
+
+    Returns ``{"tags": {tag: {"undersized", "correct", "total"}}, "undersized", "correct",
+    "share"`` (undersized / correct), ``"accuracy_without"`` (per-tag accuracy counting undersized
+    images as failures, and its mean ``"overall_without"``)}; tasks without a reference area are
+    left out.
+    """
+    per_tag: dict[str, dict[str, int]] = {}
+    for row in rows:
+        tag = row["tag"]
+        if tag not in min_object_area:
+            continue
+        t = per_tag.setdefault(tag, {"undersized": 0, "correct": 0, "total": 0})
+        t["total"] += 1
+        if not row["correct"]:
+            continue
+        t["correct"] += 1
+        spec = json.loads(row["metadata"]) if isinstance(row["metadata"], str) else row["metadata"]
+        for want in spec.get("include", []):
+            areas = [d["area"] for d in row["detections"]
+                     if d["class"] == want["class"] and ("color" not in want or d.get("color") == want["color"])]
+            if areas and max(areas) < min_object_area[tag]:
+                t["undersized"] += 1
+                break
+    order = tag_order(per_tag)
+    undersized = sum(t["undersized"] for t in per_tag.values())
+    correct = sum(t["correct"] for t in per_tag.values())
+    without = {tag: (per_tag[tag]["correct"] - per_tag[tag]["undersized"]) / per_tag[tag]["total"] for tag in order}
+    return {
+        "tags": {tag: per_tag[tag] for tag in order},
+        "undersized": undersized,
+        "correct": correct,
+        "share": undersized / correct if correct else None,
+        "accuracy_without": without,
+        "overall_without": float(np.mean(list(without.values()))) if without else None,
     }
 
 

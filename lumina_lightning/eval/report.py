@@ -129,6 +129,16 @@ def val_loss_text(vl: dict[str, Any]) -> str:
             f"per t (0 = noise): {per_t}")
 
 
+def undersized_text(u: dict[str, Any]) -> str:
+    """:func:`~lumina_lightning.eval.metrics.undersized_credits` as one line."""
+    if not u.get("correct"):
+        return "no correct images"
+    per = ", ".join(f"{tag} {t['undersized']}/{t['correct']}" for tag, t in u["tags"].items() if t["correct"])
+    return (f"{u['undersized']} of {u['correct']} correct images ({u['share']:.0%}) were credited on objects smaller "
+            f"than any ground-truth object of their task at this size ({per}); counted as failures, the overall "
+            f"score would be {u['overall_without']:.3f}")
+
+
 def _blind(results: dict[str, Any], tag: str | None = None) -> float | None:
     pb = results.get("prompt_blind") or {}
     return pb.get("overall") if tag is None else (pb.get("tags") or {}).get(tag)
@@ -155,6 +165,8 @@ def _summary_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
         lines.append(("detector on ground truth", f"{_fmt(dv['overall'])} overall{at}, min tag {_fmt(dv['min_tag'])} "
                       f"({'passes' if dv['passed'] else 'FAILS'} the {dv['target']} bar; {dv['images']} images"
                       f"{native_text})"))
+    if results.get("undersized"):
+        lines.append(("undersized credits", undersized_text(results["undersized"])))
     vl = results.get("val_loss")
     if vl:
         lines.append(("validation loss", val_loss_text(vl)))

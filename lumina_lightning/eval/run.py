@@ -414,6 +414,7 @@ def evaluate(
         "environment": {"device": str(getattr(pipe, "device", "cpu")), "python": platform.python_version(),
                         "machine": platform.machine()},
         "detector_validation": None,
+        "undersized": None,
         "prompt_blind": None,
         "val_loss": None,
         "compare": None,
@@ -440,6 +441,10 @@ def evaluate(
                                                    "object_recall", "object_precision")}
         results["detector_validation"] = dv
         results["timings"]["detector_validation_s"] = time.perf_counter() - t0
+        if dv.get("min_object_area"):
+            from lumina_lightning.eval.metrics import undersized_credits
+
+            results["undersized"] = undersized_credits(rows, dv["min_object_area"])
 
     # -- chance level: a model that ignores the prompt (ground-truth renders of the task) ----------------
     if manifest is not None:

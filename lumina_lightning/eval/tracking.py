@@ -64,6 +64,10 @@ def metrics_of(results: dict[str, Any]) -> dict[str, float]:
         if dv.get("native"):
             m["detector_gt_native/overall"] = dv["native"]["overall"]
             m["detector_gt_native/min_tag"] = dv["native"]["min_tag"]
+    u = results.get("undersized") or {}
+    if u.get("share") is not None:
+        m["undersized/share"] = u["share"]
+        m["undersized/overall_without"] = u["overall_without"]
     ci = results.get("ci95") or {}
     if ci.get("overall"):
         m["geneval_ci95/overall_low"], m["geneval_ci95/overall_high"] = ci["overall"]

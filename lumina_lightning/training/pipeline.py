@@ -335,6 +335,7 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
                     "prompt_blind": res.get("prompt_blind"),
                     # the detector on ground-truth renders at this stage's size: the score's ceiling
                     "detector_ceiling": (res.get("detector_validation") or {}).get("overall"),
+                    "undersized": res.get("undersized"),
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
         summary["comparisons"] = _comparisons(summary, out / "eval")
@@ -503,6 +504,10 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     tags = final.get("tags") or {}
     if tags:
         lines += ["", "final model, per task (EMA): " + ", ".join(f"{k} {v:.2f}" for k, v in tags.items())]
+    if final.get("undersized"):
+        from lumina_lightning.eval.report import undersized_text
+
+        lines += [f"undersized credits (final model): {undersized_text(final['undersized'])}"]
     blind = final.get("prompt_blind") or {}
     if blind.get("tags"):
         # the chance level: what drawing a random correct scene of each task, whatever the prompt, scores
