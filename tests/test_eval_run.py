@@ -185,6 +185,8 @@ def test_cli_end_to_end_with_mlflow(pipe, data, tmp_path, monkeypatch, capsys):
     assert run.data.metrics["geneval/overall"] == pytest.approx(results["overall"])
     assert run.data.metrics["detector_gt/min_tag"] >= 0.98 and "val_loss" in run.data.metrics
     assert run.data.metrics["prompt_blind/overall"] == pytest.approx(results["prompt_blind"]["overall"])
+    if results["undersized"]["share"] is not None:
+        assert run.data.metrics["undersized/share"] == pytest.approx(results["undersized"]["share"])
     assert run.data.metrics["geneval_ci95/overall_low"] <= results["overall"]
     assert run.data.params["sampler.solver"] == "dpm" and run.data.tags["kind"] == "eval"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
