@@ -72,6 +72,11 @@ def test_tiny_run_learns_tracks_and_exports(tmp_path):
     for metric in ("train/loss", "train/grad_norm", "train/lr", "train/images_per_s", "val/loss", "val/loss_ema"):
         assert metric in r.data.metrics, metric
     assert any(k.startswith("train_t/loss_bin") for k in r.data.metrics)
+    # metrics logged only on Lightning's logging steps are written at exactly the same steps as the
+    # ones logged every step (log_every_n_steps 4 over 24 steps)
+    steps = {m: sorted(h.step for h in client.get_metric_history(r.info.run_id, m))
+             for m in ("train/loss", "train/lr", "train/grad_norm", "train/loss_main", "train/images_per_s")}
+    assert steps["train/loss"] == list(range(3, 24, 4)) and all(v == steps["train/loss"] for v in steps.values()), steps
     top = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"recipe", "samples", "export", "plots"} <= top
     assert [a.path for a in client.list_artifacts(r.info.run_id, "samples")] == ["samples/step_0000024.png"]
