@@ -344,10 +344,11 @@ class NextDiTModule(pl.LightningModule):
     def _logging_step(self) -> bool:
         """Whether Lightning writes this step's metrics to the loggers (every ``log_every_n_steps``).
 
-        Per-step metrics that only the progress bar would otherwise drop are logged on those steps
-        only: each ``self.log`` call moves Lightning's whole result collection (~1-2 ms on CPU with
-        our ~30 keys), a few percent of a tiny-recipe step. Lightning's own predicate is used, so
-        the written values are the same; without it (another Lightning) everything is logged.
+        Lightning keeps only the last value of an ``on_step`` metric between two writes, so the
+        metrics the progress bar does not show are logged on those steps only: each ``self.log`` call
+        moves Lightning's whole result collection (~1-2 ms on CPU with our ~30 keys), a few percent of
+        a tiny-recipe step. Lightning's own predicate is used, so the written values are unchanged;
+        where it is missing (another Lightning version) everything is logged, as before.
         """
         try:
             return bool(self.trainer._logger_connector.should_update_logs)
