@@ -45,6 +45,7 @@ from lumina_lightning.flow import (
 from lumina_lightning.models.config import NextDiTConfig, config_for
 from lumina_lightning.models.nextdit import NextDiT
 from lumina_lightning.modules.ema import ema_copy_, ema_update, fp32_shadow
+from lumina_lightning.modules.steplog import log_step_rates, logging_step
 from lumina_lightning.training.config import RecipeConfig
 from lumina_lightning.training.parallelize import (
     builds_partitioned,
@@ -334,26 +335,12 @@ class NextDiTModule(pl.LightningModule):
         tokens = (latents.shape[-2] // self.nextdit_config.patch_size) * (latents.shape[-1] // self.nextdit_config.patch_size)
         self._batch_info = (n, n * tokens + int(mask.sum()))
         self.log("train/loss", loss.detach(), prog_bar=True, on_step=True, batch_size=n, sync_dist=False)
-        if self._logging_step():
+        if logging_step(self):
             self.log("train/loss_main", main.mean().detach(), on_step=True, batch_size=n)
             if aux is not None:
                 self.log("train/loss_aux", aux.mean().detach(), on_step=True, batch_size=n)
             self.log("train/caption_dropout_rate", float(np.mean(draws["drop"])), on_step=True, batch_size=n)
         return loss
-
-    def _logging_step(self) -> bool:
-        """Whether Lightning writes this step's metrics to the loggers (every ``log_every_n_steps``).
-
-        Lightning keeps only the last value of an ``on_step`` metric between two writes, so the
-        metrics the progress bar does not show are logged on those steps only: each ``self.log`` call
-        moves Lightning's whole result collection (~1-2 ms on CPU with our ~30 keys), a few percent of
-        a tiny-recipe step. Lightning's own predicate is used, so the written values are unchanged;
-        where it is missing (another Lightning version) everything is logged, as before.
-        """
-        try:
-            return bool(self.trainer._logger_connector.should_update_logs)
-        except (AttributeError, RuntimeError):
-            return True
 
     # ------------------------------------------------------------------------------------------
     # optimisation: clipping, EMA, throughput
@@ -363,7 +350,7 @@ class NextDiTModule(pl.LightningModule):
             # DeepSpeed clips inside its engine (the Trainer's gradient_clip_val is set for it)
             return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         total = clip_grad_norm(self, list(self.model.parameters()), self.recipe.optim.grad_clip)
-        if total is not None and self._logging_step():
+        if total is not None and logging_step(self):
             self.log("train/grad_norm", total.detach().float(), on_step=True, prog_bar=False)
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -383,14 +370,7 @@ class NextDiTModule(pl.LightningModule):
         if outputs is None:
             return
         stepped = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
-        if self._logging_step():
-            if self._step_started is not None and getattr(self, "_batch_info", None):
-                dt = max(time.perf_counter() - self._step_started, 1e-9)
-                images, tokens = self._batch_info
-                world = self.trainer.world_size
-                self.log("train/images_per_s", images * world / dt, on_step=True)
-                self.log("train/tokens_per_s", tokens * world / dt, on_step=True)
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
+        log_step_rates(self, self._step_started, getattr(self, "_batch_info", None), "tokens_per_s")
         every = max(1, self.recipe.trainer.log_every_n_steps)
         if stepped and self.global_step % every == 0:
             self.log_bins()

@@ -40,6 +40,7 @@ import torch
 
 from lumina_lightning.data.records import Record
 from lumina_lightning.data.skips import SkipCounter
+from lumina_lightning.modules.steplog import log_step_rates
 from lumina_lightning.modules.unicap_data import (
     IGNORE_INDEX,
     InstructionTable,
@@ -633,13 +634,7 @@ class UniCapModule(pl.LightningModule):
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if outputs is None:
             return
-        if self._step_started is not None and self._batch_info:
-            dt = max(time.perf_counter() - self._step_started, 1e-9)
-            images, tokens = self._batch_info
-            world = self.trainer.world_size
-            self.log("train/images_per_s", images * world / dt, on_step=True)
-            self.log("train/answer_tokens_per_s", tokens * world / dt, on_step=True)
-        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True)
+        log_step_rates(self, self._step_started, self._batch_info, "answer_tokens_per_s")
         stepped = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
         v = self.recipe.validation
         step = self.global_step
