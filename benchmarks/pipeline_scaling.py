@@ -43,6 +43,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lumina_lightning.data.synth import TAGS
+
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "recipes" / "tiny" / "pipeline.yaml"
 WIDE = {"dim": 192, "n_layers": 6, "n_heads": 6, "n_kv_heads": 3}
@@ -66,8 +68,9 @@ def parse_variant(name: str) -> dict[str, Any]:
     return spec
 
 
-def stage_overrides(recipe: str, spec: dict[str, Any], args: argparse.Namespace) -> list[str]:
-    """The dotted overrides that turn one stage of the shipped pipeline into the variant's."""
+def stage_overrides(recipe: str, spec: dict[str, Any]) -> list[str]:
+    """The dotted overrides that turn one stage of the shipped pipeline into the variant's (its step
+    counts are the stage's own, hence per stage)."""
     from lumina_lightning.training.recipe import load_recipe
 
     cfg = load_recipe(recipe).config
@@ -82,8 +85,13 @@ def stage_overrides(recipe: str, spec: dict[str, Any], args: argparse.Namespace)
         out.append(f"data.batch_size={spec['batch']}")
     if spec["wide"]:
         out += [f"model.overrides.{k}={v}" for k, v in WIDE.items()]
-    out += [f"trainer.accelerator={args.accelerator}", "trainer.devices=1", "tracking.enabled=false",
-            f"trainer.num_threads={args.threads}", "trainer.enable_progress_bar=false"]
+    return out
+
+
+def common_overrides(args: argparse.Namespace) -> list[str]:
+    """Recipe overrides every stage of every variant gets (the pipeline's ``stage_overrides``)."""
+    out = [f"trainer.accelerator={args.accelerator}", "trainer.devices=1", "tracking.enabled=false",
+           f"trainer.num_threads={args.threads}", "trainer.enable_progress_bar=false"]
     if args.accelerator != "cpu":
         out.append(f"data.num_workers={args.workers}")
     if args.text_encoder:
@@ -99,13 +107,15 @@ def run_one(name: str, args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     spec = parse_variant(name)
-    overrides = [f"name=scaling_{name}", f"output_dir={Path(args.out).resolve() / name}"]
+    overrides = [f"name=scaling_{name}", f"output_dir={Path(args.out).resolve() / name}",
+                 f"stage_overrides={json.dumps(common_overrides(args))}"]  # JSON is YAML: paths stay strings
     if args.accelerator == "gpu":
         overrides.append("eval.device=cuda")  # fp32 there too: scores differ from CPU ones by rounding only
     cfg = load_pipeline_config(PIPELINE, overrides, smoke=args.smoke)
     for stage in cfg.stages:
-        stage.overrides = list(stage.overrides) + stage_overrides(stage.recipe, spec, args)
-    print(json.dumps({"variant": name, **spec, "stages": [s.overrides for s in cfg.stages]}), flush=True)
+        stage.overrides = list(stage.overrides) + stage_overrides(stage.recipe, spec)
+    print(json.dumps({"variant": name, **spec, "stages": [s.overrides for s in cfg.stages],
+                      "every_stage": cfg.stage_overrides}), flush=True)
     summary = run_pipeline(cfg, smoke=args.smoke)
     return 0 if summary.get("ok") else 1
 
@@ -130,13 +140,12 @@ def table(out: Path, names: list[str], walls: dict[str, float], codes: dict[str,
         s = json.loads(path.read_text())
         stages = s.get("stages", [])
         final = stages[-1] if stages else {}
-        tags = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
         val = (final.get("val_loss") or {}).get("ema")
         rows.append(
             f"| {name} | {'/'.join(str(e.get('steps')) for e in stages)} | {spec['batch'] or 16} | "
             f"{sum(e.get('train_seconds') or 0 for e in stages):.0f} | "
             f"{' / '.join(_score(e) for e in stages)} | {_score(final, 'raw')} | "
-            f"{' / '.join(_score(final, 'ema', t) for t in tags)} | "
+            f"{' / '.join(_score(final, 'ema', t) for t in TAGS)} | "
             f"{'–' if val is None else f'{val:.4f}'} | {walls.get(name, 0):.0f} |")
     return "\n".join(rows)
 
@@ -171,9 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     passthrough = ["--accelerator", args.accelerator, "--threads", str(args.threads), "--workers", str(args.workers),
                    *(["--text-encoder", args.text_encoder] if args.text_encoder else []), *(["--smoke"] if args.smoke else [])]
     for name in names:
-        log = open(out / f"{name}.log", "w")
         cmd = [sys.executable, str(Path(__file__).resolve()), "--out", str(out), "--one", name, *passthrough]
-        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), time.time())
+        with open(out / f"{name}.log", "w") as log:  # the child keeps its own handle
+            procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), time.time())
     walls: dict[str, float] = {}
     codes: dict[str, int | None] = {}
     deadline = time.time() + args.timeout if args.timeout else None

@@ -30,7 +30,7 @@ def test_stage_overrides_scale_steps_and_load(scaling):
 
     recipe = str(ROOT / "recipes" / "tiny" / "stage2_highres.yaml")
     args = argparse.Namespace(accelerator="gpu", threads=3, workers=2, text_encoder="/models/minilm")
-    overrides = scaling.stage_overrides(recipe, scaling.parse_variant("k4_b64_wide"), args)
+    overrides = scaling.stage_overrides(recipe, scaling.parse_variant("k4_b64_wide")) + scaling.common_overrides(args)
     base = load_recipe(recipe).config
     cfg = load_recipe(recipe, overrides).config  # every override is a valid recipe key
     assert cfg.trainer.max_steps == 4 * base.trainer.max_steps
@@ -39,6 +39,6 @@ def test_stage_overrides_scale_steps_and_load(scaling):
     assert cfg.data.batch_size == 64 and cfg.data.num_workers == 2
     assert cfg.model.overrides["dim"] == 192 and cfg.model.overrides["patch_size"] == 4  # merged, not replaced
     assert (cfg.trainer.accelerator, cfg.tracking.enabled, cfg.text_encoder.path) == ("gpu", False, "/models/minilm")
-    plain = scaling.stage_overrides(recipe, scaling.parse_variant("k1"), argparse.Namespace(
-        accelerator="cpu", threads=2, workers=2, text_encoder=None))
+    plain = scaling.stage_overrides(recipe, scaling.parse_variant("k1")) + scaling.common_overrides(
+        argparse.Namespace(accelerator="cpu", threads=2, workers=2, text_encoder=None))
     assert not any(o.startswith(("trainer.max_steps", "data.", "model.", "text_encoder.")) for o in plain)
