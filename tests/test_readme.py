@@ -72,3 +72,22 @@ def test_quickstart_main_job_runs_in_smoke_mode(tmp_path):
         "cfg_scale": 2.0, "teacache_version": stage["coefficients"], "teacache": 0.1}
     assert len(stage["coefficients"]) == 3 and "TeaCache calibrated for" in out.stdout
     assert "lumina demo --ckpt" in out.stdout and "pipeline `" in out.stdout
+
+
+def test_latent_pipeline_runs_in_smoke_mode(tmp_path):
+    """`lumina pipeline recipes/tiny/latent_pipeline.yaml --smoke`: trains its autoencoder, then every stage
+    and evaluation runs in its latent space, at 64 px."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    out = subprocess.run([sys.executable, "-m", "lumina_lightning", "pipeline",
+                          str(ROOT / "recipes" / "tiny" / "latent_pipeline.yaml"), "--smoke"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    assert (tmp_path / "runs/tiny_smoke/conv_autoencoder/config.json").is_file()
+    assert not (tmp_path / "runs/tiny/conv_autoencoder").exists()
+    summary = json.loads(next(tmp_path.glob("runs/*/summary.json")).read_text())
+    assert summary["ok"] and [s["stage"] for s in summary["stages"]] == [
+        "tiny_latent_stage1", "tiny_latent_stage2", "tiny_latent_stage3"]
+    assert all(s["resolution"] == 64 and s["geneval"]["ema"]["overall"] is not None for s in summary["stages"])
+    final = json.loads((Path(summary["stages"][-1]["export"]) / "pipeline.json").read_text())
+    assert final["resolution"] == 64 and final["autoencoder"]["kind"] == "conv"
+    assert final["autoencoder"]["path"] == str((tmp_path / "runs/tiny_smoke/conv_autoencoder").resolve())

@@ -265,3 +265,34 @@ def test_pipeline_targets_are_judged_on_scores_and_paired_intervals():
     assert judged[0]["interval"] == [0.55, 0.70]
     summary["comparisons"]["ema_vs_raw"]["interval"] = [-0.09, 0.01]  # reaches 0: not measurably worse
     assert judge_targets(Targets(no_worse=["ema_vs_raw"]), summary)[0]["met"] is True
+
+
+def test_latent_pipeline_is_the_pixel_pipeline_with_its_own_stages():
+    """recipes/tiny/latent_pipeline.yaml inherits everything but its name and stages (pipeline `defaults`)."""
+    from lumina_lightning.training.pipeline import load_pipeline_config
+
+    pixel = load_pipeline_config(RECIPES / "tiny" / "pipeline.yaml")
+    latent = load_pipeline_config(RECIPES / "tiny" / "latent_pipeline.yaml")
+    assert latent.name == "tiny_latent" and latent.output_dir == "runs/tiny_latent"
+    assert (latent.eval, latent.targets, latent.synthetic) == (pixel.eval, pixel.targets, pixel.synthetic)
+    cfgs = [load_recipe(s.recipe).config for s in latent.stages]
+    assert [Path(s.recipe).name for s in latent.stages] == [
+        "latent_stage1_lowres.yaml", "latent_stage2_highres.yaml", "latent_stage3_hq.yaml"]
+    for prev, nxt in zip(cfgs, cfgs[1:]):
+        assert nxt.model.init_from == f"{prev.output_dir}/export"
+    for cfg in cfgs:  # one autoencoder for every stage, trained by whichever runs first
+        assert cfg.autoencoder.kind == "conv" and cfg.autoencoder.path == cfgs[0].autoencoder.path
+        assert cfg.autoencoder.train == cfgs[0].autoencoder.train
+        assert cfg.model.overrides["in_channels"] == cfg.autoencoder.train["latent_channels"]
+        assert cfg.data.patch == 8 * cfg.model.overrides["patch_size"] and cfg.data.resolution == 64
+    # the pixel recipes they extend are unchanged
+    assert load_recipe(RECIPES / "tiny" / "stage2_highres.yaml").config.autoencoder.kind == "pixel"
+
+
+def test_pipeline_defaults_cycle_is_an_error(tmp_path):
+    from lumina_lightning.training.pipeline import load_pipeline_config
+
+    (tmp_path / "a.yaml").write_text("defaults: [b]\n")
+    (tmp_path / "b.yaml").write_text("defaults: [a]\n")
+    with pytest.raises(RecipeError, match="cycle"):
+        load_pipeline_config(tmp_path / "a.yaml")

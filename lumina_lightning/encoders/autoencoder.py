@@ -104,14 +104,22 @@ class DiffusersVAE(torch.nn.Module):
 
 
 def build_autoencoder(kind: str, path: str | None = None, **kwargs: Any) -> torch.nn.Module:
-    """``pixel`` -> :class:`PixelAutoencoder`; ``vae`` -> :class:`DiffusersVAE` from ``path``."""
+    """``pixel`` -> :class:`PixelAutoencoder`; ``vae`` -> :class:`DiffusersVAE` from ``path``;
+    ``conv`` -> the tiny trained :class:`~lumina_lightning.encoders.conv_autoencoder.TinyConvAutoencoder`."""
     if kind == "pixel":
         return PixelAutoencoder()
     if kind == "vae":
         if not path:
             raise ValueError("autoencoder kind 'vae' needs a local path (e.g. the FLUX.1-dev `vae` folder)")
         return DiffusersVAE(path, **kwargs)
-    raise ValueError(f"unknown autoencoder kind {kind!r}; choose 'pixel' or 'vae'")
+    if kind == "conv":
+        from lumina_lightning.encoders.conv_autoencoder import TinyConvAutoencoder
+
+        if not path:
+            raise ValueError("autoencoder kind 'conv' needs the local folder of a trained conv autoencoder")
+        kwargs.pop("dtype", None)  # always fp32: it is tiny
+        return TinyConvAutoencoder(path, **kwargs)
+    raise ValueError(f"unknown autoencoder kind {kind!r}; choose 'pixel', 'vae' or 'conv'")
 
 
 def build_tiny_vae(out_dir: str | os.PathLike, latent_channels: int = 4, seed: int = 0) -> str:

@@ -76,10 +76,10 @@ def pipeline_spec(
     if "path" not in text_encoder_spec:
         raise ValueError("text_encoder_spec needs a 'path' (a local folder or 'minilm')")
     kind = autoencoder_spec.get("kind")
-    if kind not in ("pixel", "vae"):
-        raise ValueError(f"autoencoder_spec['kind'] must be 'pixel' or 'vae', got {kind!r}")
-    if kind == "vae" and not autoencoder_spec.get("path"):
-        raise ValueError("autoencoder_spec of kind 'vae' needs a 'path'")
+    if kind not in ("pixel", "vae", "conv"):
+        raise ValueError(f"autoencoder_spec['kind'] must be 'pixel', 'vae' or 'conv', got {kind!r}")
+    if kind in ("vae", "conv") and not autoencoder_spec.get("path"):
+        raise ValueError(f"autoencoder_spec of kind {kind!r} needs a 'path'")
     if default_system is not None and default_system not in SYSTEM_PROMPTS:
         raise ValueError(f"unknown default_system {default_system!r}; choose one of {sorted(SYSTEM_PROMPTS)}")
     unknown = sorted(set(defaults or {}) - set(SETTING_NAMES))
@@ -215,7 +215,11 @@ def _override_text_encoder(value: Any) -> Any:
 
 def _override_vae(value: Any) -> Any:
     if isinstance(value, (str, os.PathLike)):
-        return PixelAutoencoder() if str(value) == "pixel" else DiffusersVAE(value)
+        if str(value) == "pixel":
+            return PixelAutoencoder()
+        from lumina_lightning.encoders.conv_autoencoder import TinyConvAutoencoder, is_conv_autoencoder
+
+        return TinyConvAutoencoder(value) if is_conv_autoencoder(value) else DiffusersVAE(value)
     return value
 
 
@@ -359,7 +363,7 @@ def export_diffusers_pipeline(pipe: LuminaPipeline, path: str | os.PathLike, *, 
     if not isinstance(ae, DiffusersVAE):
         raise ValueError(
             f"cannot export to diffusers: the pipeline uses a {type(ae).__name__}, but diffusers' Lumina2Pipeline "
-            "needs an AutoencoderKL VAE (the pixel autoencoder has no diffusers equivalent)"
+            "needs an AutoencoderKL VAE (the pixel and conv autoencoders have no diffusers equivalent)"
         )
     if ae.downsample != 8:
         raise ValueError(f"cannot export to diffusers: Lumina2Pipeline assumes 8x VAE downsampling, this VAE has {ae.downsample}x")

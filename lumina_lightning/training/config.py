@@ -56,13 +56,24 @@ class TextEncoderSection:
 
 @dataclass
 class AutoencoderSection:
-    """Frozen autoencoder (spec §4): ``vae`` (diffusers AutoencoderKL from ``path``) or ``pixel``."""
+    """Frozen autoencoder (spec §4): ``vae`` (diffusers AutoencoderKL from ``path``), ``pixel``, or
+    ``conv`` (the small conv autoencoder of :mod:`lumina_lightning.encoders.conv_autoencoder`, for
+    CPU-size latent runs).
+
+    Attributes:
+        train: ``kind: conv`` only — train the autoencoder into ``path`` on this run's training
+            images when ``path`` does not exist yet (like ``data.synthetic``). Keys:
+            ``steps``, ``batch_size``, ``lr``, ``latent_noise``, ``seed`` (of
+            ``train_conv_autoencoder``), ``channels``, ``latent_channels``, ``downsample`` (of its
+            config), and ``manifest`` (default ``data.path``; the images are used at their own size).
+    """
 
     kind: str = "vae"
     path: str | None = None
     scaling_factor: float | None = None
     shift_factor: float | None = None
     dtype: str = "fp32"
+    train: dict[str, Any] | None = None
 
 
 @dataclass

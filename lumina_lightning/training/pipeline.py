@@ -150,18 +150,19 @@ def load_pipeline_config(path: str | os.PathLike, overrides: list[str] = (), smo
     from lumina_lightning.training.recipe import (
         RecipeError,
         _deep_merge,
+        _load_file,
         _nest,
         build_dataclass,
         check_section,
-        load_yaml,
         parse_override,
     )
 
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"pipeline file {path} does not exist")
-    data = load_yaml(path.read_text()) or {}
-    check_section(data, PipelineConfig, str(path))
+    # `defaults: [pipeline]` merges other pipeline files first, as in recipes (recipes/tiny/latent_pipeline.yaml);
+    # stage recipe paths are then read relative to this file
+    data = _load_file(path, (), [], PipelineConfig)
     if smoke:
         data = _deep_merge(data, data.get("smoke") or {})
     for item in overrides:

@@ -339,9 +339,21 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
         raise RecipeError(f"{where}: `model.overrides`: {err}") from None
     _choice(where, "model.init_ema", cfg.model.init_ema, ("raw", "ema", "auto"))
     _choice(where, "model.attention_backend", cfg.model.attention_backend, ("auto", "sdpa", "flash"))
-    _choice(where, "autoencoder.kind", cfg.autoencoder.kind, ("vae", "pixel"))
+    _choice(where, "autoencoder.kind", cfg.autoencoder.kind, ("vae", "pixel", "conv"))
     if cfg.autoencoder.kind == "vae" and not cfg.autoencoder.path and not cfg.data.cache_dir:
         raise RecipeError(f"{where}: `autoencoder.path` is required for autoencoder.kind=vae (a local VAE folder)")
+    if cfg.autoencoder.kind == "conv" and not cfg.autoencoder.path:
+        raise RecipeError(f"{where}: `autoencoder.path` is required for autoencoder.kind=conv (a trained conv autoencoder folder)")
+    if cfg.autoencoder.train is not None:
+        from lumina_lightning.encoders.conv_autoencoder import TRAIN_KEYS
+
+        if cfg.autoencoder.kind != "conv":
+            raise RecipeError(f"{where}: `autoencoder.train` is only for autoencoder.kind=conv, not {cfg.autoencoder.kind!r}")
+        for key in cfg.autoencoder.train:
+            if key not in TRAIN_KEYS:
+                hint = difflib.get_close_matches(str(key), TRAIN_KEYS, n=1)
+                raise RecipeError(f"{where}: unknown key `autoencoder.train.{key}`"
+                                  + (f" (did you mean `{hint[0]}`?)" if hint else f"; known: {', '.join(TRAIN_KEYS)}"))
     for key, value in (("text_encoder.dtype", cfg.text_encoder.dtype), ("autoencoder.dtype", cfg.autoencoder.dtype)):
         _choice(where, key, value, ("fp32", "bf16", "fp16"))
     _choice(where, "objective.timestep_sampler", cfg.objective.timestep_sampler, ("lognorm", "uniform"))

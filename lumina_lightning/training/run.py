@@ -123,14 +123,14 @@ def build_encoders(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
         _LAST_TEXT_ENCODER.clear()
         _LAST_TEXT_ENCODER[key] = text_encoder
     kwargs: dict[str, Any] = {}
-    if ae.kind == "vae":
+    if ae.kind in ("vae", "conv"):
         kwargs = {"scaling_factor": ae.scaling_factor, "shift_factor": ae.shift_factor,
                   "dtype": getattr(torch, _DTYPES[ae.dtype])}
     autoencoder = build_autoencoder(ae.kind, ae.path, **kwargs)
     te_spec = {"path": te.path if te.path == "minilm" else os.path.abspath(text_path), "max_length": te.max_length,
                "attn_implementation": te.attn_implementation}
     ae_spec = {"kind": ae.kind}
-    if ae.kind == "vae":
+    if ae.kind in ("vae", "conv"):
         ae_spec.update(path=os.path.abspath(ae.path), scaling_factor=autoencoder.scaling_factor,
                        shift_factor=autoencoder.shift_factor)
     spec = pipeline_spec(te_spec, ae_spec, default_system=cfg.objective.system, resolution=cfg.data.resolution,
@@ -193,6 +193,30 @@ def ensure_synthetic(cfg: Any) -> None:
         raise FileNotFoundError(f"data.synthetic generated {folder} but data.path {cfg.data.path} is not among its files")
 
 
+def ensure_autoencoder(cfg: Any) -> None:
+    """Train the conv autoencoder where ``autoencoder.train`` asks for it and ``autoencoder.path`` is missing."""
+    ae = cfg.autoencoder
+    if ae.kind != "conv" or ae.train is None or not ae.path or Path(ae.path, "config.json").exists():
+        return
+    from lumina_lightning.encoders.conv_autoencoder import train_from_manifest
+
+    target = Path(ae.path)
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    if rank != 0:  # other ranks wait for rank 0's autoencoder
+        for _ in range(1200):
+            if (target / "config.json").exists():
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"waited 10 minutes for rank 0 to train the autoencoder into {target}")
+    spec = dict(ae.train)
+    log.info("training the conv autoencoder into %s on %s (%s)", target, spec.get("manifest") or cfg.data.path, spec)
+    result = train_from_manifest(cfg.data.path, target, spec)
+    log.info("conv autoencoder: %d images (%d unreadable, skipped), %d steps in %.0f s, held-out reconstruction "
+             "MSE %.4f, latent scale %.4f shift %.4f", result["images"], result["skipped"], result["steps"],
+             result["seconds"], result["recon_mse"], result["config"]["scaling_factor"],
+             result["config"]["shift_factor"])
+
+
 class _DataModule:
     """Builds the training loader once ranks are known (inside ``fit``)."""
 
@@ -246,6 +270,7 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
     out, ckpt_dir = prepare_run(loaded)
 
     ensure_synthetic(cfg)
+    ensure_autoencoder(cfg)
     text_encoder, autoencoder, spec = build_encoders(cfg)
     cache_identity = None
     if cfg.data.cache_dir:
