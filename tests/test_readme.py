@@ -52,6 +52,7 @@ def test_quickstart_main_job_runs_in_smoke_mode(tmp_path):
     assert "prompt-blind chance level:" in out.stdout
     # the detector's ceiling at each stage's size (16 px renders lose more than 32 px ones)
     ceilings = [s["geneval"]["ema"]["detector_ceiling"] for s in summary["stages"]]
+    assert all(s["geneval"]["ema"]["detector_ceiling_autoencoder"] is None for s in summary["stages"])  # pixels
     assert all(0.5 <= c <= 1.0 for c in ceilings) and ceilings[0] <= ceilings[1]
     assert "| detector on ground truth at this size |" in out.stdout
     assert "undersized credits (final model):" in out.stdout and final_eval["undersized"]["correct"] >= 0
@@ -88,6 +89,11 @@ def test_latent_pipeline_runs_in_smoke_mode(tmp_path):
     assert summary["ok"] and [s["stage"] for s in summary["stages"]] == [
         "tiny_latent_stage1", "tiny_latent_stage2", "tiny_latent_stage3"]
     assert all(s["resolution"] == 64 and s["geneval"]["ema"]["overall"] is not None for s in summary["stages"])
+    # the ceiling of a latent model: the detector on the renders passed through its autoencoder
+    for s in summary["stages"]:
+        ceiling = s["geneval"]["ema"]["detector_ceiling_autoencoder"]
+        assert 0.0 <= ceiling <= 1.0 and s["geneval"]["ema"]["detector_ceiling"] == 1.0
+    assert "through the autoencoder) |" in out.stdout
     final = json.loads((Path(summary["stages"][-1]["export"]) / "pipeline.json").read_text())
     assert final["resolution"] == 64 and final["autoencoder"]["kind"] == "conv"
     assert final["autoencoder"]["path"] == str((tmp_path / "runs/tiny_smoke/conv_autoencoder").resolve())

@@ -124,6 +124,10 @@ def _print_validation(dv: dict[str, Any]) -> None:
     if native:
         print(f"  at their native size: {native['overall']:.3f} overall, min task {native['min_tag']:.3f} "
               f"({'passes' if native['passed'] else 'FAILS'}); the evaluated size is the ceiling of the model's score")
+    recon = dv.get("autoencoder")
+    if recon:
+        print(f"  through the model's autoencoder (renders encoded and decoded): {recon['overall']:.3f} overall, "
+              f"min task {recon['min_tag']:.3f}; the ceiling of a latent model's score")
     for f in dv["failures"][:5]:
         print(f"    fail {f['image']} [{f['tag']}] {f['prompt']}: {f['reason'].replace(chr(10), '; ')}")
 

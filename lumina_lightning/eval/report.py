@@ -162,6 +162,10 @@ def _summary_lines(results: dict[str, Any]) -> list[tuple[str, str]]:
         native = dv.get("native")
         native_text = (f"; at the renders' native size {_fmt(native['overall'])} overall, min tag "
                        f"{_fmt(native['min_tag'])}" if native else "")
+        recon = dv.get("autoencoder")
+        if recon:
+            native_text += (f"; through the model's autoencoder {_fmt(recon['overall'])} overall, min tag "
+                            f"{_fmt(recon['min_tag'])}")
         lines.append(("detector on ground truth", f"{_fmt(dv['overall'])} overall{at}, min tag {_fmt(dv['min_tag'])} "
                       f"({'passes' if dv['passed'] else 'FAILS'} the {dv['target']} bar; {dv['images']} images"
                       f"{native_text})"))
@@ -237,12 +241,13 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
         at = f" at {dv['size'][0]}×{dv['size'][1]} (the evaluated size: the ceiling of the model's score)" \
             if dv.get("resized") else ""
         md += [f"## Detector on ground-truth renders{at}", ""]
-        if native:
-            md += ["| task | accuracy | at native size |", "|---|---:|---:|"]
-            md += [f"| {t} | {v:.3f} | {native['tags'].get(t, float('nan')):.3f} |" for t, v in dv["tags"].items()]
-        else:
-            md += ["| task | accuracy |", "|---|---:|"]
-            md += [f"| {t} | {v:.3f} |" for t, v in dv["tags"].items()]
+        # extra columns: the renders at their native size, and passed through a latent model's autoencoder
+        extra = [(label, part["tags"]) for label, part in (("at native size", native),
+                                                          ("through the autoencoder", dv.get("autoencoder"))) if part]
+        md += ["| task | accuracy |" + "".join(f" {label} |" for label, _ in extra),
+               "|---|---:|" + "---:|" * len(extra)]
+        md += [f"| {t} | {v:.3f} |" + "".join(f" {tags.get(t, float('nan')):.3f} |" for _, tags in extra)
+               for t, v in dv["tags"].items()]
         boxes = native or dv  # boxes are matched in the renders' own coordinates
         md += ["", f"Object recall {_fmt(boxes.get('object_recall'))}, precision {_fmt(boxes.get('object_precision'))}"
                    f"{' (native size)' if native else ''}, {_fmt(dv.get('ms_per_image'), 2)} ms per image.", ""]

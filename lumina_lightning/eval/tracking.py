@@ -64,6 +64,9 @@ def metrics_of(results: dict[str, Any]) -> dict[str, float]:
         if dv.get("native"):
             m["detector_gt_native/overall"] = dv["native"]["overall"]
             m["detector_gt_native/min_tag"] = dv["native"]["min_tag"]
+        if dv.get("autoencoder"):
+            m["detector_gt_autoencoder/overall"] = dv["autoencoder"]["overall"]
+            m["detector_gt_autoencoder/min_tag"] = dv["autoencoder"]["min_tag"]
     u = results.get("undersized") or {}
     if u.get("share") is not None:
         m["undersized/share"] = u["share"]

@@ -336,6 +336,9 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
                     "prompt_blind": res.get("prompt_blind"),
                     # the detector on ground-truth renders at this stage's size: the score's ceiling
                     "detector_ceiling": (res.get("detector_validation") or {}).get("overall"),
+                    # ... and on the renders passed through a latent model's autoencoder (None in pixel space)
+                    "detector_ceiling_autoencoder": ((res.get("detector_validation") or {}).get("autoencoder")
+                                                     or {}).get("overall"),
                     "undersized": res.get("undersized"),
                     "seconds": round(time.perf_counter() - t0, 1),
                 }
@@ -486,6 +489,11 @@ def _fmt_score(result: dict[str, Any] | None, interval: bool = False) -> str:
     return f"{text} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else text
 
 
+def _through_ae(result: dict[str, Any] | None) -> str:
+    value = (result or {}).get("detector_ceiling_autoencoder")
+    return "" if value is None else f" ({value:.3f} through the autoencoder)"
+
+
 def _print_summary(summary: dict[str, Any], out: Path) -> None:
     lines = ["", f"=== pipeline `{summary['name']}` finished in {summary['total_seconds'] / 60:.1f} min ===", ""]
     lines.append("| stage | res | steps | train s | loss first→last | val loss (EMA) | GenEval (EMA) [95 % interval] "
@@ -498,7 +506,7 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
             f"| {e['stage']} | {e['resolution']} | {e['steps']} | {e['train_seconds']} | "
             f"{e['loss_first']} → {e['loss_last']} | {val.get('ema', float('nan')):.4f} | "
             f"{_fmt_score(g.get('ema'), interval=True)} | {_fmt_score(g.get('raw'))} | "
-            f"{_fmt_score({'overall': (g.get('ema') or {}).get('detector_ceiling')})} |"
+            f"{_fmt_score({'overall': (g.get('ema') or {}).get('detector_ceiling')})}{_through_ae(g.get('ema'))} |"
         )
     last = summary["stages"][-1]
     final = last.get("geneval", {}).get("ema") or {}
