@@ -27,7 +27,7 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -233,21 +233,6 @@ def train_conv_autoencoder(
         torch.set_num_threads(old_threads)
 
 
-def load_images(paths: Sequence[str | os.PathLike], size: int) -> torch.Tensor:
-    """Images as one (N, 3, size, size) tensor in [-1, 1] (RGB, bicubic resize when needed)."""
-    import numpy as np
-    from PIL import Image
-
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            im = im.convert("RGB")
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BICUBIC)
-            out.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()).permute(2, 0, 1))
-    return torch.stack(out).float() / 127.5 - 1.0
-
-
 # keys of a recipe's `autoencoder.train` section (training/config.py: AutoencoderSection)
 TRAIN_KEYS = ("steps", "batch_size", "lr", "latent_noise", "seed", "channels", "latent_channels", "downsample",
               "manifest")
@@ -260,7 +245,7 @@ def train_from_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     Images are used at their stored size (all must share it); a record whose image cannot be read
     is skipped and counted, as in the training data pipeline.
     """
-    from PIL import Image
+    from lumina_lightning.data.images import BadSample, load_image, to_tensor
 
     unknown = sorted(set(spec) - set(TRAIN_KEYS))
     if unknown:
@@ -269,28 +254,24 @@ def train_from_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     if manifest.suffix != ".jsonl":
         raise ValueError(f"autoencoder.train needs a JSONL manifest of images, got {manifest} "
                          "(set autoencoder.train.manifest)")
-    paths = []
+    tensors, skipped = [], 0
     with open(manifest) as fh:
         for line in fh:
-            if line.strip():
-                image = json.loads(line)["image"]
-                paths.append(image if os.path.isabs(image) else str(manifest.parent / image))
-    sizes, good, skipped = set(), [], 0
-    for p in paths:
-        try:
-            with Image.open(p) as im:
-                im.verify()
-                sizes.add(im.size)
-            good.append(p)
-        except (OSError, ValueError):
-            skipped += 1
-    if not good:
+            if not line.strip():
+                continue
+            image = json.loads(line)["image"]
+            try:
+                tensors.append(to_tensor(load_image(image if os.path.isabs(image) else str(manifest.parent / image))))
+            except BadSample:
+                skipped += 1
+    if not tensors:
         raise ValueError(f"no readable images in {manifest}")
-    if len(sizes) != 1 or next(iter(sizes))[0] != next(iter(sizes))[1]:
-        raise ValueError(f"autoencoder.train needs square images of one size; {manifest} has {sorted(sizes)[:4]}")
-    images = load_images(good, next(iter(sizes))[0])
+    sizes = sorted({tuple(t.shape[1:]) for t in tensors})
+    if len(sizes) != 1:
+        raise ValueError(f"autoencoder.train needs images of one size; {manifest} has {sizes[:4]}")
+    images = torch.stack(tensors)
     arch = {k: spec[k] for k in ("channels", "latent_channels", "downsample") if k in spec}
     kwargs = {k: spec[k] for k in ("steps", "batch_size", "lr", "latent_noise", "seed") if k in spec}
     result = train_conv_autoencoder(images, out_dir, config=ConvAutoencoderConfig(**arch), threads=threads, **kwargs)
-    result.update(images=len(good), skipped=skipped, manifest=str(manifest))
+    result.update(images=len(tensors), skipped=skipped, manifest=str(manifest))
     return result

@@ -526,13 +526,12 @@ def autoencoder_roundtrip(autoencoder: Any) -> Callable[[Image.Image], Image.Ima
     """PIL image -> the same image encoded and decoded by ``autoencoder`` (what a latent model can draw)."""
     import torch
 
+    from lumina_lightning.data.images import to_pil, to_rgb, to_tensor
+
     def roundtrip(image: Image.Image) -> Image.Image:
-        x = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
-        x = (x.float() / 127.5 - 1.0).unsqueeze(0)
         device = next((p.device for p in autoencoder.parameters()), torch.device("cpu"))
         with torch.no_grad():
-            y = autoencoder.decode(autoencoder.encode(x.to(device)))[0].float().cpu()
-        y = ((y.clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-        return Image.fromarray(y)
+            y = autoencoder.decode(autoencoder.encode(to_tensor(to_rgb(image)).unsqueeze(0).to(device)))
+        return to_pil(y[0])
 
     return roundtrip
