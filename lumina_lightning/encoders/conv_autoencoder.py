@@ -240,30 +240,26 @@ TRAIN_KEYS = ("steps", "batch_size", "lr", "latent_noise", "seed", "channels", "
 
 def train_from_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, spec: dict[str, Any],
                         threads: int | None = None) -> dict[str, Any]:
-    """Train into ``out_dir`` on the images of a JSONL manifest (a recipe's ``autoencoder.train``).
+    """Train into ``out_dir`` on the images of a run's data (a recipe's ``autoencoder.train``).
 
-    Images are used at their stored size (all must share it); a record whose image cannot be read
-    is skipped and counted, as in the training data pipeline.
+    ``manifest``: anything ``data.path`` accepts (JSONL manifest, data YAML, folder), read with the
+    data pipeline's own reader; ``spec["manifest"]`` overrides it. Images are used at their stored
+    size (all must share it); a record whose image cannot be read is skipped and counted, as in
+    the training data pipeline.
     """
     from lumina_lightning.data.images import BadSample, load_image, to_tensor
+    from lumina_lightning.data.records import load_records
 
     unknown = sorted(set(spec) - set(TRAIN_KEYS))
     if unknown:
         raise ValueError(f"unknown autoencoder.train key(s) {unknown}; known: {list(TRAIN_KEYS)}")
-    manifest = Path(spec.get("manifest") or manifest)
-    if manifest.suffix != ".jsonl":
-        raise ValueError(f"autoencoder.train needs a JSONL manifest of images, got {manifest} "
-                         "(set autoencoder.train.manifest)")
+    manifest = spec.get("manifest") or manifest
     tensors, skipped = [], 0
-    with open(manifest) as fh:
-        for line in fh:
-            if not line.strip():
-                continue
-            image = json.loads(line)["image"]
-            try:
-                tensors.append(to_tensor(load_image(image if os.path.isabs(image) else str(manifest.parent / image))))
-            except BadSample:
-                skipped += 1
+    for record in load_records(manifest).records:
+        try:
+            tensors.append(to_tensor(load_image(record.image)))
+        except BadSample:
+            skipped += 1
     if not tensors:
         raise ValueError(f"no readable images in {manifest}")
     sizes = sorted({tuple(t.shape[1:]) for t in tensors})

@@ -65,7 +65,8 @@ class AutoencoderSection:
             images when ``path`` does not exist yet (like ``data.synthetic``). Keys:
             ``steps``, ``batch_size``, ``lr``, ``latent_noise``, ``seed`` (of
             ``train_conv_autoencoder``), ``channels``, ``latent_channels``, ``downsample`` (of its
-            config), and ``manifest`` (default ``data.path``; the images are used at their own size).
+            config), and ``manifest`` (default ``data.path``; a manifest, data YAML or folder, whose images
+            are used at their own size).
     """
 
     kind: str = "vae"

@@ -20,7 +20,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("lumina_lightning.train")
 
@@ -166,6 +166,26 @@ def validation_batches(cfg: Any) -> list[dict[str, Any]]:
     return batches
 
 
+def _built_on_rank_zero(ready: Callable[[], bool], build: Callable[[], None], what: str, wait_s: float,
+                        lock: Path | None = None) -> None:
+    """Rank 0 runs ``build`` (behind ``lock`` while it runs); the other ranks wait until ``ready()``."""
+    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    if rank != 0:
+        for _ in range(int(wait_s / 0.5)):
+            if ready() and (lock is None or not lock.exists()):
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"waited {wait_s / 60:.0f} minutes for rank 0 to {what}")
+    if lock is not None:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        lock.touch()
+    try:
+        build()
+    finally:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+
+
 def ensure_synthetic(cfg: Any) -> None:
     """Generate the synthetic dataset where ``data.synthetic`` asks for it and ``data.path`` is missing."""
     spec = cfg.data.synthetic
@@ -174,21 +194,13 @@ def ensure_synthetic(cfg: Any) -> None:
     from lumina_lightning.data.synth import generate_synthetic
 
     folder = Path(cfg.data.path).parent
-    lock = folder.with_name(folder.name + ".generating")
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
-    if rank != 0:  # other ranks wait for rank 0's dataset
-        for _ in range(600):
-            if Path(cfg.data.path).exists() and not lock.exists():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"waited 5 minutes for rank 0 to generate {cfg.data.path}")
-    log.info("generating the synthetic dataset into %s (%s)", folder, spec)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    lock.touch()
-    try:
+
+    def build() -> None:
+        log.info("generating the synthetic dataset into %s (%s)", folder, spec)
         generate_synthetic(folder, progress=True, **spec)
-    finally:
-        lock.unlink(missing_ok=True)
+
+    _built_on_rank_zero(lambda: Path(cfg.data.path).exists(), build, f"generate {cfg.data.path}", 300,
+                        lock=folder.with_name(folder.name + ".generating"))
     if not Path(cfg.data.path).exists():
         raise FileNotFoundError(f"data.synthetic generated {folder} but data.path {cfg.data.path} is not among its files")
 
@@ -200,21 +212,20 @@ def ensure_autoencoder(cfg: Any) -> None:
         return
     from lumina_lightning.encoders.conv_autoencoder import train_from_manifest
 
-    target = Path(ae.path)
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
-    if rank != 0:  # other ranks wait for rank 0's autoencoder
-        for _ in range(1200):
-            if (target / "config.json").exists():
-                return
-            time.sleep(0.5)
-        raise TimeoutError(f"waited 10 minutes for rank 0 to train the autoencoder into {target}")
-    spec = dict(ae.train)
-    log.info("training the conv autoencoder into %s on %s (%s)", target, spec.get("manifest") or cfg.data.path, spec)
-    result = train_from_manifest(cfg.data.path, target, spec)
-    log.info("conv autoencoder: %d images (%d unreadable, skipped), %d steps in %.0f s, held-out reconstruction "
-             "MSE %.4f, latent scale %.4f shift %.4f", result["images"], result["skipped"], result["steps"],
-             result["seconds"], result["recon_mse"], result["config"]["scaling_factor"],
-             result["config"]["shift_factor"])
+    target, spec = Path(ae.path), dict(ae.train)
+
+    def build() -> None:
+        log.info("training the conv autoencoder into %s on %s (%s)", target, spec.get("manifest") or cfg.data.path,
+                 spec)
+        result = train_from_manifest(cfg.data.path, target, spec)
+        log.info("conv autoencoder: %d images (%d unreadable, skipped), %d steps in %.0f s, held-out "
+                 "reconstruction MSE %.4f, latent scale %.4f shift %.4f", result["images"], result["skipped"],
+                 result["steps"], result["seconds"], result["recon_mse"], result["config"]["scaling_factor"],
+                 result["config"]["shift_factor"])
+
+    # config.json is written last (save_conv_autoencoder), so its presence means a complete folder
+    _built_on_rank_zero(lambda: (target / "config.json").exists(), build,
+                        f"train the autoencoder into {target}", 600)
 
 
 class _DataModule:
