@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from lumina_lightning.data import synth
-from lumina_lightning.data.records import read_manifest
+from lumina_lightning.data.records import load_records, read_manifest
 
 
 def _digest(root: Path) -> dict[str, str]:
@@ -129,6 +129,23 @@ def test_manifest_reads_as_records(dataset):
     recs = read_manifest(dataset.train)
     assert len(recs) == 120 and recs[0].width == 32 and Path(recs[0].image).is_file()
     assert recs[0].meta["tag"] == "single_object" and recs[0].captions["short"]
+
+
+def test_subset_manifests_split_the_training_scenes_by_task(dataset):
+    """train_hq.jsonl holds the multi-object scenes, train_single.jsonl the one-object ones (stage 1 of
+    recipes/tiny/shapes_pipeline.yaml), each in the training manifest's order; single_mix.yaml reads
+    every scene plus the one-object scenes again."""
+    train = _rows(dataset.train)
+    hq, single = _rows(dataset.train_hq), _rows(dataset.train_single)
+    assert {r["meta"]["tag"] for r in hq} == set(synth.HQ_TAGS)
+    assert {r["meta"]["tag"] for r in single} == set(synth.SINGLE_TAGS)
+    assert all(len(r["meta"]["objects"]) == 1 for r in single)
+    assert all(len(r["meta"]["objects"]) >= 2 or r["meta"]["tag"] == "counting" for r in hq)
+    assert single == [r for r in train if r["meta"]["tag"] in synth.SINGLE_TAGS]
+    assert len(hq) + len(single) == len(train)
+    mix = load_records(dataset.single_mix)
+    assert [r.meta["id"] for r in mix.records] == [r["meta"]["id"] for r in single + train]
+    assert len(mix.epoch_indices(seed=0, epoch=0)) == len(single) + len(train)
 
 
 def test_palette_is_well_separated():

@@ -289,6 +289,28 @@ def test_latent_pipeline_is_the_pixel_pipeline_with_its_own_stages():
     assert load_recipe(RECIPES / "tiny" / "stage2_highres.yaml").config.autoencoder.kind == "pixel"
 
 
+def test_shapes_pipeline_learns_one_object_scenes_first():
+    """recipes/tiny/shapes_pipeline.yaml: the pixel pipeline with stage 1 at 32 px on the one-object
+    scenes and stage 2 on every scene plus those again; the recipes themselves are unchanged."""
+    from lumina_lightning.data.synth import SINGLE_TAGS
+    from lumina_lightning.training.pipeline import load_pipeline_config
+
+    pixel = load_pipeline_config(RECIPES / "tiny" / "pipeline.yaml")
+    shapes = load_pipeline_config(RECIPES / "tiny" / "shapes_pipeline.yaml")
+    assert shapes.name == "tiny_shapes" and shapes.output_dir == "runs/tiny_shapes"
+    assert (shapes.eval, shapes.targets, shapes.synthetic) == (pixel.eval, pixel.targets, pixel.synthetic)
+    assert [s.recipe for s in shapes.stages] == [s.recipe for s in pixel.stages]
+    s1, s2, s3 = (load_recipe(s.recipe, s.overrides).config for s in shapes.stages)
+    base1 = load_recipe(RECIPES / "tiny" / "stage1_lowres.yaml").config
+    assert s1.data.path.endswith("/train_single.jsonl") and s1.data.resolution == 32 and s1.trainer.max_steps == 2000
+    assert base1.data.path.endswith("/train.jsonl") and base1.data.resolution == 16
+    assert s2.data.path.endswith("/single_mix.yaml") and s2.model.init_from == f"{s1.output_dir}/export"
+    assert s3.model.init_from == f"{s2.output_dir}/export"
+    # the files it reads are the synthetic generator's, beside the training manifest
+    assert Path(s1.data.path).parent == Path(base1.data.path).parent == Path(s2.data.path).parent
+    assert set(SINGLE_TAGS) == {"single_object", "colors"}
+
+
 def test_pipeline_defaults_cycle_is_an_error(tmp_path):
     from lumina_lightning.training.pipeline import load_pipeline_config
 

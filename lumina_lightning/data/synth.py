@@ -137,12 +137,16 @@ class SyntheticDataset:
     n_test: int
     train_hq: Path | None = None
     hq_data: Path | None = None
+    train_single: Path | None = None
+    single_mix: Path | None = None
 
 
 # --------------------------------------------------------------------------------------------
 # Scene sampling
 # Tasks whose scenes hold several objects: the tiny pipeline's "high-quality" subset.
 HQ_TAGS = ("two_object", "counting", "position", "color_attr")
+# Tasks whose scenes hold one large object: recipes/tiny/shapes_pipeline.yaml learns shapes on these first.
+SINGLE_TAGS = ("single_object", "colors")
 
 
 # --------------------------------------------------------------------------------------------
@@ -614,6 +618,14 @@ def generate_synthetic(
     # rich scenes, whose dense captions carry the most, mixed with half of everything else
     # through a data YAML in the official META style.
     dump([r for r in train if r["meta"]["tag"] in HQ_TAGS], root / "train_hq.jsonl")
+    # One large object per scene: the subset on which a tiny model first learns to draw a shape at
+    # all (stage 1 of recipes/tiny/shapes_pipeline.yaml; measured in the README's tiny-pipeline section).
+    dump([r for r in train if r["meta"]["tag"] in SINGLE_TAGS], root / "train_single.jsonl")
+    (root / "single_mix.yaml").write_text(
+        "# every scene once + the one-object scenes again each epoch (recipes/tiny/shapes_pipeline.yaml, stage 2)\n"
+        "META:\n  - path: train_single.jsonl\n    ratio: 1.0\n  - path: train.jsonl\n    ratio: 1.0\n",
+        encoding="utf-8",
+    )
     (root / "hq.yaml").write_text(
         "# HQ mix for the tiny HQ stage: multi-object scenes in full + a random half of all scenes each epoch\n"
         "META:\n  - path: train_hq.jsonl\n    ratio: 1.0\n  - path: train.jsonl\n    ratio: 0.5\n",
@@ -634,7 +646,8 @@ def generate_synthetic(
     (root / "synth_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return SyntheticDataset(root, root / "images", root / "train.jsonl", root / "test.jsonl",
                             root / "test_geneval.jsonl", root / "synth_config.json", n, n_test,
-                            root / "train_hq.jsonl", root / "hq.yaml")
+                            root / "train_hq.jsonl", root / "hq.yaml", root / "train_single.jsonl",
+                            root / "single_mix.yaml")
 
 
 def scene_from_meta(meta: dict[str, Any], width: int, height: int) -> Scene:
