@@ -97,3 +97,20 @@ def test_latent_pipeline_runs_in_smoke_mode(tmp_path):
     final = json.loads((Path(summary["stages"][-1]["export"]) / "pipeline.json").read_text())
     assert final["resolution"] == 64 and final["autoencoder"]["kind"] == "conv"
     assert final["autoencoder"]["path"] == str((tmp_path / "runs/tiny_smoke/conv_autoencoder").resolve())
+
+
+def test_shapes_pipeline_runs_in_smoke_mode(tmp_path):
+    """`lumina pipeline recipes/tiny/shapes_pipeline.yaml --smoke`: stage 1 reads the one-object scenes at
+    32 px, stage 2 the mix, from the dataset the pipeline generates."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    out = subprocess.run([sys.executable, "-m", "lumina_lightning", "pipeline",
+                          str(ROOT / "recipes" / "tiny" / "shapes_pipeline.yaml"), "--smoke"], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
+    summary = json.loads(next(tmp_path.glob("runs/*/summary.json")).read_text())
+    assert summary["ok"] and [s["resolution"] for s in summary["stages"]] == [32, 32, 32]
+    single = sum(1 for _ in open(tmp_path / "runs/tiny/synthetic/train_single.jsonl"))
+    logs = out.stdout + out.stderr
+    # stage 1 on the one-object scenes, stage 2 on every scene plus those again, stage 3 on the HQ mix
+    assert f"data: {single} usable records" in logs and f"data: {4000 + single} usable records" in logs
+    assert 0 < single < 4000
