@@ -302,7 +302,7 @@ def test_shapes_pipeline_learns_one_object_scenes_first():
     assert [s.recipe for s in shapes.stages] == [s.recipe for s in pixel.stages]
     s1, s2, s3 = (load_recipe(s.recipe, s.overrides).config for s in shapes.stages)
     base1 = load_recipe(RECIPES / "tiny" / "stage1_lowres.yaml").config
-    assert s1.data.path.endswith("/train_single.jsonl") and s1.data.resolution == 32 and s1.trainer.max_steps == 2000
+    assert s1.data.path.endswith("/train_single.jsonl") and s1.data.resolution == 32 and s1.trainer.max_steps == 4000
     assert base1.data.path.endswith("/train.jsonl") and base1.data.resolution == 16
     assert s2.data.path.endswith("/single_mix.yaml") and s2.model.init_from == f"{s1.output_dir}/export"
     assert s3.model.init_from == f"{s2.output_dir}/export"
