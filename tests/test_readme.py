@@ -109,7 +109,7 @@ def test_shapes_pipeline_runs_in_smoke_mode(tmp_path):
     assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
     summary = json.loads(next(tmp_path.glob("runs/*/summary.json")).read_text())
     assert summary["ok"] and [s["resolution"] for s in summary["stages"]] == [32, 32, 32]
-    single = sum(1 for _ in open(tmp_path / "runs/tiny/synthetic/train_single.jsonl"))
+    single = len((tmp_path / "runs/tiny/synthetic/train_single.jsonl").read_text().splitlines())
     logs = out.stdout + out.stderr
     # stage 1 on the one-object scenes, stage 2 on every scene plus those again, stage 3 on the HQ mix
     assert f"data: {single} usable records" in logs and f"data: {4000 + single} usable records" in logs

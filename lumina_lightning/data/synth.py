@@ -617,20 +617,18 @@ def generate_synthetic(
     # A stand-in for curated "high-quality" data (the HQ tuning stage, spec §5): the compositionally
     # rich scenes, whose dense captions carry the most, mixed with half of everything else
     # through a data YAML in the official META style.
+    def mix(path: Path, comment: str, sources: list[tuple[str, float]]) -> None:
+        entries = "".join(f"  - path: {name}\n    ratio: {ratio}\n" for name, ratio in sources)
+        path.write_text(f"# {comment}\nMETA:\n{entries}", encoding="utf-8")
+
     dump([r for r in train if r["meta"]["tag"] in HQ_TAGS], root / "train_hq.jsonl")
     # One large object per scene: the subset on which a tiny model first learns to draw a shape at
     # all (stage 1 of recipes/tiny/shapes_pipeline.yaml; measured in the README's tiny-pipeline section).
     dump([r for r in train if r["meta"]["tag"] in SINGLE_TAGS], root / "train_single.jsonl")
-    (root / "single_mix.yaml").write_text(
-        "# every scene once + the one-object scenes again each epoch (recipes/tiny/shapes_pipeline.yaml, stage 2)\n"
-        "META:\n  - path: train_single.jsonl\n    ratio: 1.0\n  - path: train.jsonl\n    ratio: 1.0\n",
-        encoding="utf-8",
-    )
-    (root / "hq.yaml").write_text(
-        "# HQ mix for the tiny HQ stage: multi-object scenes in full + a random half of all scenes each epoch\n"
-        "META:\n  - path: train_hq.jsonl\n    ratio: 1.0\n  - path: train.jsonl\n    ratio: 0.5\n",
-        encoding="utf-8",
-    )
+    mix(root / "single_mix.yaml", "every scene once + the one-object scenes again each epoch "
+        "(recipes/tiny/shapes_pipeline.yaml, stage 2)", [("train_single.jsonl", 1.0), ("train.jsonl", 1.0)])
+    mix(root / "hq.yaml", "HQ mix for the tiny HQ stage: multi-object scenes in full + a random half of all "
+        "scenes each epoch", [("train_hq.jsonl", 1.0), ("train.jsonl", 0.5)])
     prompts: dict[str, dict[str, Any]] = {}
     for row in test:
         meta = row["meta"]
