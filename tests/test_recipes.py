@@ -291,7 +291,8 @@ def test_latent_pipeline_is_the_pixel_pipeline_with_its_own_stages():
 
 def test_shapes_pipeline_learns_one_object_scenes_first():
     """recipes/tiny/shapes_pipeline.yaml: the pixel pipeline with stage 1 at 32 px on the one-object
-    scenes and stage 2 on every scene plus those again; the recipes themselves are unchanged."""
+    scenes, stage 2 on every scene plus those again, stage 3 on the one-object scenes for twice its
+    steps, stages 2 and 3 without the pooled loss; the recipes themselves are unchanged."""
     from lumina_lightning.data.synth import SINGLE_TAGS
     from lumina_lightning.training.pipeline import load_pipeline_config
 
@@ -306,6 +307,11 @@ def test_shapes_pipeline_learns_one_object_scenes_first():
     assert base1.data.path.endswith("/train.jsonl") and base1.data.resolution == 16
     assert s2.data.path.endswith("/single_mix.yaml") and s2.model.init_from == f"{s1.output_dir}/export"
     assert s3.model.init_from == f"{s2.output_dir}/export"
+    assert s2.trainer.max_steps == 320 and s3.data.path == s1.data.path and s3.trainer.max_steps == 640
+    base3 = load_recipe(RECIPES / "tiny" / "stage3_hq.yaml").config
+    assert base3.data.path.endswith("/hq.yaml") and base3.trainer.max_steps == 320
+    assert (s1.objective.aux_loss, s2.objective.aux_loss, s3.objective.aux_loss) == (False, False, False)
+    assert load_recipe(RECIPES / "tiny" / "stage2_highres.yaml").config.objective.aux_loss
     # the files it reads are the synthetic generator's, beside the training manifest
     assert Path(s1.data.path).parent == Path(base1.data.path).parent == Path(s2.data.path).parent
     assert set(SINGLE_TAGS) == {"single_object", "colors"}

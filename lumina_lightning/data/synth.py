@@ -623,7 +623,7 @@ def generate_synthetic(
 
     dump([r for r in train if r["meta"]["tag"] in HQ_TAGS], root / "train_hq.jsonl")
     # One large object per scene: the subset on which a tiny model first learns to draw a shape at
-    # all (stage 1 of recipes/tiny/shapes_pipeline.yaml; measured in the README's tiny-pipeline section).
+    # all (stages 1 and 3 of recipes/tiny/shapes_pipeline.yaml; measured in the README's tiny-pipeline section).
     dump([r for r in train if r["meta"]["tag"] in SINGLE_TAGS], root / "train_single.jsonl")
     mix(root / "single_mix.yaml", "every scene once + the one-object scenes again each epoch "
         "(recipes/tiny/shapes_pipeline.yaml, stage 2)", [("train_single.jsonl", 1.0), ("train.jsonl", 1.0)])
