@@ -35,9 +35,14 @@ from lumina_lightning.data.loader import build_dataloader
 from lumina_lightning.data.synth import generate_synthetic
 
 
-def _loader_rate(cfg: DataConfig, batch_size: int, workers: int, batches: int) -> tuple[float, float]:
-    """(images/s after the first batch, seconds to the first batch)."""
+def _loader_rate(cfg: DataConfig, batch_size: int, workers: int, batches: int,
+                 warm: bool = False) -> tuple[float, float]:
+    """(images/s after the first batch, seconds to the first batch); ``warm``: after one full epoch
+    (what ``data.memory_cache_mb`` serves from memory)."""
     loader = build_dataloader(cfg, batch_size=batch_size, seed=0, num_workers=workers)
+    if warm:
+        for _ in loader:
+            pass
     start = time.perf_counter()
     it = iter(loader)
     next(it)
@@ -186,6 +191,11 @@ def main(argv: list[str] | None = None) -> int:
                 rate, first = best(lambda: _loader_rate(cfg, bs, workers, batches[res]))
                 rates[(res, f"images w{workers}")] = rate
                 rows.append((f"decode→bucket→batch {res}px", str(workers), rate, f"first batch {first:.2f}s"))
+            # the same after one epoch with the decoded-image memory cache (data.memory_cache_mb)
+            cfg = DataConfig(path=str(sets[res]), resolution=res, memory_cache_mb=1024)
+            rate, _ = best(lambda: _loader_rate(cfg, bs, 0, batches[res], warm=True))
+            rates[(res, "memory w0")] = rate
+            rows.append((f"decode→bucket→batch {res}px, memory cache", "0", rate, "second epoch on"))
         for res in (64, 256):
             cache_dir = workdir / f"cache{res}"
             if cache_dir.exists():
@@ -218,9 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name_.ljust(width)}  {workers:>7}  {rate:8.0f}  {note}")
     print("\nloader / tiny-step ratio (target >= 5x); the image path at 256 px feeds a step that must also run")
     print("the VAE, the cached path a step on latents; at 64 px the pixel autoencoder is the identity:")
-    consumers = {(64, "images"): step64, (64, "cached"): step64, (256, "images"): onthefly256, (256, "cached"): step256}
+    consumers = {(64, "images"): step64, (64, "cached"): step64, (256, "images"): onthefly256, (256, "cached"): step256,
+                 (64, "memory"): step64, (256, "memory"): onthefly256}
     for res in (64, 256):
-        for key in ("images w0", "images w2", "cached w0", "cached w2"):
+        for key in ("images w0", "images w2", "memory w0", "cached w0", "cached w2"):
             ratio = rates[(res, key)] / consumers[(res, key.split()[0])]
             verdict = "ok" if ratio >= 5 else "BELOW 5x"
             print(f"  {res:>3}px {key:<10} {ratio:6.1f}x  {verdict}")

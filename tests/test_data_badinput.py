@@ -142,3 +142,21 @@ def test_all_bad_batch_is_dropped_not_fatal(tmp_path):
     cfg = DataConfig(path=str(_write(tmp_path, rows)), resolution=32, max_skip_rate=1.0, skip_check_min_samples=0)
     batches = list(build_dataloader(cfg, batch_size=4, seed=0))
     assert [len(b["indices"]) for b in batches] == [4]
+
+
+def test_memory_cache_still_counts_every_skip_and_upscale(tmp_path):
+    """Cached pixels carry their upscale event; failed images are never cached, so every visit
+    counts them again, exactly as without the cache."""
+    rows = _good(tmp_path, 15) + _bad_rows(tmp_path)
+    Image.new("RGB", (16, 16), (9, 9, 9)).save(tmp_path / "half.png")
+    rows.append({"image": "half.png", "caption": "16x16, upscaled into the 32x32 bucket"})
+    counts = []
+    for mb in (0, 16):
+        cfg = DataConfig(path=str(_write(tmp_path, rows)), resolution=32, max_skip_rate=1.0,
+                         skip_check_min_samples=0, drop_last=False, memory_cache_mb=mb)
+        loader = build_dataloader(cfg, batch_size=4, seed=0)
+        epochs = [[b["indices"].tolist() for b in loader] for _ in range(2)]
+        counts.append((epochs, dict(loader.skips.skipped), dict(loader.skips.events)))
+    assert counts[0] == counts[1]
+    epochs, skipped, events = counts[1]
+    assert skipped == {"missing_file": 2, "unreadable_image": 2} and events["upscaled"] >= 4

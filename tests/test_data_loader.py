@@ -171,3 +171,41 @@ def test_resume_refuses_changed_data(data):
 def test_too_little_data_is_a_clear_error(data):
     with pytest.raises(ValueError, match="too few"):
         build_dataloader(_cfg(data), batch_size=200, seed=0)
+
+
+def test_memory_cache_serves_the_same_batches_without_decoding_again(data, monkeypatch):
+    """``data.memory_cache_mb``: later epochs read decoded pixels from memory, bitwise the same."""
+    import lumina_lightning.data.dataset as dataset_mod
+
+    decodes = []
+    real = dataset_mod.load_image
+    monkeypatch.setattr(dataset_mod, "load_image", lambda path: decodes.append(path) or real(path))
+    plain = build_dataloader(_cfg(data), batch_size=4, seed=3)
+    cached = build_dataloader(_cfg(data, memory_cache_mb=64), batch_size=4, seed=3)
+    want = [list(plain), list(plain)]
+    decodes.clear()
+    got = [list(cached)]
+    first_epoch = len(decodes)
+    got.append(list(cached))
+    seen = [{i for b in _ids(epoch) for i in b} for epoch in got]
+    # drop_last leaves a different remainder out of each epoch: only those are new in the second
+    assert first_epoch == len(seen[0]) and len(decodes) == first_epoch + len(seen[1] - seen[0]) < 2 * first_epoch
+    for we, ge in zip(want, got):
+        assert _ids(we) == _ids(ge)
+        for w, g in zip(we, ge):
+            assert torch.equal(w["pixels"], g["pixels"]) and w["captions"] == g["captions"]
+    # a batch is a copy: editing it in place leaves the cache (and the next epoch) untouched
+    got[0][0]["pixels"].zero_()
+    cached.batch_sampler.set_epoch(0)
+    assert torch.equal(next(iter(cached))["pixels"], want[0][0]["pixels"])
+
+
+def test_memory_cache_keeps_to_its_budget(data):
+    cfg = _cfg(data, memory_cache_mb=0.05)  # 52 kB: four 32x32 float images (12 kB each), not five
+    loader = build_dataloader(cfg, batch_size=4, seed=0)
+    list(loader)
+    ds = loader.dataset
+    assert 0 < len(ds._pixels) and ds._pixel_bytes <= 0.05 * 2**20
+    assert ds._pixel_bytes == sum(p.nbytes for p, _ in ds._pixels.values())
+    with pytest.raises(ValueError, match="memory_cache_mb"):
+        _cfg(data, memory_cache_mb=-1)

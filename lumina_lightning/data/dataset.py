@@ -38,7 +38,7 @@ from .buckets import assign_bucket, bucket_list, cover_scale
 from .captions import available_levels, choose_caption
 from .config import DataConfig
 from .images import image_size, load_image, resize_cover_center_crop, to_array
-from .records import RecordSet
+from .records import Record, RecordSet
 from .skips import EMPTY_CAPTION, TOO_SMALL, UPSCALED, BadSample, SkipCounter
 
 log = logging.getLogger("lumina_lightning.data")
@@ -280,19 +280,45 @@ class _BatchDatasetBase(Dataset, metaclass=abc.ABCMeta):
 class ImageTextDataset(_BatchDatasetBase):
     """Decodes images from a :class:`DataPlan` into ``pixels`` batches (see the module docstring)."""
 
+    def __init__(self, plan: DataPlan, cfg: DataConfig, seed: int):
+        super().__init__(plan, cfg, seed)
+        # (record index, bucket) -> (pixels, upscaled): ``data.memory_cache_mb``. Filled first come,
+        # never evicted: an epoch visits every record once, so evicting would only thrash. Failed
+        # images are never stored, so they are skipped and counted again on every visit.
+        self._pixels: dict[tuple[int, tuple[int, int]], tuple[np.ndarray, bool]] = {}
+        self._pixel_bytes = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        # worker processes and checkpointed loader state start with an empty cache
+        state = dict(self.__dict__)
+        state["_pixels"], state["_pixel_bytes"] = {}, 0
+        return state
+
+    def _decode(self, record: Record, bucket: tuple[int, int]) -> tuple[np.ndarray, bool]:
+        img = load_image(record.image)
+        scale = cover_scale(img.width, img.height, bucket)
+        upscaled = scale > 1.0 + 1e-9
+        if upscaled and self.cfg.min_size_policy == "skip" and scale > self.cfg.max_upscale + 1e-9:
+            raise BadSample(TOO_SMALL, f"{record.image}: {img.width}x{img.height} is smaller than bucket "
+                            f"{bucket[0]}x{bucket[1]}")
+        return to_array(resize_cover_center_crop(img, bucket)), upscaled
+
     def _load_one(self, epoch: int, index: int, bucket: tuple[int, int], report: SkipCounter) -> dict[str, Any]:
         record = self.plan.records.records[index]
         chosen = self._caption(record.captions, epoch, index)
         if chosen is None:
             raise BadSample(EMPTY_CAPTION, f"{record.image}: no non-empty caption")
-        img = load_image(record.image)
-        scale = cover_scale(img.width, img.height, bucket)
-        if scale > 1.0 + 1e-9:
-            if self.cfg.min_size_policy == "skip" and scale > self.cfg.max_upscale + 1e-9:
-                raise BadSample(TOO_SMALL, f"{record.image}: {img.width}x{img.height} is smaller than bucket "
-                                f"{bucket[0]}x{bucket[1]}")
+        key = (index, tuple(bucket))
+        hit = self._pixels.get(key)
+        if hit is None:
+            hit = self._decode(record, bucket)
+            if self._pixel_bytes + hit[0].nbytes <= self.cfg.memory_cache_mb * 2**20:
+                hit[0].setflags(write=False)  # batches are stacked copies; nobody may edit the cached one
+                self._pixels[key] = hit
+                self._pixel_bytes += hit[0].nbytes
+        pixels, upscaled = hit
+        if upscaled:
             report.events[UPSCALED] += 1
-        pixels = to_array(resize_cover_center_crop(img, bucket))
         level, text = chosen
         return {"pixels": pixels, "caption": text, "level": level, "system": record.system or self.cfg.system,
                 "index": index}
