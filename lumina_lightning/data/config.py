@@ -61,7 +61,9 @@ class DataConfig:
         snapshot_every_n_steps: how often workers snapshot their state (StatefulDataLoader).
         memory_cache_mb: keep decoded, resized images in memory, up to this many MB per loader
             process (0 = off). Exact: a sample's pixels depend only on its image and bucket. It pays
-            where decoding is a visible share of a step, i.e. small images and small models on CPU.
+            where decoding is a visible share of a step, i.e. small images and small models on CPU
+            with ``num_workers=0``; a worker's cache lives as long as the worker (set
+            ``persistent_workers`` to keep it across epochs).
     """
 
     path: str | None = None
