@@ -132,8 +132,8 @@ def test_manifest_reads_as_records(dataset):
 
 
 def test_subset_manifests_split_the_training_scenes_by_task(dataset):
-    """train_hq.jsonl holds the multi-object scenes, train_single.jsonl the one-object ones (stage 1 of
-    recipes/tiny/shapes_pipeline.yaml), each in the training manifest's order; single_mix.yaml reads
+    """train_hq.jsonl holds the multi-object scenes, train_single.jsonl the one-object ones (stages 1 and 3
+    of recipes/tiny/shapes_pipeline.yaml), each in the training manifest's order; single_mix.yaml reads
     every scene plus the one-object scenes again."""
     train = _rows(dataset.train)
     hq, single = _rows(dataset.train_hq), _rows(dataset.train_single)

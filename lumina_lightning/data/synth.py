@@ -614,21 +614,22 @@ def generate_synthetic(
 
     dump(train, root / "train.jsonl")
     dump(test, root / "test.jsonl")
-    # A stand-in for curated "high-quality" data (the HQ tuning stage, spec §5): the compositionally
-    # rich scenes, whose dense captions carry the most, mixed with half of everything else
-    # through a data YAML in the official META style.
+
     def mix(path: Path, comment: str, sources: list[tuple[str, float]]) -> None:
+        """A data YAML in the official META style (sources and per-epoch ratios)."""
         entries = "".join(f"  - path: {name}\n    ratio: {ratio}\n" for name, ratio in sources)
         path.write_text(f"# {comment}\nMETA:\n{entries}", encoding="utf-8")
 
+    # A stand-in for curated "high-quality" data (the HQ tuning stage, spec §5): the compositionally
+    # rich scenes, whose dense captions carry the most, mixed with half of everything else.
     dump([r for r in train if r["meta"]["tag"] in HQ_TAGS], root / "train_hq.jsonl")
+    mix(root / "hq.yaml", "HQ mix for the tiny HQ stage: multi-object scenes in full + a random half of all "
+        "scenes each epoch", [("train_hq.jsonl", 1.0), ("train.jsonl", 0.5)])
     # One large object per scene: the subset on which a tiny model first learns to draw a shape at
     # all (stages 1 and 3 of recipes/tiny/shapes_pipeline.yaml; measured in the README's tiny-pipeline section).
     dump([r for r in train if r["meta"]["tag"] in SINGLE_TAGS], root / "train_single.jsonl")
     mix(root / "single_mix.yaml", "every scene once + the one-object scenes again each epoch "
         "(recipes/tiny/shapes_pipeline.yaml, stage 2)", [("train_single.jsonl", 1.0), ("train.jsonl", 1.0)])
-    mix(root / "hq.yaml", "HQ mix for the tiny HQ stage: multi-object scenes in full + a random half of all "
-        "scenes each epoch", [("train_hq.jsonl", 1.0), ("train.jsonl", 0.5)])
     prompts: dict[str, dict[str, Any]] = {}
     for row in test:
         meta = row["meta"]
