@@ -102,3 +102,29 @@ def test_lightning_command_help_and_unknown_subcommand(argv):
     from lumina_lightning.cli import lightning_main
 
     assert lightning_main(argv) in (0, 2)
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a Markdown heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_readme_and_docs_links_resolve():
+    """Every relative link or image in the README and docs/ names a file that exists, and every
+    #anchor a heading of that file: a moved section or figure cannot leave a dead link behind."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) >= 3
+    checked = 0
+    for page in pages:
+        text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+://", target):
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.is_file(), f"{page.name}: link to missing {target}"
+            if anchor:
+                headings = re.findall(r"^#+ (.+)$", dest.read_text(), flags=re.M)
+                assert anchor in {github_anchor(h) for h in headings}, f"{page.name}: no heading for {target}"
+            checked += 1
+    assert checked >= 10

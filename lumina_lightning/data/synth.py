@@ -626,7 +626,7 @@ def generate_synthetic(
     mix(root / "hq.yaml", "HQ mix for the tiny HQ stage: multi-object scenes in full + a random half of all "
         "scenes each epoch", [("train_hq.jsonl", 1.0), ("train.jsonl", 0.5)])
     # One large object per scene: the subset on which a tiny model first learns to draw a shape at
-    # all (stages 1 and 3 of recipes/tiny/shapes_pipeline.yaml; measured in the README's tiny-pipeline section).
+    # all (stages 1 and 3 of recipes/tiny/shapes_pipeline.yaml; measured in docs/tiny_pipeline_experiments.md).
     dump([r for r in train if r["meta"]["tag"] in SINGLE_TAGS], root / "train_single.jsonl")
     mix(root / "single_mix.yaml", "every scene once + the one-object scenes again each epoch "
         "(recipes/tiny/shapes_pipeline.yaml, stage 2)", [("train_single.jsonl", 1.0), ("train.jsonl", 1.0)])

@@ -122,7 +122,8 @@ def val_loss_text(vl: dict[str, Any]) -> str:
     """The validation loss as one line: the mean, then the loss at each timestep.
 
     The per-timestep losses say *where* a model is weak: the tiny pipeline's scattered patches are a
-    mid-t denoising failure, read at t ≈ 0.4 (README, tiny pipeline).
+    mid-t denoising failure, read at t ≈ 0.4 (docs/tiny_pipeline_experiments.md: "Where the scatter
+    comes from").
     """
     per_t = " · ".join(f"{t:.2f}: {v:.4f}" for t, v in zip(vl["timesteps"], vl["per_t"]))
     return (f"{vl['mean']:.5f} ({vl['records']} records, caption level {vl['caption_level']}); "
