@@ -590,7 +590,10 @@ def generate_synthetic(
     if workers and workers > 1 and len(jobs) > 1:
         import multiprocessing as mp
 
-        with mp.get_context("fork" if hasattr(os, "fork") else "spawn").Pool(workers) as pool:
+        # "spawn", never "fork": a forked child inherits locks that the parent's other threads (torch's
+        # thread pool, the allocator's background thread) may hold at that instant, and then waits on
+        # them forever. That hung a CI run (the worker sat in a futex wait, the parent in pool.imap).
+        with mp.get_context("spawn").Pool(workers) as pool:
             results = []
             for res in pool.imap(_run_job, jobs):
                 results.append(res)
