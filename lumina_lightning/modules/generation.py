@@ -9,8 +9,9 @@ Spec §3–§5. One training step:
    resolution shift, and the noise;
 3. prompt features from the frozen text encoder (``template + caption``, ``hidden_states[-2]``);
 4. the velocity loss, plus the unweighted auxiliary loss on 4×-pooled latents (own t and noise);
-5. AdamW (0.9, 0.95, eps 1e-15, wd 0), constant LR (optional warm-up), clipping at 2.0, then the
-   EMA update (decay 0.95 per step by default, as the official code).
+5. AdamW (0.9, 0.95, eps 1e-15, wd 0; ``optim.name: muon`` for Muon on the blocks' matrices),
+   constant LR (optional warm-up), clipping at 2.0, then the EMA update (decay 0.95 per step by
+   default, as the official code).
 
 Defaults and the official code agree except where marked DEVIATION in ``training/config.py``.
 The frozen encoders are held outside the registered submodules: they are neither sharded nor
@@ -202,13 +203,10 @@ class NextDiTModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         o = self.recipe.optim
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        # foreach=True: torch picks the per-tensor loop on CPU, which costs the tiny recipes ~9 % of a
-        # step in Python dispatch; the multi-tensor path gives bitwise the same weights (and is
-        # already torch's choice on CUDA).
-        optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
-                                      foreach=True)
+        from lumina_lightning.training.optim import build_optimizer
         from lumina_lightning.training.schedules import lambda_scheduler
+
+        optimizer = build_optimizer(self.model, o)  # AdamW, or Muon + AdamW (optim.name)
 
         # Constant LR like the official code; a linear warm-up or a decay only when asked (DEVIATION).
         schedule = lambda_scheduler(optimizer, o, self.recipe.trainer.max_steps)

@@ -137,8 +137,13 @@ class OptimSection:
     ``warmup_steps`` > 0 ramps the LR linearly, and ``schedule: cosine | linear`` decays it to
     ``min_lr_ratio`` × lr at ``trainer.max_steps`` (DEVIATIONS: the official code has neither; both
     off by default).
+
+    ``name: muon`` (DEVIATION; ``training/optim.py``) trains the transformer blocks' weight matrices
+    with ``torch.optim.Muon`` at ``muon_lr_scale`` × ``lr`` (Muon's update is scaled to an AdamW
+    update's RMS, so 1 is a like-for-like start) and the rest with AdamW as above. Single device and DDP only: sharded strategies split the matrices Muon needs whole.
     """
 
+    name: str = "adamw"
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-15
@@ -147,6 +152,9 @@ class OptimSection:
     grad_clip: float = 2.0
     schedule: str = "constant"
     min_lr_ratio: float = 0.0
+    muon_lr_scale: float = 1.0
+    muon_momentum: float = 0.95
+    muon_ns_steps: int = 5
 
 
 @dataclass
