@@ -292,7 +292,7 @@ def test_latent_pipeline_is_the_pixel_pipeline_with_its_own_stages():
 def test_shapes_pipeline_learns_one_object_scenes_first():
     """recipes/tiny/shapes_pipeline.yaml: the pixel pipeline with stage 1 at 32 px on the one-object
     scenes, stage 2 on every scene plus those again, stage 3 on the one-object scenes for twice its
-    steps, stages 2 and 3 without the pooled loss; the recipes themselves are unchanged."""
+    steps, stages 2 and 3 without the pooled loss, Muon everywhere; the recipes themselves are unchanged."""
     from lumina_lightning.data.synth import SINGLE_TAGS
     from lumina_lightning.training.pipeline import load_pipeline_config
 
@@ -303,7 +303,10 @@ def test_shapes_pipeline_learns_one_object_scenes_first():
     assert [s.recipe for s in shapes.stages] == [s.recipe for s in pixel.stages]
     s1, s2, s3 = (load_recipe(s.recipe, s.overrides).config for s in shapes.stages)
     base1 = load_recipe(RECIPES / "tiny" / "stage1_lowres.yaml").config
-    assert s1.data.path.endswith("/train_single.jsonl") and s1.data.resolution == 32 and s1.trainer.max_steps == 4000
+    assert s1.data.path.endswith("/train_single.jsonl") and s1.data.resolution == 32 and s1.trainer.max_steps == 2500
+    # Muon at 3x the LR in every stage; the recipes themselves keep the official AdamW
+    assert all((s.optim.name, s.optim.muon_lr_scale) == ("muon", 3.0) for s in (s1, s2, s3))
+    assert base1.optim.name == "adamw" and pixel.stage_overrides == shapes.stage_overrides == []
     assert base1.data.path.endswith("/train.jsonl") and base1.data.resolution == 16
     assert s2.data.path.endswith("/single_mix.yaml") and s2.model.init_from == f"{s1.output_dir}/export"
     assert s3.model.init_from == f"{s2.output_dir}/export"
