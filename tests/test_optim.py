@@ -90,10 +90,9 @@ def test_state_dict_round_trip_continues_bitwise():
 
 
 def test_the_lr_schedule_scales_both_groups():
-    model = tiny_model()
-    opt = build_optimizer(model, settings(warmup_steps=4))
-    sched = lambda_scheduler(opt, opt_cfg := settings(warmup_steps=4), max_steps=10)
-    assert opt_cfg.name == "muon"
+    model, cfg = tiny_model(), settings(warmup_steps=4)
+    opt = build_optimizer(model, cfg)
+    sched = lambda_scheduler(opt, cfg, max_steps=10)
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([3e-3 / 4, 1e-3 / 4])
     fake_grads(model, 0)
     opt.step()
@@ -116,6 +115,8 @@ def test_recipe_checks_name_strategy_and_muon_settings(tmp_path):
         load_recipe(recipe, ["optim.name=muon", "trainer.strategy=fsdp"])
     with pytest.raises(RecipeError, match=r"optim.muon_lr_scale.*> 0"):
         load_recipe(recipe, ["optim.name=muon", "optim.muon_lr_scale=0"])
+    with pytest.raises(RecipeError, match=r"optim.muon_momentum.*\[0, 1\)"):
+        load_recipe(recipe, ["optim.name=muon", "optim.muon_momentum=1.5"])
     assert load_recipe(recipe, ["optim.name=muon", "trainer.strategy=ddp"]).config.optim.name == "muon"
 
 

@@ -140,7 +140,8 @@ class OptimSection:
 
     ``name: muon`` (DEVIATION; ``training/optim.py``) trains the transformer blocks' weight matrices
     with ``torch.optim.Muon`` at ``muon_lr_scale`` × ``lr`` (Muon's update is scaled to an AdamW
-    update's RMS, so 1 is a like-for-like start) and the rest with AdamW as above. Single device and DDP only: sharded strategies split the matrices Muon needs whole.
+    update's RMS, so 1 is a like-for-like start) and the rest with AdamW as above. Single device and
+    DDP only: sharded strategies split the matrices Muon needs whole.
     """
 
     name: str = "adamw"

@@ -380,6 +380,8 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
         raise RecipeError(f"{where}: `optim.min_lr_ratio` must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if not cfg.optim.muon_lr_scale > 0:
         raise RecipeError(f"{where}: `optim.muon_lr_scale` must be > 0, got {cfg.optim.muon_lr_scale}")
+    if not 0.0 <= cfg.optim.muon_momentum < 1.0:
+        raise RecipeError(f"{where}: `optim.muon_momentum` must be in [0, 1), got {cfg.optim.muon_momentum}")
     if cfg.optim.muon_ns_steps < 1:
         raise RecipeError(f"{where}: `optim.muon_ns_steps` must be >= 1, got {cfg.optim.muon_ns_steps}")
     if len(cfg.optim.betas) != 2:
