@@ -366,24 +366,23 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
     _choice(where, "objective.system", cfg.objective.system, SYSTEM_PROMPTS)
     _choice(where, "trainer.strategy", cfg.trainer.strategy, STRATEGIES)
     _choice(where, "trainer.precision", cfg.trainer.precision, PRECISIONS)
+    from lumina_lightning.training.optim import MUON_STRATEGIES, OPTIMIZERS
     from lumina_lightning.training.schedules import SCHEDULES
 
     _choice(where, "optim.schedule", cfg.optim.schedule, SCHEDULES)
-    from lumina_lightning.training.optim import MUON_STRATEGIES, OPTIMIZERS
-
     _choice(where, "optim.name", cfg.optim.name, OPTIMIZERS)
     if cfg.optim.name == "muon" and cfg.trainer.strategy not in MUON_STRATEGIES:
         raise RecipeError(f"{where}: `optim.name` = 'muon' is not supported with trainer.strategy="
                           f"{cfg.trainer.strategy!r} yet: Muon orthogonalises whole weight matrices, which FSDP and "
                           f"DeepSpeed shard across ranks. Use one of {MUON_STRATEGIES}, or optim.name=adamw")
-    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
-        raise RecipeError(f"{where}: `optim.min_lr_ratio` must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if not cfg.optim.muon_lr_scale > 0:
         raise RecipeError(f"{where}: `optim.muon_lr_scale` must be > 0, got {cfg.optim.muon_lr_scale}")
     if not 0.0 <= cfg.optim.muon_momentum < 1.0:
         raise RecipeError(f"{where}: `optim.muon_momentum` must be in [0, 1), got {cfg.optim.muon_momentum}")
     if cfg.optim.muon_ns_steps < 1:
         raise RecipeError(f"{where}: `optim.muon_ns_steps` must be >= 1, got {cfg.optim.muon_ns_steps}")
+    if not 0.0 <= cfg.optim.min_lr_ratio <= 1.0:
+        raise RecipeError(f"{where}: `optim.min_lr_ratio` must be in [0, 1], got {cfg.optim.min_lr_ratio}")
     if len(cfg.optim.betas) != 2:
         raise RecipeError(f"{where}: `optim.betas` needs two numbers, got {cfg.optim.betas}")
     if not 0.0 <= cfg.ema.decay < 1.0:
