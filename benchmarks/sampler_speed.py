@@ -132,8 +132,6 @@ def errors(img: np.ndarray, ref: np.ndarray) -> dict[str, float]:
 
 @dataclass
 class Run:
-    name: str
-    settings: SamplerSettings
     calls: int
     rows: int
     block_rows: int
@@ -145,12 +143,12 @@ def sync(pipe: LuminaPipeline) -> None:
         torch.cuda.synchronize()
 
 
-def run_config(pipe: LuminaPipeline, name: str, settings: SamplerSettings, noise, cond, uncond) -> Run:
+def run_config(pipe: LuminaPipeline, settings: SamplerSettings, noise, cond, uncond) -> Run:
     """One untimed run of a configuration: its images and exact counts. On CUDA it is also the
     configuration's warm-up (its own shapes, e.g. TeaCache's row subsets and the conditional-only
     batch after truncation, build their cuDNN attention plans here)."""
     latents, stats = pipe.sample_latents(noise, cond, uncond, settings)
-    return Run(name, settings, stats["nfe"], stats["rows"], stats["block_rows"], to_unit_images(pipe, latents))
+    return Run(stats["nfe"], stats["rows"], stats["block_rows"], to_unit_images(pipe, latents))
 
 
 def time_rounds(pipe: LuminaPipeline, configs: list[tuple[str, SamplerSettings]], noise, cond, uncond,
@@ -206,20 +204,21 @@ def benchmark(pipe: LuminaPipeline, prompts: list[str], size: tuple[int, int], *
         key = (settings.cfg_scale, settings.renorm, settings.cfg_trunc, settings.cfg_mode, settings.shift)
         if key not in refs:
             log(f"  reference Euler-100 for guidance {key} ...")
-            refs[key] = run_config(pipe, "ref", reference_settings(settings), noise, cond, uncond).images
+            refs[key] = run_config(pipe, reference_settings(settings), noise, cond, uncond).images
             if accurate:
                 log(f"  reference midpoint-50 for guidance {key} ...")
-                accurate_refs[key] = run_config(pipe, "ref2", reference_settings(settings, "midpoint", 50), noise, cond, uncond).images
+                accurate_refs[key] = run_config(pipe, reference_settings(settings, "midpoint", 50), noise, cond, uncond).images
         log(f"  {name} ...")
-        r = run_config(pipe, name, settings, noise, cond, uncond)
+        r = run_config(pipe, settings, noise, cond, uncond)
         row = {"name": name, "solver": settings.solver, "steps": settings.steps,
                "calls": r.calls, "rows": r.rows, "block_rows": r.block_rows, "images": r.images,
                **errors(r.images, refs[key])}
         if accurate:
             row["psnr_accurate"] = errors(r.images, accurate_refs[key])["psnr"]
         rows.append(row)
-    log(f"  timing {len(configs)} configurations in {max(1, repeats)} interleaved rounds ...")
-    times = time_rounds(pipe, configs, noise, cond, uncond, max(1, repeats))
+    repeats = max(1, repeats)
+    log(f"  timing {len(configs)} configurations in {repeats} interleaved rounds ...")
+    times = time_rounds(pipe, configs, noise, cond, uncond, repeats)
     for row, ts in zip(rows, times):
         # per-round speed-up against the baseline timed in the same round; its median and range
         ratios = [b / t for b, t in zip(times[0], ts)]
