@@ -114,3 +114,14 @@ def test_shapes_pipeline_runs_in_smoke_mode(tmp_path):
     # stages 1 and 3 on the one-object scenes, stage 2 on every scene plus those again
     assert logs.count(f"data: {single} usable records") == 2 and f"data: {4000 + single} usable records" in logs
     assert 0 < single < 4000
+
+
+def test_readme_sample_commands_parse():
+    """Every `lumina sample` line the README shows is valid for the current parser (prompts included)."""
+    from lumina_lightning.sampling.cli import build_parser, read_prompts
+
+    lines = [c for c in fenced_lines(README) if c.startswith("lumina sample ")]
+    assert lines, "the README shows no `lumina sample` command"
+    for line in lines:
+        args = build_parser().parse_args(shlex.split(line)[2:])
+        assert read_prompts(args) and args.ckpt

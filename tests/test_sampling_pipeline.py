@@ -20,7 +20,7 @@ from lumina_lightning.sampling import (
     update_pipeline_defaults,
 )
 from lumina_lightning.sampling.cli import main as sample_main
-from lumina_lightning.sampling.cli import read_png_settings
+from lumina_lightning.sampling.cli import build_parser, read_png_settings, read_prompts
 from lumina_lightning.sampling.pipeline import LuminaPipeline
 from lumina_lightning.sampling.pipeline_io import export_diffusers_pipeline, source_prediction
 from lumina_lightning.sampling.testing import build_tiny_pipeline, randomize_
@@ -348,6 +348,14 @@ def test_cli_writes_pngs_with_settings_that_round_trip(pipe, folder, tmp_path, c
     again = load_pipeline(folder)(**kwargs_from_settings(records[2]))
     assert np.array_equal(np.asarray(again.images[0]), pixels)
     assert len((out / "index.jsonl").read_text().splitlines()) == 4
+
+
+def test_cli_prompts_from_arguments_flags_and_file_in_order(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("from the file\n\n")
+    args = build_parser().parse_args(["a red circle", "two blue squares", "--ckpt", "x", "--prompt", "a flag",
+                                      "--prompts-file", str(prompts)])
+    assert [r["prompt"] for r in read_prompts(args)] == ["a red circle", "two blue squares", "a flag", "from the file"]
 
 
 def test_cli_errors_are_readable(folder, tmp_path, capsys):

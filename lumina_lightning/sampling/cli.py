@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "bare transformer checkpoint (then also --text-encoder and --vae)")
     p.add_argument("--text-encoder", help="text-encoder folder (or 'minilm'); overrides the checkpoint's")
     p.add_argument("--vae", help="VAE folder or 'pixel'; overrides the checkpoint's")
+    p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (quote each one); same as --prompt")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", help="text file with one prompt per line, or JSONL lines with "
                    "'prompt' and optional 'seed' / 'negative_prompt'")
@@ -76,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
     """[{"prompt": ..., "seed": int | None, "negative_prompt": str | None}, ...] from flags and file."""
-    items: list[dict[str, Any]] = [{"prompt": p} for p in args.prompt]
+    items: list[dict[str, Any]] = [{"prompt": p} for p in [*args.prompts, *args.prompt]]
     if args.prompts_file:
         path = Path(args.prompts_file)
         if not path.is_file():
@@ -96,7 +97,8 @@ def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
             else:
                 items.append({"prompt": text})
     if not items:
-        raise ValueError("no prompts: give --prompt TEXT (repeatable) or --prompts-file FILE")
+        raise ValueError("no prompts: give them as arguments ('a red circle' or --prompt TEXT, repeatable) or "
+                         "--prompts-file FILE")
     return items
 
 
