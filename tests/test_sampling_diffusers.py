@@ -73,3 +73,37 @@ def test_load_exported_folder_and_refuse_pixel(exported, tmp_path):
     pixel = build_tiny_pipeline(tmp_path)
     with pytest.raises(ValueError, match="needs an AutoencoderKL VAE"):
         export_diffusers_pipeline(pixel, tmp_path / "nope")
+
+
+def test_convert_cli_turns_a_pipeline_folder_into_a_lumina2_pipeline(exported, tmp_path, capsys):
+    """`lumina convert PIPELINE DST --to diffusers` writes what `Lumina2Pipeline.from_pretrained` loads, with
+    the same weights; a pipeline diffusers cannot represent is refused with the way out."""
+    from diffusers import Lumina2Pipeline
+
+    from lumina_lightning.cli import main as lumina_main
+    from lumina_lightning.sampling.pipeline_io import save_pipeline
+
+    pipe, _ = exported
+    src = save_pipeline(tmp_path / "ours", pipe.model, text_encoder_spec={"path": str(pipe.text_encoder.path)},
+                        autoencoder_spec={"kind": "vae", "path": str(pipe.autoencoder.path)},
+                        defaults={"shift": 3.0})
+    assert lumina_main(["convert", str(src), str(tmp_path / "d"), "--to", "diffusers"]) == 0
+    assert "Lumina2Pipeline" in capsys.readouterr().out
+    theirs = Lumina2Pipeline.from_pretrained(tmp_path / "d")
+    assert theirs.scheduler.config.shift == 3.0  # the pipeline's default shift travels
+    ours_state = pipe.model.state_dict()
+    back = load_pipeline(tmp_path / "d").model.state_dict()
+    # (norm_final is never called, spec §1.2, and diffusers has no such key: it comes back as ones)
+    assert [k for k in ours_state if not torch.equal(ours_state[k], back[k])] == ["norm_final.weight"]
+    # --transformer-only: the transformer folder alone, as for a bare checkpoint
+    assert lumina_main(["convert", str(src), str(tmp_path / "t"), "--to", "diffusers", "--transformer-only"]) == 0
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    # a pixel-space pipeline has no diffusers equivalent: refused, no traceback, the flag named
+    pixel = save_pipeline(tmp_path / "pixel", pipe.model.__class__(pipe.model.config.replace(in_channels=3)),
+                          text_encoder_spec={"path": str(pipe.text_encoder.path)}, autoencoder_spec={"kind": "pixel"})
+    capsys.readouterr()
+    assert lumina_main(["convert", str(pixel), str(tmp_path / "p"), "--to", "diffusers"]) == 2
+    err = capsys.readouterr().err
+    assert "AutoencoderKL" in err and "--transformer-only" in err and "Traceback" not in err
+    assert lumina_main(["convert", str(tmp_path / "missing"), str(tmp_path / "m"), "--to", "lumina"]) == 2
+    assert "no checkpoint" in capsys.readouterr().err

@@ -13,7 +13,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="lumina convert",
         description="Convert a Next-DiT checkpoint between our layout, the official .pth layout and diffusers. "
-        "The source layout is detected from the path.",
+        "The source layout is detected from the path. A pipeline folder (one with pipeline.json, as training "
+        "exports) converted --to diffusers becomes a whole diffusers Lumina2Pipeline folder (transformer, VAE, "
+        "text encoder, tokenizer, scheduler); --to lumina/official write its transformer.",
     )
     p.add_argument("src", help="checkpoint file or folder (ours, official .pth, diffusers, ComfyUI, training .ckpt)")
     p.add_argument("dst", help="output: a .safetensors file or a folder (lumina), a folder (official, diffusers)")
@@ -23,11 +25,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights (default: keep the source dtype)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                    help="config field the source cannot tell, e.g. --set axes_dims=[4,6,6] (repeatable)")
+    p.add_argument("--transformer-only", action="store_true",
+                   help="from a pipeline folder --to diffusers: write the transformer alone, not a Lumina2Pipeline")
     return p
+
+
+def _export_pipeline(args: argparse.Namespace, ema: bool | str) -> int:
+    """A pipeline folder -> a diffusers ``Lumina2Pipeline`` folder (what ``from_pretrained`` loads)."""
+    import torch
+
+    from lumina_lightning.sampling.pipeline_io import export_diffusers_pipeline, load_pipeline
+
+    if args.overrides:
+        print("lumina convert: --set is for bare checkpoints; a pipeline folder's config is in its transformer",
+              file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    pipe = load_pipeline(args.src, ema=ema)
+    if args.dtype:
+        pipe.model.to(getattr(torch, DTYPES[args.dtype]))
+    try:
+        out = export_diffusers_pipeline(pipe, args.dst, shift=float(pipe.defaults.get("shift", 6.0)))
+    except ValueError as err:
+        print(f"lumina convert: {args.src}: {err}. Add --transformer-only to write its transformer alone "
+              "(a diffusers Lumina2Transformer2DModel folder).", file=sys.stderr)
+        return 2
+    n = sum(p.numel() for p in pipe.model.parameters())
+    print(f"converted {args.src} (pipeline) -> {out} (diffusers Lumina2Pipeline: transformer {n:,} parameters, vae, "
+          f"text_encoder, tokenizer, scheduler) in {time.perf_counter() - start:.1f}s")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from lumina_lightning.models.io import CheckpointMismatchError
+
+    try:
+        return _convert(args)
+    except (FileNotFoundError, ValueError, KeyError, CheckpointMismatchError) as err:
+        # a missing or wrong source is the user's to fix: the message (which lists mismatched keys), no traceback
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"lumina convert: {message}", file=sys.stderr)
+        return 2
+
+
+def _convert(args: argparse.Namespace) -> int:
     import torch
     import yaml
     from tqdm.auto import tqdm
@@ -42,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         key, value = item.split("=", 1)
         overrides[key] = yaml.safe_load(value)
     ema = {"auto": "auto", "true": True, "false": False}[args.ema]
-    from lumina_lightning.sampling.pipeline_io import source_prediction
+    from lumina_lightning.sampling.pipeline_io import describe, source_prediction
 
     prediction = source_prediction(args.src)  # "velocity" for anything without a pipeline spec
     if prediction != "velocity":
@@ -54,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         print(f"lumina convert: note: {args.src} predicts {prediction!r}; the written transformer does not record "
               "that; sample it through a pipeline folder whose pipeline.json says so", file=sys.stderr)
+    if args.to == "diffusers" and not args.transformer_only and describe(args.src) == "pipeline":
+        return _export_pipeline(args, ema)
     start = time.perf_counter()
     with tqdm(total=3, desc="convert", unit="step") as bar:
         bar.set_postfix_str("reading")
