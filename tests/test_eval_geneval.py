@@ -172,10 +172,14 @@ def _rows(tag, per_prompt):
     return rows
 
 
-def test_intervals_of_certain_results_have_no_width():
-    ci = confidence_intervals(_rows("colors", [(5, 5), (3, 3)]) + _rows("position", [(0, 4), (0, 2)]))
-    assert ci["tags"]["colors"] == [1.0, 1.0] and ci["tags"]["position"] == [0.0, 0.0]
-    assert ci["overall"] == [0.5, 0.5] and ci["level"] == 0.95
+def test_all_right_or_all_wrong_tasks_get_the_jeffreys_interval():
+    # 0 of 32 and 32 of 32 images of one prompt are not certainties: the Jeffreys interval is
+    # [0, Beta(½, 32½).ppf(0.975)] = [0, 0.0749] and [Beta(32½, ½).ppf(0.025), 1] = [0.9251, 1]
+    ci = confidence_intervals(_rows("colors", [(32, 32)]) + _rows("position", [(0, 32)]), n_boot=4000)
+    assert ci["tags"]["position"][0] == 0.0 and ci["tags"]["position"][1] == pytest.approx(0.0749, abs=0.006)
+    assert ci["tags"]["colors"][1] == 1.0 and ci["tags"]["colors"][0] == pytest.approx(0.9251, abs=0.006)
+    low, high = ci["overall"]
+    assert low < 0.5 < high and ci["level"] == 0.95
     assert confidence_intervals([])["overall"] is None
 
 
@@ -195,10 +199,11 @@ def test_images_of_one_prompt_are_not_independent():
 
 
 def test_overall_interval_is_over_the_mean_of_tags():
-    rows = _rows("single_object", [(8, 8)]) + _rows("counting", [(200, 400)])
+    rows = _rows("single_object", [(400, 400)]) + _rows("counting", [(200, 400)])
     ci = confidence_intervals(rows, n_boot=4000, seed=3)
-    # single_object is certain (1.0), so overall = (1 + counting) / 2
-    assert ci["overall"][0] == pytest.approx((1 + 0.451) / 2, abs=0.008)
+    # single_object 400 of 400 is nearly certain (its Jeffreys posterior: mean 400½/401 = 0.9988, sd 0.0017),
+    # so overall ~ (0.9988 + counting) / 2, whose bounds follow counting's
+    assert ci["overall"][0] == pytest.approx((0.9988 + 0.451) / 2, abs=0.008)
     assert ci["overall"][1] == pytest.approx((1 + 0.549) / 2, abs=0.008)
     assert ci["overall"][0] <= summarize(rows)["overall"] <= ci["overall"][1]
 
@@ -228,10 +233,15 @@ def _paired(tag, outcomes, prompt="p"):
 def test_identical_and_opposite_runs():
     a, _ = _paired("colors", [(True, True), (False, False), (True, True)])
     same = paired_difference(a, a)
-    assert same["difference"] == 0.0 and same["interval"] == [0.0, 0.0] and same["pairs"] == 3
+    assert same["difference"] == 0.0 and same["pairs"] == 3
+    # agreeing on 3 images says little: a wide interval around 0, not one of no width
+    assert same["interval"][0] < -0.2 and same["interval"][1] > 0.2
+    many, _ = _paired("colors", [(True, True)] * 200 + [(False, False)] * 200)
+    low, high = paired_difference(many, many, n_boot=4000)["interval"]
+    assert -0.02 < low < 0 < high < 0.02  # agreeing on 400 images: a narrow one
     a, b = _paired("colors", [(True, False)] * 5)
     opposite = paired_difference(a, b)
-    assert opposite["difference"] == 1.0 and opposite["interval"] == [1.0, 1.0]
+    assert opposite["difference"] == 1.0 and opposite["interval"][1] == 1.0 and 0.1 < opposite["interval"][0] < 0.9
     assert opposite["tags"]["colors"]["difference"] == 1.0
     assert paired_difference(a, [])["difference"] is None
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -116,6 +117,21 @@ def test_reports(evaluated):
     assert results["files"]["grids"]["counting"] == "grids/counting.png"
 
 
+def test_report_rewritten_without_a_task_drops_its_grid(evaluated, tmp_path):
+    import shutil
+
+    from lumina_lightning.eval.report import write_report
+
+    out, results = evaluated
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    rows = [json.loads(line) for line in (again / "results.jsonl").read_text().splitlines()]
+    kept = [r for r in rows if r["tag"] != "counting"]
+    files = write_report({**results, "tags": {t: v for t, v in results["tags"].items() if t != "counting"}}, kept, again)
+    assert "counting" not in files["grids"] and not (again / "grids" / "counting.png").exists()
+    assert (again / "grids" / "colors.png").is_file()
+
+
 def test_detector_is_validated_at_the_evaluated_size(pipe, tmp_path_factory, tmp_path, capsys):
     """Samples judged at 16 px from 32 px renders: the detector is validated on the renders reduced
     to 16 px (the ceiling of the model's score), with the native result beside it."""
@@ -170,7 +186,8 @@ def test_cli_end_to_end_with_mlflow(pipe, data, tmp_path, monkeypatch, capsys):
                     "--preset", "fast", "--steps", "2", "--cfg", "2.0", "--images-per-prompt", "1", "--max-prompts", "6",
                     "--val-records", "0", "--no-progress", "--paired-with", str(tmp_path / "out")])
     assert rc == 0
-    assert "overall difference +0.000 [+0.000, +0.000] over 6 paired images" in capsys.readouterr().out
+    assert re.search(r"overall difference \+0\.000 \[-0\.\d+, \+0\.\d+\] over 6 paired images",
+                     capsys.readouterr().out)
     assert "this run − " in (tmp_path / "out2" / "report.md").read_text()
     assert results["checkpoint"] == str(ckpt) and results["settings"]["cfg_scale"] == 2.0
     assert results["images"] == 6 and results["mlflow"]["experiment"] == "eval-test"
@@ -198,6 +215,10 @@ def test_cli_end_to_end_with_mlflow(pipe, data, tmp_path, monkeypatch, capsys):
     assert rc == 0
     rescored = json.loads((tmp_path / "rescored" / "results.json").read_text())
     assert rescored["tags"] == results["tags"] and rescored["detector"] == results["detector"]
+    # ... and its images keep their identity (prompt index, sample, seed), so they pair with the run
+    rc = eval_main(["--images", str(tmp_path / "out" / "images"), "--out", str(tmp_path / "rescored2"),
+                    "--paired-with", str(tmp_path / "out")])
+    assert rc == 0 and "over 6 paired images" in capsys.readouterr().out
 
 
 def test_cli_validate_detector_only(data, tmp_path, capsys):
@@ -273,7 +294,8 @@ def test_paired_with_an_earlier_run(pipe, data, evaluated, tmp_path, capsys):
     # the same pipeline, prompts and seeds draw the same images: a difference of exactly 0
     again = evaluate(pipe, data.test_geneval, tmp_path / "again", seed=0, paired_with=out, **kwargs)
     assert again["paired"]["pairs"] == results["images"] == 12
-    assert again["paired"]["difference"] == 0.0 and again["paired"]["interval"] == [0.0, 0.0]
+    low, high = again["paired"]["interval"]
+    assert again["paired"]["difference"] == 0.0 and low < 0 < high  # 12 agreeing images: not a certainty
     # other seeds: nothing to pair, said plainly
     other = evaluate(pipe, data.test_geneval, tmp_path / "other", seed=100, paired_with=out, **kwargs)
     assert other["paired"]["pairs"] == 0 and other["paired"]["difference"] is None

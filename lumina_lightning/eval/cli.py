@@ -164,6 +164,9 @@ def run(args: argparse.Namespace) -> int:
             detector = Detector.from_config(json.loads(previous.read_text())["detector"])  # as first scored
         else:
             detector = detector_for(prompts)
+        from lumina_lightning.eval.run import read_results
+
+        other_rows = read_results(args.paired_with) if args.paired_with else None  # before any work
         rows = score_folder(args.images, detector)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +179,11 @@ def run(args: argparse.Namespace) -> int:
                    "counts": {t: [v["correct"], v["total"]] for t, v in summary["tags"].items()},
                    "absent_tags": summary["absent_tags"], "images": summary["images"], "prompts": summary["prompts"],
                    "correct_images": summary["correct_images"], "correct_prompts": summary["correct_prompts"],
-                   "settings": {}, "detector": detector.config(), "timings": {}}
+                   "settings": {}, "detector": detector.config(), "timings": {}, "paired": None}
+        if other_rows is not None:
+            from lumina_lightning.eval.geneval import paired_difference
+
+            results["paired"] = {"with": str(args.paired_with), **paired_difference(rows, other_rows, seed=args.seed)}
         with open(out / "results.jsonl", "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
@@ -184,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         _print_table(f"lumina eval: {results['images']} images in {args.images}:", results["tags"], results["counts"],
                      results["overall"])
+        if results["paired"]:
+            print(f"vs {results['paired']['with']}: {_paired_text(results['paired'])}")
         info = log_to_mlflow(results, out, tracking_uri=args.tracking_uri, experiment=args.experiment,
                              run_name=args.run_name, track=args.track)
         if info:

@@ -235,9 +235,13 @@ def confidence_intervals(
     Why: mini-GenEval scores a few dozen images per task, so two runs of nearby recipes differ by
     several points from sampling alone; an interval says which differences mean something. Images of
     one prompt are not independent draws (same prompt, neighbouring seeds), and a task may have only
-    three prompts, so the bootstrap has two stages, within each tag: resample the *prompts*, then each
-    drawn prompt's images (its correct count ~ Binomial(images, its accuracy)). The first stage alone
-    would call three equally-scored prompts certain; the second alone would ignore that prompts differ.
+    three prompts, so the bootstrap has two stages, within each tag: resample the *prompts*, then draw
+    each drawn prompt's accuracy from its Jeffreys posterior, Beta(correct + ½, wrong + ½). The first
+    stage alone would call three equally-scored prompts certain; the second alone would ignore that
+    prompts differ. The Jeffreys draw, rather than redrawing the images from the observed accuracy, is
+    what keeps a task scored 0 of 32 or 32 of 32 from getting an interval of no width: for one prompt
+    it gives the Jeffreys interval for a binomial proportion (Brown, Cai & DasGupta, 2001), whose
+    bounds at 0 and at n correct are taken as 0 and 1, so every interval holds the point estimate.
     ``overall`` is the mean of the resampled tag accuracies, as :func:`summarize` computes it.
     Deterministic for a given ``seed``.
 
@@ -250,22 +254,31 @@ def confidence_intervals(
         cell[0] += int(bool(r["correct"]))
         cell[1] += 1
     out: dict[str, Any] = {"level": level, "n_boot": n_boot, "overall": None, "tags": {},
-                           "method": "two-stage bootstrap: prompts, then images of each prompt"}
+                           "method": "two-stage bootstrap: prompts, then each prompt's accuracy from its "
+                                     "Jeffreys posterior"}
     if not per_tag:
         return out
     rng = np.random.default_rng(seed)
     order = tag_order(per_tag)
-    draws = []
+    draws, points = [], []
     for tag in order:
         cells = np.array(list(per_tag[tag].values()), dtype=np.float64)  # (prompts, [correct, total])
         pick = rng.integers(0, len(cells), size=(n_boot, len(cells)))
-        totals = cells[pick, 1]
-        correct = rng.binomial(totals.astype(np.int64), cells[pick, 0] / totals)
-        acc = correct.sum(axis=1) / totals.sum(axis=1)
+        correct, totals = cells[pick, 0], cells[pick, 1]
+        acc = (totals * rng.beta(correct + 0.5, totals - correct + 0.5)).sum(axis=1) / totals.sum(axis=1)
+        point = cells[:, 0].sum() / cells[:, 1].sum()
         draws.append(acc)
-        out["tags"][tag] = _percentile_interval(acc, level)
-    out["overall"] = _percentile_interval(np.mean(np.stack(draws), axis=0), level)
+        points.append(point)
+        out["tags"][tag] = _holding(_percentile_interval(acc, level), point)
+    out["overall"] = _holding(_percentile_interval(np.mean(np.stack(draws), axis=0), level), float(np.mean(points)))
     return out
+
+
+def _holding(interval: list[float], point: float) -> list[float]:
+    """The interval widened, where needed, to hold the point estimate: posterior draws never reach an
+    accuracy of exactly 0 or 1 (or a difference of exactly ±1), which the Jeffreys interval takes as
+    its bound there."""
+    return [float(min(interval[0], point)), float(max(interval[1], point))]
 
 
 def _prompt_key(r: Mapping[str, Any]) -> str:
@@ -287,8 +300,10 @@ def paired_difference(
     drew images for the *same* prompts from the *same* noise, so their outcomes are paired and the
     difference is far better determined than two separate intervals suggest. Images are paired by
     (tag, prompt, sample index, seed); images present in only one run are left out (``pairs`` counts
-    the rest). The bootstrap resamples prompts within each tag, then each drawn prompt's image pairs
-    (multinomially over its four outcome kinds), as :func:`confidence_intervals` does for one run.
+    the rest). The bootstrap resamples prompts within each tag, then draws each drawn prompt's shares
+    of the four outcome kinds (both right, only a, only b, both wrong) from their Jeffreys posterior,
+    Dirichlet(counts + ½), as :func:`confidence_intervals` does for one run: two runs that agree on
+    every image get a narrow interval around 0, not one of no width.
 
     Returns ``{"difference": overall_a − overall_b, "interval": [low, high], "tags": {tag:
     {"difference", "interval"}}, "pairs", "level", "n_boot"}``; ``difference`` is ``None`` without pairs.
@@ -317,12 +332,15 @@ def paired_difference(
         totals = counts.sum(axis=1)
         point = (counts[:, 1].sum() - counts[:, 2].sum()) / totals.sum()
         pick = rng.integers(0, len(counts), size=(n_boot, len(counts)))
-        resampled = rng.multinomial(totals[pick], counts[pick] / totals[pick][..., None])
-        diff = (resampled[..., 1].sum(axis=1) - resampled[..., 2].sum(axis=1)) / totals[pick].sum(axis=1)
+        # Dirichlet draws via normalised Gamma(counts + ½) draws (numpy's dirichlet takes one alpha)
+        gamma = rng.standard_gamma(counts[pick] + 0.5)
+        shares = gamma / gamma.sum(axis=-1, keepdims=True)
+        weights = totals[pick]
+        diff = (weights * (shares[..., 1] - shares[..., 2])).sum(axis=1) / weights.sum(axis=1)
         points.append(point)
         draws.append(diff)
-        out["tags"][tag] = {"difference": float(point), "interval": _percentile_interval(diff, level)}
+        out["tags"][tag] = {"difference": float(point), "interval": _holding(_percentile_interval(diff, level), point)}
         out["pairs"] += int(totals.sum())
     out["difference"] = float(np.mean(points))
-    out["interval"] = _percentile_interval(np.mean(np.stack(draws), axis=0), level)
+    out["interval"] = _holding(_percentile_interval(np.mean(np.stack(draws), axis=0), level), out["difference"])
     return out

@@ -206,6 +206,9 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
                              "plot": "plots/tag_accuracy.png", "grids": {}}
     tag_plot(results, out / files["plot"])
     shown = _by_tag(rows, max_per_task)
+    # a rerun into the same folder must not leave (and log to MLflow) a grid of a task it no longer has
+    for stale in (out / "grids").glob("*.png"):
+        stale.unlink()
     for tag in _tag_order(results):
         items = shown.get(tag, [])
         if not items:
@@ -222,9 +225,9 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
     md = ["# Mini-GenEval report", ""]
     md += [f"- **{k}**: {v}" for k, v in _summary_lines(results)]
     md += ["", "## Accuracy per task", "",
-           "95 % interval: bootstrap over prompts, then their images. Prompt-blind: the score of a model "
-           "that draws a random correct scene of the task whatever the prompt (ground-truth renders), "
-           "i.e. the chance level.", "",
+           "95 % interval: bootstrap over prompts, then each prompt's accuracy from its Jeffreys "
+           "posterior. Prompt-blind: the score of a model that draws a random correct scene of the task "
+           "whatever the prompt (ground-truth renders), i.e. the chance level.", "",
            "| task | accuracy | 95 % interval | correct / images | prompt-blind |", "|---|---:|---:|---:|---:|"]
     for tag in TAGS:
         if tag in results["tags"]:
@@ -274,8 +277,8 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
          "figcaption{word-wrap:break-word}</style></head><body>", "<h1>Mini-GenEval report</h1>", "<ul>"]
     h += [f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in _summary_lines(results)]
     h += ["</ul>", "<h2>Accuracy per task</h2>",
-          "<p>95 % interval: bootstrap over prompts, then their images. Prompt-blind: the chance level "
-          "(a random correct scene of the task, whatever the prompt).</p>",
+          "<p>95 % interval: bootstrap over prompts, then each prompt's accuracy from its Jeffreys posterior. "
+          "Prompt-blind: the chance level (a random correct scene of the task, whatever the prompt).</p>",
           "<table><tr><th>task</th><th>accuracy</th><th>95 % interval</th><th>correct / images</th>"
           "<th>prompt-blind</th></tr>"]
     for tag in TAGS:

@@ -128,12 +128,19 @@ def score_folder(image_dir: str | os.PathLike, detector: Detector | None = None)
             continue
         spec = json.loads(meta_path.read_text(encoding="utf-8").strip().splitlines()[0])
         files = sorted(p for p in (sub / "samples").glob("*.png") if re.fullmatch(r"\d+\.png", p.name))
-        images = []
+        images, seeds = [], []
         for p in files:
             with Image.open(p) as im:
                 images.append(im.convert("RGB"))
-        rows += score_images(images, [spec] * len(images), detector,
-                             filenames=[str(p.relative_to(root)) for p in files])
+                seed = getattr(im, "text", {}).get("seed", "")  # written by `lumina eval`; None from elsewhere
+                seeds.append(int(seed) if seed.lstrip("-").isdigit() else None)
+        scored = score_images(images, [spec] * len(images), detector,
+                              filenames=[str(p.relative_to(root)) for p in files])
+        # the same identity as rows of a generating run, so runs re-scored from folders pair with them
+        # (paired_difference matches images by tag, prompt, sample index and seed)
+        for row, p, seed in zip(scored, files, seeds):
+            row.update(prompt_index=int(sub.name), sample=int(p.stem), seed=seed)
+        rows += scored
     if not rows:
         raise ValueError(f"{root}: no images in GenEval layout (<idx>/metadata.jsonl + <idx>/samples/NNNN.png)")
     return rows
@@ -394,7 +401,7 @@ def evaluate(
         "overall": summary["overall"],
         "tags": {t: v["accuracy"] for t, v in summary["tags"].items()},
         "counts": {t: [v["correct"], v["total"]] for t, v in summary["tags"].items()},
-        # 95 % intervals from resampling prompts, then their images: differences inside are sampling noise
+        # 95 % intervals from resampling prompts, then drawing their accuracies: differences inside are sampling noise
         "ci95": confidence_intervals(rows, level=0.95, seed=seed),
         "absent_tags": summary["absent_tags"],
         "images": summary["images"],
