@@ -186,3 +186,28 @@ def test_no_guidance_means_no_uncond_forward():
     with torch.no_grad():
         solve("euler", vel, torch.randn(1, 4, 8, 8, generator=gen), uniform_grid(3))
     assert vel.rows == 3 and all(r[0] == "cond" for _, rows in rec.calls for r in rows)
+
+
+def test_scales_below_one_guide_in_official_mode_only():
+    # official forward_with_cfg guides at any scale but 1 (0 = the unconditional model); diffusers'
+    # Lumina2Pipeline only above 1
+    assert Guidance(scale=0.5).guided and Guidance(scale=0.0).guided and not Guidance(scale=1.0).guided
+    assert not Guidance(scale=0.5, mode="diffusers").guided and not Guidance(scale=1.0, mode="diffusers").guided
+    assert Guidance(scale=1.5, mode="diffusers").guided
+    model = tiny_model(in_channels=4, cap_feat_dim=32)
+    gen = torch.Generator().manual_seed(5)
+    cond, uncond = _captions(gen, 1, [5]), _captions(gen, 1, [1])
+    noise = torch.randn(1, 4, 8, 8, generator=gen)
+    rec = Recorder(model)
+    vel = GuidedVelocity(rec, cond, uncond, Guidance(scale=0.5, mode="diffusers"))
+    with torch.no_grad():
+        plain = solve("euler", vel, noise.clone(), uniform_grid(3))
+        unguided = solve("euler", GuidedVelocity(Recorder(model), cond, uncond, Guidance(scale=1.0)), noise.clone(), uniform_grid(3))
+    assert vel.rows == 3 and torch.equal(plain, unguided)
+    # scale 0 in official mode samples the unconditional model: the same as conditioning on the uncond caption
+    with torch.no_grad():
+        zero = solve("euler", GuidedVelocity(Recorder(model), cond, uncond, Guidance(scale=0.0, renorm=0.0)), noise.clone(),
+                     uniform_grid(3))
+        uncond_only = solve("euler", GuidedVelocity(Recorder(model), uncond, uncond, Guidance(scale=1.0)), noise.clone(),
+                            uniform_grid(3))
+    assert torch.allclose(zero, uncond_only, atol=1e-5)

@@ -43,8 +43,10 @@ class Guidance:
     """Guidance settings.
 
     Args:
-        scale: CFG scale ``w`` (official and diffusers default 4.0); 1.0 (or less) means no guidance
-            and no unconditional forward at all.
+        scale: CFG scale ``w`` (official and diffusers default 4.0). Without guidance there is no
+            unconditional forward at all: official mode guides at every scale but 1.0 (as the official
+            ``forward_with_cfg`` does: 0 samples the unconditional model, 0.5 halfway); diffusers mode
+            only above 1.0 (``Lumina2Pipeline``'s ``do_classifier_free_guidance``).
         renorm: official: the clip factor ``r`` (default 1.0); diffusers: on when > 0. 0 disables.
         trunc: official: model-time threshold (guide while ``t < trunc``; ``None`` or ≥ 1 never
             truncates, like the official default 100); diffusers: step fraction ``ratio`` (guide on
@@ -67,7 +69,7 @@ class Guidance:
 
     @property
     def guided(self) -> bool:
-        return self.scale != 1.0
+        return self.scale > 1.0 if self.mode == "diffusers" else self.scale != 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
