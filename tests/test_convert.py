@@ -15,6 +15,7 @@ from lumina_lightning.models.convert import (
     COMFY_PREFIX,
     ConversionError,
     diffusers_to_official,
+    infer_config_from_official,
     official_to_diffusers,
 )
 from lumina_lightning.models.io import read_state
@@ -201,3 +202,56 @@ def test_convert_refuses_data_prediction_models_for_velocity_layouts(model, tmp_
     assert lumina_main(["convert", str(src), str(tmp_path / "ours.safetensors"), "--to", "lumina"]) == 0
     assert "note:" in capsys.readouterr().err
     assert torch.equal(load_nextdit(tmp_path / "ours.safetensors").x_embedder.weight, model.x_embedder.weight)
+
+
+def test_ffn_width_from_a_multiplier_is_inferred_exactly():
+    # 0.34 · 4 · 176 = 239.36 -> 240 with multiple_of 16; no power-of-two multiple_of without the
+    # multiplier gives 240, and int(240 / 704 · 704) rounds to 239 in floating point
+    cfg = make_config(dim=176, n_heads=11, n_kv_heads=1, n_layers=1, n_refiner_layers=1, axes_dims=[4, 6, 6],
+                      ffn_dim_multiplier=0.34, multiple_of=16)
+    assert cfg.ffn_hidden_dim == 240
+    state = NextDiT(cfg).state_dict()
+    inferred = infer_config_from_official(state, overrides={"axes_dims": [4, 6, 6]})
+    assert inferred.ffn_hidden_dim == 240
+    NextDiT(inferred).load_state_dict(state)
+
+
+def test_official_file_with_ema_requested_and_truncated_checkpoints(tmp_path):
+    cfg = make_config(**TINY_CONFIGS["gqa2-ref2"])
+    raw, ema = randomised(NextDiT(cfg), seed=1), randomised(NextDiT(cfg), seed=2)
+    folder = tmp_path / "official"
+    folder.mkdir()
+    torch.save(raw.state_dict(), folder / "consolidated.00-of-01.pth")
+    # a file given with ema=True: its EMA sibling, or an error, never the raw weights silently
+    with pytest.raises(FileNotFoundError, match="EMA weights requested"):
+        read_state(folder / "consolidated.00-of-01.pth", ema=True, overrides={"axes_dims": [4, 6, 6]})
+    torch.save(ema.state_dict(), folder / "consolidated_ema.00-of-01.pth")
+    state, _, _ = read_state(folder / "consolidated.00-of-01.pth", ema=True, overrides={"axes_dims": [4, 6, 6]})
+    assert torch.equal(state["x_embedder.weight"], ema.state_dict()["x_embedder.weight"])
+    state, _, _ = read_state(folder / "consolidated.00-of-01.pth", ema="auto", overrides={"axes_dims": [4, 6, 6]})
+    assert torch.equal(state["x_embedder.weight"], raw.state_dict()["x_embedder.weight"])  # the file named
+
+    # the last main block lost: model_args.pth names the size, so its depth is known
+    debug = NextDiT(make_config(dim=32, n_heads=2, n_kv_heads=1, n_layers=2, n_refiner_layers=1, axes_dims=[4, 6, 6],
+                                cap_feat_dim=32, axes_lens=[300, 64, 64]))
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    torch.save({k: v for k, v in debug.state_dict().items() if not k.startswith("layers.1.")},
+               cut / "consolidated.00-of-01.pth")
+    torch.save(argparse.Namespace(model="NextDiT_debug", qk_norm=True), cut / "model_args.pth")
+    with pytest.raises(ValueError, match="holds 1 main and 1 refiner blocks.*names a model with 2 and 1"):
+        load_nextdit(cut)
+    # a block missing in the middle is caught from the tensors alone
+    deeper = NextDiT(debug.config.replace(n_layers=3))
+    gap = {k: v for k, v in deeper.state_dict().items() if not k.startswith("layers.1.")}
+    with pytest.raises(ConversionError, match=r"layers blocks \[1\] are missing"):
+        infer_config_from_official(gap, overrides={"axes_dims": [4, 6, 6]})
+
+
+def test_convert_cli_refuses_a_pickle_that_is_not_weights_only(tmp_path, capsys):
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    torch.save({"weights": torch.zeros(2), "code": argparse.ArgumentParser}, folder / "consolidated.00-of-01.pth")
+    assert lumina_main(["convert", str(folder), str(tmp_path / "out"), "--to", "lumina"]) == 2
+    err = capsys.readouterr().err
+    assert "not a weights-only checkpoint" in err and "Traceback" not in err

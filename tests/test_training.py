@@ -59,6 +59,14 @@ def test_tiny_run_learns_tracks_and_exports(tmp_path):
     assert load_pipeline(result.export_dir).resolution == 16
     state, cfg, fmt = read_state(result.export_dir, ema=True)
     assert fmt == "lumina" and cfg.in_channels == 3
+    # the training checkpoint gives its EMA weights by default, its raw ones on request
+    ckpt = result.output_dir / "checkpoints" / "last.ckpt"
+    ema_state, _, fmt = read_state(ckpt, ema="auto")
+    raw_state, _, _ = read_state(ckpt, ema=False)
+    assert fmt == "lightning" and read_state(ckpt, ema=True)[0].keys() == ema_state.keys()
+    assert all(torch.equal(ema_state[k], v) for k, v in result.module.ema_model.state_dict().items())
+    assert all(torch.equal(raw_state[k], v) for k, v in result.module.model.state_dict().items())
+    assert any(not torch.equal(ema_state[k], raw_state[k]) for k in raw_state)
     assert set(result.validation) == {"raw", "ema"}
     assert (result.output_dir / "config.yaml").is_file()
     assert sorted(p.name for p in (result.output_dir / "samples").iterdir()) == ["step_0000024.png"]

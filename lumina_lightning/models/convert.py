@@ -256,7 +256,9 @@ def infer_config_from_official(
     if ffn_hidden_dim(dim, multiple_of, mult) != hidden:
         multiple_of, mult = next(
             ((m, None) for m in (256, 128, 64, 32, 16, 8, 4, 2, 1) if ffn_hidden_dim(dim, m, None) == hidden),
-            (1, hidden / (4 * dim)),
+            # a width set by ffn_dim_multiplier: multiple_of = the width itself rounds int(mult·4·dim)
+            # up to exactly it, where multiple_of 1 would keep a float-rounding shortfall (hidden − 1)
+            (hidden, hidden / (4 * dim)),
         )
     axes = list(fields["axes_dims"])
     if sum(axes) != head_dim:
@@ -266,6 +268,12 @@ def infer_config_from_official(
             )
         axes = [head_dim // 3] * 3
     block_ids = lambda group: {int(m.group(2)) for k in sd if (m := _BLOCK_RE.match(k)) and m.group(1) == group}  # noqa: E731
+    for group in ("layers", "noise_refiner", "context_refiner"):
+        ids = block_ids(group)
+        if ids != set(range(len(ids))):
+            gaps = sorted(set(range(max(ids) + 1)) - ids)
+            raise ConversionError(f"{group} blocks {gaps} are missing (the checkpoint has {group}.{max(ids)}): truncated "
+                                  "or partial state dict")
     fields.update(
         in_channels=patch_feats // (patch * patch), dim=dim, n_layers=len(block_ids("layers")),
         n_refiner_layers=len(block_ids("noise_refiner")), n_heads=n_heads, n_kv_heads=n_kv,

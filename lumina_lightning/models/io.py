@@ -130,8 +130,17 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def _torch_load(path: Path) -> Any:
     # weights_only=True: official .pth files are pickles; never run arbitrary code from a download.
+    import pickle
+
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except pickle.UnpicklingError as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ValueError(
+                f"{path}: not a weights-only checkpoint, so it is not loaded (unpickling it could run "
+                f"arbitrary code): {first}"
+            ) from None
 
 
 def _unwrap(state: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -188,9 +197,16 @@ def _read_official(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tu
         use_ema = ema is True or (ema == "auto" and averaged.is_file()) or not raw.is_file()
         weights = averaged if use_ema else raw
         log.info("loading official weights from %s", weights)
+    elif ema is True and path.name != OFFICIAL_EMA_WEIGHTS:
+        # a single file named by the caller: EMA only if it is the EMA file, or its EMA sibling exists
+        sibling = path.with_name(OFFICIAL_EMA_WEIGHTS)
+        if path.name != OFFICIAL_WEIGHTS or not sibling.is_file():
+            raise FileNotFoundError(f"EMA weights requested but {path} is not {OFFICIAL_EMA_WEIGHTS} and has no "
+                                    "such file beside it; pass the EMA file or its folder")
+        weights = sibling
     else:
         weights = path
-    base, exact = _read_model_args(weights.with_name(OFFICIAL_ARGS))
+    base, exact, named = _read_model_args(weights.with_name(OFFICIAL_ARGS))
     if weights.suffix == ".safetensors":
         state = load_file(str(weights))
     else:
@@ -198,29 +214,40 @@ def _read_official(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tu
     state = strip_prefix(state)
     if exact:
         return state, base
-    return state, infer_config_from_official(state, base, overrides)
+    config = infer_config_from_official(state, base, overrides)
+    if named and config.dim == base.dim and (config.n_layers, config.n_refiner_layers) != (base.n_layers,
+                                                                                          base.n_refiner_layers):
+        # model_args.pth names the size and the widths agree: a file with fewer blocks is truncated, never
+        # a shallower model to load (where the widths differ too, the name was only a loose hint)
+        raise ValueError(
+            f"{weights}: holds {config.n_layers} main and {config.n_refiner_layers} refiner blocks, but "
+            f"{OFFICIAL_ARGS} names a model with {base.n_layers} and {base.n_refiner_layers}: truncated or "
+            "mismatched checkpoint"
+        )
+    return state, config
 
 
-def _read_model_args(path: Path) -> tuple[NextDiTConfig, bool]:
+def _read_model_args(path: Path) -> tuple[NextDiTConfig, bool, bool]:
     """Config hints from the official ``model_args.pth`` (a pickled argparse Namespace), if present.
 
-    Returns (config, exact): ``exact`` when the file was written by us and holds the whole config;
-    otherwise the config is a base (the named factory's size) refined by reading tensor shapes.
+    Returns (config, exact, named): ``exact`` when the file was written by us and holds the whole
+    config; otherwise the config is a base refined by reading tensor shapes, and ``named`` says that
+    the base is a size the file names (so its depth is known).
     """
     if not path.is_file():
-        return NextDiTConfig(), False
+        return NextDiTConfig(), False, False
     try:
         args = _torch_load(path)
     except Exception as err:  # an unusual pickle: fall back to reading the config off the tensors
         log.warning("could not read %s safely (%s); inferring the config from tensor shapes", path, err)
-        return NextDiTConfig(), False
+        return NextDiTConfig(), False, False
     if isinstance(getattr(args, "lumina_config", None), dict):
-        return NextDiTConfig.from_dict(args.lumina_config), True
+        return NextDiTConfig.from_dict(args.lumina_config), True, True
     name = getattr(args, "model", None)
     base = config_for(name) if name in SIZES else NextDiTConfig()
     if hasattr(args, "qk_norm"):
         base = base.replace(qk_norm=bool(args.qk_norm))
-    return base, False
+    return base, False, name in SIZES
 
 
 def _read_diffusers(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig]:
@@ -264,13 +291,15 @@ def _read_lightning(path: Path, ema: bool | str, overrides: dict[str, Any]) -> t
     if "nextdit_config" not in ckpt:
         raise ValueError(f"{path}: not a lumina-lightning training checkpoint (no 'nextdit_config' entry)")
     config = NextDiTConfig.from_dict(ckpt["nextdit_config"])
-    ema_state = ckpt.get("ema_state_dict")
-    if ema is True and ema_state is None:
+    # the LightningModule stores both networks in its state dict and records their prefixes
+    # (GenerationModule.on_save_checkpoint): "model." for the raw weights, "ema_model." for the EMA
+    ema_prefix = ckpt.get("nextdit_ema_prefix")
+    if ema is True and not ema_prefix:
         raise ValueError(f"{path}: EMA weights requested but the checkpoint has none")
-    if ema_state is not None and ema in (True, "auto"):
-        return dict(ema_state), config
-    prefix = ckpt.get("nextdit_prefix", "model.")
+    prefix = ema_prefix if ema_prefix and ema in (True, "auto") else ckpt.get("nextdit_prefix", "model.")
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{path}: no weights under the prefix {prefix!r} in its state_dict")
     return state, config
 
 
