@@ -21,8 +21,8 @@ from lumina_lightning.training.run import train
 from training_utils import ROOT, tiny_recipe
 
 
-def run(path: Path, *overrides: str):
-    return train(load_recipe(path, list(overrides)))
+def run(path: Path, *overrides: str, **kwargs):
+    return train(load_recipe(path, list(overrides)), **kwargs)
 
 
 def test_sample_generator_is_stable_and_distinct():
@@ -328,3 +328,53 @@ def test_recipe_schedule_is_validated(tmp_path):
     assert cfg.optim.schedule == "cosine" and cfg.optim.min_lr_ratio == 0.1
     with pytest.raises(RecipeError, match="optim.schedule"):
         load_recipe(tiny_recipe(tmp_path), ["optim.schedule=cosin"])
+
+
+def test_stop_signal_with_gradient_accumulation_loses_no_micro_batch(tmp_path):
+    """A stop requested mid-accumulation waits for the optimizer step: stop + resume == straight run."""
+    import lightning.pytorch as pl
+
+    from lumina_lightning.training.callbacks import GracefulStop
+
+    class SignalAtThirdMicroBatch(pl.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            if batch_idx == 2:  # the first micro-batch of the second step (accumulate 2)
+                for cb in trainer.callbacks:
+                    if isinstance(cb, GracefulStop):
+                        cb.requested = signal.SIGTERM
+
+    common = ["trainer.max_steps=4", "trainer.accumulate_grad_batches=2", "trainer.checkpoint_every_n_steps=100"]
+    straight = run(tiny_recipe(tmp_path / "a", output_dir=str(tmp_path / "a/run")), *common)
+    first = run(tiny_recipe(tmp_path / "b", output_dir=str(tmp_path / "b/run")), *common,
+                extra_callbacks=[SignalAtThirdMicroBatch()])
+    assert first.stopped_by_signal and first.global_step == 2 and len(first.indices) == 4  # finished step 2
+    second = run(tiny_recipe(tmp_path / "b", output_dir=str(tmp_path / "b/run")), *common, "resume=auto")
+    assert first.indices + second.indices == straight.indices
+    for (name, p), q in zip(straight.module.model.state_dict().items(), second.module.model.state_dict().values()):
+        assert torch.equal(p, q), name
+
+
+def test_the_step_lightning_forces_at_an_epoch_end_validates_and_logs(tmp_path, monkeypatch):
+    """24 micro-batches per epoch, accumulate 5: Lightning steps at micro-batches 5, 10, 15, 20 and 24."""
+    bins = []
+    original = NextDiTModule.log_bins
+    monkeypatch.setattr(NextDiTModule, "log_bins", lambda self: (bins.append(self.global_step), original(self))[1])
+    result = run(tiny_recipe(tmp_path), "trainer.max_steps=5", "trainer.accumulate_grad_batches=5",
+                 "trainer.log_every_n_steps=1", "validation.every_n_steps=1000", "trainer.checkpoint_every_n_steps=100")
+    assert result.global_step == 5 and len(result.indices) == 24
+    assert bins == [1, 2, 3, 4, 5]
+    assert set(result.validation) == {"raw", "ema"}  # the last step always validates
+
+
+def test_half_precision_resume_keeps_the_fp32_ema_average(tmp_path):
+    common = ["trainer.precision=bf16-true", "trainer.checkpoint_every_n_steps=3", "ema.decay=0.95"]
+    straight = run(tiny_recipe(tmp_path / "a", output_dir=str(tmp_path / "a/run")), "trainer.max_steps=6", *common)
+    run(tiny_recipe(tmp_path / "b", output_dir=str(tmp_path / "b/run")), "trainer.max_steps=3", *common)
+    second = run(tiny_recipe(tmp_path / "b", output_dir=str(tmp_path / "b/run")), "trainer.max_steps=6", *common,
+                 "resume=auto")
+    for (name, p), q in zip(straight.module.model.state_dict().items(), second.module.model.state_dict().values()):
+        assert torch.equal(p, q), name
+    for (name, p), q in zip(straight.module.ema_model.state_dict().items(), second.module.ema_model.state_dict().values()):
+        assert torch.equal(p, q), name
+    for x, y in zip(straight.module._ema_shadow[0], second.module._ema_shadow[0]):
+        assert torch.equal(x, y)

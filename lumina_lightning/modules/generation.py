@@ -357,17 +357,21 @@ class NextDiTModule(pl.LightningModule):
         # on_train_batch_end), so a checkpoint always holds the EMA of the weights it holds.
         if self.ema_model is not None and not self._skipped:
             if self._ema_shadow is None:  # built at the first update, after any cast or restore
-                self._ema_shadow = (fp32_shadow(self.ema_model, self.model),)
+                self._ema_shadow = (self._restored_shadow() or fp32_shadow(self.ema_model, self.model),)
             ema_update(self.ema_model, self.model, self.recipe.ema.decay, shadow=self._ema_shadow[0])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
         self._skipped = False
+        self._step_at_start = self.global_step
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if outputs is None:
             return
-        stepped = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+        # Whether an optimizer step has just completed. Not (batch_idx + 1) % accumulate == 0: Lightning
+        # also steps on an epoch's last micro-batch, where that test would skip the step's validation
+        # (even the final one) and fold its t-bin losses into the next step.
+        stepped = self.global_step != getattr(self, "_step_at_start", self.global_step)
         log_step_rates(self, self._step_started, getattr(self, "_batch_info", None), "tokens_per_s")
         every = max(1, self.recipe.trainer.log_every_n_steps)
         if stepped and self.global_step % every == 0:
@@ -490,11 +494,35 @@ class NextDiTModule(pl.LightningModule):
             checkpoint["lumina_pipeline"] = self.pipeline_spec
         checkpoint["lumina_counters"] = {"nonfinite_total": self.nonfinite_total}
         checkpoint["lumina_torch_rng"] = torch.get_rng_state()
+        shadow = self._ema_shadow[0] if self._ema_shadow is not None else None
+        if shadow is not None and self._shadow_is_whole(shadow):
+            # the EMA's fp32 average (half-precision runs): without it a resumed run would restart the
+            # average from the rounded EMA and drift from the straight run. Only where every rank holds
+            # whole tensors (one device, DDP, ZeRO-1/2); sharded runs rebuild it from the EMA on resume.
+            checkpoint["lumina_ema_fp32"] = [t.detach().cpu() for t in shadow]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = int(checkpoint.get("lumina_counters", {}).get("nonfinite_total", 0))
         if "lumina_torch_rng" in checkpoint:
             torch.set_rng_state(checkpoint["lumina_torch_rng"])
+        self._loaded_shadow = checkpoint.get("lumina_ema_fp32")
+
+    def _trained_ema_params(self) -> list[torch.Tensor]:
+        ema_params = dict(self.ema_model.named_parameters())
+        return [ema_params[n] for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def _shadow_is_whole(self, shadow: list[torch.Tensor]) -> bool:
+        params = self._trained_ema_params()
+        return len(params) == len(shadow) and all(tuple(t.shape) == tuple(p.shape) for t, p in zip(shadow, params))
+
+    def _restored_shadow(self) -> list[torch.Tensor] | None:
+        """The checkpoint's fp32 EMA average, once, where it fits this run's EMA (else None: rebuild)."""
+        loaded, self._loaded_shadow = getattr(self, "_loaded_shadow", None), None
+        if loaded is None or fp32_shadow(self.ema_model, self.model) is None or not self._shadow_is_whole(loaded):
+            return None
+        from lumina_lightning.training.parallelize import local_tensor
+
+        return [t.to(device=local_tensor(p).device, dtype=torch.float32) for t, p in zip(loaded, self._trained_ema_params())]
 
 
 def make_grid(images: list, labels: list[str] | None = None, cols: int | None = None) -> Any:

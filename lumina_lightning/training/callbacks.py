@@ -86,8 +86,17 @@ class GracefulStop(pl.Callback):
         self._restore()
 
     # -- stopping ---------------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step_at_start = trainer.global_step
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
+        # Only where an optimizer step has just completed: with gradient accumulation, stopping after
+        # a micro-batch that has not stepped yet would record it as consumed and drop its gradient.
+        # (Every rank steps on the same micro-batches, so all of them reach the collective below.)
+        if trainer.global_step == getattr(self, "_step_at_start", None):
+            return
         stop = trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False)
         if not stop:
             return
