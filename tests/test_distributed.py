@@ -61,6 +61,34 @@ def test_fsdp2_trains_checkpoints_and_resumes_to_the_ddp_weights(tmp_path):
     assert (tmp_path / "fsdp/run/export/pipeline.json").is_file()
 
 
+def test_fsdp2_checkpoint_killed_while_writing_keeps_the_previous_one(tmp_path):
+    """A distributed ``last.ckpt`` is replaced whole: a save cut short leaves the previous checkpoint
+    (weights and loop state together), and ``resume=auto`` continues from it."""
+    import hashlib
+
+    recipe = tiny_recipe(tmp_path, output_dir=str(tmp_path / "run"))
+    common = ["trainer.devices=1", "trainer.accelerator=cpu", "trainer.strategy=fsdp", "trainer.checkpoint_every_n_steps=2"]
+    out = run_script(SCRIPTS / "strategy_run.py", str(recipe), str(tmp_path / "two.pt"), *common, "trainer.max_steps=2",
+                     port=29624)
+    assert out.returncode == 0, out.stderr[-4000:]
+    last = tmp_path / "run/checkpoints/last.ckpt"
+
+    def digest() -> dict:
+        return {f.name: hashlib.md5(f.read_bytes()).hexdigest() for f in sorted(last.iterdir())}
+
+    before = digest()
+    out = run_script(SCRIPTS / "interrupted_save_run.py", str(recipe), *common, "trainer.max_steps=4", "resume=auto",
+                     port=29625)
+    assert out.returncode == 0 and "interrupted: killed while writing" in out.stdout, (out.stdout, out.stderr[-4000:])
+    assert digest() == before  # no shard of the new step mixed into the old checkpoint
+    assert torch.load(last / "meta.pt", weights_only=False)["global_step"] == 2
+    out = run_script(SCRIPTS / "strategy_run.py", str(recipe), str(tmp_path / "four.pt"), *common, "trainer.max_steps=4",
+                     "resume=auto", port=29626)
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert torch.load(tmp_path / "four.pt")["step"] == 4 and len(torch.load(tmp_path / "four.pt")["losses"]) == 2
+    assert not any(p.name.startswith(".last.ckpt") for p in last.parent.iterdir())
+
+
 def test_fsdp1_auto_wrap_wraps_every_block_and_not_the_encoders(tmp_path):
     """Lightning's FSDPStrategy refuses CPU, so apply the same policy with torch FSDP1 on a 1-rank gloo group."""
     import torch.distributed as dist

@@ -28,6 +28,50 @@ log = logging.getLogger(__name__)
 GPU_ONLY = {"fsdp1", "deepspeed_stage_2", "deepspeed_stage_3"}
 
 
+def atomic_model_parallel() -> type:
+    """``ModelParallelStrategy`` whose distributed checkpoints replace the previous one whole.
+
+    Why: Lightning writes a distributed checkpoint's shards into the existing ``last.ckpt/`` folder,
+    and its ``meta.pt`` last, so a run killed while saving left new weights beside the old loop state
+    (a resume then trained on the same data twice). Here every rank writes into a fresh sibling
+    folder and rank 0 swaps it in once all ranks are done, so a kill while writing leaves the previous
+    checkpoint as it was. The swap is two renames (the old folder aside, the new one in); a kill
+    between exactly those two leaves it as ``.last.ckpt.old``, which ``resume=auto`` also takes.
+    """
+    import os
+    import shutil
+    from pathlib import Path
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    def remove(path: Path) -> None:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+    class AtomicModelParallelStrategy(ModelParallelStrategy):
+        def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+            if not self._save_distributed_checkpoint or "://" in str(filepath):
+                return super().save_checkpoint(checkpoint, filepath, storage_options)
+            target = Path(filepath)
+            tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
+            if self.is_global_zero:
+                remove(tmp)
+            self.barrier("atomic_checkpoint_start")
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            self.barrier("atomic_checkpoint_written")
+            if self.is_global_zero:
+                remove(old)
+                if target.exists():
+                    os.replace(target, old)
+                os.replace(tmp, target)
+                remove(old)
+            self.barrier("atomic_checkpoint_done")
+
+    return AtomicModelParallelStrategy
+
+
 def build_strategy(name: str, *, accelerator: str, devices: Any, num_nodes: int, precision: str,
                    grad_clip: float) -> Any:
     """A Lightning strategy object (or the string ``"auto"``) for a recipe's ``trainer.strategy``."""
@@ -42,8 +86,8 @@ def build_strategy(name: str, *, accelerator: str, devices: Any, num_nodes: int,
         # FSDP2 across all ranks (no tensor parallelism for a 2.6B DiT). Lightning's "auto" sizes
         # would put the devices of a node on the tensor-parallel axis, so both are given explicitly.
         world = device_count(devices, accelerator) * num_nodes
-        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1,
-                                     save_distributed_checkpoint=True)
+        return atomic_model_parallel()(data_parallel_size=world, tensor_parallel_size=1,
+                                       save_distributed_checkpoint=True)
     if name == "fsdp1":
         return FSDPStrategy(
             auto_wrap_policy={JointTransformerBlock},

@@ -123,6 +123,9 @@ def resolve_resume(resume: str | None, ckpt_dir: Path) -> str | None:
     """``auto`` -> the run's ``last.ckpt`` when it exists; a path must exist; ``None`` -> fresh."""
     if resume == "auto":
         last = ckpt_dir / "last.ckpt"
+        if not last.exists() and (ckpt_dir / ".last.ckpt.old").exists():
+            # a distributed checkpoint swap killed between its two renames (parallelize.atomic_model_parallel)
+            last = ckpt_dir / ".last.ckpt.old"
         log.info("resume=auto: %s", f"resuming from {last}" if last.exists() else "no last.ckpt yet, starting fresh")
         return str(last) if last.exists() else None
     if resume:
