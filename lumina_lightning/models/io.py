@@ -292,7 +292,7 @@ def _read_lightning(path: Path, ema: bool | str, overrides: dict[str, Any]) -> t
         raise ValueError(f"{path}: not a lumina-lightning training checkpoint (no 'nextdit_config' entry)")
     config = NextDiTConfig.from_dict(ckpt["nextdit_config"])
     # the LightningModule stores both networks in its state dict and records their prefixes
-    # (GenerationModule.on_save_checkpoint): "model." for the raw weights, "ema_model." for the EMA
+    # (NextDiTModule.on_save_checkpoint): "model." for the raw weights, "ema_model." for the EMA
     ema_prefix = ckpt.get("nextdit_ema_prefix")
     if ema is True and not ema_prefix:
         raise ValueError(f"{path}: EMA weights requested but the checkpoint has none")

@@ -75,7 +75,7 @@ def atomic_model_parallel() -> type:
 def build_strategy(name: str, *, accelerator: str, devices: Any, num_nodes: int, precision: str,
                    grad_clip: float) -> Any:
     """A Lightning strategy object (or the string ``"auto"``) for a recipe's ``trainer.strategy``."""
-    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, FSDPStrategy
 
     if name == "auto":
         return "auto"
