@@ -43,6 +43,17 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float,
         target.copy_(value)
 
 
+def trained_ema_params(ema: torch.nn.Module, model: torch.nn.Module) -> list[torch.Tensor]:
+    """The EMA's parameters that average trained ones, in the model's order (whole, not local shards)."""
+    ema_params = dict(ema.named_parameters())
+    return [ema_params[n] for n, p in model.named_parameters() if p.requires_grad]
+
+
+def is_low_precision(ema: torch.nn.Module, model: torch.nn.Module) -> bool:
+    """Whether the trained EMA tensors are stored below fp32 (so the average needs an fp32 shadow)."""
+    return not all(local_tensor(t).dtype in (torch.float32, torch.float64) for t in trained_ema_params(ema, model))
+
+
 @torch.no_grad()
 def fp32_shadow(ema: torch.nn.Module, model: torch.nn.Module) -> list[torch.Tensor] | None:
     """fp32 copies of the trained EMA tensors (this rank's shards) when they are stored in lower
@@ -53,11 +64,9 @@ def fp32_shadow(ema: torch.nn.Module, model: torch.nn.Module) -> list[torch.Tens
     last place of the weight (bf16 keeps 8 mantissa bits: 0.4 % relative) and is rounded away, so
     the average stalls. Averaging in fp32 and rounding only the stored copy avoids that.
     """
-    ema_params = dict(ema.named_parameters())
-    targets = [local_tensor(ema_params[n]) for n, p in model.named_parameters() if p.requires_grad]
-    if all(t.dtype in (torch.float32, torch.float64) for t in targets):
+    if not is_low_precision(ema, model):
         return None
-    return [t.float().clone() for t in targets]
+    return [local_tensor(t).float().clone() for t in trained_ema_params(ema, model)]
 
 
 @torch.no_grad()

@@ -45,7 +45,7 @@ from lumina_lightning.flow import (
 )
 from lumina_lightning.models.config import NextDiTConfig, config_for
 from lumina_lightning.models.nextdit import NextDiT
-from lumina_lightning.modules.ema import ema_copy_, ema_update, fp32_shadow
+from lumina_lightning.modules.ema import ema_copy_, ema_update, fp32_shadow, is_low_precision, trained_ema_params
 from lumina_lightning.modules.steplog import log_step_rates, logging_step
 from lumina_lightning.training.config import RecipeConfig
 from lumina_lightning.training.parallelize import (
@@ -507,22 +507,19 @@ class NextDiTModule(pl.LightningModule):
             torch.set_rng_state(checkpoint["lumina_torch_rng"])
         self._loaded_shadow = checkpoint.get("lumina_ema_fp32")
 
-    def _trained_ema_params(self) -> list[torch.Tensor]:
-        ema_params = dict(self.ema_model.named_parameters())
-        return [ema_params[n] for n, p in self.model.named_parameters() if p.requires_grad]
-
     def _shadow_is_whole(self, shadow: list[torch.Tensor]) -> bool:
-        params = self._trained_ema_params()
+        params = trained_ema_params(self.ema_model, self.model)
         return len(params) == len(shadow) and all(tuple(t.shape) == tuple(p.shape) for t, p in zip(shadow, params))
 
     def _restored_shadow(self) -> list[torch.Tensor] | None:
         """The checkpoint's fp32 EMA average, once, where it fits this run's EMA (else None: rebuild)."""
         loaded, self._loaded_shadow = getattr(self, "_loaded_shadow", None), None
-        if loaded is None or fp32_shadow(self.ema_model, self.model) is None or not self._shadow_is_whole(loaded):
+        if loaded is None or not is_low_precision(self.ema_model, self.model) or not self._shadow_is_whole(loaded):
             return None
         from lumina_lightning.training.parallelize import local_tensor
 
-        return [t.to(device=local_tensor(p).device, dtype=torch.float32) for t, p in zip(loaded, self._trained_ema_params())]
+        params = trained_ema_params(self.ema_model, self.model)
+        return [t.to(device=local_tensor(p).device, dtype=torch.float32) for t, p in zip(loaded, params)]
 
 
 def make_grid(images: list, labels: list[str] | None = None, cols: int | None = None) -> Any:
