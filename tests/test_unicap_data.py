@@ -205,3 +205,21 @@ def test_epoch_shard_sampler_splits_ranks_and_reshuffles():
     assert {e for e, _ in second} == {1} and [i for _, i in first] != [i for _, i in second]
     assert sorted(i for _, i in second) == list(range(10))
     assert np.array_equal([i for _, i in EpochShardSampler(5, shuffle=False)], np.arange(5))
+
+
+def test_epoch_shard_sampler_state_restores_epoch_and_position():
+    s = EpochShardSampler(10, seed=1, rank=1, world_size=2)
+    s.set_epoch(2)
+    it = iter(s)
+    head = [next(it) for _ in range(3)]
+    state = s.state_dict()
+    rest = list(it)
+    fresh = EpochShardSampler(10, seed=1, rank=1, world_size=2)
+    fresh.load_state_dict(state)
+    fresh.set_epoch(2)  # Lightning calls it again after loading: the position stays
+    assert list(fresh) == rest and {e for e, _ in head + rest} == {2}
+    assert [k for _, k in list(fresh)] == [k for _, k in head + rest]  # the next pass is the whole epoch
+    with pytest.raises(ValueError, match="2 ranks"):
+        EpochShardSampler(10, seed=1, rank=0, world_size=1).load_state_dict(state)
+    with pytest.raises(ValueError, match="does not match"):
+        EpochShardSampler(11, seed=1, rank=1, world_size=2).load_state_dict(state)

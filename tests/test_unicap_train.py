@@ -192,14 +192,16 @@ def test_lora_run_checkpoints_adapters_only_and_exports_an_adapter(tmp_path):
         assert torch.allclose(value, merged[name], atol=1e-6), name
 
 
-def test_resume_continues_to_the_same_weights(tmp_path):
+@pytest.mark.parametrize("cut,total", [(3, 6), (14, 17)])  # 96 records / batch 8: epoch 1 starts at step 12
+def test_resume_continues_to_the_same_weights(tmp_path, cut, total):
     common = dict(validation={"eval_samples": 0}, optim={"schedule": "constant", "warmup_steps": 0})
-    straight = train_unicap(load_recipe(unicap_recipe(tmp_path / "a", trainer={"max_steps": 6}, **common)))
-    first = train_unicap(load_recipe(unicap_recipe(tmp_path / "b", trainer={"max_steps": 3,
-                                                                            "checkpoint_every_n_steps": 3}, **common)))
-    resumed = train_unicap(load_recipe(unicap_recipe(tmp_path / "b", resume="auto", trainer={"max_steps": 6},
+    straight = train_unicap(load_recipe(unicap_recipe(tmp_path / "a", trainer={"max_steps": total}, **common)))
+    first = train_unicap(load_recipe(unicap_recipe(tmp_path / "b", trainer={"max_steps": cut,
+                                                                            "checkpoint_every_n_steps": cut},
+                                                   **common)))
+    resumed = train_unicap(load_recipe(unicap_recipe(tmp_path / "b", resume="auto", trainer={"max_steps": total},
                                                      **common)))
-    assert resumed.global_step == 6
+    assert resumed.global_step == total
     # same data position, optimizer state and LR schedule: the same losses and weights as one straight run
     assert first.losses + resumed.losses == pytest.approx(straight.losses, abs=1e-5)
     for (name, a), (_, b) in zip(straight.module.model.named_parameters(), resumed.module.model.named_parameters()):

@@ -246,6 +246,11 @@ class EpochShardSampler(torch.utils.data.Sampler):
 
     Lightning calls :meth:`set_epoch` at each epoch start. Every rank yields the same number of
     keys (the permutation is padded by wrapping), so collective ops stay in step.
+
+    Stateful (the torchdata protocol): the state is the epoch and the keys this rank has drawn in
+    it. A resume needs both. torchdata re-creates the iterator while restoring the loader, before
+    Lightning calls ``set_epoch``, so a sampler that only counted drawn keys would fast-forward
+    epoch 0's permutation on a resume in a later epoch.
     """
 
     def __init__(self, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
@@ -253,22 +258,52 @@ class EpochShardSampler(torch.utils.data.Sampler):
             raise ValueError("no records to sample from")
         self.size, self.seed, self.rank, self.world_size, self.shuffle = size, seed, rank, world_size, shuffle
         self.epoch = 0
+        self.drawn = 0  # keys of the current epoch's shard handed out so far
+        self._resume_at: int | None = None
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        # The epoch a restored state is in keeps its position: Lightning calls set_epoch again
+        # after loading the checkpoint.
+        if int(epoch) != self.epoch:
+            self.epoch, self._resume_at = int(epoch), None
 
     def __len__(self) -> int:
         return math.ceil(self.size / self.world_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        start, self._resume_at = (self._resume_at or 0), None
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.size)
         else:
             order = np.arange(self.size)
         total = len(self) * self.world_size
         order = np.resize(order, total)  # wraps around: equal counts on every rank
-        for i in order[self.rank:total:self.world_size]:
-            yield (self.epoch, int(i))
+        shard = order[self.rank:total:self.world_size]
+        epoch = self.epoch
+        self.drawn = start
+        for i in shard[start:]:
+            # count before yielding: torchdata snapshots the state right after a key is drawn
+            self.drawn += 1
+            yield (epoch, int(i))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "drawn": self.drawn, "size": self.size, "seed": self.seed,
+                "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if int(state.get("size", self.size)) != self.size or int(state.get("seed", self.seed)) != self.seed:
+            raise ValueError(
+                f"the data loader state in the checkpoint does not match this run: {state.get('size')} records "
+                f"(seed {state.get('seed')}) then, {self.size} records (seed {self.seed}) now"
+            )
+        if int(state.get("world_size", self.world_size)) != self.world_size:
+            raise ValueError(
+                f"the checkpoint's data position was saved with {state.get('world_size')} ranks; resuming it on "
+                f"{self.world_size} would repeat or skip records (resume with the same number of ranks)"
+            )
+        self.epoch = int(state["epoch"])
+        self.drawn = int(state["drawn"])
+        self._resume_at = self.drawn
 
 
 def prompt_text(processor: Any, instruction: str, system: str | None = None) -> str:
