@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -223,3 +225,41 @@ def test_epoch_shard_sampler_state_restores_epoch_and_position():
         EpochShardSampler(10, seed=1, rank=0, world_size=1).load_state_dict(state)
     with pytest.raises(ValueError, match="does not match"):
         EpochShardSampler(11, seed=1, rank=1, world_size=2).load_state_dict(state)
+
+
+def test_generation_settings_override_the_checkpoint_generation_config(tmp_path):
+    """Qwen2-VL-Instruct ships top_k=1, top_p=0.001 (and Qwen2.5-VL repetition_penalty=1.05) in its
+    generation_config.json: a recipe's sampling and repetition settings must still be what runs."""
+    import shutil
+
+    from lumina_lightning.data.images import load_image
+    from lumina_lightning.modules.unicap import generate_captions, load_processor, load_vlm
+    from test_unicap_helpers import tiny_vlm
+    from training_utils import tiny_synthetic
+
+    plain = Path(tiny_vlm())
+    instruct = tmp_path / "instruct"
+    shutil.copytree(plain, instruct)
+    gen = json.loads((instruct / "generation_config.json").read_text())
+    gen.update(do_sample=True, temperature=0.01, top_p=0.001, top_k=1, repetition_penalty=1.5)
+    (instruct / "generation_config.json").write_text(json.dumps(gen))
+    img = load_image(str(tiny_synthetic() / "images" / "train_000000.png"))
+
+    def captions(path, **kw):
+        proc, model = load_processor(str(path)), load_vlm(str(path)).eval()
+        out = []
+        for seed in range(4):
+            torch.manual_seed(seed)
+            out.append(generate_captions(model, proc, [img], ["Describe this image."], max_new_tokens=10, **kw)[0])
+        return out
+
+    sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, repetition_penalty=1.0)
+    sampled = captions(instruct, **sampling)
+    assert len(set(sampled)) > 1, sampled  # top_k=1 from the file would make every sample the same
+    # generate() merges its kwargs into the file's config: the recipe's 1.0 must be passed to undo 1.5
+    proc, model = load_processor(str(instruct)), load_vlm(str(instruct)).eval()
+    seen = {}
+    generate = model.generate
+    model.generate = lambda **kw: seen.update(kw) or generate(**kw)
+    generate_captions(model, proc, [img], ["Describe this image."], max_new_tokens=2, **sampling)
+    assert seen["repetition_penalty"] == 1.0 and seen["top_k"] == 0

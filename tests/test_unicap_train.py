@@ -244,3 +244,26 @@ def test_fsdp2_fine_tune_exports_the_gathered_weights(tmp_path):
     assert any(not torch.equal(exported[k], start[k]) for k in start)  # trained weights, not the base
     for name, value in result["weights"].items():
         assert torch.equal(exported[name], value), name
+
+
+def test_unreadable_held_out_images_are_left_out_of_validation(tmp_path, caplog):
+    """The last validation runs after all the training and before the export: a bad held-out image
+    must not cost the run (training data already skips and counts them)."""
+    from test_unicap_helpers import bad_images
+    from training_utils import tiny_synthetic
+
+    synth = tiny_synthetic()
+    rows = [json.loads(line) for line in (synth / "test.jsonl").read_text().splitlines()]
+    for r in rows:
+        r["image"] = str(synth / r["image"])
+    broken, missing = bad_images(tmp_path / "bad")
+    rows[1]["image"], rows[3]["image"] = str(broken), str(missing)
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = unicap_recipe(tmp_path, data={"val_path": str(val)}, trainer={"max_steps": 2})
+    result = train_unicap(load_recipe(recipe))
+    assert result.export_dir is not None and (result.export_dir / "config.json").exists()
+    assert result.validation["val/acc_all"] >= 0  # captions of the readable images were scored
+    captioned = {c["image"] for c in result.module.last_captions}
+    assert str(broken) not in captioned and str(missing) not in captioned and len(captioned) >= 6
+    assert str(broken) in caplog.text and str(missing) in caplog.text

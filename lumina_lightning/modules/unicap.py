@@ -39,7 +39,7 @@ import lightning.pytorch as pl
 import torch
 
 from lumina_lightning.data.records import Record
-from lumina_lightning.data.skips import SkipCounter
+from lumina_lightning.data.skips import BadSample, SkipCounter
 from lumina_lightning.modules.steplog import log_step_rates
 from lumina_lightning.modules.unicap_data import (
     IGNORE_INDEX,
@@ -330,13 +330,15 @@ def generate_captions(
     kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "do_sample": bool(do_sample),
                               "num_beams": int(num_beams), "pad_token_id": collator.pad_id,
                               "eos_token_id": _eos_ids(model, processor)}
+    # Every knob is passed explicitly: generate() merges kwargs into the checkpoint's
+    # generation_config.json, and Qwen2-VL-Instruct ships top_k=1 / top_p=0.001 (which would make
+    # "sampling" greedy) and Qwen2.5-VL repetition_penalty=1.05 (which a recipe's 1.0 must undo).
     if do_sample:
-        kwargs.update(temperature=float(temperature), top_p=float(top_p))
+        kwargs.update(temperature=float(temperature), top_p=float(top_p), top_k=0)  # top_k 0 = no top-k cut
     else:
         # greedy: silence the "temperature is set but do_sample=False" warnings of Instruct configs
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    if repetition_penalty != 1.0:
-        kwargs["repetition_penalty"] = float(repetition_penalty)
+    kwargs["repetition_penalty"] = float(repetition_penalty)
     if synced_gpus:
         kwargs["synced_gpus"] = True
     was_training = model.training
@@ -519,6 +521,7 @@ class UniCapModule(pl.LightningModule):
         self.table = InstructionTable.from_config(recipe.data.instructions, recipe.data.language_template)
         self.val_batches = val_batches or []
         self.eval_records = list(eval_records or [])
+        self.unreadable_eval_images: set[str] = set()
         self.output_dir = Path(output_dir) if output_dir else None
         self.skips = SkipCounter()
         self.loss_history: list[float] = []
@@ -681,20 +684,36 @@ class UniCapModule(pl.LightningModule):
         return total / max(tokens, 1)
 
     @torch.no_grad()
-    def caption_records(self, records: Sequence[Record], level: str, batch_size: int | None = None) -> list[str]:
-        """Greedy/sampled captions (``recipe.generation``) of ``records`` at ``level``."""
+    def caption_records(self, records: Sequence[Record], level: str,
+                        batch_size: int | None = None) -> tuple[list[Record], list[str]]:
+        """Greedy/sampled captions (``recipe.generation``) of ``records`` at ``level``.
+
+        Returns the records that were captioned and their captions: an unreadable held-out image is
+        named in a warning (once) and left out, never failing the run at its last validation, which
+        comes after all the training and before the export.
+        """
         from lumina_lightning.data.images import load_image
 
         bs = batch_size or self.recipe.validation.batch_size
         instruction = self.table.instruction(level)
+        kept: list[Record] = []
+        images: list[Any] = []
+        for r in records:
+            try:
+                images.append(resize_max_side(load_image(r.image), self.recipe.data.max_image_side))
+            except BadSample as err:
+                if r.image not in self.unreadable_eval_images:
+                    self.unreadable_eval_images.add(r.image)
+                    log.warning("validation: leaving out %s (%s)", r.image, err)
+                continue
+            kept.append(r)
         out: list[str] = []
-        for start in range(0, len(records), bs):
-            chunk = records[start:start + bs]
-            images = [resize_max_side(load_image(r.image), self.recipe.data.max_image_side) for r in chunk]
+        for start in range(0, len(images), bs):
+            chunk = images[start:start + bs]
             out.extend(generate_captions(
-                self.model, self.processor, images, [instruction] * len(images), system=self.recipe.data.system_prompt,
+                self.model, self.processor, chunk, [instruction] * len(chunk), system=self.recipe.data.system_prompt,
                 synced_gpus=self._synced(), autocast=self._autocast(), **_generation_dict(self.recipe.generation)))
-        return out
+        return kept, out
 
     def run_validation(self) -> dict[str, float]:
         """Caption loss + generated captions of the held-out records; logs metrics and text."""
@@ -708,7 +727,7 @@ class UniCapModule(pl.LightningModule):
         records = self.eval_records[: v.eval_samples]
         captions: list[dict[str, Any]] = []
         if records:
-            generated = self.caption_records(records, v.eval_level)
+            records, generated = self.caption_records(records, v.eval_level)
             for r, text in zip(records, generated):
                 captions.append({"image": r.image, "level": v.eval_level, "generated": text,
                                  "reference": r.captions.get(v.eval_level, "")})
@@ -721,7 +740,7 @@ class UniCapModule(pl.LightningModule):
             for level in v.levels:
                 if level == v.eval_level or not self.table.has(level):
                     continue
-                for r, text in zip(shown, self.caption_records(shown, level)):
+                for r, text in zip(*self.caption_records(shown, level)):
                     captions.append({"image": r.image, "level": level, "generated": text,
                                      "reference": r.captions.get(level, "")})
         if self._trainer is not None and self.trainer.training:
