@@ -15,6 +15,7 @@ from lumina_lightning.data.skips import MISSING_FILE, UNREADABLE_IMAGE
 from lumina_lightning.modules.unicap import answer_loss, load_processor, load_vlm
 from lumina_lightning.modules.unicap_data import (
     IGNORE_INDEX,
+    PROMPT_TOO_LONG,
     EpochShardSampler,
     InstructionTable,
     UniCapCollator,
@@ -157,6 +158,21 @@ def test_long_answers_are_truncated_but_keep_prompt_and_end(processor):
     assert int(ids[-1]) == processor.tokenizer.convert_tokens_to_ids("<|im_end|>") == int(labels[-1])
     assert (ids == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 4  # prompt intact
     assert (labels != IGNORE_INDEX).sum() == 8
+
+
+def test_a_prompt_that_fills_max_length_trains_nothing_and_is_counted(processor):
+    """A large image can make the prompt alone as long as max_length: training it on the end-of-turn
+    token alone would teach the captioner to stop at once."""
+    samples = [{"image": _image(i), "instruction": "Describe this image.", "answer": "a red circle",
+                "path": f"img{i}.png"} for i in range(2)]
+    n_prompt = UniCapCollator(processor, train=False)(samples[:1])["input_ids"].shape[1]
+    batch = UniCapCollator(processor, max_length=n_prompt + 1)(samples)  # room for <|im_end|> only
+    assert (batch["labels"] == IGNORE_INDEX).all()
+    assert [(reason, text.split(":")[0]) for reason, text in batch["meta"]["skipped"]] == [
+        (PROMPT_TOO_LONG, "img0.png"), (PROMPT_TOO_LONG, "img1.png")]
+    assert "data.max_image_side" in batch["meta"]["skipped"][0][1]
+    batch = UniCapCollator(processor, max_length=n_prompt + 2)(samples)  # one answer token + <|im_end|>
+    assert ((batch["labels"] != IGNORE_INDEX).sum(1) == 2).all() and not batch["meta"]["skipped"]
 
 
 def test_generation_batches_are_left_padded_prompts(processor):

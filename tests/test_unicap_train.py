@@ -128,6 +128,24 @@ def test_freeze_options_and_lora_change_what_trains():
 # ------------------------------------------------------------------------------------------------
 
 
+def test_default_lora_targets_leave_a_qwen25_vision_tower_alone():
+    """Qwen2.5-VL's vision MLP is also named gate/up/down_proj: name lists would adapt it too."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    text = dict(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                                        "mrope_section": [2, 1, 1]})
+    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=32, patch_size=8,
+                  spatial_merge_size=2, temporal_patch_size=2, fullatt_block_indexes=[0])
+    model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=text, vision_config=vision))
+    assert any(n.endswith("mlp.gate_proj") and "visual" in n for n, _ in model.named_modules())
+    model = configure_trainable(model, _cfg(lora_enabled=True, lora_r=2))
+    names = _trainable(model)
+    assert names and not [n for n in names if "visual" in n]
+    adapted = {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in names}
+    assert adapted == {f"{p}_proj" for p in ("q", "k", "v", "o", "gate", "up", "down")}
+
+
 def test_tiny_run_learns_tracks_validates_and_exports(tmp_path):
     recipe = unicap_recipe(
         tmp_path, trainer={"max_steps": 24, "checkpoint_every_n_steps": 12},

@@ -43,6 +43,7 @@ from lumina_lightning.data.skips import BadSample, SkipCounter
 from lumina_lightning.modules.steplog import log_step_rates
 from lumina_lightning.modules.unicap_data import (
     IGNORE_INDEX,
+    PROMPT_TOO_LONG,
     InstructionTable,
     UniCapCollator,
     UniCapDataset,
@@ -581,7 +582,9 @@ class UniCapModule(pl.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
         meta = batch.get("meta", {})
         for reason, example in meta.get("skipped", []):
-            self.skips.add(reason, example)
+            # a bad image was replaced by a substitute (one more sample seen); an over-long prompt
+            # is a sample of this batch that trains nothing (already among the n below)
+            self.skips.add(reason, example, seen=reason != PROMPT_TOO_LONG)
         n = len(meta.get("indices", [])) or int(batch["input_ids"].shape[0])
         self.skips.seen += n
         d = self.recipe.data

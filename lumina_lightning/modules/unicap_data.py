@@ -234,7 +234,7 @@ class UniCapDataset(torch.utils.data.Dataset):
                 continue
             level, instruction = choice
             return {"image": img, "instruction": instruction, "answer": rec.captions[level].strip(),
-                    "level": level, "index": i, "skipped": skipped}
+                    "level": level, "index": i, "path": rec.image, "skipped": skipped}
         raise RuntimeError(
             f"{self.max_substitutes + 1} records in a row from index {index} are unusable "
             f"(e.g. {skipped[0][1] if skipped else '?'}); check the manifest"
@@ -338,6 +338,9 @@ def answer_suffix(processor: Any) -> str:
     return tok.eos_token or ""
 
 
+# a skip reason (plain string, like those of lumina_lightning.data.skips): the prompt alone fills max_length
+PROMPT_TOO_LONG = "prompt_too_long"
+
 # keys of a processor output that have one value per text token (spliced with the answer tokens)
 _TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "token_type_ids")
 
@@ -361,6 +364,7 @@ class UniCapCollator:
         self.max_length = max_length
         self.train = train
         self.suffix = answer_suffix(processor)
+        self.end_ids = self.tokenizer(self.suffix, add_special_tokens=False)["input_ids"] if self.suffix else []
         pad = self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
 
@@ -388,7 +392,7 @@ class UniCapCollator:
     def encode_answer(self, answer: str, room: int) -> torch.Tensor:
         """Token ids of ``answer`` + end-of-turn, truncated to ``room`` tokens (end-of-turn kept)."""
         body = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
-        end = self.tokenizer(self.suffix, add_special_tokens=False)["input_ids"] if self.suffix else []
+        end = self.end_ids
         room = max(len(end), room)
         if len(body) + len(end) > room:
             body = body[: room - len(end)]
@@ -415,9 +419,19 @@ class UniCapCollator:
     def __call__(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         images = [s["image"] for s in samples]
         rows, extras = self.encode_prompts(images, [s["instruction"] for s in samples])
+        too_long: list[tuple[str, str]] = []
         if self.train:
             for row, sample in zip(rows, samples):
                 n_prompt = row["input_ids"].numel()
+                if self.max_length - n_prompt <= len(self.end_ids):
+                    # No room for one answer token: training it would teach "stop at once" on large
+                    # images. It keeps its prompt, but no label, and is counted as a skip.
+                    row["labels"] = torch.full((n_prompt,), IGNORE_INDEX, dtype=torch.long)
+                    too_long.append((PROMPT_TOO_LONG, (
+                        f"{sample.get('path', 'an image')}: its prompt, image tokens included, is {n_prompt} tokens, "
+                        f"no room for the answer within data.max_length={self.max_length} (set data.max_image_side "
+                        "or raise data.max_length)")))
+                    continue
                 answer = self.encode_answer(sample["answer"], self.max_length - n_prompt)
                 zeros = torch.zeros(answer.numel(), dtype=row["input_ids"].dtype)
                 # answer tokens: attended to (mask 1), text modality (type ids 0)
@@ -432,7 +446,7 @@ class UniCapCollator:
             "levels": [s.get("level") for s in samples],
             "answers": [s.get("answer") for s in samples],
             "instructions": [s["instruction"] for s in samples],
-            "skipped": [item for s in samples for item in s.get("skipped", [])],
+            "skipped": [item for s in samples for item in s.get("skipped", [])] + too_long,
         }
         return batch
 

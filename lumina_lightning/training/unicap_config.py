@@ -19,6 +19,10 @@ PRECISIONS = ("32-true", "32", "bf16-mixed", "16-mixed", "bf16-true")
 DTYPES = ("fp32", "bf16", "fp16")
 
 
+# every q/k/v/o/gate/up/down projection outside the vision tower (``visual`` in Qwen2-VL / 2.5-VL)
+LANGUAGE_MODEL_PROJECTIONS = r"^(?!.*\bvisual\b).*\.(q|k|v|o|gate|up|down)_proj$"
+
+
 @dataclass
 class LoraSection:
     """LoRA adapters through peft, instead of full fine-tuning.
@@ -26,9 +30,11 @@ class LoraSection:
     Attributes:
         enabled: train adapters only (the base model is frozen; ``model.freeze_*`` are ignored).
         r, alpha, dropout: LoRA rank, scaling numerator and dropout.
-        target_modules: module names (suffixes) or one regex string. The default names are the
-            attention and MLP projections of Qwen2-VL's *language model* (its vision blocks name
-            theirs ``qkv``/``proj``/``fc1``/``fc2``; add those to adapt the vision tower too).
+        target_modules: module names (suffixes) or one regex string (matched against whole module
+            names). The default is the attention and MLP projections of the *language model*: a
+            regex, not a list of names, because Qwen2.5-VL's vision blocks also name their MLP
+            ``gate_proj``/``up_proj``/``down_proj`` and names alone would adapt the vision tower too.
+            To adapt the vision tower, list its modules (Qwen2-VL: ``qkv``/``proj``/``fc1``/``fc2``).
         modules_to_save: modules trained in full next to the adapters (e.g. ``[merger]``).
         merge_on_export: export a merged full model instead of adapter + base path.
     """
@@ -37,8 +43,7 @@ class LoraSection:
     r: int = 16
     alpha: int = 32
     dropout: float = 0.05
-    target_modules: Any = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                         "up_proj", "down_proj"])
+    target_modules: Any = LANGUAGE_MODEL_PROJECTIONS
     modules_to_save: list[str] = field(default_factory=list)
     merge_on_export: bool = False
 
