@@ -52,3 +52,23 @@ def test_benchmark_on_a_random_model(bench, tmp_path):
     text = bench.table(rows)
     assert "speedup wall (range over rounds)" in text and text.count("\n") == len(rows) + 1
     assert "wall time (rounds:" in bench.verdict(rows)
+
+
+def test_an_export_is_benchmarked_with_what_its_presets_run(bench, tmp_path):
+    """A tiny export stores the CFG scale it was judged with and a calibrated TeaCache: its `fast`
+    row must be what `--preset fast` runs there, and every row must guide at that scale."""
+    pipe = bench.random_pipeline(tmp_path, "NextDiT_debug", 0.1, 0)
+    pipe.defaults = {"cfg_scale": 2.0, "teacache": 0.1, "teacache_version": [0.0, 0.0, 0.0, 1.0, 0.0]}
+    seen = []
+    sample = pipe.sample_latents
+    pipe.sample_latents = lambda noise, cond, uncond, s: seen.append(s) or sample(noise, cond, uncond, s)
+    rows, _ = bench.benchmark(pipe, ["a red circle"], (16, 16), seed=0, accurate=False, teacache=None,
+                              calibrate=False, log=lambda m: None, repeats=1, only=["fast"])
+    assert {s.cfg_scale for s in seen} == {2.0}  # baseline, references and every row
+    names = [r["name"] for r in rows]
+    assert len(names) == 3 and "stored" in names[2]
+    assert pipe.resolve("fast") in seen
+    assert bench.verdict(rows).startswith(names[2])
+    # without a stored calibration the verdict is about the plain preset, not the benchmark's own calibration
+    plain = [dict(r, name=n) for r, n in zip(rows, [bench.BASELINE, "fast (DPM 20 ...)", "fast, calibrated TeaCache 0.1"])]
+    assert bench.verdict(plain).startswith("fast (DPM 20 ...)")
