@@ -130,18 +130,59 @@ def test_runtime_skip_rate_fails_after_min_samples(tmp_path, num_workers):
     # under the threshold the same data trains through
     cfg.max_skip_rate = 0.5
     loader = build_dataloader(cfg, batch_size=2, seed=0, num_workers=num_workers)
-    assert sum(len(b["indices"]) for b in loader) == 14 and loader.skips.num_skipped == 6
+    batches = list(loader)
+    # every good image once; a batch whose two images both failed gets one fallback sample instead
+    # of being dropped (its substitute attempts count as skips too)
+    delivered = [i for b in batches for i in b["indices"].tolist()]
+    assert len(batches) == len(loader) and set(range(14)) <= set(delivered)
+    assert loader.skips.num_skipped >= 6 and loader.skips.skipped.keys() == {"unreadable_image"}
 
 
-def test_all_bad_batch_is_dropped_not_fatal(tmp_path):
+def test_all_bad_batch_falls_back_to_another_bucket_not_dropped(tmp_path):
     rows = []
     for i in range(4):
         _truncated(tmp_path, f"t{i}.png")
         rows.append({"image": f"t{i}.png", "caption": "truncated"})
     rows += _good(tmp_path, 4, size=(64, 32))  # another bucket at resolution 32
     cfg = DataConfig(path=str(_write(tmp_path, rows)), resolution=32, max_skip_rate=1.0, skip_check_min_samples=0)
-    batches = list(build_dataloader(cfg, batch_size=4, seed=0))
-    assert [len(b["indices"]) for b in batches] == [4]
+    loader = build_dataloader(cfg, batch_size=4, seed=0)
+    batches = list(loader)
+    assert len(batches) == len(loader) == 2  # no batch dropped
+    fallback = next(b for b in batches if b["bucket"] == (32, 32))
+    # one good wide image, resized/cropped to the square bucket of the failed batch
+    assert tuple(fallback["pixels"].shape) == (1, 3, 32, 32) and fallback["indices"].item() >= 4
+    assert loader.skips.skipped.keys() == {"unreadable_image"} and loader.skips.num_skipped >= 4
+
+
+def test_lone_bad_bucket_member_keeps_ranks_in_step(tmp_path):
+    # The only member of its bucket has no substitute: the rank drawing it must still yield a batch,
+    # or under DDP that rank would run one step short of the others.
+    rows = _good(tmp_path, 7)
+    noise = np.random.default_rng(0).integers(0, 255, (16, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "wide.png")
+    data = (tmp_path / "wide.png").read_bytes()
+    (tmp_path / "wide.png").write_bytes(data[:-100])  # header fine, pixels truncated
+    rows.append({"image": "wide.png", "caption": "wide"})
+    cfg = DataConfig(path=str(_write(tmp_path, rows)), resolution=32, max_skip_rate=1.0)
+    counts = []
+    for rank in range(2):
+        loader = build_dataloader(cfg, batch_size=1, seed=0, rank=rank, world_size=2)
+        batches = list(loader)
+        assert len(batches) == len(loader) and all(len(b["indices"]) == 1 for b in batches)
+        for b in batches:
+            assert tuple(b["pixels"].shape[2:]) == (b["bucket"][1], b["bucket"][0])
+        counts.append(len(batches))
+    assert counts[0] == counts[1] == 4
+
+
+def test_no_readable_record_at_all_is_a_clear_error(tmp_path):
+    rows = []
+    for i in range(2):
+        _truncated(tmp_path, f"t{i}.png")
+        rows.append({"image": f"t{i}.png", "caption": "truncated"})
+    cfg = DataConfig(path=str(_write(tmp_path, rows)), resolution=32, max_skip_rate=1.0)
+    with pytest.raises(RuntimeError, match="no readable sample left"):
+        list(build_dataloader(cfg, batch_size=1, seed=0))
 
 
 def test_memory_cache_still_counts_every_skip_and_upscale(tmp_path):

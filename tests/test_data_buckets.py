@@ -91,3 +91,15 @@ def test_center_crop_keeps_the_middle():
     arr[:, 64:128] = 255  # white middle third
     out = np.asarray(resize_cover_center_crop(Image.fromarray(arr), (64, 64)))
     assert out.mean() > 250  # the crop is the centre
+
+
+@pytest.mark.parametrize("resolution", [40, 56, 24])
+def test_resolution_not_a_multiple_of_patch_is_refused(resolution):
+    # 40 px used to give only 64x16/16x64 strips and 56 px an empty list, silently
+    with pytest.raises(ValueError, match=f"resolution {resolution} is not a multiple of patch 16"):
+        crop_size_list(resolution)
+    from lumina_lightning.data.config import DataConfig
+
+    with pytest.raises(ValueError, match=rf"data.resolution \({resolution}\) must be a multiple of data.patch \(16"):
+        DataConfig(resolution=resolution)
+    assert (48, 48) in crop_size_list(48) and DataConfig(resolution=48, patch=16).resolution == 48

@@ -139,3 +139,60 @@ def test_cli_cache_and_inspect(setup, tmp_path, capsys):
     assert main(["inspect", "--cache", str(tmp_path / "c")]) == 0
     out = capsys.readouterr().out
     assert "6 records" in out and "short" in out
+
+
+class _HashText:
+    """A deterministic stand-in text encoder: the features are a hash of the prompt."""
+
+    def identity(self):
+        return {"kind": "hash-test"}
+
+    def encode(self, prompts):
+        import hashlib
+
+        rows = [torch.tensor(list(hashlib.sha256(p.encode()).digest()[:8]), dtype=torch.float32).reshape(4, 2)
+                for p in prompts]
+        return torch.stack(rows), torch.ones(len(prompts), 4, dtype=torch.bool)
+
+
+def test_append_reencodes_changed_images_and_captions(tmp_path):
+    import os
+
+    from PIL import Image
+
+    def manifest(captions):
+        (tmp_path / "m.jsonl").write_text("".join(
+            json.dumps({"image": f"{k}.png", "caption": c}) + "\n" for k, c in enumerate(captions)))
+
+    for k in range(3):
+        Image.new("RGB", (32, 32), (10 * k, 0, 0)).save(tmp_path / f"{k}.png")
+    manifest(["red", "b", "c"])
+    cfg, vae, text = _cfg(tmp_path / "m.jsonl"), encoders.PixelAutoencoder(), _HashText()
+    build_cache(cfg, tmp_path / "c", autoencoder=vae, text_encoder=text, feature_dtype="float32")
+    # image 0 is re-exported with other pixels (its mtime moves on), caption 1 is corrected
+    Image.new("RGB", (32, 32), (0, 200, 0)).save(tmp_path / "0.png")
+    st = os.stat(tmp_path / "0.png")
+    os.utime(tmp_path / "0.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    manifest(["green", "b fixed", "c"])
+    build_cache(cfg, tmp_path / "c", autoencoder=vae, text_encoder=text, feature_dtype="float32", append=True)
+    index = read_index(tmp_path / "c")
+    assert len(index["items"]) == 3
+    ds = CachedDataset(tmp_path / "c", cfg)
+    for pos, item in enumerate(index["items"]):
+        batch = ds[(0, pos)]
+        fresh = to_tensor(resize_cover_center_crop(load_image(item["image"]), tuple(item["bucket"])))
+        assert torch.equal(batch["latents"][0], fresh), item["image"]
+        want = {"0.png": "green", "1.png": "b fixed", "2.png": "c"}[item["image"].rsplit("/", 1)[-1]]
+        assert batch["captions"] == [want]
+        assert torch.equal(batch["cap_feats"][0], text.encode([want])[0][0])
+    assert all(it["fingerprint"] for it in index["items"])
+    # an unchanged append adds nothing; a cache written before fingerprints is re-encoded once
+    build_cache(cfg, tmp_path / "c", autoencoder=vae, text_encoder=text, feature_dtype="float32", append=True)
+    assert read_index(tmp_path / "c")["items"] == index["items"]
+    for it in index["items"]:
+        del it["fingerprint"]
+    (tmp_path / "c" / "index.json").write_text(json.dumps(index))
+    build_cache(cfg, tmp_path / "c", autoencoder=vae, text_encoder=text, feature_dtype="float32", append=True)
+    again = read_index(tmp_path / "c")
+    assert len(again["items"]) == 3 and all(it["fingerprint"] for it in again["items"])
+    assert [s["stop"] - s["start"] for s in again["sources"]] == [3]

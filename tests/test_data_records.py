@@ -155,3 +155,24 @@ def test_data_yaml_errors_are_clear(tmp_path):
     (tmp_path / "c.yaml").write_text("META:\n  - path: b.yaml\n    ratoi: 1\n")
     with pytest.raises(ManifestError, match="unknown keys"):
         read_data_yaml(tmp_path / "c.yaml")
+
+
+def test_negative_seed_draws_ratio_subsets(tmp_path):
+    _jsonl(tmp_path / "web.jsonl", [{"image": f"w{i}.png", "caption": f"w{i}"} for i in range(20)])
+    (tmp_path / "data.yaml").write_text("META:\n  - path: web.jsonl\n    ratio: 0.5\n")
+    rs = read_data_yaml(tmp_path / "data.yaml")
+    picked = rs.epoch_indices(seed=-1, epoch=0)
+    assert len(picked) == 10 and np.array_equal(picked, rs.epoch_indices(seed=-1, epoch=0))
+
+
+def test_caller_root_is_relative_to_the_cwd_for_manifests_and_data_yamls(tmp_path, monkeypatch):
+    (tmp_path / "meta").mkdir()
+    _jsonl(tmp_path / "meta" / "m.jsonl", [{"image": "a.png", "caption": "x"}])
+    (tmp_path / "meta" / "mix.yaml").write_text("META:\n  - path: m.jsonl\n")
+    (tmp_path / "meta" / "own.yaml").write_text("META:\n  - path: m.jsonl\n    root: pics\n")
+    monkeypatch.chdir(tmp_path)
+    want = str(tmp_path / "imgs" / "a.png")
+    assert load_records("meta/m.jsonl", root="imgs").records[0].image == want
+    assert load_records("meta/mix.yaml", root="imgs").records[0].image == want
+    # a root written inside the YAML stays relative to the YAML's folder, and wins over the caller's
+    assert load_records("meta/own.yaml", root="imgs").records[0].image == str(tmp_path / "meta" / "pics" / "a.png")

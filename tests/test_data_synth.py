@@ -178,3 +178,20 @@ def test_aspects_and_cli(tmp_path, capsys):
     assert sizes <= {(64, 64), (96, 48)} and len(sizes) == 2
     assert main(["synth", "--out", str(tmp_path / "e"), "--n", "6", "--holdout", "red:hexagon"]) == 1
     assert "unknown hold-out pair" in capsys.readouterr().err
+
+
+def test_interrupted_generation_is_redone(tmp_path):
+    from types import SimpleNamespace
+
+    from lumina_lightning.training.run import ensure_synthetic
+
+    out = synth.generate_synthetic(tmp_path / "d", 8, size=32, seed=0, n_test=6)
+    assert out.config.is_file() and not list(Path(out.root).glob("*.tmp"))
+    # a run killed after the manifests but before the completion marker: data.path exists, yet the
+    # dataset must be generated again rather than trusted
+    expected = out.train.read_text()
+    out.config.unlink()
+    out.train.write_text(expected[: len(expected) // 2])
+    spec = {"n": 8, "size": 32, "seed": 0, "n_test": 6}
+    ensure_synthetic(SimpleNamespace(data=SimpleNamespace(synthetic=spec, path=str(out.train))))
+    assert out.train.read_text() == expected and out.config.is_file()

@@ -40,6 +40,14 @@ def crop_size_list(resolution: int, patch: int = 16, max_aspect: float = 4.0) ->
         raise ValueError(f"resolution and patch must be positive, got {resolution} and {patch}")
     if max_aspect < 1.0:
         raise ValueError(f"max_aspect must be >= 1, got {max_aspect}")
+    if resolution % patch:
+        # Otherwise the walk below gives no square and, e.g. at 40 px with patch 16, only strips
+        # (or nothing at 56 px): fail here instead of training on a silently wrong bucket list.
+        raise ValueError(
+            f"resolution {resolution} is not a multiple of patch {patch} (the pixel size of one token, "
+            f"autoencoder downsampling x transformer patch): no usable bucket list. Use a resolution that is "
+            f"a multiple of {patch}, e.g. {max(patch, resolution // patch * patch)} or {(resolution // patch + 1) * patch}"
+        )
     budget = round((resolution / patch) ** 2)
     sizes: list[tuple[int, int]] = []
     wp, hp = budget, 1
@@ -51,7 +59,7 @@ def crop_size_list(resolution: int, patch: int = 16, max_aspect: float = 4.0) ->
         else:
             wp -= 1
     square = (resolution, resolution)
-    if resolution % patch == 0 and square not in sizes:
+    if square not in sizes:
         # Deviation (see docstring): keep the square bucket for small, odd-multiple resolutions.
         sizes.append(square)
         sizes.sort(key=lambda s: (-s[0] / s[1]))

@@ -23,6 +23,7 @@ to the longest caption in the batch), ``cap_mask`` (B×L bool) and the same ``ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -123,6 +124,48 @@ def _load_pixels(record: Record, bucket: tuple[int, int], cfg: DataConfig, repor
     return to_tensor(resize_cover_center_crop(img, bucket))
 
 
+def _fit_latent(latent: torch.Tensor, stored: tuple[int, int], bucket: tuple[int, int]) -> torch.Tensor:
+    """Resize a ``C×h×w`` latent cached at bucket ``stored`` to cover ``bucket`` and centre-crop it,
+    the latent-space analogue of :func:`resize_cover_center_crop`."""
+    f = stored[0] / latent.shape[-1]  # pixels per latent cell
+    tw, th = round(bucket[0] / f), round(bucket[1] / f)
+    scale = max(tw / latent.shape[-1], th / latent.shape[-2])
+    nw, nh = max(tw, round(latent.shape[-1] * scale)), max(th, round(latent.shape[-2] * scale))
+    out = torch.nn.functional.interpolate(latent[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    return out[:, top : top + th, left : left + tw].contiguous()
+
+
+def _prompts(record: Record, levels: Sequence[str] | None, prompt_fn: PromptFn, system: str | None) -> dict[str, str]:
+    """The encoder input per caption level that ``build_cache`` encodes for ``record``."""
+    wanted = [lvl for lvl in available_levels(record.captions) if levels is None or lvl in levels]
+    return {lvl: prompt_fn(record.captions[lvl].strip(), record.system or system) for lvl in wanted}
+
+
+def _fingerprint(record: Record, prompts: Mapping[str, str]) -> str | None:
+    """What an item's tensors depend on: the file (size + mtime_ns, a stat, not a read of every
+    image on each append) and the exact text encoded; ``None`` when the file cannot be stat'ed."""
+    try:
+        st = os.stat(record.image)
+    except OSError:
+        return None
+    data = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "system": record.system, "prompts": dict(prompts),
+            "captions": {lvl: record.captions[lvl].strip() for lvl in prompts}}
+    return hashlib.sha1(json.dumps(data, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _drop_items(items: list[dict[str, Any]], sources: list[dict[str, Any]], drop: set[int]):
+    """Remove items by position, keeping the per-source ranges consistent."""
+    kept: list[dict[str, Any]] = []
+    new_sources = []
+    for src in sources:
+        start = len(kept)
+        kept.extend(items[j] for j in range(src["start"], src["stop"]) if j not in drop)
+        if len(kept) > start:
+            new_sources.append({**src, "start": start, "stop": len(kept)})
+    return kept, new_sources
+
+
 @torch.no_grad()
 def build_cache(
     cfg: DataConfig,
@@ -156,7 +199,8 @@ def build_cache(
         levels: caption levels to encode (default: every non-empty level of each record).
         shard_size: items per safetensors shard.
         append: add records to an existing cache (same identity required; images already in the
-            cache are skipped).
+            cache with the same file size/mtime and encoded text are skipped, changed ones are
+            re-encoded and replace their old item).
         feature_dtype, latent_dtype: storage dtypes (``float32``, ``float16``, ``bfloat16``).
         device: where the encoders run (they must already be there).
 
@@ -193,12 +237,29 @@ def build_cache(
         records = load_records(cfg.path, root=cfg.root)
     plan = build_plan(records, cfg, progress=progress)
     plan.skips.check(cfg.max_skip_rate, 1, where=f"cache source {cfg.path}")
-    done = {item["image"] for item in old_items}
     report = SkipCounter()
     f_dtype, l_dtype = _DTYPES[feature_dtype], _DTYPES[latent_dtype]
 
+    usable = np.flatnonzero(plan.bucket_ids >= 0).tolist()
+    prompts = {i: _prompts(records.records[i], levels, prompt_fn, cfg.system) for i in usable}
+    fingerprints = {i: _fingerprint(records.records[i], prompts[i]) for i in usable}
+    # An item is current when a record has the same image *and* fingerprint; an item whose image is
+    # still listed but with another fingerprint (file or text changed) is stale: it is dropped and
+    # its record re-encoded. Items of caches made before fingerprints existed have none, so they
+    # count as stale and are re-encoded once (safe: their file or text may have changed since).
+    current = {(records.records[i].image, fingerprints[i]) for i in usable}
+    listed = {records.records[i].image for i in usable}
+    stale = {j for j, item in enumerate(old_items)
+             if item["image"] in listed and (item["image"], item.get("fingerprint")) not in current}
+    if stale:
+        unmarked = sum(1 for j in stale if old_items[j].get("fingerprint") is None)
+        log.warning("cache %s: re-encoding %d items whose image or caption text changed%s", out, len(stale),
+                    f" ({unmarked} from a cache without fingerprints, treated as changed)" if unmarked else "")
+        old_items, old_sources = _drop_items(old_items, old_sources, stale)
+    done = {(item["image"], item.get("fingerprint")) for item in old_items}
+
     # Work list: usable record ids per bucket, in record order.
-    todo = [i for i in np.flatnonzero(plan.bucket_ids >= 0).tolist() if records.records[i].image not in done]
+    todo = [i for i in usable if (records.records[i].image, fingerprints[i]) not in done]
     by_bucket: dict[int, list[int]] = {}
     for i in todo:
         by_bucket.setdefault(int(plan.bucket_ids[i]), []).append(i)
@@ -233,7 +294,7 @@ def build_cache(
                 rec = records.records[i]
                 report.seen += 1
                 try:
-                    wanted = [lvl for lvl in available_levels(rec.captions) if levels is None or lvl in levels]
+                    wanted = list(prompts[i])
                     if not wanted:
                         raise BadSample(EMPTY_CAPTION, f"{rec.image}: none of the levels {list(levels or [])} present")
                     pixels.append(_load_pixels(rec, bucket, cfg, report))
@@ -246,13 +307,12 @@ def build_cache(
             if not kept:
                 continue
             latents = autoencoder.encode(torch.stack(pixels).to(device)).to("cpu", l_dtype)
-            prompts, owners = [], []
+            batch_prompts, owners = [], []
             for slot, (i, wanted) in enumerate(kept):
-                rec = records.records[i]
                 for lvl in wanted:
-                    prompts.append(prompt_fn(rec.captions[lvl].strip(), rec.system or cfg.system))
+                    batch_prompts.append(prompts[i][lvl])
                     owners.append((slot, lvl))
-            feats, mask = text_encoder.encode(prompts)
+            feats, mask = text_encoder.encode(batch_prompts)
             feats, mask = feats.to("cpu"), mask.to("cpu").bool()
             per_item: dict[int, dict[str, int]] = {}
             for row, (slot, lvl) in enumerate(owners):
@@ -268,7 +328,7 @@ def build_cache(
                     "key": key, "shard": None, "image": rec.image, "source": rec.source, "system": rec.system,
                     "bucket": list(bucket), "size": [int(x) for x in plan.sizes[i]],
                     "captions": {lvl: rec.captions[lvl].strip() for lvl in wanted}, "cap_len": per_item[slot],
-                    "meta": rec.meta,
+                    "meta": rec.meta, "fingerprint": fingerprints[i],
                 }
                 new_items[i] = item
                 shard_items.append(item)
@@ -394,6 +454,9 @@ class CachedDataset(_BatchDatasetBase):
             feats = self._tensor(item["shard"], f"{item['key']}/cap/{level}").float()
         except Exception as err:  # a damaged shard must not kill the run either
             raise BadSample(UNREADABLE_CACHE, f"{item['image']}: cannot read cached tensors ({err})") from err
+        if tuple(item["bucket"]) != tuple(bucket):
+            # Only a batch's last-resort fallback (dataset._fallback) asks for another bucket.
+            latent = _fit_latent(latent, tuple(item["bucket"]), bucket)
         return {"latent": latent, "feats": feats, "caption": text, "level": level,
                 "system": item.get("system") or self.cfg.system, "index": index}
 
@@ -415,10 +478,3 @@ class CachedDataset(_BatchDatasetBase):
             "systems": [it["system"] for it in items],
             "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
         }
-
-    def _empty(self, bucket: tuple[int, int]) -> dict[str, Any]:
-        c = int(self.index.get("latent_channels") or 0)
-        f = int(self.index.get("downsample") or 1)
-        return {"latents": torch.zeros(0, c, bucket[1] // f, bucket[0] // f), "cap_feats": torch.zeros(0, 1, 1),
-                "cap_mask": torch.zeros(0, 1, dtype=torch.bool), "captions": [], "levels": [], "systems": [],
-                "indices": torch.zeros(0, dtype=torch.long)}

@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache", help="encode a manifest with a frozen autoencoder + text encoder into a cache")
     p.add_argument("--data", required=True, help="manifest (.jsonl/.json), image folder, or data YAML")
-    p.add_argument("--root", default=None, help="base directory for relative image paths")
+    p.add_argument("--root", default=None, help="base directory for relative image paths (relative to the current directory)")
     p.add_argument("--out", required=True, help="cache directory")
     p.add_argument("--resolution", type=int, required=True, help="stage resolution (buckets, spec §5)")
     p.add_argument("--patch", type=int, default=16, help="VAE factor × DiT patch size (default 16)")

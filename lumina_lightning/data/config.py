@@ -27,12 +27,14 @@ class DataConfig:
         path: a JSONL/JSON manifest, an image folder (same-name ``.txt``/``.json`` captions), or a
             data YAML with a ``META`` list of sources and ratios (official style). Required unless
             ``cache_dir`` is set.
-        root: base directory for relative image paths in ``path`` (default: the manifest's folder).
+        root: base directory for relative image paths in ``path`` (default: the manifest's folder);
+            a relative ``root`` is relative to the current directory, for a manifest and for a data
+            YAML alike (only a ``root:`` written inside a data YAML is relative to the YAML's folder).
         system: system-prompt template name for records that carry none (``None`` leaves the
             choice to the training module); the dataset only reports it, it never prepends it.
         cache_dir: read an offline latent/caption-feature cache (``lumina data cache``) instead of
             images; batches then hold ``latents``/``cap_feats``/``cap_mask`` instead of ``pixels``.
-        resolution: stage resolution; the buckets are the official crop sizes for it (spec §5).
+        resolution: stage resolution, a multiple of ``patch``; the buckets are the official crop sizes for it (spec §5).
         patch: pixels per latent patch (VAE downsampling × DiT patch size; 8 × 2 = 16 officially).
         max_aspect: largest bucket aspect ratio (official 4.0).
         caption_weights: sampling weight per caption level, e.g. ``{"short": 0.5, "medium": 0.3,
@@ -100,6 +102,13 @@ class DataConfig:
             problems.append(f"resolution ({self.resolution}) and patch ({self.patch}) must be positive")
         elif self.resolution < self.patch:
             problems.append(f"resolution ({self.resolution}) must be at least patch ({self.patch})")
+        elif self.resolution % self.patch:
+            # The buckets are patch grids (spec §5): any other resolution gives a wrong or empty list.
+            problems.append(
+                f"data.resolution ({self.resolution}) must be a multiple of data.patch ({self.patch}, the pixel size "
+                f"of one token = autoencoder downsampling x transformer patch), e.g. "
+                f"{self.resolution // self.patch * self.patch} or {(self.resolution // self.patch + 1) * self.patch}"
+            )
         if self.max_aspect < 1.0:
             problems.append(f"max_aspect must be >= 1, got {self.max_aspect}")
         if self.min_size_policy not in MIN_SIZE_POLICIES:

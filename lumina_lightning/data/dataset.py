@@ -49,6 +49,7 @@ __all__ = ["DataPlan", "ImageTextDataset", "SampleKey", "build_plan"]
 SampleKey = tuple[int, int]
 _SCHEDULE_SALT = 0xB0C
 _SUBSTITUTE_SALT = 0x5B5
+_FALLBACK_SALT = 0xFA11
 
 
 @dataclass
@@ -229,6 +230,34 @@ class _BatchDatasetBase(Dataset, metaclass=abc.ABCMeta):
             if cand != index:
                 yield cand
 
+    def _fallback(self, epoch: int, index: int, bucket_id: int, failed: set[int], report: SkipCounter) -> dict[str, Any]:
+        """One readable sample for a batch whose every slot and substitute failed.
+
+        Dropping the batch would leave this rank one step short of ``len(loader)`` and out of step
+        with the other ranks under DDP, so the batch must hold something: first any other member of
+        the same bucket, then any usable record fitted to this bucket's shape by ``_load_one``. The
+        order is drawn from ``(seed, epoch, index)`` so a resumed run gets the same sample.
+        """
+        rng = np.random.default_rng([self.seed & 0xFFFFFFFFFFFFFFFF, int(epoch), int(index), _FALLBACK_SALT])
+        same = self.plan.members(bucket_id)
+        usable = np.flatnonzero(self.plan.bucket_ids >= 0)
+        others = usable[self.plan.bucket_ids[usable] != bucket_id]
+        bucket = self.plan.buckets[bucket_id]
+        for candidate in itertools.chain(same[rng.permutation(len(same))], others[rng.permutation(len(others))]):
+            if int(candidate) in failed:
+                continue
+            report.seen += 1
+            try:
+                return self._load_one(epoch, int(candidate), bucket, report)
+            except BadSample as err:
+                failed.add(int(candidate))
+                report.add(err.reason, str(err), seen=False)
+                _warn(err.reason, str(err))
+        raise RuntimeError(
+            f"no readable sample left for a batch of bucket {bucket[0]}x{bucket[1]}: all {len(usable)} usable "
+            f"records failed to load ({report.summary()}). Check that the data files exist and are readable."
+        )
+
     @abc.abstractmethod
     def _collate(self, items: list[dict[str, Any]], bucket: tuple[int, int]) -> dict[str, Any]:
         """Stack loaded samples into the batch dict."""
@@ -238,8 +267,10 @@ class _BatchDatasetBase(Dataset, metaclass=abc.ABCMeta):
 
         A sample that fails to decode is counted by reason and replaced by another sample of the
         same bucket (chosen deterministically from ``(seed, epoch, index)``) so the batch keeps its
-        size; a slot with no working substitute is dropped.
+        size; a slot with no working substitute is dropped. A batch is never empty (see
+        :meth:`_fallback`): every rank yields exactly the scheduled number of batches.
         """
+        position = getattr(keys, "position", None)  # set by the loader's batch sampler (loader._Keys)
         keys = [(int(e), int(i)) for e, i in keys]
         if not keys:
             raise ValueError("empty batch request")
@@ -250,6 +281,7 @@ class _BatchDatasetBase(Dataset, metaclass=abc.ABCMeta):
         bucket = self.plan.buckets[bucket_id]
         report = SkipCounter()
         items = []
+        failed: set[int] = set()
         for _, index in keys:
             # Substitutes are drawn lazily: only when the sample itself fails.
             for candidate in itertools.chain((index,), self._substitutes(epoch, index, bucket_id)):
@@ -258,17 +290,18 @@ class _BatchDatasetBase(Dataset, metaclass=abc.ABCMeta):
                     items.append(self._load_one(epoch, candidate, bucket, report))
                     break
                 except BadSample as err:
+                    failed.add(candidate)
                     report.add(err.reason, str(err), seen=False)
                     _warn(err.reason, str(err))
-        batch = self._collate(items, bucket) if items else self._empty(bucket)
+        if not items:
+            items.append(self._fallback(epoch, keys[0][1], bucket_id, failed, report))
+        batch = self._collate(items, bucket)
         batch["epoch"] = epoch
         batch["bucket"] = bucket
         batch["skips"] = report.report()
+        if position is not None:
+            batch["position"] = position
         return batch
-
-    @abc.abstractmethod
-    def _empty(self, bucket: tuple[int, int]) -> dict[str, Any]:
-        """A batch of zero samples (every slot failed), with correctly shaped empty tensors."""
 
     def __getitem__(self, key: SampleKey | int) -> dict[str, Any]:
         """One sample as a batch of one (``key`` is ``(epoch, index)`` or an index for epoch 0)."""
@@ -332,8 +365,3 @@ class ImageTextDataset(_BatchDatasetBase):
             "systems": [it["system"] for it in items],
             "indices": torch.tensor([it["index"] for it in items], dtype=torch.long),
         }
-
-    def _empty(self, bucket: tuple[int, int]) -> dict[str, Any]:
-        w, h = bucket
-        return {"pixels": torch.zeros(0, 3, h, w), "captions": [], "levels": [], "systems": [],
-                "indices": torch.zeros(0, dtype=torch.long)}

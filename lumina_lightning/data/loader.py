@@ -20,6 +20,13 @@ Lightning saves and restores a ``StatefulDataLoader``'s ``state_dict`` in checkp
 automatically (environment notes §8); the loader's state includes this sampler's state (torchdata
 snapshots it when each batch index is handed to a worker, so prefetching does not skew it) and
 the running skip counts. Use ``Trainer(use_distributed_sampler=False)``: the loader shards itself.
+
+torchdata's own state is laid out per worker, so it only loads with the same ``num_workers``. The
+loader therefore also saves the sampler position as of the last *delivered* batch (each batch's key
+list carries the position right after it; the sampler object itself runs ahead while workers
+prefetch) and the ``num_workers`` it ran with. Resuming with another worker count (e.g. on another
+host) restores that position and the skip counts and starts torchdata afresh: the same batches
+follow as in the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -63,6 +70,16 @@ def regroup(batches: list[np.ndarray], batch_size: int, bucket_ids: np.ndarray, 
             out.append((int(pos[full * batch_size]), members[full * batch_size :]))
     out.sort(key=lambda t: t[0])
     return [chunk for _, chunk in out]
+
+
+class _Keys(list):
+    """One batch's ``(epoch, index)`` keys plus ``position``: the sampler state right after it.
+
+    The dataset copies ``position`` into the batch so the loader knows which position a *delivered*
+    batch corresponds to (see ``LuminaDataLoader.state_dict``).
+    """
+
+    position: dict[str, Any] | None = None
 
 
 class BucketBatchSampler:
@@ -153,7 +170,9 @@ class BucketBatchSampler:
             # Advance before yielding: torchdata snapshots the state right after an index is
             # drawn, and that batch must count as consumed in the snapshot.
             self.cursor += self.world_size
-            yield [(epoch, int(i)) for i in batch]
+            keys = _Keys((epoch, int(i)) for i in batch)
+            keys.position = self.state_dict()
+            yield keys
 
     # --- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -236,20 +255,21 @@ class _CheckedIterator:
         return getattr(self._inner, name)
 
     def __next__(self) -> dict[str, Any]:
-        while True:
-            batch = next(self._inner)
-            try:
-                self._loader.account(batch.get("skips"))
-            except Exception:
-                # Stop worker processes now rather than whenever the iterator is collected.
-                shutdown = getattr(self._inner, "_shutdown_workers", None)
-                if shutdown is not None:
-                    shutdown()
-                raise
-            if len(batch["indices"]) == 0:
-                log.error("dropping an empty batch of bucket %s: every sample and substitute failed", batch.get("bucket"))
-                continue
-            return batch
+        # Batches are never empty (the dataset falls back to another record), so none is dropped
+        # here and every rank yields exactly len(loader) batches.
+        batch = next(self._inner)
+        position = batch.pop("position", None)
+        if position is not None:
+            self._loader._delivered = position
+        try:
+            self._loader.account(batch.get("skips"))
+        except Exception:
+            # Stop worker processes now rather than whenever the iterator is collected.
+            shutdown = getattr(self._inner, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            raise
+        return batch
 
 
 class LuminaDataLoader(StatefulDataLoader):
@@ -270,6 +290,8 @@ class LuminaDataLoader(StatefulDataLoader):
         self.plan_skips: SkipCounter = batch_sampler.plan.skips
         self.skips = SkipCounter()
         self._next_log = 1
+        # Sampler state as of the last batch handed to the caller (or the last state loaded).
+        self._delivered: dict[str, Any] = batch_sampler.state_dict()
 
     def __iter__(self):
         return _CheckedIterator(self, super().__iter__())
@@ -285,14 +307,25 @@ class LuminaDataLoader(StatefulDataLoader):
         self.skips.check(self.cfg.max_skip_rate, self.cfg.skip_check_min_samples, where="data loader")
 
     def state_dict(self) -> dict[str, Any]:
-        return {"loader": super().state_dict(), "skips": self.skips.state_dict()}
+        return {"loader": super().state_dict(), "skips": self.skips.state_dict(),
+                "sampler": dict(self._delivered), "num_workers": self.num_workers}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "loader" in state_dict:
-            self.skips.load_state_dict(state_dict.get("skips") or {})
-            super().load_state_dict(state_dict["loader"])
-        else:  # a plain StatefulDataLoader state
+        if "loader" not in state_dict:  # a plain StatefulDataLoader state
             super().load_state_dict(state_dict)
+            return
+        self.skips.load_state_dict(state_dict.get("skips") or {})
+        saved_workers = state_dict.get("num_workers")
+        if "sampler" in state_dict and saved_workers is not None and int(saved_workers) != self.num_workers:
+            # torchdata's state is per worker and will not load with another worker count; the
+            # delivered sampler position alone says which batches come next.
+            log.info("data.num_workers changed from %s to %d on resume: restoring the sampler position only",
+                     saved_workers, self.num_workers)
+            self.batch_sampler.load_state_dict(state_dict["sampler"])
+        else:
+            super().load_state_dict(state_dict["loader"])
+        if "sampler" in state_dict:
+            self._delivered = dict(state_dict["sampler"])
 
     @property
     def sampler_state(self) -> dict[str, Any]:

@@ -127,7 +127,8 @@ class RecordSet:
             parts.extend([base] * whole)
             extra = int(round(frac * src.size))
             if extra:
-                rng = np.random.default_rng([int(seed), int(epoch), s, 0x5A7])
+                # numpy seeds must be non-negative: mask like the other seeded draws so any int seed works
+                rng = np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch), s, 0x5A7])
                 parts.append(np.sort(rng.choice(base, size=extra, replace=False)))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
@@ -316,11 +317,15 @@ def read_data_yaml(path: str | os.PathLike, root: str | os.PathLike | None = Non
           - path: web.jsonl
             ratio: 0.5
 
-    ``root`` given here applies to sources that have no ``root`` of their own.
+    ``root`` given here (by the caller or ``--root``; relative to the current directory) applies
+    to sources that have no ``root`` of their own; a ``root:`` inside the YAML is relative to the
+    YAML's folder.
     """
     import yaml
 
     path = Path(path).expanduser().resolve()
+    if root is not None:  # the caller's root is relative to the current directory, like for a manifest
+        root = _resolve(str(root), Path.cwd())
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
@@ -340,9 +345,12 @@ def read_data_yaml(path: str | os.PathLike, root: str | os.PathLike | None = Non
         if not math.isfinite(ratio) or ratio < 0:
             raise ManifestError(f"{where}: ratio must be a finite number >= 0, got {entry.get('ratio')}")
         src_path = Path(_resolve(str(entry["path"]), path.parent))
-        src_root = entry.get("root", root)
-        if src_root is not None:
-            src_root = _resolve(str(src_root), path.parent)
+        # A ``root:`` written in the YAML is relative to the YAML's folder; a ``root`` from the
+        # caller/CLI was resolved against the current directory above (as for a manifest).
+        if entry.get("root") is not None:
+            src_root = _resolve(str(entry["root"]), path.parent)
+        else:
+            src_root = root
         if not src_path.exists():
             raise ManifestError(f"{where}: {src_path} not found")
         recs = _read_source(src_path, str(entry.get("type", "auto")), src_root, entry.get("system"))

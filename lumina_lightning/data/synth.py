@@ -526,6 +526,22 @@ def _check_holdout(holdout, shapes, colors) -> None:
         raise ValueError("no hold-out pair uses the selected shapes and colours; the test split could not be made")
 
 
+COMPLETE_MARKER = "synth_config.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temp file + ``os.replace``: an interrupted run never leaves a truncated file
+    that a later run would take for a finished one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def synthetic_complete(out_dir: str | os.PathLike) -> bool:
+    """Whether ``generate_synthetic`` finished writing ``out_dir`` (its last file is there)."""
+    return (Path(out_dir) / COMPLETE_MARKER).is_file()
+
+
 def generate_synthetic(
     out_dir: str | os.PathLike,
     n: int,
@@ -611,9 +627,7 @@ def generate_synthetic(
     test = [r for res, job in zip(results, jobs) if job.split == "test" for r in res]
 
     def dump(rows: list[dict[str, Any]], path: Path) -> None:
-        with open(path, "w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
     dump(train, root / "train.jsonl")
     dump(test, root / "test.jsonl")
@@ -621,7 +635,7 @@ def generate_synthetic(
     def mix(path: Path, comment: str, sources: list[tuple[str, float]]) -> None:
         """A data YAML in the official META style (sources and per-epoch ratios)."""
         entries = "".join(f"  - path: {name}\n    ratio: {ratio}\n" for name, ratio in sources)
-        path.write_text(f"# {comment}\nMETA:\n{entries}", encoding="utf-8")
+        _write_atomic(path, f"# {comment}\nMETA:\n{entries}")
 
     # A stand-in for curated "high-quality" data (the HQ tuning stage, spec §5): the compositionally
     # rich scenes, whose dense captions carry the most, mixed with half of everything else.
@@ -645,7 +659,8 @@ def generate_synthetic(
         "backgrounds": list(backgrounds), "palette": {c: list(PALETTE[c]) for c in colors},
         "background_palette": {b: list(BACKGROUNDS[b]) for b in backgrounds}, "cross_arm": CROSS_ARM,
     }
-    (root / "synth_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    # Written last: its presence marks a complete dataset (see synthetic_complete).
+    _write_atomic(root / COMPLETE_MARKER, json.dumps(config, indent=2) + "\n")
     return SyntheticDataset(root, root / "images", root / "train.jsonl", root / "test.jsonl",
                             root / "test_geneval.jsonl", root / "synth_config.json", n, n_test,
                             root / "train_hq.jsonl", root / "hq.yaml", root / "train_single.jsonl",

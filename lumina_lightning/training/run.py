@@ -187,19 +187,27 @@ def _built_on_rank_zero(ready: Callable[[], bool], build: Callable[[], None], wh
 
 
 def ensure_synthetic(cfg: Any) -> None:
-    """Generate the synthetic dataset where ``data.synthetic`` asks for it and ``data.path`` is missing."""
-    spec = cfg.data.synthetic
-    if not spec or not cfg.data.path or Path(cfg.data.path).exists():
-        return
-    from lumina_lightning.data.synth import generate_synthetic
+    """Generate the synthetic dataset where ``data.synthetic`` asks for it and ``data.path`` is missing or
+    its generation never finished."""
+    from lumina_lightning.data.synth import generate_synthetic, synthetic_complete
 
+    spec = cfg.data.synthetic
+    if not spec or not cfg.data.path:
+        return
     folder = Path(cfg.data.path).parent
+
+    def done() -> bool:
+        # data.path alone may be left over from an interrupted generation: the marker is written last
+        return Path(cfg.data.path).exists() and synthetic_complete(folder)
+
+    if done():
+        return
 
     def build() -> None:
         log.info("generating the synthetic dataset into %s (%s)", folder, spec)
         generate_synthetic(folder, progress=True, **spec)
 
-    _built_on_rank_zero(lambda: Path(cfg.data.path).exists(), build, f"generate {cfg.data.path}", 300,
+    _built_on_rank_zero(done, build, f"generate {cfg.data.path}", 300,
                         lock=folder.with_name(folder.name + ".generating"))
     if not Path(cfg.data.path).exists():
         raise FileNotFoundError(f"data.synthetic generated {folder} but data.path {cfg.data.path} is not among its files")
