@@ -81,13 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     if host not in ("127.0.0.1", "localhost", "::1"):
         print(f"lumina demo: note: binding {host}; the demo is reachable from other machines.", file=sys.stderr)
 
-    import torch
-
     from lumina_lightning.models.io import CheckpointMismatchError
+    from lumina_lightning.sampling.cli import resolve_device
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        print(f"lumina demo: error: --device {device} but no CUDA GPU is visible; use --device cpu", file=sys.stderr)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as err:
+        print(f"lumina demo: error: {err}", file=sys.stderr)
         return 2
     config = ServeConfig(max_pixels=args.max_pixels, max_images=args.max_images, max_steps=args.max_steps,
                          resolution=args.resolution, checkpoint=str(args.ckpt))

@@ -94,6 +94,15 @@ def no_checkpoint_message(path: str | os.PathLike | None = None) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+def _range(low: float | None, high: float | None) -> str:
+    def show(x: float) -> str:  # whole bounds in full: 2147483647, not 2.14748e+09
+        return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+    if low is not None and high is not None:
+        return f"between {show(low)} and {show(high)}"
+    return f"at least {show(low)}" if low is not None else f"at most {show(high)}" if high is not None else ""
+
+
 def _number(name: str, value: Any, *, integer: bool, low: float | None = None,
             high: float | None = None) -> float | int:
     what = "a whole number" if integer else "a number"
@@ -111,7 +120,14 @@ def _number(name: str, value: Any, *, integer: bool, low: float | None = None,
             value = float(value)
         except (TypeError, ValueError):
             raise RequestError(f"{name} must be {what}, got a {type(value).__name__}") from None
-    if not math.isfinite(value):
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # a JSON integer beyond float range (1 and 400 zeros is valid JSON)
+        about = f"about {'-' if value < 0 else ''}1e{int(math.log10(abs(value)))}"
+        if low is not None and high is not None:
+            raise RequestError(f"{name} must be {_range(low, high)}, got {about}") from None
+        raise RequestError(f"{name} is out of range, got {about}") from None
+    if not finite:
         raise RequestError(f"{name} must be a finite number, got {value}")
     if integer:
         if float(value) != int(value):
@@ -120,15 +136,7 @@ def _number(name: str, value: Any, *, integer: bool, low: float | None = None,
     else:
         value = float(value)
     if (low is not None and value < low) or (high is not None and value > high):
-        lo = "" if low is None else f"{low:g}"
-        hi = "" if high is None else f"{high:g}"
-        if low is not None and high is not None:
-            rng = f"between {lo} and {hi}"
-        elif low is not None:
-            rng = f"at least {lo}"
-        else:
-            rng = f"at most {hi}"
-        raise RequestError(f"{name} must be {rng}, got {value:g}")
+        raise RequestError(f"{name} must be {_range(low, high)}, got {value:g}")
     return value
 
 
@@ -221,7 +229,7 @@ class GenerationRequest:
     steps: int
     cfg_scale: float
     renorm: float
-    cfg_trunc: float | None
+    cfg_trunc: float
     teacache: float
     notices: list[str] = field(default_factory=list)
     prompt_tokens: int | None = None
@@ -534,6 +542,9 @@ class DemoService:
         system_arg = None if system == "empty" else system
 
         preset = _choice("preset", values["preset"], APP_PRESETS)
+        # A sampler control left out (or None, what the API endpoint receives for a field a client did
+        # not send) takes the requested preset's value, not the official one defaults() filled in.
+        values.update({k: v for k, v in self.preset_values(preset).items() if raw.get(k) is None})
         from lumina_lightning.sampling.solvers import SOLVER_NAMES
 
         solver = _choice("solver", values["solver"], SOLVER_NAMES)
@@ -544,6 +555,8 @@ class DemoService:
 
         cfg_scale = real("CFG scale", "cfg_scale")
         renorm = real("CFG-Renorm", "renorm")
+        # kept as given: 1.0 already means "never truncate" (official model time and diffusers step
+        # fraction alike), and unlike None it overrides a preset or checkpoint that truncates
         trunc = real("CFG-Truncation", "cfg_trunc")
         teacache = real("TeaCache threshold", "teacache")
         num_images = int(_number("number of images", values["num_images"], integer=True, low=1, high=cfg.max_images))
@@ -588,7 +601,7 @@ class DemoService:
         request = GenerationRequest(
             prompt=prompt, negative_prompt=negative, system=system_arg, width=w, height=h, num_images=num_images,
             seed=seed, seed_was_random=randomize, preset=preset, solver=solver, steps=steps, cfg_scale=cfg_scale,
-            renorm=renorm, cfg_trunc=None if trunc >= 1.0 else trunc, teacache=teacache, notices=notices,
+            renorm=renorm, cfg_trunc=trunc, teacache=teacache, notices=notices,
             prompt_tokens=tokens, prompt_truncated=truncated,
         )
         try:  # the sampler's own checks (e.g. a combination it refuses) as a user message
@@ -675,7 +688,9 @@ class DemoService:
                               renorm=request.renorm, cfg_trunc=request.cfg_trunc, teacache=request.teacache)
         detail = [f"{s.solver} x{s.steps}"]
         if s.guidance.guided:
-            detail.append(f"CFG on {gen.stats.get('guided_calls', gen.nfe)} of {gen.nfe} calls")
+            truncated = s.cfg_trunc is not None and s.cfg_trunc < 1.0
+            detail.append(f"CFG on {gen.stats.get('guided_calls', gen.nfe)} of {gen.nfe} calls, "
+                          + (f"truncated at {s.cfg_trunc:g}" if truncated else "never truncated"))
         if s.teacache > 0:
             detail.append(f"TeaCache skipped {gen.stats.get('skipped_rows', 0)} row(s)")
         lines.append(

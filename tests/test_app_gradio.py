@@ -103,6 +103,20 @@ def test_fast_preset_through_the_api(served):
     assert info["settings"]["preset"] == "fast" and info["settings"]["cfg_trunc"] == 0.25
 
 
+def test_a_preset_alone_runs_that_preset_through_the_api(served):
+    """Controls a client leaves out take the named preset's values, not the page's initial (official) ones."""
+    service, client = served
+    params = client.view_api(print_info=False, return_format="dict")["named_endpoints"]["/generate"]["parameters"]
+    assert {p["parameter_name"]: p["parameter_default"] for p in params if p["parameter_name"] in
+            service.preset_values("fast")} == dict.fromkeys(service.preset_values("fast"))
+    _, _, _, info, _ = generate(client, preset="fast", width=16, height=16)
+    fast = service.preset_values("fast")
+    assert {k: info["settings"][k] for k in fast} == fast and info["settings"]["preset"] == "fast"
+    assert info["nfe"] == 20
+    _, _, _, info, _ = generate(client, preset="fast", steps=3, width=16, height=16)
+    assert (info["settings"]["solver"], info["settings"]["steps"], info["nfe"]) == ("dpm", 3, 3)
+
+
 def test_snapped_size_and_truncated_prompt_are_reported(served):
     client = served[1]
     gallery, _, summary, info, _ = generate(client, width=70, height=50, **QUICK)
@@ -124,7 +138,7 @@ def test_snapped_size_and_truncated_prompt_are_reported(served):
         (dict(steps=5000), "steps must be between 1 and 100, got 5000"),
         (dict(cfg_scale="high"), "CFG scale must be a number, got 'high'"),
         (dict(cfg_trunc=-0.5), "CFG-Truncation must be between 0 and 1"),
-        (dict(teacache=None), "TeaCache threshold must be a number, got None"),
+        (dict(teacache="off"), "TeaCache threshold must be a number, got 'off'"),
         (dict(num_images=99), "number of images must be between 1 and 3"),
         (dict(seed=-3), "seed must be between -1 and"),
         (dict(width="wide"), "width must be a whole number, got 'wide'"),

@@ -89,7 +89,7 @@ def test_defaults_are_always_a_valid_request(pipe):
     low = DemoService(pipe, ServeConfig(resolution=32, max_steps=10))
     assert low.preset_values("official")["steps"] == 10
     r = low.validate({**low.defaults(), "prompt": "a red circle"})
-    assert (r.steps, r.width, r.height, r.cfg_trunc) == (10, 32, 32, None) and r.seed_was_random
+    assert (r.steps, r.width, r.height, r.cfg_trunc) == (10, 32, 32, 1.0) and r.seed_was_random
 
 
 def test_valid_request_normalises_values(service):
@@ -97,9 +97,35 @@ def test_valid_request_normalises_values(service):
     assert (r.width, r.height, r.steps, r.cfg_scale, r.cfg_trunc, r.num_images) == (64, 48, 5, 1.0, 0.5, 2)
     assert r.seeds == [3, 4] and not r.seed_was_random and r.notices == []
     assert r.system == "real" and r.negative_prompt == ""
-    # 1 = never truncate, stored as the official "no truncation" (None); "empty" = no template
+    # 1 = never truncate, kept as 1.0 (None would mean "the preset's value"); "empty" = no template
     r = service.validate(request(cfg_trunc=1, system="empty", negative_prompt="  blurry "))
-    assert r.cfg_trunc is None and r.system is None and r.negative_prompt == "blurry"
+    assert r.cfg_trunc == 1.0 and r.system is None and r.negative_prompt == "blurry"
+
+
+def test_never_truncate_overrides_a_truncating_preset(service):
+    """The slider at 1.0 must beat fast's (or a checkpoint's) truncation at 0.25, in the run and the record."""
+    fast = {**service.preset_values("fast"), "steps": 4, "teacache": 0.0}
+    truncated = service.generate(request(preset="fast", width=16, height=16, **fast))
+    assert truncated.stats["guided_calls"] < truncated.nfe  # the preset alone truncates
+    never = service.generate(request(preset="fast", width=16, height=16, **{**fast, "cfg_trunc": 1.0}))
+    assert never.stats["guided_calls"] == never.nfe == 4
+    assert never.settings["cfg_trunc"] == 1.0 and read_png_settings(never.files[0])["cfg_trunc"] == 1.0
+    assert "CFG on 4 of 4 calls, never truncated" in never.summary
+    assert "truncated at 0.25" in truncated.summary
+
+
+def test_a_preset_alone_fills_the_controls_it_leaves_out(service, pipe, monkeypatch):
+    """An API request naming only a preset runs that preset (not official's values), the way the page does."""
+    r = service.validate({"prompt": "a red circle", "preset": "fast"})
+    assert {k: getattr(r, k) for k in service.preset_values("fast")} == service.preset_values("fast")
+    # None (what the endpoint receives for a field left out) also means "the preset's value"; given values win
+    r = service.validate({"prompt": "a red circle", "preset": "fast", "solver": None, "steps": 3})
+    assert (r.solver, r.steps, r.teacache) == ("dpm", 3, 0.3)
+    r = service.validate({"prompt": "a red circle"})
+    assert (r.preset, r.solver, r.steps, r.teacache) == ("official", "midpoint", 17, 0.0)
+    # ... after the checkpoint's own defaults, as the preset radio fills them
+    monkeypatch.setattr(pipe, "defaults", {"steps": 8})
+    assert service.validate({"prompt": "a red circle", "preset": "fast"}).steps == 8 == service.preset_values("fast")["steps"]
 
 
 def test_sizes_snap_with_a_notice_and_the_budget_is_enforced(service):
@@ -141,6 +167,10 @@ def test_sizes_snap_with_a_notice_and_the_budget_is_enforced(service):
         (dict(seed="lucky"), "seed must be a whole number"),
         (dict(seed=-5), "seed must be between -1 and"),
         (dict(seed=MAX_SEED, num_images=2), "seed must be at most"),
+        # valid JSON integers beyond float range
+        (dict(seed=10**400), "seed must be between -1 and 2147483647, got about 1e400"),
+        (dict(steps=-(10**400)), "steps must be between 1 and 100, got about -1e400"),
+        (dict(width=10**400), "width is out of range, got about 1e400"),
         (dict(solver="heun"), "solver must be one of euler, midpoint, dpm; got 'heun'"),
         (dict(preset="diffusers"), "preset must be one of official, fast"),
         (dict(system="pirate"), "system prompt must be one of"),

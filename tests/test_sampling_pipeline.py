@@ -27,6 +27,7 @@ from lumina_lightning.sampling.testing import build_tiny_pipeline, randomize_
 from lumina_lightning.sampling.timesteps import grid_for
 
 FAST = dict(steps=3, solver="euler")
+FAST_ARGS = ["--steps", "1", "--solver", "euler"]
 
 
 @pytest.fixture(autouse=True)
@@ -348,6 +349,60 @@ def test_cli_writes_pngs_with_settings_that_round_trip(pipe, folder, tmp_path, c
     again = load_pipeline(folder)(**kwargs_from_settings(records[2]))
     assert np.array_equal(np.asarray(again.images[0]), pixels)
     assert len((out / "index.jsonl").read_text().splitlines()) == 4
+
+
+def test_cli_one_side_given_draws_a_square_of_it(pipe, tmp_path):
+    folder = save_pipeline(tmp_path / "p", pipe.model, text_encoder_spec={"path": pipe.text_encoder.path},
+                           autoencoder_spec={"kind": "pixel"}, resolution=32)
+    for flag in ("--width", "--height"):  # not the checkpoint's 32 on the other side
+        out = tmp_path / flag.strip("-")
+        assert sample_main(["--ckpt", str(folder), "a red circle", flag, "16", "--out", str(out), *FAST_ARGS]) == 0
+        [png] = out.glob("*.png")
+        assert Image.open(png).size == (16, 16)
+
+
+def test_cli_second_run_into_the_same_folder_adds_files(folder, tmp_path):
+    out = tmp_path / "out"
+    args = ["--ckpt", str(folder), "a red circle", "--out", str(out), "--width", "16", "--height", "16"]
+    assert sample_main([*args, "--solver", "euler", "--steps", "1"]) == 0
+    [first] = out.glob("*.png")
+    before = first.read_bytes()
+    assert sample_main([*args, "--solver", "euler", "--steps", "2", "--n-per-prompt", "2"]) == 0
+    files = sorted(out.iterdir())
+    assert [f.name[:6] for f in files if f.suffix == ".png"] == ["00000_", "00001_", "00002_"]
+    assert first.read_bytes() == before and len(files) == 4  # + index.jsonl, no temp files left
+    lines = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+    assert [(r["file"], r["steps"]) for r in lines] == [(f.name, s) for f, s in zip(files[:3], (1, 2, 2))]
+    assert [read_png_settings(f)["steps"] for f in files[:3]] == [1, 2, 2]
+    # the seeds of a run do not depend on the files already there
+    assert [r["seed"] for r in lines] == [0, 0, 1]
+
+
+def test_cli_records_the_weights_it_loaded(pipe, tmp_path, monkeypatch):
+    ema = {k: v + 0.05 * torch.randn_like(v) for k, v in pipe.model.state_dict().items()}
+    save_pipeline(tmp_path / "p", pipe.model, text_encoder_spec={"path": pipe.text_encoder.path},
+                  autoencoder_spec={"kind": "pixel"}, ema_state_dict=ema)
+    monkeypatch.chdir(tmp_path)  # a relative --ckpt is recorded as an absolute path
+    assert sample_main(["--ckpt", "p", "a red circle", "--ema", "false", "--vae", "pixel", "--out", "o",
+                        "--width", "16", "--height", "16", *FAST_ARGS]) == 0
+    [png] = (tmp_path / "o").glob("*.png")
+    rec = read_png_settings(png)
+    assert rec["checkpoint"] == str(tmp_path / "p") and rec["ema"] is False
+    assert rec["vae"] == "pixel" and rec["text_encoder"] is None
+    loaded = {k: rec[k] for k in ("ema", "text_encoder", "vae")}
+    again = load_pipeline(rec["checkpoint"], **loaded)(**kwargs_from_settings(rec))
+    pixels = np.asarray(Image.open(png).convert("RGB"))
+    assert np.array_equal(np.asarray(again.images[0]), pixels)
+    default = load_pipeline(rec["checkpoint"])(**kwargs_from_settings(rec))  # ema="auto" loads the EMA weights
+    assert not np.array_equal(np.asarray(default.images[0]), pixels)
+
+
+def test_cli_cuda_without_a_gpu_is_a_message(folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    rc = sample_main(["--ckpt", str(folder), "x", "--device", "cuda", "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--device cuda but no CUDA GPU is visible; use --device cpu" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
 
 
 def test_cli_prompts_from_arguments_flags_and_file_in_order(tmp_path):

@@ -3,7 +3,8 @@
 Every PNG carries its prompt, seed and all settings in its text metadata (``prompt``, ``seed``,
 ``negative_prompt`` and ``lumina_settings`` = the full JSON record), and ``OUT/index.jsonl`` lists
 the same records, one per image. :func:`read_png_settings` reads a record back and
-:func:`lumina_lightning.sampling.pipeline.kwargs_from_settings` turns it into call arguments.
+:func:`lumina_lightning.sampling.pipeline.kwargs_from_settings` turns it into call arguments; its
+``checkpoint``, ``ema``, ``text_encoder`` and ``vae`` are the ``load_pipeline`` arguments it was drawn with.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--negative-prompt", default=None, help="negative prompt for every prompt (default: none = '')")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
     p.add_argument("--width", type=int, default=None,
-                   help="default: the resolution the checkpoint was trained at, else 1024")
+                   help="default: as --height, else the resolution the checkpoint was trained at, else 1024")
     p.add_argument("--height", type=int, default=None, help="default: as --width")
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="official (default) | fast | diffusers")
     p.add_argument("--solver", choices=SOLVER_NAMES, default=None)
@@ -110,13 +111,54 @@ def save_png(image: Any, path: Path, record: dict[str, Any]) -> None:
     """Save with the prompt, seed and settings in PNG text chunks."""
     from PIL.PngImagePlugin import PngInfo
 
+    from lumina_lightning.models.io import _atomic_write
+
     info = PngInfo()
     info.add_text("prompt", record.get("prompt", ""))
     info.add_text("seed", str(record.get("seed")))
     if record.get("negative_prompt"):
         info.add_text("negative_prompt", str(record["negative_prompt"]))
     info.add_text(SETTINGS_KEY, json.dumps(record, sort_keys=True))
-    image.save(path, pnginfo=info)
+    # temp file + rename: an interrupted run or a reader never sees half a PNG
+    _atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+
+
+def resolve_device(device: str | None) -> str:
+    """The ``--device`` of ``lumina sample`` and ``lumina demo``: as given, else CUDA when there is one.
+
+    A CUDA device without CUDA is refused here with a message (``ValueError``) instead of by torch
+    with an assertion traceback at the first ``.to()``.
+    """
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
+    return device
+
+
+def _next_file_number(out: Path) -> int:
+    """The first file number after every PNG in ``out`` and every file ``index.jsonl`` lists, so a
+    second run into the same folder adds images instead of overwriting the first run's."""
+    names = [p.name for p in out.glob("*.png")]
+    index = out / "index.jsonl"
+    if index.is_file():
+        for line in index.read_text(encoding="utf-8").splitlines():
+            try:
+                names.append(str(json.loads(line).get("file", "")))
+            except (json.JSONDecodeError, AttributeError):  # a line cut short by an interrupted run
+                continue
+    numbers = [int(m.group(1)) for name in names if (m := re.match(r"(\d+)_", name))]
+    return max(numbers, default=-1) + 1
+
+
+def _recorded_path(value: str | None) -> str | None:
+    """An existing path made absolute, so a PNG's record reloads from any directory; the names the
+    loaders know (``minilm``, ``pixel``) and anything else stay as given."""
+    if value is None or value in ("minilm", "pixel") or not Path(value).exists():
+        return value
+    return str(Path(value).resolve())
 
 
 def read_png_settings(path: str | Path) -> dict[str, Any]:
@@ -139,12 +181,13 @@ def run(args: argparse.Namespace) -> int:
     items = read_prompts(args)
     if args.n_per_prompt < 1:
         raise ValueError("--n-per-prompt must be >= 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device)
     dtype = getattr(torch, _DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
     ema: bool | str = {"auto": "auto", "true": True, "false": False}[args.ema]
     pipe = load_pipeline(args.ckpt, text_encoder=args.text_encoder, vae=args.vae, device=device, dtype=dtype, ema=ema)
-    side = pipe.resolution or 1024
-    args.width, args.height = args.width or side, args.height or side
+    # one side given: a square of it (as --height's help says), not a mix with the checkpoint's size
+    args.width = args.width or args.height or pipe.resolution or 1024
+    args.height = args.height or args.width
     pipe.check_size(args.width, args.height)
     system = pipe.default_system if args.system is None else (None if args.system == "none" else args.system)
     overrides = dict(
@@ -155,6 +198,11 @@ def run(args: argparse.Namespace) -> int:
     settings = pipe.resolve(**overrides)  # validates before any work
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    first_file = _next_file_number(out)
+    # which weights and encoders were loaded: with these, load_pipeline(**those) + kwargs_from_settings
+    # reproduce each image (the default ema="auto" may pick other weights than --ema false did)
+    loaded = dict(checkpoint=str(Path(args.ckpt).resolve()), ema=ema, text_encoder=_recorded_path(args.text_encoder),
+                  vae=_recorded_path(args.vae))
     total = len(items) * args.n_per_prompt
     print(f"lumina sample: {total} image(s) at {args.width}x{args.height} with {settings.solver} x{settings.steps}, "
           f"cfg {settings.cfg_scale} on {device} -> {out}", file=sys.stderr)
@@ -171,9 +219,9 @@ def run(args: argparse.Namespace) -> int:
             )
             for j, image in enumerate(result.images):
                 record = {k: v for k, v in result.settings.items() if k not in ("prompts", "seeds")}
-                record.update(prompt=item["prompt"], seed=seeds[j], index=index, checkpoint=str(args.ckpt),
-                              nfe=result.nfe, rows=result.rows)
-                path = out / f"{index:05d}_{_slug(item['prompt'])}_s{seeds[j]}.png"
+                record.update(prompt=item["prompt"], seed=seeds[j], index=index, **loaded, nfe=result.nfe,
+                              rows=result.rows)
+                path = out / f"{first_file + index:05d}_{_slug(item['prompt'])}_s{seeds[j]}.png"
                 save_png(image, path, record)
                 log.write(json.dumps({"file": path.name, **record}) + "\n")
                 index += 1

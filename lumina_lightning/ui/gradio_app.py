@@ -88,15 +88,22 @@ def build_demo(service: DemoService, *, concurrency: int = 1, queue_size: int | 
         controls = {"solver": solver, "steps": steps, "cfg_scale": cfg_scale, "renorm": renorm,
                     "cfg_trunc": cfg_trunc, "teacache": teacache}
 
+        # gradio_client fills a parameter a client leaves out with its component's initial value,
+        # which for the sampler controls is the official preset's: predict(preset="fast") would run
+        # official's sampler. So /generate reads those six from hidden, empty twins: a control left
+        # out arrives as None and the service takes the requested preset's value. The page's own
+        # event sends the visible controls (the preset radio fills them in, below).
+        blank = {k: gr.Number(None, visible=False) for k in PRESET_CONTROLS}
+        blank["solver"] = gr.Dropdown(service.solver_choices, value=None, visible=False)
+
         # Named parameters (in REQUEST_FIELDS order) become the API's keyword names: clients can call
         # predict(prompt="...", seed=7, randomize_seed=False, api_name="/generate").
         # (A None default makes a parameter optional for clients: gradio does not count an empty
-        # Textbox as a default.)
+        # Textbox, or Number, as a default.)
         def generate(prompt, negative_prompt=None, system=d["system"], width=d["width"], height=d["height"],
                      num_images=d["num_images"], randomize_seed=d["randomize_seed"], seed=d["seed"],
-                     preset=d["preset"], solver=d["solver"], steps=d["steps"], cfg_scale=d["cfg_scale"],
-                     renorm=d["renorm"], cfg_trunc=d["cfg_trunc"], teacache=d["teacache"],
-                     progress=gr.Progress()) -> tuple:
+                     preset=d["preset"], solver=None, steps=None, cfg_scale=None, renorm=None, cfg_trunc=None,
+                     teacache=None, progress=gr.Progress()) -> tuple:
             raw = dict(zip(REQUEST_FIELDS, (prompt, negative_prompt, system, width, height, num_images,
                                             randomize_seed, seed, preset, solver, steps, cfg_scale, renorm,
                                             cfg_trunc, teacache)))
@@ -126,12 +133,13 @@ def build_demo(service: DemoService, *, concurrency: int = 1, queue_size: int | 
                 raise gr.Error(_html(str(err)), print_exception=False) from None
 
         # Raw payloads (preprocess=False): an API client's "abc" or 1e9 reaches the service's checks and
-        # comes back as a sentence, instead of failing inside a component's conversion.
-        gr.on(
-            [run.click, prompt.submit], generate, inputs=[inputs[k] for k in REQUEST_FIELDS],
-            outputs=[gallery, files, summary, details, seed], api_name="generate", preprocess=False,
-            concurrency_limit="default", show_progress="full",
-        )
+        # comes back as a sentence, instead of failing inside a component's conversion. Page and API
+        # share one concurrency group: --concurrency bounds the generations of both together.
+        event = dict(outputs=[gallery, files, summary, details, seed], preprocess=False,
+                     concurrency_limit="default", concurrency_id="generate", show_progress="full")
+        gr.on([], generate, inputs=[blank.get(k, inputs[k]) for k in REQUEST_FIELDS], api_name="generate", **event)
+        gr.on([run.click, prompt.submit], generate, inputs=[inputs[k] for k in REQUEST_FIELDS],
+              api_visibility="private", **event)
         preset.change(fill_preset, inputs=preset, outputs=[controls[k] for k in PRESET_CONTROLS],
                       api_visibility="undocumented", queue=False)
         size_preset.input(fill_size, inputs=size_preset, outputs=[width, height], api_visibility="undocumented",
