@@ -168,12 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     names = [n for n in args.variants.split(",") if n]
     for n in names:
         parse_variant(n)
-    out = Path(args.out)
+    # absolute: the variants run with cwd=ROOT, this process reads their summaries from its own cwd
+    out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    # one synthetic dataset for all, written before the variants start (they would race to write it)
+    # one synthetic dataset for all, written before the variants start (they would race to write it),
+    # where they read it: relative data paths are relative to ROOT, their working folder
     from lumina_lightning.training.pipeline import _synthetic, load_pipeline_config
 
-    _synthetic(load_pipeline_config(PIPELINE, smoke=args.smoke).synthetic)
+    synthetic = load_pipeline_config(PIPELINE, smoke=args.smoke).synthetic
+    synthetic.out = str(ROOT / synthetic.out)
+    _synthetic(synthetic)
 
     procs: dict[str, tuple[subprocess.Popen, float]] = {}
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONUNBUFFERED": "1"}

@@ -42,3 +42,26 @@ def test_stage_overrides_scale_steps_and_load(scaling):
     plain = scaling.stage_overrides(recipe, scaling.parse_variant("k1")) + scaling.common_overrides(
         argparse.Namespace(accelerator="cpu", threads=2, workers=2, text_encoder=None))
     assert not any(o.startswith(("trainer.max_steps", "data.", "model.", "text_encoder.")) for o in plain)
+
+
+def test_relative_out_and_shared_dataset_are_where_the_variants_look(scaling, tmp_path, monkeypatch):
+    """The variants run with cwd=ROOT: a relative --out and the dataset must not depend on the caller's cwd."""
+    import lumina_lightning.training.pipeline as pl
+
+    monkeypatch.chdir(tmp_path)
+    made, children = [], []
+    monkeypatch.setattr(pl, "_synthetic", lambda step: made.append(step.out))
+
+    class FakeProc:
+        def __init__(self, cmd, stdout, stderr, env, cwd):
+            children.append(cmd[cmd.index("--out") + 1])
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(scaling.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(scaling.time, "sleep", lambda s: None)
+    scaling.main(["--out", "scal", "--variants", "k1"])
+    assert children == [str(tmp_path / "scal")]
+    assert made == [str(ROOT / "runs" / "tiny" / "synthetic")]
+    assert (tmp_path / "scal" / "scaling.md").is_file()

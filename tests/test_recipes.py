@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -327,3 +328,151 @@ def test_pipeline_defaults_cycle_is_an_error(tmp_path):
     (tmp_path / "b.yaml").write_text("defaults: [a]\n")
     with pytest.raises(RecipeError, match="cycle"):
         load_pipeline_config(tmp_path / "a.yaml")
+
+
+def _stub_stages(monkeypatch, tmp_path):
+    """Stub training: each call writes a last.ckpt and an export whose weights differ per call (as a
+    real retraining's would); returns the list of (stage, output_dir, init_from, had last.ckpt) calls."""
+    import types
+
+    from lumina_lightning.training import pipeline as pl
+
+    calls = []
+
+    def fake_train(loaded):
+        c = loaded.config
+        out = Path(c.output_dir)
+        calls.append((c.stage, c.output_dir, c.model.init_from, (out / "checkpoints" / "last.ckpt").exists()))
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints" / "last.ckpt").write_text("ckpt")
+        (out / "export" / "transformer").mkdir(parents=True, exist_ok=True)
+        (out / "export" / "transformer" / "model.safetensors").write_text(f"{c.stage} {c.optim.lr} call {len(calls)}")
+        return types.SimpleNamespace(exit_code=0, global_step=2, losses=[1.0, 0.5], validation={"ema": 0.25},
+                                     export_dir=out / "export", mlflow_run_id=None, tracking_uri=None,
+                                     stopped_by_signal=None)
+
+    monkeypatch.setattr("lumina_lightning.training.run.train", fake_train)
+    monkeypatch.setattr(pl, "_synthetic", lambda step: tmp_path)
+    return calls
+
+
+def _two_stage_pipeline(path: Path, output_dir: Path) -> Path:
+    path.write_text(f"name: two\noutput_dir: {json.dumps(str(output_dir))}\n"
+                    f"stages:\n  - recipe: {RECIPES}/tiny/stage1_lowres.yaml\n"
+                    f"  - recipe: {RECIPES}/tiny/stage2_highres.yaml\n"
+                    "teacache_calibration: {enabled: false}\neval: {enabled: false}\n")
+    return path
+
+
+def test_pipeline_rerun_reuses_unchanged_stages_and_retrains_changed_ones(tmp_path, monkeypatch, capsys):
+    from lumina_lightning.training import pipeline as pl
+
+    calls = _stub_stages(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    path = _two_stage_pipeline(tmp_path / "p.yaml", out)
+    first = pl.run_pipeline(pl.load_pipeline_config(path))
+    assert [c[0] for c in calls] == ["tiny_stage1_lowres", "tiny_stage2_highres"]
+
+    # unchanged: nothing trains, the summary says so and keeps the first run's numbers
+    calls.clear()
+    capsys.readouterr()
+    again = pl.run_pipeline(pl.load_pipeline_config(path))
+    assert calls == []
+    assert all(e["reused"] for e in again["stages"])
+    assert [e["loss_last"] for e in again["stages"]] == [e["loss_last"] for e in first["stages"]] == [0.75, 0.75]
+    printed = capsys.readouterr().out
+    assert printed.count("(reused, unchanged)") == 2 and "None → None" not in printed and "nan" not in printed
+
+    # stage 1's recipe changed: its old folder is moved aside, and stage 2 retrains on the new export
+    changed = ["stages=[{recipe: %s/tiny/stage1_lowres.yaml, overrides: [optim.lr=0.05]}, "
+               "{recipe: %s/tiny/stage2_highres.yaml}]" % (RECIPES, RECIPES)]
+    calls.clear()
+    pl.run_pipeline(pl.load_pipeline_config(path, changed))
+    assert [(c[0], c[3]) for c in calls] == [("tiny_stage1_lowres", False), ("tiny_stage2_highres", False)]
+    assert calls[1][2] == str(out / "tiny_stage1_lowres" / "export")
+    assert sorted(p.name.split(".")[0] for p in out.glob("*.replaced-*")) == ["tiny_stage1_lowres", "tiny_stage2_highres"]
+
+    # an interrupted stage (record written, no export yet) with the same fingerprint resumes from its last.ckpt
+    record = json.loads((out / "tiny_stage2_highres" / pl.STAGE_RECORD).read_text())
+    (out / "tiny_stage2_highres" / pl.STAGE_RECORD).write_text(json.dumps({"fingerprint": record["fingerprint"]}))
+    calls.clear()
+    pl.run_pipeline(pl.load_pipeline_config(path, changed))
+    assert [(c[0], c[3]) for c in calls] == [("tiny_stage2_highres", True)]
+    assert len(list(out.glob("*.replaced-*"))) == 2
+
+
+def test_pipeline_paths_with_hash_and_colon_reach_the_stages_whole(tmp_path, monkeypatch):
+    from lumina_lightning.training import pipeline as pl
+
+    calls = _stub_stages(monkeypatch, tmp_path)
+    out = tmp_path / "exp #3" / "run: v2"
+    pl.run_pipeline(pl.load_pipeline_config(_two_stage_pipeline(tmp_path / "p.yaml", out)))
+    assert [c[1:3] for c in calls] == [(str(out / "tiny_stage1_lowres"), None),
+                                       (str(out / "tiny_stage2_highres"), str(out / "tiny_stage1_lowres" / "export"))]
+
+
+def test_pipeline_refuses_two_stages_with_one_name(tmp_path):
+    from lumina_lightning.training.pipeline import load_pipeline_config
+
+    path = tmp_path / "p.yaml"
+    path.write_text(f"stages:\n  - recipe: {RECIPES}/tiny/stage3_hq.yaml\n    overrides: [data.batch_size=4]\n"
+                    f"  - recipe: {RECIPES}/tiny/stage3_hq.yaml\n")
+    with pytest.raises(RecipeError, match=r"stages\[0\] .* and stages\[1\] .* both train stage `tiny_stage3_hq`") as err:
+        load_pipeline_config(path)
+    assert str(path) in str(err.value)
+    path.write_text(f"stages:\n  - recipe: {RECIPES}/tiny/stage3_hq.yaml\n    overrides: [stage=hq_a]\n"
+                    f"  - recipe: {RECIPES}/tiny/stage3_hq.yaml\n")
+    assert len(load_pipeline_config(path).stages) == 2  # renamed: two folders
+
+
+def test_inherited_pipeline_reads_stage_recipes_beside_the_file_that_names_them(tmp_path):
+    from lumina_lightning.training.pipeline import load_pipeline_config
+
+    (tmp_path / "base").mkdir()
+    for folder, name in ((tmp_path / "base", "base"), (tmp_path, "decoy")):
+        (folder / "s.yaml").write_text(f"stage: {name}\n")
+        (folder / "u.yaml").write_text(f"stage: {name}_unicap\n")
+    (tmp_path / "base" / "pipe.yaml").write_text("stages:\n  - recipe: s.yaml\nunicap: {recipe: u.yaml}\n")
+    (tmp_path / "child.yaml").write_text("defaults: [base/pipe]\nname: child\n")
+    cfg = load_pipeline_config(tmp_path / "child.yaml")
+    assert [s.recipe for s in cfg.stages] == [str(tmp_path / "base" / "s.yaml")]
+    assert cfg.unicap.recipe == str(tmp_path / "base" / "u.yaml")
+
+
+def test_pipeline_stage_entries_and_smoke_are_validated(tmp_path):
+    from lumina_lightning.training.pipeline import load_pipeline_config
+
+    stage = f"stages:\n  - recipe: {RECIPES}/tiny/stage1_lowres.yaml\n"
+    path = tmp_path / "p.yaml"
+    for text, message in ((stage + "    overides: [trainer.max_steps=5]\n",
+                           r"unknown key `stages\[0\].overides`; did you mean `stages\[0\].overrides`"),
+                          (stage + "smoke:\n  eval: {max_promts: 6}\n",
+                           r"unknown key `smoke.eval.max_promts`; did you mean `smoke.eval.max_prompts`")):
+        path.write_text(text)
+        with pytest.raises(RecipeError, match=message) as err:
+            load_pipeline_config(path)  # the smoke section is checked even without --smoke
+        assert str(path) in str(err.value)
+    path.write_text("name: mine\n" + stage)  # no output_dir: the schema's runs/${name}, resolved
+    assert load_pipeline_config(path).output_dir == "runs/mine"
+
+
+def test_task_is_read_through_defaults(tmp_path):
+    path = tmp_path / "my_unicap.yaml"
+    path.write_text(f"defaults: [{RECIPES}/tiny/unicap_finetune]\noptim: {{lr: 1.0e-3}}\n")
+    loaded = load_recipe(path)
+    assert loaded.task == "unicap" and loaded.config.optim.lr == 1.0e-3
+
+
+def test_pipeline_regenerates_synthetic_data_made_with_other_arguments(tmp_path, monkeypatch):
+    from lumina_lightning.training.pipeline import SyntheticStep, _synthetic
+
+    made = []
+    monkeypatch.setattr("lumina_lightning.data.synth.generate_synthetic",
+                        lambda out, n, size, seed, n_test, progress: made.append((n, size, seed, n_test)))
+    for name in ("train.jsonl", "test_geneval.jsonl"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "synth_config.json").write_text(json.dumps({"n_train": 200, "n_test": 60, "size": 64, "seed": 0}))
+    _synthetic(SyntheticStep(out=str(tmp_path), n=200, n_test=60, size=64, seed=0))
+    assert made == []  # the same arguments: reused
+    _synthetic(SyntheticStep(out=str(tmp_path), n=4000, n_test=60, size=64, seed=1))
+    assert made == [(4000, 64, 1, 60)]

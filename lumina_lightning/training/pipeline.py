@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -161,25 +162,32 @@ def load_pipeline_config(path: str | os.PathLike, overrides: list[str] = (), smo
     if not path.is_file():
         raise RecipeError(f"pipeline file {path} does not exist")
     # `defaults: [pipeline]` merges other pipeline files first, as in recipes (recipes/tiny/latent_pipeline.yaml);
-    # stage recipe paths are then read relative to this file
-    data = _load_file(path, (), [], PipelineConfig)
+    # each file's stage entries are checked, and the recipe paths it names resolved, in that file
+    data = _load_file(path, (), [], PipelineConfig, per_file=_check_pipeline_file)
     if smoke:
         data = _deep_merge(data, data.get("smoke") or {})
     for item in overrides:
         keys, value = parse_override(item)
         patch = _nest(keys, value)
-        check_section(patch, PipelineConfig, f"command line ({item})")
+        where = f"command line ({item})"
+        check_section(patch, PipelineConfig, where)
+        _check_steps(patch, where, path)  # recipe paths on the command line are relative to the pipeline file
         data = _deep_merge(data, patch)
-    resolved = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
-    stages = [build_dataclass(StageStep, s, str(path), "stages.") for s in resolved.pop("stages", [])]
-    cfg = build_dataclass(PipelineConfig, resolved, str(path))
+    # under the schema's defaults, so `${name}` in the default `output_dir` resolves in a file that sets no output_dir
+    data = _deep_merge(dataclasses.asdict(PipelineConfig()), data)
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(data), resolve=True)
+        stages = [build_dataclass(StageStep, s, str(path), "stages.") for s in resolved.pop("stages", [])]
+        cfg = build_dataclass(PipelineConfig, resolved, str(path))
+    except RecipeError:
+        raise
+    except Exception as err:  # omegaconf's InterpolationKeyError, or a key no check above caught
+        raise RecipeError(f"{path}: cannot build the pipeline: {type(err).__name__}: {err}") from None
     cfg.stages = stages
     if not cfg.stages:
         raise RecipeError(f"{path}: `stages` is empty; list at least one stage recipe")
-    # recipe paths are relative to the pipeline file (so the command works from any folder)
-    for stage in cfg.stages:
-        stage.recipe = _beside(stage.recipe, path)
-    cfg.unicap.recipe = _beside(cfg.unicap.recipe, path)
+    cfg.unicap.recipe = _beside(cfg.unicap.recipe, path)  # the schema's default, which no file rebased
+    _check_stage_names(cfg, path, smoke)
     _check_targets(cfg.targets, str(path))
     if not re.fullmatch(r"cpu|auto|cuda(:\d+)?", cfg.eval.device):
         raise RecipeError(f"{path}: `eval.device` must be cpu, cuda, cuda:N or auto, got {cfg.eval.device!r}")
@@ -202,6 +210,57 @@ def _check_targets(targets: Targets, where: str) -> None:
     for name in targets.no_worse:
         if name not in COMPARISONS:
             raise RecipeError(f"{where}: `targets.no_worse` names {name!r}; known comparisons: {list(COMPARISONS)}")
+
+
+def _check_pipeline_file(data: dict[str, Any], path: Path) -> None:
+    """One pipeline file's own keys, before `defaults` merge them: its stage entries and its `smoke`
+    section fit the schema, and the recipes it names are read relative to *it*, not to a pipeline
+    that inherits them from another folder."""
+    _check_steps(data, str(path), path)
+    if data.get("smoke") is not None:
+        from lumina_lightning.training.recipe import check_section
+
+        check_section(data["smoke"], PipelineConfig, str(path), "smoke.")
+        _check_steps(data["smoke"], str(path), path, "smoke.")
+
+
+def _check_steps(section: dict[str, Any], where: str, pipeline_file: Path, prefix: str = "") -> None:
+    """Check ``section``'s stage entries against :class:`StageStep` and resolve its recipe paths."""
+    from lumina_lightning.training.recipe import RecipeError, check_section
+
+    for i, entry in enumerate(section.get("stages") or []):
+        check_section(entry, StageStep, where, f"{prefix}stages[{i}].")
+        if not entry.get("recipe"):
+            raise RecipeError(f"{where}: `{prefix}stages[{i}]` names no `recipe`")
+        entry["recipe"] = _beside(entry["recipe"], pipeline_file)
+    unicap = section.get("unicap")
+    if isinstance(unicap, dict) and isinstance(unicap.get("recipe"), str):
+        unicap["recipe"] = _beside(unicap["recipe"], pipeline_file)
+
+
+def _check_stage_names(cfg: PipelineConfig, path: Path, smoke: bool) -> None:
+    """Refuse two stages with one `stage` name: each trains in `<output_dir>/<stage>`, so the second
+    would resume from the first's checkpoints and overwrite its export."""
+    from lumina_lightning.training.recipe import RecipeError, parse_override, peek_key
+
+    seen: dict[str, int] = {}
+    for i, stage in enumerate(cfg.stages):
+        name = peek_key(Path(stage.recipe), "stage")
+        for item in _stage_overrides(cfg, stage, smoke):  # a `stage=` override renames it
+            keys, value = parse_override(item)
+            name = value if keys == ["stage"] else name
+        if name is not None and name in seen:  # a recipe without a name fails in its own load
+            j = seen[name]
+            raise RecipeError(
+                f"{path}: stages[{j}] ({cfg.stages[j].recipe}) and stages[{i}] ({stage.recipe}) both train stage "
+                f"`{name}`, so they would share the folder {cfg.output_dir}/{name}; give one its own name "
+                f"(`overrides: [stage=...]`)")
+        seen[name] = i
+
+
+def _stage_overrides(cfg: PipelineConfig, stage: StageStep, smoke: bool) -> list[str]:
+    """A stage's own overrides, then the pipeline's for every stage (and its smoke ones)."""
+    return list(stage.overrides) + list(cfg.stage_overrides) + (list(cfg.stage_smoke_overrides) if smoke else [])
 
 
 def _beside(recipe: str, pipeline_file: Path) -> str:
@@ -247,12 +306,9 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
     from lumina_lightning.training.recipe import RecipeError, load_recipe
     from lumina_lightning.training.run import train
 
-    def stage_overrides(stage: StageStep) -> list[str]:
-        return list(stage.overrides) + list(cfg.stage_overrides) + (list(cfg.stage_smoke_overrides) if smoke else [])
-
     for stage in cfg.stages:  # fail on a bad recipe or override now, not after hours of stage 1
         try:
-            load_recipe(stage.recipe, stage_overrides(stage))
+            load_recipe(stage.recipe, _stage_overrides(cfg, stage, smoke))
         except RecipeError as e:
             raise RecipeError(f"stage {stage.recipe}: {e}") from None
     if cfg.eval.enabled and cfg.eval.device.startswith("cuda") and not torch.cuda.is_available():
@@ -271,52 +327,84 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
     if cfg.unicap.enabled:
         caption_manifest = _unicap(cfg, synth, summary)
 
+    inputs = {"synthetic": dataclasses.asdict(cfg.synthetic),
+              "captions": _content_digest(caption_manifest) if caption_manifest is not None else None}
     previous_export: str | None = None
+    previous_digest: str | None = None
     for i, stage in enumerate(cfg.stages):
-        overrides = stage_overrides(stage)
+        overrides = _stage_overrides(cfg, stage, smoke)
+        # paths go in JSON-quoted: overrides are YAML, where a bare path with " #" is cut and one with ": " a mapping
         if caption_manifest is not None and i == 0:
-            overrides.append(f"data.path={caption_manifest}")
+            overrides.append(f"data.path={json.dumps(str(caption_manifest))}")
         # Every stage writes under the pipeline's folder, and a stage that starts from a previous
         # one (`model.init_from` in its recipe) starts from *this* pipeline's previous export — so a
         # smoke run never resumes or initialises from a real run's checkpoints.
         name = load_recipe(stage.recipe, overrides).config
-        overrides.append(f"output_dir={out.resolve() / name.stage}")
+        stage_dir = out.resolve() / name.stage
+        overrides.append(f"output_dir={json.dumps(str(stage_dir))}")
         if name.model.init_from and previous_export:
-            overrides.append(f"model.init_from={previous_export}")
+            overrides.append(f"model.init_from={json.dumps(previous_export)}")
         loaded = load_recipe(stage.recipe, overrides)
+        init_from = loaded.config.model.init_from
+        parent = previous_digest if init_from and init_from == previous_export else _content_digest(init_from)
+        fingerprint = _stage_fingerprint(loaded, parent, inputs)
         t0 = time.perf_counter()
         print(f"\n=== stage {i + 1}/{len(cfg.stages)}: {loaded.config.stage} ({stage.recipe}) ===", flush=True)
-        result = train(loaded)
-        if result.exit_code:
-            summary["stopped"] = f"stage {loaded.config.stage} stopped by {result.stopped_by_signal}"
-            _write(out, summary)
-            return summary
-        entry = {
-            "stage": loaded.config.stage,
-            "recipe": stage.recipe,
-            "resolution": loaded.config.data.resolution,
-            "steps": result.global_step,
-            "train_seconds": round(time.perf_counter() - t0, 1),
-            "loss_first": _mean(result.losses[:20]),
-            "loss_last": _mean(result.losses[-20:]),
-            "val_loss": result.validation,
-            "export": str(result.export_dir),
-            "mlflow_run_id": result.mlflow_run_id,
-        }
-        if cfg.eval.cfg_scale is not None and result.export_dir is not None:
+        record = _read_record(stage_dir)
+        export_dir = stage_dir / "export"
+        if (record.get("fingerprint") == fingerprint and record.get("entry")
+                and record.get("export_digest") == _content_digest(export_dir)):
+            # the same recipe on the same parent weights and data, and its export is whole: training
+            # it again would only resume at max_steps and re-export the same weights
+            log.info("stage %s: reused (unchanged): same recipe, inputs and parent weights as the run that "
+                     "exported %s", loaded.config.stage, export_dir)
+            entry = {**record["entry"], "reused": True}
+            digest, tracking_uri = record["export_digest"], record.get("tracking_uri")
+        else:
+            if record.get("fingerprint") != fingerprint and stage_dir.is_dir() and any(stage_dir.iterdir()):
+                # resume=auto would continue (or, at max_steps, just re-export) the old run whatever changed
+                aside = _move_aside(stage_dir)
+                log.warning("stage %s: its recipe, inputs or parent weights changed since %s was trained (or it "
+                            "has no pipeline record); moved that folder to %s and training this stage afresh",
+                            loaded.config.stage, stage_dir, aside)
+            stage_dir.mkdir(parents=True, exist_ok=True)
+            # written first, so an interrupted stage resumes from its last.ckpt on the next run
+            _write_record(stage_dir, {"fingerprint": fingerprint})
+            result = train(loaded)
+            if result.exit_code:
+                summary["stopped"] = f"stage {loaded.config.stage} stopped by {result.stopped_by_signal}"
+                _write(out, summary)
+                return summary
+            entry = {
+                "stage": loaded.config.stage,
+                "recipe": stage.recipe,
+                "resolution": loaded.config.data.resolution,
+                "steps": result.global_step,
+                "train_seconds": round(time.perf_counter() - t0, 1),
+                "loss_first": _mean(result.losses[:20]),
+                "loss_last": _mean(result.losses[-20:]),
+                "val_loss": result.validation,
+                "export": str(result.export_dir),
+                "mlflow_run_id": result.mlflow_run_id,
+            }
+            export_dir, tracking_uri = result.export_dir, result.tracking_uri
+            digest = _content_digest(export_dir)
+            _write_record(stage_dir, {"fingerprint": fingerprint, "export_digest": digest, "entry": entry,
+                                      "tracking_uri": tracking_uri})
+            del result
+        if cfg.eval.cfg_scale is not None and export_dir is not None:
             # The export is judged with the pipeline's guidance scale (eval.cfg_scale), so `lumina
             # sample` / `demo` on it start from the same one instead of the preset's.
             from lumina_lightning.sampling.pipeline_io import update_pipeline_defaults
 
-            update_pipeline_defaults(result.export_dir, cfg_scale=float(cfg.eval.cfg_scale))
-        if cfg.teacache_calibration.enabled and result.export_dir is not None:
-            entry["teacache"] = _calibrate_teacache(cfg.teacache_calibration, result.export_dir,
+            update_pipeline_defaults(export_dir, cfg_scale=float(cfg.eval.cfg_scale))
+        if cfg.teacache_calibration.enabled and export_dir is not None:
+            entry["teacache"] = _calibrate_teacache(cfg.teacache_calibration, export_dir,
                                                     loaded.config.data.path, entry["resolution"],
                                                     device=_sampling_device(cfg.eval))
         summary["stages"].append(entry)
-        summary["tracking_uri"] = result.tracking_uri
-        previous_export = str(result.export_dir)
-        del result
+        summary["tracking_uri"] = tracking_uri
+        previous_export, previous_digest = str(export_dir), digest
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     if cfg.eval.enabled:
@@ -351,6 +439,64 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
     return summary
 
 
+STAGE_RECORD = "pipeline_stage.json"
+# recipe keys that differ between a run and its resumption without changing what it trains
+RESUME_KEYS = ("resume",)
+
+
+def _stage_fingerprint(loaded: Any, parent_digest: str | None, inputs: dict[str, Any]) -> str:
+    """What a stage's weights depend on: its resolved recipe, the weights it starts from and the data inputs."""
+    recipe = {k: v for k, v in loaded.resolved.items() if k not in RESUME_KEYS}
+    blob = json.dumps({"recipe": recipe, "parent": parent_digest, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def _content_digest(path: str | os.PathLike | None) -> str | None:
+    """SHA-256 of a file, or of the weight files under a folder (not ``pipeline.json``, which TeaCache
+    calibration and ``eval.cfg_scale`` rewrite); ``None`` when there is nothing there."""
+    if not path or not Path(path).exists():
+        return None
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root) if f != root else f.name).encode())
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_record(stage_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((stage_dir / STAGE_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_record(stage_dir: Path, record: dict[str, Any]) -> None:
+    tmp = stage_dir / (STAGE_RECORD + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    os.replace(tmp, stage_dir / STAGE_RECORD)
+
+
+def _move_aside(folder: Path) -> Path:
+    """Rename ``folder`` to ``<folder>.replaced-<time>`` (kept, not deleted: it may be days of training)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    aside = folder.with_name(f"{folder.name}.replaced-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = folder.with_name(f"{folder.name}.replaced-{stamp}-{n}")
+    folder.rename(aside)
+    return aside
+
+
 def _mean(values: list[float]) -> float | None:
     return round(sum(values) / len(values), 4) if values else None
 
@@ -360,7 +506,16 @@ def _synthetic(step: SyntheticStep) -> Path:
 
     out = Path(step.out)
     if (out / "train.jsonl").is_file() and (out / "test_geneval.jsonl").is_file():
-        return out
+        try:  # the arguments it was generated with (data.synth); a hand-made set without them is kept
+            made = json.loads((out / "synth_config.json").read_text())
+        except (OSError, ValueError):
+            return out
+        on_disk = {k: made.get(k) for k in ("n_train", "n_test", "size", "seed")}
+        wanted = {"n_train": step.n, "n_test": step.n_test, "size": step.size, "seed": step.seed}
+        if on_disk == wanted:
+            return out
+        log.info("synthetic dataset in %s was generated with %s, the pipeline asks for %s: regenerating it",
+                 out, on_disk, wanted)
     print(f"generating the synthetic dataset ({step.n} + {step.n_test} images at {step.size}px) into {out}", flush=True)
     generate_synthetic(out, step.n, step.size, step.seed, n_test=step.n_test, progress=True)
     return out
@@ -489,6 +644,13 @@ def _fmt_score(result: dict[str, Any] | None, interval: bool = False) -> str:
     return f"{text} [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else text
 
 
+def _fmt_losses(e: dict[str, Any]) -> str:
+    if e.get("loss_first") is None and e.get("loss_last") is None:
+        # e.g. a run resumed from a last.ckpt already at max_steps: it only exported
+        return f"– (no steps trained in this run; resumed at step {e['steps']})"
+    return f"{e['loss_first']} → {e['loss_last']}"
+
+
 def _through_ae(result: dict[str, Any] | None) -> str:
     value = (result or {}).get("detector_ceiling_autoencoder")
     return "" if value is None else f" ({value:.3f} through the autoencoder)"
@@ -501,10 +663,10 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for e in summary["stages"]:
         g = e.get("geneval", {})
-        val = e.get("val_loss") or {}
+        val = (e.get("val_loss") or {}).get("ema")
         lines.append(
-            f"| {e['stage']} | {e['resolution']} | {e['steps']} | {e['train_seconds']} | "
-            f"{e['loss_first']} → {e['loss_last']} | {val.get('ema', float('nan')):.4f} | "
+            f"| {e['stage']}{' (reused, unchanged)' if e.get('reused') else ''} | {e['resolution']} | {e['steps']} | "
+            f"{e['train_seconds']} | {_fmt_losses(e)} | {'–' if val is None else f'{val:.4f}'} | "
             f"{_fmt_score(g.get('ema'), interval=True)} | {_fmt_score(g.get('raw'))} | "
             f"{_fmt_score({'overall': (g.get('ema') or {}).get('detector_ceiling')})}{_through_ae(g.get('ema'))} |"
         )

@@ -149,7 +149,7 @@ def closest(key: str, options: typing.Iterable[str]) -> str | None:
 def check_section(data: Any, cls: type, where: str, prefix: str = "") -> None:
     """Raise :class:`RecipeError` for unknown keys or wrongly typed values of ``data`` against ``cls``."""
     if not isinstance(data, dict):
-        raise RecipeError(f"{where}: `{prefix or '<root>'}` must be a mapping, got {type(data).__name__}")
+        raise RecipeError(f"{where}: `{prefix.rstrip('.') or '<root>'}` must be a mapping, got {type(data).__name__}")
     hints = _hints(cls)
     for key, value in data.items():
         dotted = f"{prefix}{key}"
@@ -191,7 +191,10 @@ def _resolve_default(entry: str, folder: Path, where: str) -> Path:
     raise RecipeError(f"{where}: `defaults` entry {entry!r} not found (looked for {', '.join(map(str, candidates))})")
 
 
-def _load_file(path: Path, stack: tuple[Path, ...], files: list[Path], schema: type = RecipeConfig) -> dict:
+def _load_file(path: Path, stack: tuple[Path, ...], files: list[Path], schema: type = RecipeConfig,
+               per_file: typing.Callable[[dict, Path], None] | None = None) -> dict:
+    """One file merged over its ``defaults``; ``per_file(data, path)`` runs on each file's own keys
+    before merging (pipelines resolve the recipe paths a file names against that file's folder)."""
     path = path.resolve()
     if path in stack:
         chain = " -> ".join(str(p) for p in (*stack, path))
@@ -210,8 +213,10 @@ def _load_file(path: Path, stack: tuple[Path, ...], files: list[Path], schema: t
     merged: dict = {}
     for entry in defaults:
         merged = _deep_merge(merged, _load_file(_resolve_default(str(entry), path.parent, str(path)),
-                                                (*stack, path), files, schema))
+                                                (*stack, path), files, schema, per_file))
     check_section(data, schema, str(path))
+    if per_file is not None:
+        per_file(data, path)
     files.append(path)
     return _deep_merge(merged, data)
 
@@ -304,12 +309,33 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def _peek_task(path: Path) -> str:
-    """The ``task`` a recipe names in its own file (default ``generation``)."""
+    """The ``task`` a recipe names, in its own file or its ``defaults`` (default ``generation``)."""
+    return str(peek_key(path, "task", "generation"))
+
+
+def peek_key(path: Path, key: str, default: Any = None, _stack: tuple[Path, ...] = ()) -> Any:
+    """A top-level ``key`` as composition would set it, read before the full load picks a schema: the
+    file's own value, else the last of its ``defaults`` that sets it (recursively). Unreadable files,
+    missing defaults and cycles give ``default`` here; the full load reports them with their position."""
+    path = Path(path).resolve()
     try:
-        data = load_yaml(path.read_text()) if path.is_file() else None
+        data = load_yaml(path.read_text()) if path.is_file() and path not in _stack else None
     except yaml.YAMLError:
-        return "generation"  # the full load reports the YAML error with its position
-    return str((data or {}).get("task", "generation")) if isinstance(data, dict) else "generation"
+        data = None
+    if not isinstance(data, dict):
+        return default
+    if key in data:
+        return data[key]
+    defaults = data.get("defaults") or []
+    for entry in reversed([defaults] if isinstance(defaults, str) else defaults):
+        try:
+            parent = _resolve_default(str(entry), path.parent, str(path))
+        except RecipeError:
+            continue
+        value = peek_key(parent, key, None, (*_stack, path))
+        if value is not None:
+            return value
+    return default
 
 
 # ------------------------------------------------------------------------------------------------
