@@ -401,6 +401,23 @@ def test_pipeline_rerun_reuses_unchanged_stages_and_retrains_changed_ones(tmp_pa
     assert len(list(out.glob("*.replaced-*"))) == 2
 
 
+def test_pipeline_rerun_retrains_when_the_manifest_changed_in_place(tmp_path, monkeypatch):
+    from lumina_lightning.training import pipeline as pl
+
+    calls = _stub_stages(monkeypatch, tmp_path)
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text('{"image": "a.png", "caption": "a red circle"}\n')
+    path = _two_stage_pipeline(tmp_path / "p.yaml", tmp_path / "out")
+    over = [f"stage_overrides=[data.path={manifest}]"]
+    pl.run_pipeline(pl.load_pipeline_config(path, over))
+    calls.clear()
+    pl.run_pipeline(pl.load_pipeline_config(path, over))
+    assert calls == []
+    manifest.write_text('{"image": "b.png", "caption": "a blue square"}\n')
+    pl.run_pipeline(pl.load_pipeline_config(path, over))
+    assert [c[0] for c in calls] == ["tiny_stage1_lowres", "tiny_stage2_highres"]
+
+
 def test_pipeline_paths_with_hash_and_colon_reach_the_stages_whole(tmp_path, monkeypatch):
     from lumina_lightning.training import pipeline as pl
 

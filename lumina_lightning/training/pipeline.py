@@ -445,9 +445,14 @@ RESUME_KEYS = ("resume",)
 
 
 def _stage_fingerprint(loaded: Any, parent_digest: str | None, inputs: dict[str, Any]) -> str:
-    """What a stage's weights depend on: its resolved recipe, the weights it starts from and the data inputs."""
+    """What a stage's weights depend on: its resolved recipe, the weights it starts from and the data
+    inputs, including the contents of its ``data.path`` file (a manifest or data YAML edited in place
+    keeps its path; the images it lists are not read, which would cost a pass over the dataset)."""
     recipe = {k: v for k, v in loaded.resolved.items() if k not in RESUME_KEYS}
-    blob = json.dumps({"recipe": recipe, "parent": parent_digest, "inputs": inputs}, sort_keys=True, default=str)
+    data_path = loaded.config.data.path
+    data = _content_digest(data_path) if data_path and Path(data_path).is_file() else None
+    blob = json.dumps({"recipe": recipe, "parent": parent_digest, "inputs": inputs, "data": data},
+                      sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
