@@ -80,25 +80,11 @@ def test_ranks_are_disjoint_and_balanced(data):
     assert interleaved == full[: len(interleaved)]
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_mid_epoch_one_rank(data, num_workers):
-    reference = _ids(build_dataloader(_cfg(data), batch_size=4, seed=3))
-    loader = build_dataloader(_cfg(data), batch_size=4, seed=3, num_workers=num_workers)
-    it = iter(loader)
-    taken = [next(it)["indices"].tolist() for _ in range(5)]
-    state = _checkpoint(loader.state_dict())
-    del it
-    resumed = build_dataloader(_cfg(data), batch_size=4, seed=3, num_workers=num_workers)
-    resumed.load_state_dict(state)
-    rest = _ids(resumed)
-    assert taken + rest == reference
-    assert resumed.skips.seen == 4 * len(reference)  # skip counts carried across the resume
-
-
-@pytest.mark.parametrize("saved_workers, resumed_workers", [(2, 0), (0, 2)])
-def test_resume_with_another_worker_count(data, saved_workers, resumed_workers):
-    # torchdata's own state is per worker; the saved sampler position of the last *delivered*
-    # batch (workers prefetch ahead of it) must give exactly the rest of the uninterrupted run.
+@pytest.mark.parametrize("saved_workers, resumed_workers", [(0, 0), (2, 2), (2, 0), (0, 2)])
+def test_resume_mid_epoch_one_rank(data, saved_workers, resumed_workers):
+    # With another worker count torchdata's own (per-worker) state cannot load: the saved sampler
+    # position of the last *delivered* batch (workers prefetch ahead of it) must give exactly the
+    # rest of the uninterrupted run.
     reference = _ids(build_dataloader(_cfg(data), batch_size=4, seed=3))
     loader = build_dataloader(_cfg(data), batch_size=4, seed=3, num_workers=saved_workers)
     it = iter(loader)
