@@ -164,3 +164,48 @@ def test_latent_run_trains_its_autoencoder_once_then_exports_a_pipeline_that_use
     # a second stage finds the autoencoder and does not train it again
     train(load_recipe(tiny_recipe(tmp_path / "b", **sections), ["trainer.max_steps=1"]))
     assert (ae_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    # a VAE given explicitly keeps the latent scale and shift the export records (a recipe may
+    # override the folder's), and a folder retrained in place is refused, not silently mis-scaled
+    pipeline_json = result.export_dir / "pipeline.json"
+    saved = json.loads(pipeline_json.read_text())
+    saved["autoencoder"]["scaling_factor"] = 0.5
+    pipeline_json.write_text(json.dumps(saved))
+    assert load_pipeline(result.export_dir, vae=str(ae_dir)).autoencoder.scaling_factor == 0.5
+    save_conv_autoencoder(load_conv_autoencoder(ae_dir), ae_dir / "copy")
+    retrained = load_conv_autoencoder(ae_dir)
+    with torch.no_grad():
+        next(retrained.parameters()).add_(1.0)
+    save_conv_autoencoder(retrained, ae_dir)
+    from lumina_lightning.sampling.pipeline_io import PipelineLoadError
+
+    for vae in (None, str(ae_dir)):
+        with pytest.raises(PipelineLoadError, match="retrained since"):
+            load_pipeline(result.export_dir, vae=vae)
+
+
+def test_autoencoder_training_reads_images_relative_to_data_root(tmp_path):
+    from lumina_lightning.encoders.conv_autoencoder import train_from_manifest
+    from training_utils import tiny_synthetic
+
+    synth = tiny_synthetic()
+    (tmp_path / "m.jsonl").write_text("".join(line + "\n" for line in (synth / "train.jsonl").read_text().splitlines()[:8]))
+    spec = {"steps": 1, "batch_size": 4, "channels": 4, "latent_channels": 2, "downsample": 4}
+    with pytest.raises(ValueError, match="no readable images"):  # paths are relative to the synthetic folder
+        train_from_manifest(tmp_path / "m.jsonl", tmp_path / "ae0", spec)
+    assert train_from_manifest(tmp_path / "m.jsonl", tmp_path / "ae", spec, root=synth)["images"] == 8
+
+
+def test_data_cache_cli_takes_a_conv_autoencoder_and_the_recipe_factors(tmp_path):
+    from lumina_lightning.data.cache import read_index
+    from lumina_lightning.data.cli import main
+    from lumina_lightning.encoders.text import build_tiny_text_encoder
+    from training_utils import tiny_synthetic
+
+    save_conv_autoencoder(ConvAutoencoder(ConvAutoencoderConfig(channels=4, latent_channels=2, downsample=4)),
+                          tmp_path / "ae")
+    te = build_tiny_text_encoder(tmp_path / "te")
+    synth = tiny_synthetic()
+    assert main(["cache", "--data", str(synth / "train.jsonl"), "--out", str(tmp_path / "cache"), "--vae", str(tmp_path / "ae"),
+                 "--text-encoder", te, "--resolution", "16", "--patch", "4", "--scaling-factor", "0.5"]) == 0
+    ident = read_index(tmp_path / "cache")["identity"]["autoencoder"]
+    assert ident["kind"] == "conv" and ident["scaling_factor"] == 0.5

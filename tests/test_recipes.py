@@ -418,6 +418,32 @@ def test_pipeline_rerun_retrains_when_the_manifest_changed_in_place(tmp_path, mo
     assert [c[0] for c in calls] == ["tiny_stage1_lowres", "tiny_stage2_highres"]
 
 
+def test_pipeline_rerun_retrains_when_the_autoencoder_was_retrained_in_place(tmp_path, monkeypatch):
+    from lumina_lightning.training import pipeline as pl
+
+    calls = _stub_stages(monkeypatch, tmp_path)
+    ae = tmp_path / "ae"
+    ae.mkdir()
+    (ae / "model.safetensors").write_text("weights 1")
+    path = _two_stage_pipeline(tmp_path / "p.yaml", tmp_path / "out")
+    over = [f"stage_overrides=[autoencoder.kind=conv,autoencoder.path={ae}]"]
+    pl.run_pipeline(pl.load_pipeline_config(path, over))
+    calls.clear()
+    pl.run_pipeline(pl.load_pipeline_config(path, over))
+    assert calls == []
+    (ae / "model.safetensors").write_text("weights 2")  # same folder, new weights
+    pl.run_pipeline(pl.load_pipeline_config(path, over))
+    assert [(c[0], c[3]) for c in calls] == [("tiny_stage1_lowres", False), ("tiny_stage2_highres", False)]
+
+
+def test_a_vae_recipe_needs_its_path_even_with_a_cache(tmp_path):
+    from training_utils import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path, autoencoder={"kind": "vae"}, data={"cache_dir": str(tmp_path / "cache")})
+    with pytest.raises(RecipeError, match="autoencoder.path` is required"):
+        load_recipe(recipe)
+
+
 def test_pipeline_paths_with_hash_and_colon_reach_the_stages_whole(tmp_path, monkeypatch):
     from lumina_lightning.training import pipeline as pl
 

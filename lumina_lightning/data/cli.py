@@ -70,7 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, required=True, help="stage resolution (buckets, spec §5)")
     p.add_argument("--patch", type=int, default=16, help="VAE factor × DiT patch size (default 16)")
     p.add_argument("--max-aspect", type=float, default=4.0)
-    p.add_argument("--vae", default="pixel", help="'pixel' (identity) or a local AutoencoderKL folder (e.g. FLUX vae)")
+    p.add_argument("--vae", default="pixel",
+                   help="'pixel' (identity), a local AutoencoderKL folder (e.g. FLUX vae) or a conv autoencoder folder")
+    p.add_argument("--scaling-factor", type=float, default=None,
+                   help="latent scale instead of the autoencoder config's (a recipe's autoencoder.scaling_factor)")
+    p.add_argument("--shift-factor", type=float, default=None,
+                   help="latent shift instead of the autoencoder config's (a recipe's autoencoder.shift_factor)")
     p.add_argument("--text-encoder", required=True, help="local model folder (e.g. gemma-2-2b) or 'minilm'")
     p.add_argument("--max-length", type=int, default=256, help="text encoder token cap (official 256)")
     p.add_argument("--prompt-template", default="none",
@@ -137,7 +142,7 @@ def _prompt_fn(template: str, default_system: str):
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from lumina_lightning.encoders.autoencoder import build_autoencoder
+    from lumina_lightning.encoders.autoencoder import autoencoder_from_path
     from lumina_lightning.encoders.text import HFTextEncoder, resolve_text_encoder_path
 
     from .cache import build_cache
@@ -146,7 +151,10 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     cfg = DataConfig(path=args.data, root=args.root, resolution=args.resolution, patch=args.patch,
                      max_aspect=args.max_aspect, min_size_policy=args.min_size_policy,
                      max_skip_rate=args.max_skip_rate)
-    vae = build_autoencoder("pixel") if args.vae == "pixel" else build_autoencoder("vae", args.vae)
+    # a recipe's autoencoder.scaling_factor / shift_factor are part of the cache identity it checks
+    factors = {k: v for k, v in (("scaling_factor", args.scaling_factor), ("shift_factor", args.shift_factor))
+               if v is not None}
+    vae = autoencoder_from_path(args.vae, **factors)
     vae.to(args.device)
     text = HFTextEncoder(resolve_text_encoder_path(args.text_encoder), max_length=args.max_length).to(args.device)
     prompt_fn, prompt_id = _prompt_fn(args.prompt_template, args.default_system)

@@ -122,6 +122,16 @@ def build_autoencoder(kind: str, path: str | None = None, **kwargs: Any) -> torc
     raise ValueError(f"unknown autoencoder kind {kind!r}; choose 'pixel', 'vae' or 'conv'")
 
 
+def autoencoder_from_path(value: str | os.PathLike, **kwargs: Any) -> torch.nn.Module:
+    """``"pixel"``, a conv autoencoder folder (its ``config.json`` says so) or a diffusers VAE folder;
+    ``kwargs`` (``scaling_factor``, ``shift_factor``, ``dtype``) go to :func:`build_autoencoder`."""
+    if str(value) == "pixel":
+        return PixelAutoencoder()
+    from lumina_lightning.encoders.conv_autoencoder import is_conv_autoencoder
+
+    return build_autoencoder("conv" if is_conv_autoencoder(value) else "vae", str(value), **kwargs)
+
+
 def build_tiny_vae(out_dir: str | os.PathLike, latent_channels: int = 4, seed: int = 0) -> str:
     """Write a tiny random ``AutoencoderKL`` (factor 8, like FLUX) to ``out_dir``; return the path.
 

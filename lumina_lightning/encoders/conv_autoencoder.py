@@ -95,6 +95,13 @@ def save_conv_autoencoder(model: ConvAutoencoder, out_dir: str | os.PathLike) ->
     return str(out)
 
 
+def weights_digest(path: str | os.PathLike) -> str:
+    """SHA-256 (first 16 hex digits) of a conv autoencoder folder's weights file."""
+    import hashlib
+
+    return hashlib.sha256((Path(path) / WEIGHTS_NAME).read_bytes()).hexdigest()[:16]
+
+
 def is_conv_autoencoder(path: str | os.PathLike) -> bool:
     cfg = Path(path) / CONFIG_NAME
     if not cfg.is_file():
@@ -143,6 +150,9 @@ class TinyConvAutoencoder(nn.Module):
         self.shift_factor = float(shift_factor if shift_factor is not None else cfg.shift_factor)
         self.latent_channels = cfg.latent_channels
         self.downsample = cfg.downsample
+        # which trained weights these are: an export and a latent cache record it, so a folder
+        # retrained in place (new weights, new latent statistics) is refused instead of used
+        self.weights_sha256 = weights_digest(path)
 
     def train(self, mode: bool = True) -> "TinyConvAutoencoder":
         return super().train(False)  # frozen
@@ -158,7 +168,7 @@ class TinyConvAutoencoder(nn.Module):
     def identity(self) -> dict[str, Any]:
         return {"kind": "conv", "path": self.path, "latent_channels": self.latent_channels,
                 "downsample": self.downsample, "scaling_factor": self.scaling_factor,
-                "shift_factor": self.shift_factor}
+                "shift_factor": self.shift_factor, "weights_sha256": self.weights_sha256}
 
 
 def train_conv_autoencoder(
@@ -239,13 +249,14 @@ TRAIN_KEYS = ("steps", "batch_size", "lr", "latent_noise", "seed", "channels", "
 
 
 def train_from_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, spec: dict[str, Any],
-                        threads: int | None = None) -> dict[str, Any]:
+                        threads: int | None = None, root: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train into ``out_dir`` on the images of a run's data (a recipe's ``autoencoder.train``).
 
     ``manifest``: anything ``data.path`` accepts (JSONL manifest, data YAML, folder), read with the
     data pipeline's own reader; ``spec["manifest"]`` overrides it. Images are used at their stored
     size (all must share it); a record whose image cannot be read is skipped and counted, as in
-    the training data pipeline.
+    the training data pipeline. ``root`` is the run's ``data.root`` (relative image paths), used
+    for ``manifest`` as the run's own loader uses it.
     """
     from lumina_lightning.data.images import BadSample, load_image, to_tensor
     from lumina_lightning.data.records import load_records
@@ -253,9 +264,10 @@ def train_from_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     unknown = sorted(set(spec) - set(TRAIN_KEYS))
     if unknown:
         raise ValueError(f"unknown autoencoder.train key(s) {unknown}; known: {list(TRAIN_KEYS)}")
-    manifest = spec.get("manifest") or manifest
+    if spec.get("manifest"):
+        manifest, root = spec["manifest"], None
     tensors, skipped = [], 0
-    for record in load_records(manifest).records:
+    for record in load_records(manifest, root=root).records:
         try:
             tensors.append(to_tensor(load_image(record.image)))
         except BadSample:

@@ -32,7 +32,12 @@ from typing import Any
 import torch
 
 from lumina_lightning.flow.convention import check_prediction
-from lumina_lightning.encoders.autoencoder import DiffusersVAE, PixelAutoencoder, build_autoencoder
+from lumina_lightning.encoders.autoencoder import (
+    DiffusersVAE,
+    PixelAutoencoder,
+    autoencoder_from_path,
+    build_autoencoder,
+)
 from lumina_lightning.encoders.text import SYSTEM_PROMPTS, HFTextEncoder, resolve_text_encoder_path
 from lumina_lightning.models.config import NextDiTConfig
 from lumina_lightning.models.io import detect_format, load_nextdit, save_nextdit
@@ -90,7 +95,7 @@ def pipeline_spec(
     te = {k: v for k, v in text_encoder_spec.items() if k == "path" or k in _TEXT_ENCODER_KEYS}
     te["path"] = str(te["path"])
     ae = {k: (str(v) if k == "path" else v) for k, v in autoencoder_spec.items()
-          if k in ("kind", "path", "scaling_factor", "shift_factor")}
+          if k in ("kind", "path", "scaling_factor", "shift_factor", "weights_sha256")}
     return {
         "format": PIPELINE_FORMAT,
         "version": 1,
@@ -198,7 +203,20 @@ def _autoencoder_from_spec(spec: dict[str, Any], base: Path | None) -> Any:
     if kind == "pixel":
         return PixelAutoencoder()
     extra = {k: spec[k] for k in ("scaling_factor", "shift_factor") if spec.get(k) is not None}
-    return build_autoencoder(kind, _local(str(spec.get("path") or ""), base) or None, **extra)
+    return _same_weights(build_autoencoder(kind, _local(str(spec.get("path") or ""), base) or None, **extra), spec)
+
+
+def _same_weights(autoencoder: Any, spec: dict[str, Any]) -> Any:
+    """Refuse a conv autoencoder whose weights are not the ones the transformer was trained with
+    (its folder retrained in place): its latents, and the saved statistics, would not match."""
+    saved, current = spec.get("weights_sha256"), getattr(autoencoder, "weights_sha256", None)
+    if saved and current and saved != current:
+        raise PipelineLoadError(
+            f"the conv autoencoder at {autoencoder.path} has other weights (sha256 {current}) than the one this "
+            f"model was trained with ({saved}): it was retrained since. Use the autoencoder the model was trained "
+            "with, or retrain the model on this one"
+        )
+    return autoencoder
 
 
 def _override_text_encoder(value: Any) -> Any:
@@ -213,13 +231,19 @@ def _override_text_encoder(value: Any) -> Any:
     return value
 
 
-def _override_vae(value: Any) -> Any:
+def _override_vae(value: Any, saved: dict[str, Any] | None = None) -> Any:
+    """An autoencoder given by the caller (a path, ``"pixel"`` or an object). Where the source records
+    the autoencoder it was trained with (``saved``) and the path is of the same kind, the recorded
+    latent scale and shift apply: they may be a recipe's overrides of the folder's config."""
     if isinstance(value, (str, os.PathLike)):
         if str(value) == "pixel":
             return PixelAutoencoder()
-        from lumina_lightning.encoders.conv_autoencoder import TinyConvAutoencoder, is_conv_autoencoder
+        from lumina_lightning.encoders.conv_autoencoder import is_conv_autoencoder
 
-        return TinyConvAutoencoder(value) if is_conv_autoencoder(value) else DiffusersVAE(value)
+        kind = "conv" if is_conv_autoencoder(value) else "vae"
+        saved = saved if saved and saved.get("kind") == kind else {}
+        extra = {k: saved[k] for k in ("scaling_factor", "shift_factor") if saved.get(k) is not None}
+        return _same_weights(autoencoder_from_path(value, **extra), saved)
     return value
 
 
@@ -275,7 +299,10 @@ def load_pipeline(
     defaults: dict[str, Any] = {}
     default_system: str | None = "real"
     te_obj = _override_text_encoder(text_encoder) if text_encoder is not None else None
-    ae_obj = _override_vae(vae) if vae is not None else None
+    # a VAE path for a source that records its autoencoder is built once that record is read (its
+    # latent scale and shift apply)
+    deferred = isinstance(vae, (str, os.PathLike)) and kind in ("pipeline", "ckpt")
+    ae_obj = _override_vae(vae) if vae is not None and not deferred else None
 
     if kind == "pipeline":
         spec = json.loads((path / PIPELINE_JSON).read_text())
@@ -304,6 +331,8 @@ def load_pipeline(
     else:
         if kind == "ckpt":
             spec = _read_ckpt_spec(path)
+            if deferred:
+                ae_obj = _override_vae(vae, (spec or {}).get("autoencoder"))
         model = load_nextdit(path, ema=ema)
         if spec is None and (te_obj is None or ae_obj is None):
             what = []
@@ -326,7 +355,8 @@ def load_pipeline(
         if te_obj is None:
             te_obj = _text_encoder_from_spec(spec["text_encoder"], base)
         if ae_obj is None:
-            ae_obj = _autoencoder_from_spec(spec["autoencoder"], base)
+            ae_obj = (_override_vae(vae, spec["autoencoder"]) if vae is not None
+                      else _autoencoder_from_spec(spec["autoencoder"], base))
     elif kind == "diffusers":
         # diffusers records the trained size in latent pixels (128 for the released 1024 px model)
         tcfg = path / "transformer" / "config.json"

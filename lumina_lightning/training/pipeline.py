@@ -352,8 +352,12 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
         print(f"\n=== stage {i + 1}/{len(cfg.stages)}: {loaded.config.stage} ({stage.recipe}) ===", flush=True)
         record = _read_record(stage_dir)
         export_dir = stage_dir / "export"
-        if (record.get("fingerprint") == fingerprint and record.get("entry")
-                and record.get("export_digest") == _content_digest(export_dir)):
+        # the autoencoder's weights: a conv autoencoder folder retrained in place keeps its path
+        ae_path = loaded.config.autoencoder.path if loaded.config.autoencoder.kind != "pixel" else None
+        ae_digest = _content_digest(ae_path)
+        changed = record.get("fingerprint") != fingerprint or bool(
+            record.get("entry") and record.get("autoencoder_digest") != ae_digest)
+        if not changed and record.get("entry") and record.get("export_digest") == _content_digest(export_dir):
             # the same recipe on the same parent weights and data, and its export is whole: training
             # it again would only resume at max_steps and re-export the same weights
             log.info("stage %s: reused (unchanged): same recipe, inputs and parent weights as the run that "
@@ -361,7 +365,7 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
             entry = {**record["entry"], "reused": True}
             digest, tracking_uri = record["export_digest"], record.get("tracking_uri")
         else:
-            if record.get("fingerprint") != fingerprint and stage_dir.is_dir() and any(stage_dir.iterdir()):
+            if changed and stage_dir.is_dir() and any(stage_dir.iterdir()):
                 # resume=auto would continue (or, at max_steps, just re-export) the old run whatever changed
                 aside = _move_aside(stage_dir)
                 log.warning("stage %s: its recipe, inputs or parent weights changed since %s was trained (or it "
@@ -390,7 +394,8 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
             export_dir, tracking_uri = result.export_dir, result.tracking_uri
             digest = _content_digest(export_dir)
             _write_record(stage_dir, {"fingerprint": fingerprint, "export_digest": digest, "entry": entry,
-                                      "tracking_uri": tracking_uri})
+                                      "tracking_uri": tracking_uri,
+                                      "autoencoder_digest": _content_digest(ae_path)})
             del result
         if cfg.eval.cfg_scale is not None and export_dir is not None:
             # The export is judged with the pipeline's guidance scale (eval.cfg_scale), so `lumina

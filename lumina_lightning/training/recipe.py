@@ -366,7 +366,8 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
     _choice(where, "model.init_ema", cfg.model.init_ema, ("raw", "ema", "auto"))
     _choice(where, "model.attention_backend", cfg.model.attention_backend, ("auto", "sdpa", "flash"))
     _choice(where, "autoencoder.kind", cfg.autoencoder.kind, ("vae", "pixel", "conv"))
-    if cfg.autoencoder.kind == "vae" and not cfg.autoencoder.path and not cfg.data.cache_dir:
+    if cfg.autoencoder.kind == "vae" and not cfg.autoencoder.path:
+        # also with data.cache_dir: validation samples, the validation loss and the export decode with it
         raise RecipeError(f"{where}: `autoencoder.path` is required for autoencoder.kind=vae (a local VAE folder)")
     if cfg.autoencoder.kind == "conv" and not cfg.autoencoder.path:
         raise RecipeError(f"{where}: `autoencoder.path` is required for autoencoder.kind=conv (a trained conv autoencoder folder)")

@@ -133,6 +133,8 @@ def build_encoders(cfg: Any) -> tuple[Any, Any, dict[str, Any]]:
     if ae.kind in ("vae", "conv"):
         ae_spec.update(path=os.path.abspath(ae.path), scaling_factor=autoencoder.scaling_factor,
                        shift_factor=autoencoder.shift_factor)
+        if ae.kind == "conv":
+            ae_spec["weights_sha256"] = autoencoder.weights_sha256
     spec = pipeline_spec(te_spec, ae_spec, default_system=cfg.objective.system, resolution=cfg.data.resolution,
                          prediction=cfg.objective.prediction)
     return text_encoder, autoencoder, spec
@@ -225,7 +227,7 @@ def ensure_autoencoder(cfg: Any) -> None:
     def build() -> None:
         log.info("training the conv autoencoder into %s on %s (%s)", target, spec.get("manifest") or cfg.data.path,
                  spec)
-        result = train_from_manifest(cfg.data.path, target, spec)
+        result = train_from_manifest(cfg.data.path, target, spec, root=cfg.data.root)
         log.info("conv autoencoder: %d images (%d unreadable, skipped), %d steps in %.0f s, held-out "
                  "reconstruction MSE %.4f, latent scale %.4f shift %.4f", result["images"], result["skipped"],
                  result["steps"], result["seconds"], result["recon_mse"], result["config"]["scaling_factor"],
