@@ -235,17 +235,13 @@ def confidence_intervals(
     Why: mini-GenEval scores a few dozen images per task, so two runs of nearby recipes differ by
     several points from sampling alone; an interval says which differences mean something. Images of
     one prompt are not independent draws (same prompt, neighbouring seeds), and a task may have only
-    three prompts, so the bootstrap has two stages, within each tag: resample the *prompts*, then
-    redraw each drawn prompt's images from its observed accuracy. The first stage alone would call
-    three equally-scored prompts certain; the second alone would ignore that prompts differ.
-
-    Where every image of a task scored the same (0 of 32, or 32 of 32) both stages redraw the same
-    score, an interval of no width. So each interval is widened, where narrower, to the Jeffreys
-    interval of the task's pooled proportion, Beta(correct + ½, wrong + ½) (Brown, Cai & DasGupta,
-    2001; bounds at 0 and at n correct taken as 0 and 1), and ``overall``'s to the interval of the
-    mean of the tasks' Jeffreys draws. Drawing each *prompt's* accuracy from its Jeffreys posterior
-    instead (what this function did before) is biased at 4 images per prompt: the prior pulls each
-    prompt's 0 of 4 to a mean of 0.1, and a task scored 0.06 got the interval [0.05, 0.28].
+    three prompts, so the bootstrap has two stages, within each tag: resample the *prompts*, then draw
+    each drawn prompt's accuracy from its Jeffreys posterior, Beta(correct + ½, wrong + ½). The first
+    stage alone would call three equally-scored prompts certain; the second alone would ignore that
+    prompts differ. The Jeffreys draw, rather than redrawing the images from the observed accuracy, is
+    what keeps a task scored 0 of 32 or 32 of 32 from getting an interval of no width: for one prompt
+    it gives the Jeffreys interval for a binomial proportion (Brown, Cai & DasGupta, 2001), whose
+    bounds at 0 and at n correct are taken as 0 and 1, so every interval holds the point estimate.
     ``overall`` is the mean of the resampled tag accuracies, as :func:`summarize` computes it.
     Deterministic for a given ``seed``.
 
@@ -258,35 +254,24 @@ def confidence_intervals(
         cell[0] += int(bool(r["correct"]))
         cell[1] += 1
     out: dict[str, Any] = {"level": level, "n_boot": n_boot, "overall": None, "tags": {},
-                           "method": "two-stage bootstrap (prompts, then their images), at least as wide as "
-                                     "the Jeffreys interval of each task's pooled proportion"}
+                           "method": "two-stage bootstrap: prompts, then each prompt's accuracy from its "
+                                     "Jeffreys posterior"}
     if not per_tag:
         return out
     rng = np.random.default_rng(seed)
     order = tag_order(per_tag)
-    draws, floors, points = [], [], []
+    draws, points = [], []
     for tag in order:
-        cells = np.array(list(per_tag[tag].values()), dtype=np.int64)  # (prompts, [correct, total])
+        cells = np.array(list(per_tag[tag].values()), dtype=np.float64)  # (prompts, [correct, total])
         pick = rng.integers(0, len(cells), size=(n_boot, len(cells)))
         correct, totals = cells[pick, 0], cells[pick, 1]
-        acc = rng.binomial(totals, correct / totals).sum(axis=1) / totals.sum(axis=1)
-        hits, n = int(cells[:, 0].sum()), int(cells[:, 1].sum())
-        jeffreys = rng.beta(hits + 0.5, n - hits + 0.5, size=n_boot)
-        point = hits / n
+        acc = (totals * rng.beta(correct + 0.5, totals - correct + 0.5)).sum(axis=1) / totals.sum(axis=1)
+        point = cells[:, 0].sum() / cells[:, 1].sum()
         draws.append(acc)
-        floors.append(jeffreys)
         points.append(point)
-        out["tags"][tag] = _holding(_hull(_percentile_interval(acc, level), _percentile_interval(jeffreys, level)),
-                                    point)
-    overall = _hull(_percentile_interval(np.mean(np.stack(draws), axis=0), level),
-                    _percentile_interval(np.mean(np.stack(floors), axis=0), level))
-    out["overall"] = _holding(overall, float(np.mean(points)))
+        out["tags"][tag] = _holding(_percentile_interval(acc, level), point)
+    out["overall"] = _holding(_percentile_interval(np.mean(np.stack(draws), axis=0), level), float(np.mean(points)))
     return out
-
-
-def _hull(a: list[float], b: list[float]) -> list[float]:
-    """The smallest interval holding both ``a`` and ``b``."""
-    return [min(a[0], b[0]), max(a[1], b[1])]
 
 
 def _holding(interval: list[float], point: float) -> list[float]:
@@ -315,13 +300,10 @@ def paired_difference(
     drew images for the *same* prompts from the *same* noise, so their outcomes are paired and the
     difference is far better determined than two separate intervals suggest. Images are paired by
     (tag, prompt, sample index, seed); images present in only one run are left out (``pairs`` counts
-    the rest). The bootstrap resamples prompts within each tag, then redraws each drawn prompt's
-    images among the four outcome kinds (both right, only a, only b, both wrong) from their observed
-    shares, and, as :func:`confidence_intervals` does for one run, each interval is widened where
-    narrower to the one of the task's pooled shares drawn from their Jeffreys posterior,
-    Dirichlet(counts + ½): two runs that agree on every image get a narrow interval around 0, not one
-    of no width. (Drawing each *prompt's* shares from that posterior instead, as this function did
-    before, shrinks every difference by n / (n + 2): by a third at 4 images per prompt.)
+    the rest). The bootstrap resamples prompts within each tag, then draws each drawn prompt's shares
+    of the four outcome kinds (both right, only a, only b, both wrong) from their Jeffreys posterior,
+    Dirichlet(counts + ½), as :func:`confidence_intervals` does for one run: two runs that agree on
+    every image get a narrow interval around 0, not one of no width.
 
     Returns ``{"difference": overall_a − overall_b, "interval": [low, high], "tags": {tag:
     {"difference", "interval"}}, "pairs", "level", "n_boot"}``; ``difference`` is ``None`` without pairs.
@@ -344,27 +326,21 @@ def paired_difference(
         return out
     rng = np.random.default_rng(seed)
     order = tag_order(cells)
-    points, draws, floors = [], [], []
+    points, draws = [], []
     for tag in order:
         counts = np.array(sorted(cells[tag].values()), dtype=np.int64)  # (prompts, 4)
         totals = counts.sum(axis=1)
         point = (counts[:, 1].sum() - counts[:, 2].sum()) / totals.sum()
         pick = rng.integers(0, len(counts), size=(n_boot, len(counts)))
-        weights = totals[pick]
-        redrawn = rng.multinomial(weights, counts[pick] / weights[..., None])
-        diff = (redrawn[..., 1] - redrawn[..., 2]).sum(axis=1) / weights.sum(axis=1)
         # Dirichlet draws via normalised Gamma(counts + ½) draws (numpy's dirichlet takes one alpha)
-        gamma = rng.standard_gamma(counts.sum(axis=0) + 0.5, size=(n_boot, 4))
+        gamma = rng.standard_gamma(counts[pick] + 0.5)
         shares = gamma / gamma.sum(axis=-1, keepdims=True)
-        floor = shares[:, 1] - shares[:, 2]
+        weights = totals[pick]
+        diff = (weights * (shares[..., 1] - shares[..., 2])).sum(axis=1) / weights.sum(axis=1)
         points.append(point)
         draws.append(diff)
-        floors.append(floor)
-        interval = _hull(_percentile_interval(diff, level), _percentile_interval(floor, level))
-        out["tags"][tag] = {"difference": float(point), "interval": _holding(interval, point)}
+        out["tags"][tag] = {"difference": float(point), "interval": _holding(_percentile_interval(diff, level), point)}
         out["pairs"] += int(totals.sum())
     out["difference"] = float(np.mean(points))
-    overall = _hull(_percentile_interval(np.mean(np.stack(draws), axis=0), level),
-                    _percentile_interval(np.mean(np.stack(floors), axis=0), level))
-    out["interval"] = _holding(overall, out["difference"])
+    out["interval"] = _holding(_percentile_interval(np.mean(np.stack(draws), axis=0), level), out["difference"])
     return out

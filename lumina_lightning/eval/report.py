@@ -225,8 +225,8 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
     md = ["# Mini-GenEval report", ""]
     md += [f"- **{k}**: {v}" for k, v in _summary_lines(results)]
     md += ["", "## Accuracy per task", "",
-           "95 % interval: bootstrap over prompts, then their images, at least as wide as the Jeffreys "
-           "interval of the task's proportion. Prompt-blind: the score of a model that draws a random correct scene of the task "
+           "95 % interval: bootstrap over prompts, then each prompt's accuracy from its Jeffreys "
+           "posterior. Prompt-blind: the score of a model that draws a random correct scene of the task "
            "whatever the prompt (ground-truth renders), i.e. the chance level.", "",
            "| task | accuracy | 95 % interval | correct / images | prompt-blind |", "|---|---:|---:|---:|---:|"]
     for tag in TAGS:
@@ -277,8 +277,7 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
          "figcaption{word-wrap:break-word}</style></head><body>", "<h1>Mini-GenEval report</h1>", "<ul>"]
     h += [f"<li><b>{e(k)}</b>: {e(v)}</li>" for k, v in _summary_lines(results)]
     h += ["</ul>", "<h2>Accuracy per task</h2>",
-          "<p>95 % interval: bootstrap over prompts, then their images, at least as wide as the Jeffreys interval "
-          "of the task's proportion. "
+          "<p>95 % interval: bootstrap over prompts, then each prompt's accuracy from its Jeffreys posterior. "
           "Prompt-blind: the chance level (a random correct scene of the task, whatever the prompt).</p>",
           "<table><tr><th>task</th><th>accuracy</th><th>95 % interval</th><th>correct / images</th>"
           "<th>prompt-blind</th></tr>"]
