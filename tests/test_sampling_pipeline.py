@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -371,6 +372,10 @@ def test_cli_second_run_into_the_same_folder_adds_files(folder, tmp_path):
     files = sorted(out.iterdir())
     assert [f.name[:6] for f in files if f.suffix == ".png"] == ["00000_", "00001_", "00002_"]
     assert first.read_bytes() == before and len(files) == 4  # + index.jsonl, no temp files left
+    umask = os.umask(0)
+    os.umask(umask)
+    # written through a temp file, yet with the mode a plain write gives (mkstemp's is 0600)
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o666 & ~umask}
     lines = [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
     assert [(r["file"], r["steps"]) for r in lines] == [(f.name, s) for f, s in zip(files[:3], (1, 2, 2))]
     assert [read_png_settings(f)["steps"] for f in files[:3]] == [1, 2, 2]

@@ -375,10 +375,19 @@ def _atomic_write(target: Path, write: Any) -> None:
     os.close(fd)
     try:
         write(tmp)
+        # mkstemp creates the file 0600; the result should have the mode a plain open() would give
+        # (what the target had, else 0666 less the umask), so shared sample and checkpoint folders stay readable
+        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only way to read it is to set it; set it straight back
+    os.umask(mask)
+    return mask
 
 
 def _contiguous(state: dict[str, torch.Tensor], progress: bool = False) -> dict[str, torch.Tensor]:
