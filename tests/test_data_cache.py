@@ -196,3 +196,23 @@ def test_append_reencodes_changed_images_and_captions(tmp_path):
     again = read_index(tmp_path / "c")
     assert len(again["items"]) == 3 and all(it["fingerprint"] for it in again["items"])
     assert [s["stop"] - s["start"] for s in again["sources"]] == [3]
+
+
+def test_append_with_other_levels_keeps_the_cached_items_whole(tmp_path):
+    from PIL import Image
+
+    rows = []
+    for k in range(3):
+        Image.new("RGB", (32, 32), (10 * k, 0, 0)).save(tmp_path / f"{k}.png")
+        rows.append({"image": f"{k}.png", "captions": {"short": f"s{k}", "long": f"a long caption {k}"}})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg, vae, text = _cfg(tmp_path / "m.jsonl"), encoders.PixelAutoencoder(), _HashText()
+    build_cache(cfg, tmp_path / "c", autoencoder=vae, text_encoder=text, feature_dtype="float32")
+    Image.new("RGB", (32, 32), (0, 0, 90)).save(tmp_path / "3.png")
+    rows.append({"image": "3.png", "captions": {"short": "s3", "long": "a long caption 3"}})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_cache(cfg, tmp_path / "c", autoencoder=vae, text_encoder=text, feature_dtype="float32", append=True,
+                levels=["short"])
+    levels = {it["image"].rsplit("/", 1)[-1]: sorted(it["captions"]) for it in read_index(tmp_path / "c")["items"]}
+    assert levels == {"0.png": ["long", "short"], "1.png": ["long", "short"], "2.png": ["long", "short"],
+                      "3.png": ["short"]}

@@ -242,7 +242,10 @@ def build_cache(
 
     usable = np.flatnonzero(plan.bucket_ids >= 0).tolist()
     prompts = {i: _prompts(records.records[i], levels, prompt_fn, cfg.system) for i in usable}
-    fingerprints = {i: _fingerprint(records.records[i], prompts[i]) for i in usable}
+    # over every level a record has, not just the `levels` asked for now: an append with other
+    # levels must not take every cached item for changed (and re-encode it with fewer levels)
+    fingerprints = {i: _fingerprint(records.records[i], _prompts(records.records[i], None, prompt_fn, cfg.system))
+                    for i in usable}
     # An item is current when a record has the same image *and* fingerprint; an item whose image is
     # still listed but with another fingerprint (file or text changed) is stale: it is dropped and
     # its record re-encoded. Items of caches made before fingerprints existed have none, so they
