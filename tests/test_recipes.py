@@ -519,3 +519,29 @@ def test_pipeline_regenerates_synthetic_data_made_with_other_arguments(tmp_path,
     assert made == []  # the same arguments: reused
     _synthetic(SyntheticStep(out=str(tmp_path), n=4000, n_test=60, size=64, seed=1))
     assert made == [(4000, 64, 1, 60)]
+
+
+@pytest.mark.parametrize("smoke", [False, True])
+def test_pipeline_captioner_trains_under_the_pipeline_folder(tmp_path, monkeypatch, smoke):
+    """`--smoke` with `unicap.enabled=true` must not train in (or resume) the real run's captioner folder."""
+    import types
+
+    from lumina_lightning.training import pipeline as pl
+
+    seen = {}
+
+    def fake_train_unicap(loaded):
+        seen["output_dir"], seen["max_steps"] = loaded.config.output_dir, loaded.config.trainer.max_steps
+        return types.SimpleNamespace(export_dir=tmp_path / "captioner", metrics={})
+
+    def fake_caption(argv):
+        seen["argv"] = argv
+        return 0
+
+    monkeypatch.setattr("lumina_lightning.training.unicap_run.train_unicap", fake_train_unicap)
+    monkeypatch.setattr("lumina_lightning.modules.caption_cli.main", fake_caption)
+    cfg = pl.load_pipeline_config(RECIPES / "tiny" / "pipeline.yaml", [f"output_dir={tmp_path / 'out'}"], smoke=smoke)
+    pl._unicap(cfg, tmp_path, {}, smoke)
+    assert seen["output_dir"] == str((tmp_path / "out" / "unicap").resolve())
+    assert (seen["max_steps"] == 2) == smoke
+    assert ("--limit" in seen["argv"]) == smoke

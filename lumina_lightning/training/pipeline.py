@@ -325,7 +325,7 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
 
     caption_manifest = None
     if cfg.unicap.enabled:
-        caption_manifest = _unicap(cfg, synth, summary)
+        caption_manifest = _unicap(cfg, synth, summary, smoke)
 
     inputs = {"synthetic": dataclasses.asdict(cfg.synthetic),
               "captions": _content_digest(caption_manifest) if caption_manifest is not None else None}
@@ -531,21 +531,30 @@ def _synthetic(step: SyntheticStep) -> Path:
     return out
 
 
-def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any]) -> Path:
+# --smoke on the captioner: a couple of steps, nothing tracked, a few images captioned
+UNICAP_SMOKE_OVERRIDES = ("trainer.max_steps=2", "validation.every_n_steps=0", "tracking.enabled=false")
+UNICAP_SMOKE_LIMIT = 16
+
+
+def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any], smoke: bool = False) -> Path:
     from lumina_lightning.modules.caption_cli import main as caption_main
     from lumina_lightning.training.recipe import load_recipe
     from lumina_lightning.training.unicap_run import train_unicap
 
     t0 = time.perf_counter()
-    loaded = load_recipe(cfg.unicap.recipe, list(cfg.unicap.overrides))
+    # under this pipeline's folder, as every stage: a smoke run must not resume a real run's captioner
+    overrides = [*cfg.unicap.overrides, *(UNICAP_SMOKE_OVERRIDES if smoke else ()),
+                 f"output_dir={json.dumps(str(Path(cfg.output_dir).resolve() / 'unicap'))}"]
+    loaded = load_recipe(cfg.unicap.recipe, overrides)
     print(f"\n=== UniCap: {loaded.config.stage} ({cfg.unicap.recipe}) ===", flush=True)
     result = train_unicap(loaded)
     export = getattr(result, "export_dir", None)
     out_manifest = Path(cfg.output_dir) / "captions" / "train_unicap.jsonl"
     argv = ["--model", str(export), "--input", str(synth / "train.jsonl"), "--output", str(out_manifest),
             "--levels", ",".join(cfg.unicap.levels), "--max-new-tokens", str(cfg.unicap.max_new_tokens)]
-    if cfg.unicap.limit:
-        argv += ["--limit", str(cfg.unicap.limit)]
+    limit = cfg.unicap.limit or (UNICAP_SMOKE_LIMIT if smoke else None)
+    if limit:
+        argv += ["--limit", str(limit)]
     code = caption_main(argv)
     if code:
         raise RuntimeError(f"captioning failed with exit code {code}")
