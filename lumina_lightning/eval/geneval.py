@@ -246,8 +246,9 @@ def confidence_intervals(
     with 4 images per prompt sits above its point estimate (0.06 -> [0.05, 0.28]). That is kept on
     purpose: simulated tasks of 3 prompts x 11 images with prompt accuracies ~ Beta(0.3, 3) (the
     pipeline's single-object and colour tasks) are covered 98 % of the time at 95 %, where redrawing
-    each prompt's images from its observed accuracy instead covers 75 % (and 8 x 4 at Beta(1, 1):
-    95.5 % either way, this interval 16 % narrower). ``overall`` is the mean of the resampled tag
+    each prompt's images from its observed accuracy instead (widened to the Jeffreys interval of the
+    pooled proportion) covers 75 % (and 8 x 4 at Beta(1, 1): 95.5 % either way, this interval 16 %
+    narrower). ``overall`` is the mean of the resampled tag
     accuracies, as :func:`summarize` computes it.
     Deterministic for a given ``seed``.
 
