@@ -237,6 +237,18 @@ def test_epoch_shard_sampler_state_restores_epoch_and_position():
     fresh.set_epoch(2)  # Lightning calls it again after loading: the position stays
     assert list(fresh) == rest and {e for e, _ in head + rest} == {2}
     assert [k for _, k in list(fresh)] == [k for _, k in head + rest]  # the next pass is the whole epoch
+    # saved after the epoch's last key: the next epoch, whether set_epoch comes before or after the load
+    finished = fresh.state_dict()
+    for set_first in (True, False):  # with workers torchdata applies the state after Lightning's set_epoch
+        again = EpochShardSampler(10, seed=1, rank=1, world_size=2)
+        if set_first:
+            again.set_epoch(3)
+        again.load_state_dict(finished)
+        if not set_first:
+            again.set_epoch(3)
+        nxt = EpochShardSampler(10, seed=1, rank=1, world_size=2)
+        nxt.set_epoch(3)
+        assert list(again) == list(nxt) and len(list(nxt)) == 5
     with pytest.raises(ValueError, match="2 ranks"):
         EpochShardSampler(10, seed=1, rank=0, world_size=1).load_state_dict(state)
     with pytest.raises(ValueError, match="does not match"):

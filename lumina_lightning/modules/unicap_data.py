@@ -303,6 +303,11 @@ class EpochShardSampler(torch.utils.data.Sampler):
             )
         self.epoch = int(state["epoch"])
         self.drawn = int(state["drawn"])
+        if self.drawn >= len(self):
+            # saved at the last batch of an epoch: resume at the start of the next one. With workers,
+            # torchdata applies this state after Lightning's set_epoch(next), so keeping the finished
+            # epoch would make the resumed epoch yield nothing
+            self.epoch, self.drawn = self.epoch + 1, 0
         self._resume_at = self.drawn
 
 
