@@ -33,10 +33,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ckpt", default=None, help="what to serve (required)")
     p.add_argument("--text-encoder", default=None, help="text-encoder folder (or 'minilm'); overrides the checkpoint's")
     p.add_argument("--vae", default=None, help="VAE folder or 'pixel'; overrides the checkpoint's")
-    p.add_argument("--host", default=DEFAULT_HOST, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
+    p.add_argument("--host", default=None, help=f"address to bind (default {DEFAULT_HOST}: this machine only)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--listen", action="store_true",
-                   help="bind 0.0.0.0: anyone who can reach this machine can use the demo")
+                   help="bind 0.0.0.0 unless --host is given: anyone who can reach this machine can use the demo")
     p.add_argument("--share", action="store_true",
                    help="also make a public gradio.live link (off by default; needs internet access)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
@@ -73,7 +73,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"lumina demo: error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}",
                   file=sys.stderr)
             return 2
-    host = "0.0.0.0" if args.listen else args.host
+    # --listen only changes the default host: an explicit --host wins (binding 0.0.0.0 instead of the
+    # address asked for would expose the demo on every interface)
+    host = args.host or ("0.0.0.0" if args.listen else DEFAULT_HOST)
     if args.share:
         print("lumina demo: warning: --share asks gradio for a public gradio.live link; it needs internet access "
               "(it downloads a tunnel client and registers with gradio's servers) and makes the demo reachable by "

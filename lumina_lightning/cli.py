@@ -26,6 +26,24 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
+def check_input(path: str | os.PathLike, flag: str, kind: str | None = "file") -> None:
+    """Refuse a ``flag`` path that is missing or of the wrong kind (``"file"`` / ``"dir"``; ``None``:
+    either) with a ``ValueError`` naming the flag, which every verb turns into a one-line error and
+    exit 2: checked before any model loads, so a typo costs no loading time and no traceback."""
+    if not os.path.exists(path):
+        raise ValueError(f"{flag} {path} does not exist")
+    check_output(path, flag, kind)
+
+
+def check_output(path: str | os.PathLike, flag: str, kind: str = "dir") -> None:
+    """Refuse a ``flag`` path that exists as the other kind (a file where a folder is written, or the
+    reverse); a path that does not exist yet is fine. ``ValueError``, as :func:`check_input`."""
+    if kind == "dir" and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a file, not a folder")
+    if kind == "file" and os.path.isdir(path):
+        raise ValueError(f"{flag} {path} is a folder, not a file")
+
+
 def _usage() -> str:
     lines = ["usage: lumina VERB [ARGS...]", "", "verbs:"]
     width = max(len(v) for v in VERBS)
@@ -36,6 +54,18 @@ def _usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # in the try: a closed pipe shows here, not in the interpreter's exit flush
+        return code
+    except BrokenPipeError:
+        # the reader went away (`lumina help | head -2`): not an error worth a traceback. Point stdout at
+        # /dev/null so the interpreter's final flush does not raise it again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for a command killed by a closed pipe
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(_usage())

@@ -186,6 +186,9 @@ def test_demo_verb_binds_loopback_without_analytics_or_share(folder, monkeypatch
     assert calls[-1][2] == {"host": "0.0.0.0", "port": 7999, "share": True, "block": True}
     err = capsys.readouterr().err
     assert "needs internet access" in err and "reachable from other machines" in err
+    # --listen only changes the default: an explicit --host is what gets bound
+    assert main(["--ckpt", str(folder), "--listen", "--host", "10.0.0.1", "--device", "cpu"]) == 0
+    assert calls[-1][2]["host"] == "10.0.0.1"
     assert main(["--ckpt", str(folder), "--concurrency", "0"]) == 2
     assert "--concurrency must be positive" in capsys.readouterr().err
 

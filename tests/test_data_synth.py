@@ -176,7 +176,7 @@ def test_aspects_and_cli(tmp_path, capsys):
     assert rc == 0 and "wrote 24 train + 6 test" in capsys.readouterr().out
     sizes = {(r["width"], r["height"]) for r in _rows(tmp_path / "d" / "train.jsonl")}
     assert sizes <= {(64, 64), (96, 48)} and len(sizes) == 2
-    assert main(["synth", "--out", str(tmp_path / "e"), "--n", "6", "--holdout", "red:hexagon"]) == 1
+    assert main(["synth", "--out", str(tmp_path / "e"), "--n", "6", "--holdout", "red:hexagon"]) == 2
     assert "unknown hold-out pair" in capsys.readouterr().err
 
 

@@ -123,9 +123,10 @@ def test_cli_relative_paths_generation_flags_and_eval(tmp_path, export, capsys):
                  "--levels", "tags", "--sample", "--temperature", "0.9", "--top-p", "0.8", "--no-progress"]) == 0
     assert len(load_records(folder_out).records) == 6
     assert main(["--model", str(export), "--input", str(data / "in.jsonl"), "--output", str(tmp_path / "x.jsonl"),
-                 "--levels", "poem"]) == 1
+                 "--levels", "poem"]) == 2
     assert main(["--model", str(tmp_path / "nope"), "--input", str(data / "in.jsonl"),
-                 "--output", str(tmp_path / "y.jsonl")]) == 1
+                 "--output", str(tmp_path / "y.jsonl")]) == 2
+    assert f"--model {tmp_path / 'nope'} does not exist" in capsys.readouterr().err
 
 
 def test_written_captions_train_the_tiny_generation_recipe(tmp_path, captioner):

@@ -111,6 +111,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     from .synth import DEFAULT_HOLDOUT, DEFAULT_SHAPES, TAGS, generate_synthetic
 
+    from lumina_lightning.cli import check_output
+
+    check_output(args.out, "--out")
     start = time.perf_counter()
     out = generate_synthetic(
         args.out, args.n, args.size, args.seed, n_test=args.n_test, aspects=args.aspect,
@@ -145,9 +148,16 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from lumina_lightning.encoders.autoencoder import autoencoder_from_path
     from lumina_lightning.encoders.text import HFTextEncoder, resolve_text_encoder_path
 
+    from lumina_lightning.cli import check_input, check_output
+    from lumina_lightning.sampling.cli import resolve_device
+
     from .cache import build_cache
     from .config import DataConfig
 
+    # the inputs and the device before the encoders load (minutes for a large text encoder)
+    check_input(args.data, "--data", kind=None)
+    check_output(args.out, "--out")
+    args.device = resolve_device(args.device)
     cfg = DataConfig(path=args.data, root=args.root, resolution=args.resolution, patch=args.patch,
                      max_aspect=args.max_aspect, min_size_policy=args.min_size_policy,
                      max_skip_rate=args.max_skip_rate)
@@ -255,10 +265,12 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"synth": _cmd_synth, "cache": _cmd_cache, "inspect": _cmd_inspect}
     try:
         return handlers[args.command](args)
-    except (ManifestError, SkipRateExceeded, FileNotFoundError, FileExistsError, ValueError, KeyError) as err:
+    except (ManifestError, SkipRateExceeded, OSError, ImportError, ValueError, KeyError) as err:
+        # OSError: also what transformers / diffusers raise for a --vae / --text-encoder folder without
+        # its config or weights; their message names the folder and the missing file
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"lumina data {args.command}: error: {message}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

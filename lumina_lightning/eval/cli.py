@@ -143,6 +143,25 @@ def _manifest_and_prompts(args: argparse.Namespace) -> tuple[str | None, str | N
     return manifest, prompts
 
 
+# flags that only shape generation: with --images (re-scoring existing images) they would be ignored
+_GENERATION_FLAGS = ("--ckpt", "--text-encoder", "--vae", "--preset", "--solver", "--steps", "--shift", "--cfg",
+                     "--renorm", "--cfg-trunc", "--cfg-mode", "--teacache", "--teacache-version",
+                     "--images-per-prompt", "--min-images-per-task", "--width", "--height", "--batch-size",
+                     "--max-prompts", "--max-per-tag", "--compare-to-preset", "--ema")
+
+
+def _check_paths(args: argparse.Namespace, manifest: str | None, prompts: str | None) -> None:
+    """Refuse missing or wrong-kind paths (ValueError naming the flag) before any model loads."""
+    from lumina_lightning.cli import check_input, check_output
+
+    check_output(args.out, "--out")
+    for flag, value in (("--prompts", prompts), ("--manifest", manifest)):
+        if value is not None:
+            check_input(value, flag)
+    if args.images:
+        check_input(args.images, "--images", kind="dir")
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         import torch
@@ -152,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     from lumina_lightning.eval.tracking import log_to_mlflow
 
     manifest, prompts = _manifest_and_prompts(args)
+    _check_paths(args, manifest, prompts)
     progress = not args.no_progress
 
     if args.images:  # re-score existing images
@@ -261,10 +281,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.images:
+        dests = {f: f[2:].replace("-", "_") for f in _GENERATION_FLAGS}
+        given = [f for f, d in dests.items() if getattr(args, d) != parser.get_default(d)]
+        if given:
+            parser.error(f"--images re-scores existing images, so {', '.join(given)} would be ignored; "
+                         "drop them (or drop --images to generate)")
     try:
         return run(args)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (OSError, ImportError, ValueError, KeyError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"lumina eval: error: {msg}", file=sys.stderr)
         return 2

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return _convert(args)
-    except (FileNotFoundError, ValueError, KeyError, CheckpointMismatchError) as err:
+    except (OSError, ImportError, ValueError, KeyError, CheckpointMismatchError) as err:
         # a missing or wrong source is the user's to fix: the message (which lists mismatched keys), no traceback
         message = err.args[0] if isinstance(err, KeyError) and err.args else err
         print(f"lumina convert: {message}", file=sys.stderr)
@@ -84,6 +84,11 @@ def _convert(args: argparse.Namespace) -> int:
         key, value = item.split("=", 1)
         overrides[key] = yaml.safe_load(value)
     ema = {"auto": "auto", "true": True, "false": False}[args.ema]
+    from lumina_lightning.cli import check_output
+
+    # save_nextdit writes a file only for `--to lumina X.safetensors`, a folder otherwise: refuse the
+    # other kind already there before the (slow) read
+    check_output(args.dst, "DST", "file" if args.to == "lumina" and args.dst.endswith(".safetensors") else "dir")
     from lumina_lightning.sampling.pipeline_io import describe, source_prediction
 
     prediction = source_prediction(args.src)  # "velocity" for anything without a pipeline spec

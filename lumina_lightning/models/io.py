@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from lumina_lightning.models.config import SIZES, NextDiTConfig, config_for
@@ -110,11 +110,15 @@ def detect_format(path: str | os.PathLike) -> str:
     if suffix in (".pth", ".pt", ".bin"):
         return "official"
     if suffix == ".safetensors":
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("format") == LUMINA_FORMAT_TAG:
-                return "lumina"
-            keys = [k[len(COMFY_PREFIX):] if k.startswith(COMFY_PREFIX) else k for k in f.keys()]
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") == LUMINA_FORMAT_TAG:
+                    return "lumina"
+                keys = [k[len(COMFY_PREFIX):] if k.startswith(COMFY_PREFIX) else k for k in f.keys()]
+        except SafetensorError as err:
+            # safetensors names neither the file nor what is wrong with it ("header too large")
+            raise ValueError(f"{path} is not a readable .safetensors file ({err})") from None
         if any(k.startswith("time_caption_embed.") for k in keys):
             return "diffusers"
         if any(k.startswith("t_embedder.") for k in keys):

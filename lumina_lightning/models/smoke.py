@@ -22,7 +22,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from lumina_lightning.models import FACTORIES, config_for
 
+    # refused here with a message, not by a KeyError or a shape error deep in the forward pass
+    if args.size not in FACTORIES:
+        p.error(f"--size {args.size!r} is not a named size; choose one of {', '.join(sorted(FACTORIES))}")
+    for flag, value in (("--batch", args.batch), ("--caption-len", args.caption_len), ("--latent", args.latent)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     cfg = config_for(args.size)
+    if args.latent % cfg.patch_size:
+        p.error(f"--latent must be a multiple of the patch size {cfg.patch_size} of {args.size}, got {args.latent}")
     if args.meta:
         with torch.device("meta"):
             model = FACTORIES[args.size]()

@@ -254,9 +254,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # an --eval-level that is not generated has nothing to score (unless the input's own captions are kept)
+    if args.eval_level is not None and args.eval_level not in args.levels and not args.keep_captions:
+        parser.error(f"--eval-level {args.eval_level} is not among --levels {','.join(args.levels)}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import torch
+
+    from lumina_lightning.cli import check_input, check_output
+    from lumina_lightning.sampling.cli import resolve_device
 
     from lumina_lightning.data.records import ManifestError
     from lumina_lightning.modules.unicap import load_captioner
@@ -268,19 +275,28 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --batch-size must be >= 1", file=sys.stderr)
         return 2
     try:
-        captioner = load_captioner(args.model, device=args.device, dtype=args.dtype, base_model=args.base_model)
-    except (FileNotFoundError, OSError, ValueError) as err:
+        # the paths and the device before the captioner loads (a VLM takes a while)
+        check_input(args.model, "--model", kind="dir")
+        check_input(args.input, "--input", kind=None)
+        check_output(args.output, "--output", kind="file")
+        device = resolve_device(None if args.device == "auto" else args.device)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        captioner = load_captioner(args.model, device=device, dtype=args.dtype, base_model=args.base_model)
+    except (OSError, ImportError, ValueError) as err:
         print(f"error: cannot load the captioner: {err}", file=sys.stderr)
-        return 1
+        return 2
     generation = {k: getattr(args, k) for k in ("max_new_tokens", "do_sample", "temperature", "top_p", "num_beams",
                                                 "repetition_penalty") if getattr(args, k) is not None}
     try:
         report = caption_manifest(captioner, args.input, args.output, args.levels, batch_size=args.batch_size,
                                   generation=generation, limit=args.limit, keep_captions=args.keep_captions,
                                   retry_skipped=args.retry_skipped, seed=args.seed, progress=not args.no_progress)
-    except (ManifestError, ValueError) as err:
+    except (ManifestError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(f"{report.output}: wrote {report.written} records in {report.seconds:.1f}s "
           f"({report.already_done} already done, {len(report.skipped)} unreadable, {report.total} in the input)")
     if report.skipped:

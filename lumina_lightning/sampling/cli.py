@@ -80,9 +80,10 @@ def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
     """[{"prompt": ..., "seed": int | None, "negative_prompt": str | None}, ...] from flags and file."""
     items: list[dict[str, Any]] = [{"prompt": p} for p in [*args.prompts, *args.prompt]]
     if args.prompts_file:
+        from lumina_lightning.cli import check_input
+
         path = Path(args.prompts_file)
-        if not path.is_file():
-            raise FileNotFoundError(f"prompts file {path} does not exist")
+        check_input(path, "--prompts-file")
         for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             text = line.strip()
             if not text:
@@ -178,7 +179,10 @@ def run(args: argparse.Namespace) -> int:
 
     from lumina_lightning.sampling.pipeline_io import load_pipeline
 
+    from lumina_lightning.cli import check_output
+
     items = read_prompts(args)
+    check_output(args.out, "--out")  # before the weights load, not after
     if args.n_per_prompt < 1:
         raise ValueError("--n-per-prompt must be >= 1")
     device = resolve_device(args.device)
@@ -236,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except (FileNotFoundError, ValueError, KeyError, CheckpointMismatchError) as err:
+    except (OSError, ImportError, ValueError, KeyError, CheckpointMismatchError) as err:
+        # OSError: what transformers / diffusers raise for a --text-encoder or --vae folder without
+        # its config or weights (their message names the folder and the missing file)
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"lumina sample: error: {msg}", file=sys.stderr)
         return 2

@@ -248,7 +248,15 @@ def _override_vae(value: Any, saved: dict[str, Any] | None = None) -> Any:
 
 
 def _read_ckpt_spec(path: Path) -> dict[str, Any] | None:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    import pickle
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        # torch's own message ("mmap can only be used with files saved with ...") does not say that the
+        # file is simply no checkpoint; keep its first line for the rare real reason (a truncated file)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PipelineLoadError(f"{path} is not a readable training checkpoint ({first})") from None
     spec = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
     if isinstance(spec, str):
         spec = json.loads(spec)
@@ -315,9 +323,11 @@ def load_pipeline(
         if "transformer" in missing:
             raise PipelineLoadError(f"{path}: diffusers pipeline folder without transformer/")
         if te_obj is None and ("text_encoder" in missing or "tokenizer" in missing):
-            raise PipelineLoadError(f"{path}: missing text_encoder/ or tokenizer/; pass text_encoder=PATH")
+            raise PipelineLoadError(f"{path}: missing text_encoder/ or tokenizer/; pass text_encoder=PATH "
+                                    "(--text-encoder PATH on the command line)")
         if ae_obj is None and "vae" in missing:
-            raise PipelineLoadError(f"{path}: missing vae/; pass vae=PATH (or vae='pixel')")
+            raise PipelineLoadError(f"{path}: missing vae/; pass vae=PATH (or vae='pixel'; "
+                                    "--vae on the command line)")
         model = load_nextdit(path, ema=False if ema == "auto" else ema)
         if te_obj is None:
             te_obj = HFTextEncoder(path / "text_encoder", tokenizer_path=path / "tokenizer")
@@ -337,9 +347,9 @@ def load_pipeline(
         if spec is None and (te_obj is None or ae_obj is None):
             what = []
             if te_obj is None:
-                what.append("text_encoder=PATH (the text-encoder folder it was trained with, or 'minilm')")
+                what.append("text_encoder=PATH (--text-encoder: the text-encoder folder it was trained with, or 'minilm')")
             if ae_obj is None:
-                what.append("vae=PATH (the VAE folder, or 'pixel' for the pixel autoencoder)")
+                what.append("vae=PATH (--vae: the VAE folder, or 'pixel' for the pixel autoencoder)")
             raise PipelineLoadError(
                 f"{path} is a bare transformer checkpoint ({detect_format(path)} layout) that does not say which "
                 f"text encoder and autoencoder go with it; pass " + " and ".join(what)

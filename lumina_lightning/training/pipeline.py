@@ -274,14 +274,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lumina pipeline", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pipeline", help="pipeline YAML, e.g. recipes/tiny/pipeline.yaml")
-    p.add_argument("overrides", nargs="*", help="key=value overrides of the pipeline file")
+    # default=[]: else argparse counts this nargs="*" positional as required (see training/run.py)
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="key=value overrides of the pipeline file")
     p.add_argument("--smoke", action="store_true", help="apply the file's `smoke` overrides (a quick check)")
     p.add_argument("--skip-eval", action="store_true", help="train only")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    from lumina_lightning.cli import check_input
+
+    try:
+        check_input(args.pipeline, "pipeline file")  # a folder, not only a missing file, is named as such
+    except ValueError as err:
+        parser.error(str(err))
     from lumina_lightning.training.recipe import RecipeError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")

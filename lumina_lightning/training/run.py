@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         "`lumina train recipes/tiny/stage1_lowres.yaml trainer.max_steps=100 data.batch_size=8`.",
     )
     p.add_argument("recipe", help="recipe YAML (see recipes/)")
-    p.add_argument("overrides", nargs="*", help="key.subkey=value overrides")
+    # default=[]: argparse marks a nargs="*" positional without a default as required, and its error
+    # for a bare `lumina train` would then ask for the overrides too
+    p.add_argument("overrides", nargs="*", default=[], metavar="key=value", help="key.subkey=value overrides")
     p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
     p.add_argument("--validate-only", action="store_true", help="validate the recipe and exit")
     return p
@@ -66,7 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     # intermixed: flags may come after the dotted overrides
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    from lumina_lightning.cli import check_input
+
+    try:
+        check_input(args.recipe, "recipe")  # a folder, not only a missing file, is named as such
+    except ValueError as err:
+        parser.error(str(err))
     from lumina_lightning.training.recipe import RecipeError, load_recipe
 
     try:
@@ -87,9 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         run_task = train
     try:
         result = run_task(loaded)
-    except (FileNotFoundError, ValueError) as err:
+    except (OSError, ImportError, ValueError) as err:
+        # a path or value in the recipe that does not hold up (missing encoder folder, unreadable
+        # init_from): the user's to fix, so the message and the usage-error code, no traceback
         print(f"error: {err}", file=sys.stderr)
-        return 1
+        return 2
     return result.exit_code
 
 
