@@ -11,6 +11,7 @@ import importlib
 import os
 import subprocess
 import sys
+from typing import Any
 
 # verb -> (module, one-line help). Modules are imported only when their verb runs.
 VERBS: dict[str, tuple[str, str]] = {
@@ -33,6 +34,17 @@ def check_input(path: str | os.PathLike, flag: str, kind: str | None = "file") -
     if not os.path.exists(path):
         raise ValueError(f"{flag} {path} does not exist")
     check_output(path, flag, kind)
+
+
+def parse_args_with_input(parser: Any, argv: list[str] | None, attr: str, flag: str) -> Any:
+    """``parser``'s arguments (flags may follow the overrides), with the input file ``attr`` checked as
+    :func:`check_input` does (a folder, not only a missing file, is named as such); usage error otherwise."""
+    args = parser.parse_intermixed_args(argv)
+    try:
+        check_input(getattr(args, attr), flag)
+    except ValueError as err:
+        parser.error(str(err))
+    return args
 
 
 def check_output(path: str | os.PathLike, flag: str, kind: str = "dir") -> None:

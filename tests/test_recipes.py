@@ -401,37 +401,26 @@ def test_pipeline_rerun_reuses_unchanged_stages_and_retrains_changed_ones(tmp_pa
     assert len(list(out.glob("*.replaced-*"))) == 2
 
 
-def test_pipeline_rerun_retrains_when_the_manifest_changed_in_place(tmp_path, monkeypatch):
+@pytest.mark.parametrize("what", ["manifest", "autoencoder"])
+def test_pipeline_rerun_retrains_when_a_file_changed_in_place(tmp_path, monkeypatch, what):
+    """A manifest edited, or a conv autoencoder retrained, in place keeps its path: its contents count."""
     from lumina_lightning.training import pipeline as pl
 
     calls = _stub_stages(monkeypatch, tmp_path)
-    manifest = tmp_path / "m.jsonl"
-    manifest.write_text('{"image": "a.png", "caption": "a red circle"}\n')
+    if what == "manifest":
+        changed = tmp_path / "m.jsonl"
+        over = [f"stage_overrides=[data.path={changed}]"]
+    else:
+        (tmp_path / "ae").mkdir()
+        changed = tmp_path / "ae" / "model.safetensors"
+        over = [f"stage_overrides=[autoencoder.kind=conv,autoencoder.path={changed.parent}]"]
+    changed.write_text('{"image": "a.png", "caption": "a red circle"}\n')
     path = _two_stage_pipeline(tmp_path / "p.yaml", tmp_path / "out")
-    over = [f"stage_overrides=[data.path={manifest}]"]
     pl.run_pipeline(pl.load_pipeline_config(path, over))
     calls.clear()
     pl.run_pipeline(pl.load_pipeline_config(path, over))
     assert calls == []
-    manifest.write_text('{"image": "b.png", "caption": "a blue square"}\n')
-    pl.run_pipeline(pl.load_pipeline_config(path, over))
-    assert [c[0] for c in calls] == ["tiny_stage1_lowres", "tiny_stage2_highres"]
-
-
-def test_pipeline_rerun_retrains_when_the_autoencoder_was_retrained_in_place(tmp_path, monkeypatch):
-    from lumina_lightning.training import pipeline as pl
-
-    calls = _stub_stages(monkeypatch, tmp_path)
-    ae = tmp_path / "ae"
-    ae.mkdir()
-    (ae / "model.safetensors").write_text("weights 1")
-    path = _two_stage_pipeline(tmp_path / "p.yaml", tmp_path / "out")
-    over = [f"stage_overrides=[autoencoder.kind=conv,autoencoder.path={ae}]"]
-    pl.run_pipeline(pl.load_pipeline_config(path, over))
-    calls.clear()
-    pl.run_pipeline(pl.load_pipeline_config(path, over))
-    assert calls == []
-    (ae / "model.safetensors").write_text("weights 2")  # same folder, new weights
+    changed.write_text('{"image": "b.png", "caption": "a blue square"}\n')
     pl.run_pipeline(pl.load_pipeline_config(path, over))
     assert [(c[0], c[3]) for c in calls] == [("tiny_stage1_lowres", False), ("tiny_stage2_highres", False)]
 

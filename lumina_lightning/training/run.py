@@ -67,15 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # intermixed: flags may come after the dotted overrides
-    parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
-    from lumina_lightning.cli import check_input
+    from lumina_lightning.cli import parse_args_with_input
 
-    try:
-        check_input(args.recipe, "recipe")  # a folder, not only a missing file, is named as such
-    except ValueError as err:
-        parser.error(str(err))
+    args = parse_args_with_input(build_parser(), argv, "recipe", "recipe")
     from lumina_lightning.training.recipe import RecipeError, load_recipe
 
     try:
