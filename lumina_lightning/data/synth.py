@@ -34,6 +34,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lumina_lightning.fileio import atomic_write_text
+
 __all__ = [
     "PALETTE",
     "BACKGROUNDS",
@@ -529,14 +531,6 @@ def _check_holdout(holdout, shapes, colors) -> None:
 COMPLETE_MARKER = "synth_config.json"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + ``os.replace``: an interrupted run never leaves a truncated file
-    that a later run would take for a finished one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def synthetic_complete(out_dir: str | os.PathLike) -> bool:
     """Whether ``generate_synthetic`` finished writing ``out_dir`` (its last file is there)."""
     return (Path(out_dir) / COMPLETE_MARKER).is_file()
@@ -627,7 +621,7 @@ def generate_synthetic(
     test = [r for res, job in zip(results, jobs) if job.split == "test" for r in res]
 
     def dump(rows: list[dict[str, Any]], path: Path) -> None:
-        _write_atomic(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
     dump(train, root / "train.jsonl")
     dump(test, root / "test.jsonl")
@@ -635,7 +629,7 @@ def generate_synthetic(
     def mix(path: Path, comment: str, sources: list[tuple[str, float]]) -> None:
         """A data YAML in the official META style (sources and per-epoch ratios)."""
         entries = "".join(f"  - path: {name}\n    ratio: {ratio}\n" for name, ratio in sources)
-        _write_atomic(path, f"# {comment}\nMETA:\n{entries}")
+        atomic_write_text(path, f"# {comment}\nMETA:\n{entries}")
 
     # A stand-in for curated "high-quality" data (the HQ tuning stage, spec §5): the compositionally
     # rich scenes, whose dense captions carry the most, mixed with half of everything else.
@@ -660,7 +654,7 @@ def generate_synthetic(
         "background_palette": {b: list(BACKGROUNDS[b]) for b in backgrounds}, "cross_arm": CROSS_ARM,
     }
     # Written last: its presence marks a complete dataset (see synthetic_complete).
-    _write_atomic(root / COMPLETE_MARKER, json.dumps(config, indent=2) + "\n")
+    atomic_write_text(root / COMPLETE_MARKER, json.dumps(config, indent=2) + "\n")
     return SyntheticDataset(root, root / "images", root / "train.jsonl", root / "test.jsonl",
                             root / "test_geneval.jsonl", root / "synth_config.json", n, n_test,
                             root / "train_hq.jsonl", root / "hq.yaml", root / "train_single.jsonl",

@@ -20,7 +20,6 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -28,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from lumina_lightning.fileio import atomic_write
 from lumina_lightning.models.config import SIZES, NextDiTConfig, config_for
 from lumina_lightning.models.convert import (
     COMFY_PREFIX,
@@ -373,27 +373,6 @@ def load_nextdit(
 # ------------------------------------------------------------------------------------------------
 
 
-def _atomic_write(target: Path, write: Any) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        # mkstemp creates the file 0600; the result should have the mode a plain open() would give
-        # (what the target had, else 0666 less the umask), so shared sample and checkpoint folders stay readable
-        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o666 & ~_umask())
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it; set it straight back
-    os.umask(mask)
-    return mask
-
-
 def _contiguous(state: dict[str, torch.Tensor], progress: bool = False) -> dict[str, torch.Tensor]:
     items: Iterable = state.items()
     if progress:
@@ -440,28 +419,28 @@ def save_nextdit(
     if fmt == "lumina":
         file = path if path.suffix == ".safetensors" else path / "model.safetensors"
         meta = {"format": LUMINA_FORMAT_TAG, "config": config.to_json()}
-        _atomic_write(file, lambda tmp: save_file(state, tmp, metadata=meta))
+        atomic_write(file, lambda tmp: save_file(state, tmp, metadata=meta))
         if ema_state_dict is not None:
             ema = _contiguous(ema_state_dict, progress)
             ema_file = file.with_name(file.stem + "_ema.safetensors")
-            _atomic_write(ema_file, lambda tmp: save_file(ema, tmp, metadata=meta))
+            atomic_write(ema_file, lambda tmp: save_file(ema, tmp, metadata=meta))
         if file.parent == path:  # a folder: also a human-readable config
             text = json.dumps({"format": LUMINA_FORMAT_TAG, **config.to_dict()}, indent=2)
-            _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+            atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
         return file if path.suffix == ".safetensors" else path
     if fmt == "official":
         if "norm_final.weight" not in state:
             state["norm_final.weight"] = torch.ones(config.dim, dtype=next(iter(state.values())).dtype)
         args = argparse.Namespace(model=_official_name(config), qk_norm=config.qk_norm, lumina_config=config.to_dict())
-        _atomic_write(path / OFFICIAL_WEIGHTS, lambda tmp: torch.save(state, tmp))
+        atomic_write(path / OFFICIAL_WEIGHTS, lambda tmp: torch.save(state, tmp))
         if ema_state_dict is not None:
             ema = _contiguous(ema_state_dict, progress)
             ema.setdefault("norm_final.weight", state["norm_final.weight"])
-            _atomic_write(path / OFFICIAL_EMA_WEIGHTS, lambda tmp: torch.save(ema, tmp))
-        _atomic_write(path / OFFICIAL_ARGS, lambda tmp: torch.save(args, tmp))
+            atomic_write(path / OFFICIAL_EMA_WEIGHTS, lambda tmp: torch.save(ema, tmp))
+        atomic_write(path / OFFICIAL_ARGS, lambda tmp: torch.save(args, tmp))
         return path
     diff = official_to_diffusers(state, config)
     text = json.dumps(config_to_diffusers(config), indent=2)
-    _atomic_write(path / DIFFUSERS_WEIGHTS, lambda tmp: save_file(diff, tmp, metadata={"format": "pt"}))
-    _atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(path / DIFFUSERS_WEIGHTS, lambda tmp: save_file(diff, tmp, metadata={"format": "pt"}))
+    atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
     return path

@@ -112,7 +112,7 @@ def save_png(image: Any, path: Path, record: dict[str, Any]) -> None:
     """Save with the prompt, seed and settings in PNG text chunks."""
     from PIL.PngImagePlugin import PngInfo
 
-    from lumina_lightning.models.io import _atomic_write
+    from lumina_lightning.fileio import atomic_write
 
     info = PngInfo()
     info.add_text("prompt", record.get("prompt", ""))
@@ -121,7 +121,7 @@ def save_png(image: Any, path: Path, record: dict[str, Any]) -> None:
         info.add_text("negative_prompt", str(record["negative_prompt"]))
     info.add_text(SETTINGS_KEY, json.dumps(record, sort_keys=True))
     # temp file + rename: an interrupted run or a reader never sees half a PNG
-    _atomic_write(Path(path), lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG", pnginfo=info))
 
 
 def resolve_device(device: str | None) -> str:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import tempfile
 import threading
 from pathlib import Path
 from typing import Any
@@ -24,25 +23,19 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from lumina_lightning.fileio import atomic_write
+
 log = logging.getLogger(__name__)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """``torch.save`` to ``<dir>/.<name>.<random>.tmp`` then ``os.replace`` onto the target."""
+    """``torch.save`` through :func:`lumina_lightning.fileio.atomic_write` (temp file, then one rename)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         target = Path(path)
         if storage_options is not None or "://" in str(path):
             return super().save_checkpoint(checkpoint, path, storage_options)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, target)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write(target, lambda tmp: torch.save(checkpoint, tmp))
 
 
 class GracefulStop(pl.Callback):

@@ -493,9 +493,9 @@ def _read_record(stage_dir: Path) -> dict[str, Any]:
 
 
 def _write_record(stage_dir: Path, record: dict[str, Any]) -> None:
-    tmp = stage_dir / (STAGE_RECORD + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, stage_dir / STAGE_RECORD)
+    from lumina_lightning.fileio import atomic_write_text
+
+    atomic_write_text(stage_dir / STAGE_RECORD, json.dumps(record, indent=2, default=str))
 
 
 def _move_aside(folder: Path) -> Path:
