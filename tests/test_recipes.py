@@ -420,7 +420,7 @@ def test_pipeline_rerun_retrains_when_a_file_changed_in_place(tmp_path, monkeypa
     calls.clear()
     pl.run_pipeline(pl.load_pipeline_config(path, over))
     assert calls == []
-    changed.write_text('{"image": "b.png", "caption": "a blue square"}\n')
+    changed.write_text('{"image": "b.png", "caption": "two blue squares"}\n')  # other size, as retrained weights
     pl.run_pipeline(pl.load_pipeline_config(path, over))
     assert [(c[0], c[3]) for c in calls] == [("tiny_stage1_lowres", False), ("tiny_stage2_highres", False)]
 

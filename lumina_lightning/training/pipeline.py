@@ -468,8 +468,13 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def _content_digest(path: str | os.PathLike | None) -> str | None:
-    """SHA-256 of a file, or of the weight files under a folder (not ``pipeline.json``, which TeaCache
-    calibration and ``eval.cfg_scale`` rewrite); ``None`` when there is nothing there."""
+    """A digest of a file, or of the weight files under a folder (not ``pipeline.json``, which TeaCache
+    calibration and ``eval.cfg_scale`` rewrite); ``None`` when there is nothing there.
+
+    Weight files count by name, size and mtime, not by their bytes: a 2.6B export is tens of GB, and
+    hashing it on every re-run would take minutes, while a retrained (rewritten) file always gets a
+    new mtime. Other files (manifests, data YAMLs) count by their contents, which survive a copy.
+    """
     if not path or not Path(path).exists():
         return None
     root = Path(path)
@@ -479,6 +484,10 @@ def _content_digest(path: str | os.PathLike | None) -> str | None:
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.relative_to(root) if f != root else f.name).encode())
+        if f.suffix in WEIGHT_SUFFIXES:
+            st = f.stat()
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            continue
         with open(f, "rb") as fh:
             while chunk := fh.read(1 << 24):
                 h.update(chunk)
