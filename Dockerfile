@@ -19,8 +19,9 @@ ENV PIP_NO_CACHE_DIR=1 \
 
 RUN useradd --create-home --uid 1000 lumina
 COPY --chown=lumina:lumina . /opt/lumina-lightning
-# The recipes are files of the checkout (not of the installed package) and name each other and their
-# outputs by relative paths: run from the checkout, which the unprivileged user owns and can write.
+# Run from the checkout, which the unprivileged user owns and can write: outputs (runs/, mlruns.db) go
+# under the working directory, and recipes/ here is the one a user can edit (the installed package
+# carries a copy, used from folders that have none).
 WORKDIR /opt/lumina-lightning
 
 # README "GPU install": flash-attn builds against the installed CUDA torch, hence no build isolation.

@@ -36,10 +36,13 @@ def check_input(path: str | os.PathLike, flag: str, kind: str | None = "file") -
     check_output(path, flag, kind)
 
 
-def parse_args_with_input(parser: Any, argv: list[str] | None, attr: str, flag: str) -> Any:
+def parse_args_with_input(parser: Any, argv: list[str] | None, attr: str, flag: str, find: Any = None) -> Any:
     """``parser``'s arguments (flags may follow the overrides), with the input file ``attr`` checked as
-    :func:`check_input` does (a folder, not only a missing file, is named as such); usage error otherwise."""
+    :func:`check_input` does (a folder, not only a missing file, is named as such); usage error otherwise.
+    ``find`` (path -> path) first maps the given path to the file to use (a recipe shipped with the install)."""
     args = parser.parse_intermixed_args(argv)
+    if find is not None:
+        setattr(args, attr, find(getattr(args, attr)))
     try:
         check_input(getattr(args, attr), flag)
     except ValueError as err:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import shlex
 import subprocess
@@ -132,3 +134,48 @@ def test_readme_and_docs_links_resolve():
                 assert anchor in {github_anchor(h) for h in headings}, f"{page.name}: no heading for {target}"
             checked += 1
     assert checked >= 10
+
+
+def test_a_wheel_ships_the_recipes_and_runs_them_outside_a_checkout(tmp_path):
+    """``pip install .`` (not editable) used to install no recipes, so ``lumina train recipes/...`` only
+    worked from inside a checkout. Build the wheel from a copy of the sources, unpack it as a site
+    folder, and validate the tiny recipes (with their ``defaults`` in ``../base``) and load the
+    quickstart pipeline from a folder that has no ``recipes/``."""
+    import shutil
+    import zipfile
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for folder in ("lumina_lightning", "recipes"):
+        shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q",
+                    "-w", str(tmp_path / "wheel")], check=True, cwd=tmp_path, capture_output=True)
+    (wheel,) = (tmp_path / "wheel").glob("*.whl")
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    shipped = sorted(p.relative_to(site / "lumina_lightning" / "_recipes").as_posix()
+                     for p in (site / "lumina_lightning" / "_recipes").rglob("*.yaml"))
+    assert shipped == sorted(p.relative_to(ROOT / "recipes").as_posix() for p in (ROOT / "recipes").rglob("*.yaml"))
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    run = subprocess.run([sys.executable, "-m", "lumina_lightning", "train", "recipes/tiny/stage2_highres.yaml",
+                          "--validate-only"], cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert f"{site}/lumina_lightning/_recipes/base/tiny.yaml" in run.stdout  # the wheel's copy, composed
+    assert "using the recipe installed with lumina-lightning" in run.stderr
+    probe = ("import lumina_lightning, json; from lumina_lightning.training.pipeline import load_pipeline_config; "
+             "from lumina_lightning.training.recipe import find_recipe; "
+             "cfg = load_pipeline_config(find_recipe('recipes/tiny/pipeline.yaml'), []); "
+             "print(json.dumps([lumina_lightning.__file__, [s.recipe for s in cfg.stages]]))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=elsewhere, env=env, capture_output=True, text=True, check=True)
+    module, stages = json.loads(out.stdout.strip().splitlines()[-1])
+    assert module.startswith(str(site))
+    assert stages and all(s.startswith(f"{site}/lumina_lightning/_recipes/tiny/") for s in stages), stages
+    # a missing recipe is still named as such, not "found" somewhere
+    run = subprocess.run([sys.executable, "-m", "lumina_lightning", "train", "recipes/tiny/nope.yaml"],
+                         cwd=elsewhere, env=env, capture_output=True, text=True)
+    assert run.returncode == 2 and "recipes/tiny/nope.yaml does not exist" in run.stderr

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import re
+import sys
 import types
 import typing
 from pathlib import Path
@@ -51,6 +52,39 @@ def schema_for(task: str, where: str) -> type:
         return getattr(importlib.import_module(module), name)
     except ModuleNotFoundError:
         raise RecipeError(f"{where}: the `{task}` task is not built yet in this version ({module} is missing)") from None
+
+
+def packaged_recipes_dir() -> Path | None:
+    """The recipes that came with this install: the copy a wheel ships as ``lumina_lightning/_recipes``
+    (``setup.py`` puts it there) or, in a checkout and its editable install, the checkout's ``recipes/``."""
+    package = Path(__file__).resolve().parents[1]
+    if (package / "_recipes").is_dir():
+        return package / "_recipes"
+    checkout = package.parent
+    # the checkout's own recipes, not some other `recipes/` folder beside an installed package
+    if (checkout / "pyproject.toml").is_file() and (checkout / "recipes" / "tiny" / "pipeline.yaml").is_file():
+        return checkout / "recipes"
+    return None
+
+
+def find_recipe(path: str) -> str:
+    """``path`` where it exists; otherwise, for a relative path that starts with ``recipes/``, the recipe
+    of that name that came with the install, so ``lumina train recipes/tiny/stage1_lowres.yaml`` and
+    ``lumina pipeline recipes/tiny/pipeline.yaml`` work from any folder after ``pip install`` (outputs
+    still go under the current folder). Anything else comes back unchanged, for the caller's
+    does-not-exist message."""
+    given = Path(path)
+    if given.exists() or given.is_absolute() or not given.parts or given.parts[0] != "recipes":
+        return path
+    shipped = packaged_recipes_dir()
+    if shipped is None:
+        return path
+    candidate = shipped.joinpath(*given.parts[1:])
+    if not candidate.is_file():
+        return path
+    print(f"{path}: not in the current folder; using the recipe installed with lumina-lightning, {candidate}",
+          file=sys.stderr)
+    return str(candidate)
 
 
 class RecipeError(ValueError):

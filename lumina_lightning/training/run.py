@@ -68,8 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from lumina_lightning.cli import parse_args_with_input
+    from lumina_lightning.training.recipe import find_recipe
 
-    args = parse_args_with_input(build_parser(), argv, "recipe", "recipe")
+    args = parse_args_with_input(build_parser(), argv, "recipe", "recipe", find=find_recipe)
     from lumina_lightning.training.recipe import RecipeError, load_recipe
 
     try:
