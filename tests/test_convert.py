@@ -255,3 +255,19 @@ def test_convert_cli_refuses_a_pickle_that_is_not_weights_only(tmp_path, capsys)
     assert lumina_main(["convert", str(folder), str(tmp_path / "out"), "--to", "lumina"]) == 2
     err = capsys.readouterr().err
     assert "not a weights-only checkpoint" in err and "Traceback" not in err
+
+
+def test_loaded_models_say_whether_they_hold_the_ema_weights(tmp_path):
+    """``ema="auto"`` picks EMA weights where a checkpoint has them; the model records which it got,
+    for every layout that can hold both (and diffusers, which holds one)."""
+    model = NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"]))
+    ema = {k: v + 1 for k, v in model.state_dict().items()}
+    for fmt in ("lumina", "official"):
+        save_nextdit(model, tmp_path / fmt, fmt=fmt, ema_state_dict=ema)
+        assert load_nextdit(tmp_path / fmt, ema="auto").weights_ema is True
+        assert load_nextdit(tmp_path / fmt, ema=False).weights_ema is False
+        plain = tmp_path / f"{fmt}_plain"
+        save_nextdit(model, plain, fmt=fmt)
+        assert load_nextdit(plain, ema="auto").weights_ema is False
+    save_nextdit(model, tmp_path / "diffusers", fmt="diffusers")
+    assert load_nextdit(tmp_path / "diffusers", ema="auto").weights_ema is False

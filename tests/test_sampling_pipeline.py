@@ -400,6 +400,14 @@ def test_cli_records_the_weights_it_loaded(pipe, tmp_path, monkeypatch):
     assert np.array_equal(np.asarray(again.images[0]), pixels)
     default = load_pipeline(rec["checkpoint"])(**kwargs_from_settings(rec))  # ema="auto" loads the EMA weights
     assert not np.array_equal(np.asarray(default.images[0]), pixels)
+    # the default --ema auto records which weights it picked (here the EMA ones), not "auto"
+    assert sample_main(["--ckpt", "p", "a red circle", "--vae", "pixel", "--out", "auto",
+                        "--width", "16", "--height", "16", *FAST_ARGS]) == 0
+    [png] = (tmp_path / "auto").glob("*.png")
+    rec = read_png_settings(png)
+    assert rec["ema"] is True
+    again = load_pipeline(rec["checkpoint"], ema=rec["ema"], vae="pixel")(**kwargs_from_settings(rec))
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(Image.open(png).convert("RGB")))
 
 
 def test_cli_cuda_without_a_gpu_is_a_message(folder, tmp_path, monkeypatch, capsys):

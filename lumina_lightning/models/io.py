@@ -171,17 +171,25 @@ def read_state(
     Returns:
         (state dict in official/our key layout, config, detected format).
     """
+    state, config, fmt, _ = _read_state(path, ema, overrides)
+    return state, config, fmt
+
+
+def _read_state(
+    path: str | os.PathLike, ema: bool | str, overrides: dict[str, Any] | None
+) -> tuple[dict[str, torch.Tensor], NextDiTConfig, str, bool]:
+    """:func:`read_state`, plus whether the weights read are the EMA ones (what ``ema="auto"`` picked)."""
     path = transformer_folder(Path(path))
     fmt = detect_format(path)
     reader = {"lumina": _read_lumina, "official": _read_official, "diffusers": _read_diffusers, "lightning": _read_lightning}[fmt]
     overrides = dict(overrides or {})
-    state, config = reader(path, ema, overrides)
+    state, config, used_ema = reader(path, ema, overrides)
     if overrides:
         config = config.replace(**overrides)
-    return state, config, fmt
+    return state, config, fmt, used_ema
 
 
-def _read_lumina(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig]:
+def _read_lumina(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig, bool]:
     file = path / "model.safetensors" if path.is_dir() else path
     with safe_open(str(file), framework="pt") as f:
         meta = f.metadata() or {}
@@ -190,10 +198,10 @@ def _read_lumina(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tupl
     if ema is True and not ema_file.is_file():
         raise FileNotFoundError(f"EMA weights requested but {ema_file} does not exist")
     chosen = ema_file if (ema is True or (ema == "auto" and ema_file.is_file())) else file
-    return load_file(str(chosen)), config
+    return load_file(str(chosen)), config, chosen == ema_file
 
 
-def _read_official(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig]:
+def _read_official(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig, bool]:
     if path.is_dir():
         raw, averaged = path / OFFICIAL_WEIGHTS, path / OFFICIAL_EMA_WEIGHTS
         if ema is True and not averaged.is_file():
@@ -216,8 +224,9 @@ def _read_official(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tu
     else:
         state = _unwrap(_torch_load(weights), weights)
     state = strip_prefix(state)
+    used_ema = weights.name == OFFICIAL_EMA_WEIGHTS
     if exact:
-        return state, base
+        return state, base, used_ema
     config = infer_config_from_official(state, base, overrides)
     if named and config.dim == base.dim and (config.n_layers, config.n_refiner_layers) != (base.n_layers,
                                                                                           base.n_refiner_layers):
@@ -228,7 +237,7 @@ def _read_official(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tu
             f"{OFFICIAL_ARGS} names a model with {base.n_layers} and {base.n_refiner_layers}: truncated or "
             "mismatched checkpoint"
         )
-    return state, config
+    return state, config, used_ema
 
 
 def _read_model_args(path: Path) -> tuple[NextDiTConfig, bool, bool]:
@@ -254,7 +263,7 @@ def _read_model_args(path: Path) -> tuple[NextDiTConfig, bool, bool]:
     return base, False, name in SIZES
 
 
-def _read_diffusers(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig]:
+def _read_diffusers(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig, bool]:
     if ema is True:
         raise ValueError(f"{path}: diffusers checkpoints hold one set of weights; ema=True is not available")
     if path.is_dir():
@@ -269,7 +278,7 @@ def _read_diffusers(path: Path, ema: bool | str, overrides: dict[str, Any]) -> t
             state = load_file(str(folder / DIFFUSERS_WEIGHTS))
         else:
             raise FileNotFoundError(f"{folder}: no {DIFFUSERS_WEIGHTS} (or sharded index) found")
-        return diffusers_to_official(state, config), config
+        return diffusers_to_official(state, config), config, False
     state = strip_prefix(load_file(str(path)))
     # A lone file has no config: map it to the official layout (the qkv merge needs only the head
     # counts, read off to_k and norm_q) and then read the rest off the shapes.
@@ -287,10 +296,10 @@ def _read_diffusers(path: Path, ema: bool | str, overrides: dict[str, Any]) -> t
         )
     base = NextDiTConfig(dim=dim, n_heads=dim // head_dim, n_kv_heads=n_kv, axes_dims=axes)
     official = diffusers_to_official(state, base)
-    return official, infer_config_from_official(official, base, overrides)
+    return official, infer_config_from_official(official, base, overrides), False
 
 
-def _read_lightning(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig]:
+def _read_lightning(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig, bool]:
     ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     if "nextdit_config" not in ckpt:
         raise ValueError(f"{path}: not a lumina-lightning training checkpoint (no 'nextdit_config' entry)")
@@ -304,7 +313,7 @@ def _read_lightning(path: Path, ema: bool | str, overrides: dict[str, Any]) -> t
     state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
     if not state:
         raise ValueError(f"{path}: no weights under the prefix {prefix!r} in its state_dict")
-    return state, config
+    return state, config, bool(ema_prefix) and prefix == ema_prefix
 
 
 # ------------------------------------------------------------------------------------------------
@@ -363,9 +372,13 @@ def load_nextdit(
         dtype, device: where to put the weights (default: the checkpoint's dtype, CPU).
         **overrides: config fields to override, e.g. ``qk_norm_eps=1e-6`` or ``axes_dims=[...]``.
     """
-    state, config, fmt = read_state(path, ema=ema, overrides=overrides)
-    log.info("loading Next-DiT (%s layout, dim=%d, layers=%d) from %s", fmt, config.dim, config.n_layers, path)
-    return build_from_state(config, state, source=str(path), dtype=dtype, device=device)
+    state, config, fmt, used_ema = _read_state(path, ema, overrides)
+    log.info("loading Next-DiT (%s layout, dim=%d, layers=%d, %s weights) from %s", fmt, config.dim, config.n_layers,
+             "EMA" if used_ema else "raw", path)
+    model = build_from_state(config, state, source=str(path), dtype=dtype, device=device)
+    # which weights these are, for records (`lumina sample`'s PNGs): ema="auto" alone does not say
+    model.weights_ema = used_ema
+    return model
 
 
 # ------------------------------------------------------------------------------------------------

@@ -204,8 +204,9 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     first_file = _next_file_number(out)
     # which weights and encoders were loaded: with these, load_pipeline(**those) + kwargs_from_settings
-    # reproduce each image (the default ema="auto" may pick other weights than --ema false did)
-    loaded = dict(checkpoint=str(Path(args.ckpt).resolve()), ema=ema, text_encoder=_recorded_path(args.text_encoder),
+    # reproduce each image. `ema` is what was loaded (True / False), not the "auto" that picked it
+    loaded = dict(checkpoint=str(Path(args.ckpt).resolve()), ema=bool(getattr(pipe.model, "weights_ema", ema is True)),
+                  text_encoder=_recorded_path(args.text_encoder),
                   vae=_recorded_path(args.vae))
     total = len(items) * args.n_per_prompt
     print(f"lumina sample: {total} image(s) at {args.width}x{args.height} with {settings.solver} x{settings.steps}, "
