@@ -656,7 +656,9 @@ class DemoService:
         for k, (image, seed) in enumerate(zip(result.images, request.seeds)):
             record = {key: value for key, value in settings.items() if key not in ("prompts", "seeds")}
             record.update(
-                prompt=request.prompt, seed=seed, index=k, checkpoint=self.config.checkpoint, nfe=result.nfe,
+                prompt=request.prompt, seed=seed, index=k, checkpoint=self.config.checkpoint,
+                # which weights were served (None: a model built in memory, not read from a checkpoint)
+                ema=getattr(self.pipe.model, "weights_ema", None), nfe=result.nfe,
                 rows=result.rows, passes_per_image=passes, elapsed_s=round(result.elapsed, 4),
                 prompt_tokens=request.prompt_tokens, prompt_truncated=request.prompt_truncated,
                 source="lumina demo",

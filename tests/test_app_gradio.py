@@ -70,6 +70,7 @@ def test_generate_size_metadata_and_determinism(served, folder):
         assert (record["width"], record["height"]) == (64, 48)
         assert record["solver"] == "midpoint" and record["steps"] == 17 and record["cfg_scale"] == 4.0
         assert record["checkpoint"] == str(folder) and record["nfe"] == 34
+        assert record["ema"] is False  # the folder holds raw weights only: what was served, not "auto"
     assert read_png_settings(files[1])["seed"] == 8  # the download list carries the same metadata
     assert info["seeds"] == [7, 8] and info["nfe"] == 34 and info["passes_per_image"] == 68
     assert "seeds 7, 8 (fixed" in summary and "34 transformer calls" in summary and "**Time:**" in summary

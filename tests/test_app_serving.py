@@ -223,6 +223,7 @@ def test_generate_writes_pngs_with_reproducible_metadata(service, pipe):
         assert record["seed"] == seed and record["solver"] == "euler" and record["steps"] == 2
         assert record["width"] == 48 and record["checkpoint"] == "tiny" and record["nfe"] == gen.nfe == 2
         assert record["source"] == "lumina demo" and record["prompt_truncated"] is False
+        assert record["ema"] is None  # the fixture's model was built in memory, not loaded
     # the metadata alone reproduces the image
     again = pipe(**kwargs_from_settings(read_png_settings(gen.files[1])))
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(Image.open(gen.files[1]).convert("RGB")))
