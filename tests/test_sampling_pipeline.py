@@ -434,3 +434,31 @@ def test_cli_errors_are_readable(folder, tmp_path, capsys):
     assert rc == 2 and "multiples of 2" in err and "Traceback" not in err
     rc = sample_main(["--ckpt", str(folder), "--out", str(tmp_path / "o")])
     assert rc == 2 and "no prompts" in capsys.readouterr().err
+
+
+def test_a_broken_encoder_folder_is_named_by_its_argument(folder, tmp_path, capsys):
+    """A --vae / --text-encoder folder that is not one used to fail with the library's message about
+    some file it looked for last ("no file named diffusion_pytorch_model.bin"), or transformers' "Couldn't
+    instantiate the backend tokenizer", neither saying which of the paths was wrong."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text("{}")
+    (tmp_path / "garbage").mkdir()
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / "garbage" / name).write_text("not json")
+    cases = [
+        (dict(vae=tmp_path / "empty"), r"VAE \(vae= / --vae\) .*empty: no config in"),
+        (dict(vae=tmp_path / "config_only"), r"VAE \(vae= / --vae\) .*config_only: no weights in"),
+        (dict(vae=tmp_path / "nope"), r"VAE \(vae= / --vae\) .*nope: no such folder"),
+        (dict(text_encoder=tmp_path / "empty"), r"text encoder \(text_encoder= / --text-encoder\) .*empty: no model config"),
+        (dict(text_encoder=tmp_path / "config_only"), r"--text-encoder\) .*config_only: no tokenizer in"),
+        (dict(text_encoder=tmp_path / "garbage"), r"--text-encoder\) .*garbage: could not be loaded \("),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(PipelineLoadError, match=message):
+            load_pipeline(folder, **kwargs)
+    # the command line says the same, as a one-line error with exit code 2
+    assert sample_main(["--ckpt", str(folder), "a", "--vae", str(tmp_path / "config_only"),
+                        "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--vae) " in err and "no weights in" in err and "Traceback" not in err

@@ -219,15 +219,56 @@ def _same_weights(autoencoder: Any, spec: dict[str, Any]) -> Any:
     return autoencoder
 
 
+# files of which a tokenizer folder holds at least one (fast tokenizers: tokenizer.json; SentencePiece:
+# tokenizer.model / spiece.model; WordPiece and BPE vocabularies)
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.txt", "vocab.json")
+_TEXT_ENCODER_FLAG = "text encoder (text_encoder= / --text-encoder)"
+_VAE_FLAG = "VAE (vae= / --vae)"
+
+
+class _NamedLoad:
+    """Turns a loader's own error (transformers' "Couldn't instantiate the backend tokenizer", diffusers'
+    "no file named ...") into a :class:`PipelineLoadError` that names the argument the path came from:
+    the library messages do not say which of several paths was wrong."""
+
+    def __init__(self, flag: str, value: Any, hint: str) -> None:
+        self.flag, self.value, self.hint = flag, value, hint
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, err: BaseException | None, tb: Any) -> bool:
+        if err is None or isinstance(err, PipelineLoadError) or not isinstance(err, (OSError, ValueError, KeyError)):
+            return False
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PipelineLoadError(f"{self.flag} {self.value}: could not be loaded ({first}); {self.hint}") from None
+
+
+def _check_folder(flag: str, value: Any, path: Path, need: dict[str, tuple[str, ...]], hint: str) -> None:
+    """Refuse a folder that lacks one of ``need``'s files (what -> any of these names) before a library
+    loader tries it and fails with a message about some file it looked for last."""
+    if not path.is_dir():
+        raise PipelineLoadError(f"{flag} {value}: {'no such folder' if not path.exists() else 'not a folder'}; {hint}")
+    for what, names in need.items():
+        if not any((path / n).is_file() for n in names):
+            raise PipelineLoadError(f"{flag} {value}: no {what} in {path} (looked for {', '.join(names)}); {hint}")
+
+
 def _override_text_encoder(value: Any) -> Any:
     if isinstance(value, (str, os.PathLike)):
+        hint = ("give the transformers text-encoder folder the model was trained with (its model and tokenizer "
+                "files), a diffusers pipeline folder, or 'minilm'")
         p = Path(resolve_text_encoder_path(str(value)))
+        model, tokenizer = p, p
         # a diffusers pipeline folder (or its text_encoder/) given as the text encoder
         if (p / "text_encoder").is_dir() and (p / "tokenizer").is_dir():
-            return HFTextEncoder(p / "text_encoder", tokenizer_path=p / "tokenizer")
-        if p.name == "text_encoder" and (p.parent / "tokenizer").is_dir() and not (p / "tokenizer_config.json").exists():
-            return HFTextEncoder(p, tokenizer_path=p.parent / "tokenizer")
-        return HFTextEncoder(p)
+            model, tokenizer = p / "text_encoder", p / "tokenizer"
+        elif p.name == "text_encoder" and (p.parent / "tokenizer").is_dir() and not (p / "tokenizer_config.json").exists():
+            tokenizer = p.parent / "tokenizer"
+        _check_folder(_TEXT_ENCODER_FLAG, value, model, {"model config": ("config.json",)}, hint)
+        _check_folder(_TEXT_ENCODER_FLAG, value, tokenizer, {"tokenizer": _TOKENIZER_FILES}, hint)
+        with _NamedLoad(_TEXT_ENCODER_FLAG, value, hint):
+            return HFTextEncoder(model, tokenizer_path=tokenizer) if tokenizer != model else HFTextEncoder(model)
     return value
 
 
@@ -240,10 +281,19 @@ def _override_vae(value: Any, saved: dict[str, Any] | None = None) -> Any:
             return PixelAutoencoder()
         from lumina_lightning.encoders.conv_autoencoder import is_conv_autoencoder
 
+        hint = ("give a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors), a conv "
+                "autoencoder folder that `lumina` trained, or 'pixel'")
         kind = "conv" if is_conv_autoencoder(value) else "vae"
+        if kind == "vae":
+            _check_folder(_VAE_FLAG, value, Path(value), {
+                "config": ("config.json",),
+                "weights": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
+                            "diffusion_pytorch_model.safetensors.index.json")}, hint)
         saved = saved if saved and saved.get("kind") == kind else {}
         extra = {k: saved[k] for k in ("scaling_factor", "shift_factor") if saved.get(k) is not None}
-        return _same_weights(autoencoder_from_path(value, **extra), saved)
+        with _NamedLoad(_VAE_FLAG, value, hint):
+            ae = autoencoder_from_path(value, **extra)
+        return _same_weights(ae, saved)
     return value
 
 
