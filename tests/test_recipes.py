@@ -401,15 +401,23 @@ def test_pipeline_rerun_reuses_unchanged_stages_and_retrains_changed_ones(tmp_pa
     assert len(list(out.glob("*.replaced-*"))) == 2
 
 
-@pytest.mark.parametrize("what", ["manifest", "autoencoder"])
+@pytest.mark.parametrize("what", ["manifest", "yaml_source", "val_manifest", "autoencoder"])
 def test_pipeline_rerun_retrains_when_a_file_changed_in_place(tmp_path, monkeypatch, what):
-    """A manifest edited, or a conv autoencoder retrained, in place keeps its path: its contents count."""
+    """A manifest edited (named by data.path, listed by a data YAML there, or the validation manifest),
+    or a conv autoencoder retrained, in place keeps its path: its contents count."""
     from lumina_lightning.training import pipeline as pl
 
     calls = _stub_stages(monkeypatch, tmp_path)
     if what == "manifest":
         changed = tmp_path / "m.jsonl"
         over = [f"stage_overrides=[data.path={changed}]"]
+    elif what == "yaml_source":
+        changed = tmp_path / "m.jsonl"
+        (tmp_path / "mix.yaml").write_text("META:\n  - path: m.jsonl\n    ratio: 2\n")
+        over = [f"stage_overrides=[data.path={tmp_path / 'mix.yaml'}]"]
+    elif what == "val_manifest":
+        changed = tmp_path / "val.jsonl"
+        over = [f"stage_overrides=[data.val_path={changed}]"]
     else:
         (tmp_path / "ae").mkdir()
         changed = tmp_path / "ae" / "model.safetensors"

@@ -455,14 +455,44 @@ RESUME_KEYS = ("resume",)
 
 def _stage_fingerprint(loaded: Any, parent_digest: str | None, inputs: dict[str, Any]) -> str:
     """What a stage's weights depend on: its resolved recipe, the weights it starts from and the data
-    inputs, including the contents of its ``data.path`` file (a manifest or data YAML edited in place
-    keeps its path; the images it lists are not read, which would cost a pass over the dataset)."""
+    inputs, including the contents of its ``data.path`` file, of the manifests a data YAML there lists,
+    and of ``data.val_path`` (a manifest edited in place keeps its path). The images they list are not
+    read, which would cost a pass over the dataset."""
     recipe = {k: v for k, v in loaded.resolved.items() if k not in RESUME_KEYS}
     data_path = loaded.config.data.path
     data = _content_digest(data_path) if data_path and Path(data_path).is_file() else None
-    blob = json.dumps({"recipe": recipe, "parent": parent_digest, "inputs": inputs, "data": data},
-                      sort_keys=True, default=str)
+    found = {"recipe": recipe, "parent": parent_digest, "inputs": inputs, "data": data}
+    # keys added only where there is something to record, so that a stage without them keeps the
+    # fingerprint it was trained under (a re-run after an upgrade does not retrain it)
+    sources = _listed_manifests(data_path)
+    if sources:
+        found["sources"] = {name: _content_digest(path) for name, path in sources.items()}
+    val_path = loaded.config.data.val_path
+    if val_path and Path(val_path).is_file():
+        found["val"] = {"file": _content_digest(val_path),
+                        "sources": {n: _content_digest(p) for n, p in _listed_manifests(val_path).items()}}
+    blob = json.dumps(found, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _listed_manifests(path: str | None) -> dict[str, Path]:
+    """The manifest files a data YAML's ``META`` names (as written there -> resolved path); empty for a
+    manifest, a folder or a YAML that does not parse (its own load reports that)."""
+    if not path or Path(path).suffix not in (".yaml", ".yml") or not Path(path).is_file():
+        return {}
+    import yaml
+
+    try:
+        meta = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("META")
+    except (yaml.YAMLError, AttributeError, OSError):
+        return {}
+    listed = {}
+    for entry in meta if isinstance(meta, list) else []:
+        if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+            resolved = (Path(path).parent / entry["path"]).expanduser()
+            if resolved.is_file():
+                listed[entry["path"]] = resolved
+    return listed
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
