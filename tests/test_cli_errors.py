@@ -18,6 +18,8 @@ def bad(tmp_path):
     (tmp_path / "x.safetensors").write_bytes(b"\xff" * 100)
     (tmp_path / "afile").write_text("a red circle\n")
     (tmp_path / "adir").mkdir()
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "index.json").write_text("{}")  # a cache already there
     return tmp_path
 
 
@@ -102,6 +104,9 @@ _NO_CUDA = pytest.mark.skipif("__import__('torch').cuda.is_available()", reason=
      "--out {d}/afile is a file, not a folder"),
     pytest.param(["cache", "--data", "{d}/adir", "--out", "{d}/c", "--resolution", "32", "--text-encoder", "minilm",
                   "--device", "cuda"], "no CUDA GPU is visible", marks=_NO_CUDA),
+    # refused before the encoders load: the VAE named here does not exist, and it is not what fails
+    (["cache", "--data", "{d}/adir", "--out", "{d}/cache", "--resolution", "32", "--text-encoder", "minilm",
+      "--vae", "{d}/nope"], "--out {d}/cache already holds a cache; pass --append"),
 ])
 def test_data_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.data.cli import main

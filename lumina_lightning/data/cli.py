@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 __all__ = ["main", "build_parser"]
@@ -151,12 +152,14 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from lumina_lightning.cli import check_input, check_output
     from lumina_lightning.sampling.cli import resolve_device
 
-    from .cache import build_cache
+    from .cache import INDEX_NAME, build_cache
     from .config import DataConfig
 
     # the inputs and the device before the encoders load (minutes for a large text encoder)
     check_input(args.data, "--data", kind=None)
     check_output(args.out, "--out")
+    if (Path(args.out) / INDEX_NAME).exists() and not args.append:  # build_cache says so too, after the loads
+        raise ValueError(f"--out {args.out} already holds a cache; pass --append to add to it, or choose another --out")
     args.device = resolve_device(args.device)
     cfg = DataConfig(path=args.data, root=args.root, resolution=args.resolution, patch=args.patch,
                      max_aspect=args.max_aspect, min_size_policy=args.min_size_policy,
