@@ -1,8 +1,8 @@
 # lumina-lightning for CUDA hosts: training (DDP/FSDP/DeepSpeed), sampling and the Gradio app.
 # Build:  docker build -t lumina-lightning .
-# Run:    docker run --gpus all -v /path/to/models:/models -v $PWD/runs:/opt/lumina-lightning/runs \
-#             lumina-lightning train recipes/stage1_lowres.yaml
-#         (the real recipes read Gemma-2 and the FLUX VAE from /models; runs/ and mlruns.db are written
+# Run:    docker run --gpus all -v /path/to/models:/models -v /path/to/data:/data \
+#             -v $PWD/runs:/opt/lumina-lightning/runs lumina-lightning train recipes/stage1_lowres.yaml
+#         (the real recipes read Gemma-2 and the FLUX VAE from /models and their data YAMLs from /data; runs/ and mlruns.db are written
 #         in the working directory, the checkout, where the recipe paths resolve)
 # App:    docker run --gpus all -p 7860:7860 -v $PWD/runs:/opt/lumina-lightning/runs lumina-lightning \
 #             demo --ckpt runs/tiny/tiny_stage3_hq/export --listen

@@ -46,8 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
                    help=f"most solver steps per request (default {DEFAULT_MAX_STEPS})")
     p.add_argument("--resolution", type=int, default=None,
-                   help="side of the square resolution preset (default: 1024 for latent models, 16 patches a side "
-                   "for pixel-space ones)")
+                   help="side of the square resolution preset (default: the resolution the checkpoint records, "
+                   "else 64 tokens a side for latent models (1024 px with the FLUX VAE), 16 for pixel-space ones)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--concurrency", type=int, default=1,
                    help="generations at once; others wait in the queue (default 1)")
