@@ -14,6 +14,7 @@ from lumina_lightning.models import CheckpointMismatchError, NextDiT, detect_for
 from lumina_lightning.models.convert import (
     COMFY_PREFIX,
     ConversionError,
+    config_to_diffusers,
     diffusers_to_official,
     infer_config_from_official,
     official_to_diffusers,
@@ -271,3 +272,37 @@ def test_loaded_models_say_whether_they_hold_the_ema_weights(tmp_path):
         assert load_nextdit(plain, ema="auto").weights_ema is False
     save_nextdit(model, tmp_path / "diffusers", fmt="diffusers")
     assert load_nextdit(tmp_path / "diffusers", ema="auto").weights_ema is False
+
+
+@pytest.mark.parametrize("fmt, target", [("lumina", "folder"), ("lumina", "m.safetensors"), ("official", "folder")])
+def test_saving_without_ema_over_an_earlier_save_removes_its_ema(tmp_path, fmt, target, caplog):
+    """ema="auto" (conversion's and pipeline loading's default) must not load an earlier run's EMA file."""
+    old = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])), seed=1)
+    new = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])), seed=2)
+    path = tmp_path / target
+    save_nextdit(old, path, fmt, ema_state_dict=old.state_dict())
+    assert load_nextdit(path, ema="auto").weights_ema is True
+    save_nextdit(new, path, fmt)
+    loaded = load_nextdit(path, ema="auto")
+    assert loaded.weights_ema is False
+    assert_same_weights(new.state_dict(), loaded.state_dict())
+    assert "EMA weights of an earlier save" in caplog.text
+
+
+def test_diffusers_save_over_a_sharded_folder_replaces_its_shards(model, tmp_path):
+    """The old shard index would win over the new single file, for us and for diffusers."""
+    folder = tmp_path / "transformer"
+    old = randomised(NextDiT(model.config), seed=5)
+    kwargs = {k: v for k, v in config_to_diffusers(old.config).items() if not k.startswith("_")}
+    twin = Lumina2Transformer2DModel(**kwargs)
+    twin.load_state_dict(official_to_diffusers(old.state_dict(), old.config))
+    twin.save_pretrained(folder, max_shard_size="200KB")  # sharded, like the released folder
+    shards = list(folder.glob("diffusion_pytorch_model-*.safetensors"))
+    assert len(shards) > 1
+    save_nextdit(model, folder, "diffusers")
+    assert not any(p.exists() for p in shards)
+    assert_same_weights(model.state_dict(), load_nextdit(folder).state_dict())
+    theirs = Lumina2Transformer2DModel.from_pretrained(folder)
+    assert torch.equal(theirs.x_embedder.weight, model.x_embedder.weight)
+    assert torch.equal(theirs.layers[0].attn.to_q.weight, official_to_diffusers(model.state_dict(), model.config)[
+        "layers.0.attn.to_q.weight"])

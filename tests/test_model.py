@@ -195,13 +195,86 @@ def test_gradient_checkpointing_same_grads_and_less_memory_of_activations():
     b.set_gradient_checkpointing(True)
     x, t = torch.randn(2, 4, 8, 8), torch.rand(2)
     feats, mask = caption_batch(2, 6, 32, [6, 2])
+    saved, calls = {}, {}
     for m in (a, b):
-        m(x, t, feats, mask).square().mean().backward()
+        counts = calls[m] = {"forward": 0, "backward": 0}
+        phase = "forward"
+
+        def count(*_, counts=counts):
+            counts[phase] += 1
+
+        for block in m.blocks():
+            # a pre-hook: a recomputation stops early, once it has what backward needs
+            block.register_forward_pre_hook(count)
+        sizes = []
+
+        def pack(tensor, sizes=sizes):
+            sizes.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        # what autograd keeps for backward outside checkpointed regions (inside them, checkpoint's
+        # own hooks keep nothing but the block inputs)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = m(x, t, feats, mask).square().mean()
+        phase = "backward"
+        loss.backward()
+        saved[m] = sum(sizes)
+    n_blocks = len(a.blocks())
+    assert calls[a] == {"forward": n_blocks, "backward": 0}
+    assert calls[b] == {"forward": n_blocks, "backward": n_blocks}  # every block recomputed in backward
+    assert saved[b] < saved[a] / 2
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         if pa.grad is None:
             assert pb.grad is None, name
             continue
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name
+
+
+def test_qk_reach_attention_in_vs_dtype_under_autocast(monkeypatch):
+    """bf16-mixed keeps fp32 weights: the fp32 QK-norm weight must not leave q/k in fp32 beside a
+    bf16 v, or flash-attn (fp16/bf16 only) is never chosen and backend="flash" refuses."""
+    import lumina_lightning.models.nextdit as nextdit
+
+    seen = []
+    real = nextdit.attention
+
+    def spy(q, k, v, mask, backend="auto"):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return real(q, k, v, mask, backend)
+
+    monkeypatch.setattr(nextdit, "attention", spy)
+    model = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])))
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.8])
+    feats, mask = caption_batch(2, 6, 32, [6, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x, t, feats, mask).float().square().mean().backward()
+    assert len(seen) == len(model.blocks())
+    assert set(seen) == {(torch.bfloat16,) * 3}
+    seen.clear()
+    model(x, t, feats, mask)  # fp32: nothing cast
+    assert set(seen) == {(torch.float32,) * 3}
+
+
+@pytest.mark.parametrize("single", [torch.tensor(0.4), torch.tensor([0.4]), 0.4])
+def test_one_time_broadcasts_to_the_batch(single):
+    model = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"]))).eval()
+    x = torch.randn(3, 4, 8, 8)
+    feats, mask = caption_batch(3, 6, 32, [6, 2, 4])
+    with torch.no_grad():
+        assert torch.equal(model(x, single, feats, mask), model(x, torch.full((3,), 0.4), feats, mask))
+    with pytest.raises(ValueError, match="t has 2 values for a batch of 3"):
+        model(x, torch.tensor([0.1, 0.2]), feats, mask)
+
+
+def test_non_finite_caption_padding_never_reaches_real_tokens():
+    model = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"]))).eval()
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.7])
+    feats, mask = caption_batch(2, 6, 32, [6, 3])
+    bad = feats.clone()
+    bad[1, 3:, 0] = float("nan")
+    bad[1, 4, 1] = float("inf")
+    with torch.no_grad():
+        assert torch.equal(model(x, t, bad, mask), model(x, t, feats, mask))
 
 
 def test_attention_backends_agree_and_flash_is_optional():
@@ -288,3 +361,16 @@ def test_factory_overrides_and_bad_config_messages():
         NextDiTConfig(dim=64, n_heads=4, axes_dims=[4, 4, 4])
     with pytest.raises(ValueError, match="unknown NextDiTConfig field"):
         NextDiTConfig.from_dict({"dimm": 3})
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--caption-len", "300"], "--caption-len must be <= 299 for NextDiT_tiny, got 300"),
+    (["--latent", "258"], "--latent must be <= 256 for NextDiT_tiny (its RoPE tables), got 258"),
+])
+def test_smoke_refuses_sizes_beyond_the_rope_tables(argv, message, capsys):
+    """`lumina smoke` checks what the model would only refuse deep in its forward pass."""
+    from lumina_lightning.models.smoke import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--size", "NextDiT_tiny", *argv])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -415,7 +415,8 @@ def save_nextdit(
     """Save weights in one of the layouts ``lumina`` | ``official`` | ``diffusers``.
 
     Pass a model, or ``state_dict`` (official/our keys) + ``config``. ``ema_state_dict`` is written
-    alongside where the layout has a place for it (``*_ema.safetensors``, ``consolidated_ema.*``).
+    alongside where the layout has a place for it (``*_ema.safetensors``, ``consolidated_ema.*``);
+    without it, such a file left by an earlier save is removed, as are a diffusers folder's old shards.
 
     Returns:
         The path written (a file for ``lumina`` given a ``.safetensors`` path, else a folder).
@@ -440,6 +441,8 @@ def save_nextdit(
         if file.parent == path:  # a folder: also a human-readable config
             text = json.dumps({"format": LUMINA_FORMAT_TAG, **config.to_dict()}, indent=2)
             atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+        if ema_state_dict is None:
+            _remove_stale_ema(file.with_name(file.stem + "_ema.safetensors"))
         return file if path.suffix == ".safetensors" else path
     if fmt == "official":
         if "norm_final.weight" not in state:
@@ -451,9 +454,42 @@ def save_nextdit(
             ema.setdefault("norm_final.weight", state["norm_final.weight"])
             atomic_write(path / OFFICIAL_EMA_WEIGHTS, lambda tmp: torch.save(ema, tmp))
         atomic_write(path / OFFICIAL_ARGS, lambda tmp: torch.save(args, tmp))
+        if ema_state_dict is None:
+            _remove_stale_ema(path / OFFICIAL_EMA_WEIGHTS)
         return path
     diff = official_to_diffusers(state, config)
     text = json.dumps(config_to_diffusers(config), indent=2)
     atomic_write(path / DIFFUSERS_WEIGHTS, lambda tmp: save_file(diff, tmp, metadata={"format": "pt"}))
     atomic_write(path / "config.json", lambda tmp: Path(tmp).write_text(text))
+    _remove_stale_shards(path)
     return path
+
+
+# An earlier save into the same folder may have left files that the new one does not replace but
+# that loading prefers (an EMA file under ema="auto", a shard index over the single file): they are
+# removed after the new files are in place, so an interrupted save never leaves the folder empty.
+
+
+def _remove_stale_ema(ema_file: Path) -> None:
+    if ema_file.is_file():
+        log.warning("removing %s, EMA weights of an earlier save: this save has no EMA, and ema='auto' (the "
+                    "default of conversion and pipeline loading) would load them instead of the new weights", ema_file)
+        ema_file.unlink()
+
+
+def _remove_stale_shards(folder: Path) -> None:
+    index = folder / DIFFUSERS_INDEX
+    if not index.is_file():
+        return
+    try:
+        shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
+    except (ValueError, AttributeError):  # unreadable index: still remove it, it is no longer ours
+        shards = set()
+    log.warning("removing the sharded weights of an earlier save from %s (%s and %d shards): loaders prefer the "
+                "shard index over the %s just written", folder, DIFFUSERS_INDEX, len(shards), DIFFUSERS_WEIGHTS)
+    index.unlink()  # first: from here on, the new single file is what every loader reads
+    for shard in sorted(shards):
+        # only plain file names inside this folder (an index could name anything)
+        if isinstance(shard, str) and Path(shard).name == shard and shard != DIFFUSERS_WEIGHTS \
+                and (folder / shard).is_file():
+            (folder / shard).unlink()

@@ -17,6 +17,8 @@ Deliberate implementation differences from the official code (same maths):
 * Masks are dropped when nothing is padded (diffusers does the same for the joint sequence).
 * GQA uses SDPA's ``enable_gqa`` instead of materialising repeated K/V (same head mapping h -> h//rep).
 * The joint sequence is built and unpatchified with gathers instead of per-sample Python loops.
+* Padded caption features are zeroed before the caption embedder (identical output on finite
+  inputs; a NaN in padding no longer reaches real tokens).
 """
 
 from __future__ import annotations
@@ -183,7 +185,10 @@ class JointAttention(nn.Module):
         q = self.q_norm(q.view(b, n, self.n_heads, self.head_dim))
         k = self.k_norm(k.view(b, n, self.n_kv_heads, self.head_dim))
         v = v.view(b, n, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, rope), apply_rope(k, rope)
+        # Spec §1.2: RoPE in fp32, then q and k are cast back to the qkv projection's dtype (v's).
+        # Under autocast with fp32 weights (bf16-mixed) the norms' fp32 weights would otherwise
+        # leave q/k in fp32 beside a bf16 v, and flash-attn (fp16/bf16 only) would never run.
+        q, k = apply_rope(q, rope).to(v.dtype), apply_rope(k, rope).to(v.dtype)
         out = attention(q, k, v, mask, backend=self.backend)
         return self.out(out.flatten(2))
 
@@ -398,7 +403,11 @@ class NextDiT(nn.Module):
 
         # time ------------------------------------------------------------------------------------
         t = torch.as_tensor(t, device=device)
-        t = t.expand(batch) if t.dim() == 0 else t.reshape(batch)
+        if t.numel() == 1:  # one time for the whole batch, 0-d or (1,): broadcast like diffusers
+            t = t.reshape(()).expand(batch)
+        elif t.numel() != batch:
+            raise ValueError(f"t has {t.numel()} values for a batch of {batch}: pass one per sample, or a single one")
+        t = t.reshape(batch)
         adaln = self.t_embedder(t)
 
         # image tokens: patchify (features ordered (ph, pw, c), tokens row-major; spec §1.2)
@@ -475,6 +484,9 @@ class NextDiT(nn.Module):
         # positions (spec §1.4): caption j -> (j, 0, 0); padding -> 0
         zeros = torch.zeros(cap_feats.shape[0], n_cap, dtype=torch.long, device=device)
         cap_pos = torch.stack((ar_cap[None].expand(cap_feats.shape[0], n_cap), zeros, zeros), dim=-1) * cap_mask[..., None]
+        # Deviation from the official code (same result on finite inputs): padded caption rows are
+        # zeroed first, so a NaN/inf there cannot reach real tokens through 0-weighted masked values.
+        cap_feats = torch.where(cap_mask[..., None], cap_feats, torch.zeros((), dtype=cap_feats.dtype, device=device))
         cap_h = self.cap_embedder(cap_feats.to(self.x_embedder.weight.dtype))
         cap_attn_mask = None if cap_mask.all() else cap_mask
         cap_rope = self.rope(cap_pos, cap_mask)

@@ -31,6 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_for(args.size)
     if args.latent % cfg.patch_size:
         p.error(f"--latent must be a multiple of the patch size {cfg.patch_size} of {args.size}, got {args.latent}")
+    # the RoPE tables bound both (spec §1.4); the forward pass would only fail deep inside
+    if args.caption_len > cfg.max_caption_len:
+        p.error(f"--caption-len must be <= {cfg.max_caption_len} for {args.size}, got {args.caption_len}")
+    max_latent = cfg.patch_size * min(cfg.axes_lens[1], cfg.axes_lens[2])
+    if args.latent > max_latent:
+        p.error(f"--latent must be <= {max_latent} for {args.size} (its RoPE tables), got {args.latent}")
     if args.meta:
         with torch.device("meta"):
             model = FACTORIES[args.size]()

@@ -29,7 +29,8 @@ GPU_ONLY = {"fsdp1", "deepspeed_stage_2", "deepspeed_stage_3"}
 
 
 def atomic_model_parallel() -> type:
-    """``ModelParallelStrategy`` whose distributed checkpoints replace the previous one whole.
+    """``ModelParallelStrategy`` for FSDP2 over every rank, whose distributed checkpoints replace
+    the previous one whole.
 
     Why: Lightning writes a distributed checkpoint's shards into the existing ``last.ckpt/`` folder,
     and its ``meta.pt`` last, so a run killed while saving left new weights beside the old loop state
@@ -51,6 +52,15 @@ def atomic_model_parallel() -> type:
             path.unlink()
 
     class AtomicModelParallelStrategy(ModelParallelStrategy):
+        def set_world_ranks(self) -> None:
+            super().set_world_ranks()
+            # FSDP2 across all ranks, no tensor parallelism (a 2.6B DiT needs none); Lightning's
+            # "auto" would put a node's devices on the tensor-parallel axis. Sized from the world
+            # size Lightning derived from its own parsing of devices (-1, "auto", "0,1", ...) and
+            # num_nodes: called by the Trainer and again just before the device mesh is built.
+            self._data_parallel_size = self.world_size
+            self._tensor_parallel_size = 1
+
         def save_checkpoint(self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
             if not self._save_distributed_checkpoint or "://" in str(filepath):
                 return super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -83,11 +93,8 @@ def build_strategy(name: str, *, accelerator: str, devices: Any, num_nodes: int,
         # every trainable parameter is used every step; unused detection would only cost time
         return DDPStrategy(find_unused_parameters=False)
     if name == "fsdp":
-        # FSDP2 across all ranks (no tensor parallelism for a 2.6B DiT). Lightning's "auto" sizes
-        # would put the devices of a node on the tensor-parallel axis, so both are given explicitly.
-        world = device_count(devices, accelerator) * num_nodes
-        return atomic_model_parallel()(data_parallel_size=world, tensor_parallel_size=1,
-                                       save_distributed_checkpoint=True)
+        # the mesh (all ranks data-parallel) is sized by the strategy from the Trainer's world size
+        return atomic_model_parallel()(save_distributed_checkpoint=True)
     if name == "fsdp1":
         return FSDPStrategy(
             auto_wrap_policy={JointTransformerBlock},
@@ -100,19 +107,6 @@ def build_strategy(name: str, *, accelerator: str, devices: Any, num_nodes: int,
         stage = int(name.rsplit("_", 1)[1])
         return DeepSpeedStrategy(stage=stage)
     raise ValueError(f"unknown strategy {name!r}")
-
-
-def device_count(devices: Any, accelerator: str) -> int:
-    """Devices per node that a Trainer with ``devices``/``accelerator`` uses."""
-    if isinstance(devices, int):
-        return devices
-    if isinstance(devices, (list, tuple)):
-        return len(devices)
-    if isinstance(devices, str) and devices.isdigit():
-        return int(devices)
-    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
-        return torch.cuda.device_count()
-    return 1
 
 
 def uses_fsdp2(strategy: Any) -> bool:
