@@ -161,6 +161,63 @@ def test_read_metadata(tmp_path):
         read_metadata(path)
 
 
+GOOD_LINE = {"tag": "colors", "prompt": "a photo of a red circle",
+             "include": [{"class": "circle", "count": 1, "color": "red"}]}
+
+
+@pytest.mark.parametrize("line, field", [
+    ({"tag": "single_object", "prompt": "a photo of a square"}, "'include'"),  # would pass every image
+    ({**GOOD_LINE, "include": []}, "'include'"),
+    ({**GOOD_LINE, "include": [{"count": 1}]}, r"include\[0\]\.class"),  # failed after generation
+    ({**GOOD_LINE, "include": [{"class": "circle"}]}, r"include\[0\]\.count"),
+    ({**GOOD_LINE, "include": [{"class": "circle", "count": 0}]}, r"include\[0\]\.count"),
+    ({**GOOD_LINE, "include": [{"class": "circle", "count": "2"}]}, r"include\[0\]\.count"),
+    ({**GOOD_LINE, "include": [{"class": "circle", "count": True}]}, r"include\[0\]\.count"),
+    ({**GOOD_LINE, "include": [{"class": "circle", "count": 1, "colour": "red"}]}, r"include\[0\] has unknown key"),
+    ({**GOOD_LINE, "include": [{"class": "circle", "count": 1, "color": 3}]}, r"include\[0\]\.color"),
+    ({**GOOD_LINE, "include": ["circle"]}, r"include\[0\] must be an object"),
+    ({**GOOD_LINE, "include": [{"class": "circle", "count": 1}, {"class": "square", "count": 1,
+                                                                 "position": ["next to", 0]}]},
+     r"include\[1\]\.position"),
+    ({**GOOD_LINE, "include": [{"class": "circle", "count": 1, "position": ["left of", 0]}]},
+     r"include\[0\]\.position"),  # no earlier clause to stand left of
+    ({**GOOD_LINE, "exclude": {"class": "circle", "count": 2}}, "'exclude' must be a list"),
+    ({**GOOD_LINE, "exclude": [{"class": "circle", "count": 2, "color": "red"}]}, r"exclude\[0\] has unknown key"),
+    ({**GOOD_LINE, "exclude": [{"class": "circle"}]}, r"exclude\[0\]\.count"),
+    ({**GOOD_LINE, "tag": "colour"}, "unknown 'tag' 'colour'"),
+    ({**GOOD_LINE, "tag": "colors?"}, "unknown 'tag'"),
+    ({**GOOD_LINE, "prompt": ""}, "'prompt'"),
+    (["colors", "a red circle"], "JSON object"),
+])
+def test_read_metadata_refuses_lines_the_scorer_would_misread(tmp_path, line, field):
+    path = tmp_path / "m.jsonl"
+    path.write_text(json.dumps(GOOD_LINE) + "\n" + json.dumps(line) + "\n")
+    with pytest.raises(ValueError, match=rf"m\.jsonl:2: .*{field}"):
+        read_metadata(path)
+
+
+def test_read_metadata_accepts_what_the_generator_writes(tmp_path):
+    from lumina_lightning.data import synth
+
+    data = synth.generate_synthetic(tmp_path, 0, size=16, seed=0, n_test=18)
+    specs = read_metadata(data.test_geneval)
+    assert {s["tag"] for s in specs} == set(synth.TAGS)
+    assert any("position" in c for s in specs for c in s["include"]) and any("exclude" in s for s in specs)
+
+
+def test_score_folder_refuses_a_bad_metadata_line(tmp_path):
+    from PIL import Image
+
+    from lumina_lightning.eval.run import score_folder
+
+    sub = tmp_path / "00000"
+    (sub / "samples").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(sub / "samples" / "0000.png")
+    (sub / "metadata.jsonl").write_text(json.dumps({"tag": "colour", "prompt": "x", "include": []}) + "\n")
+    with pytest.raises(ValueError, match=r"00000/metadata\.jsonl:1: unknown 'tag'"):
+        score_folder(tmp_path)
+
+
 # --------------------------------------------------------------------------------------------
 # confidence_intervals: two-stage bootstrap (prompts, then images), checked against hand values
 # --------------------------------------------------------------------------------------------

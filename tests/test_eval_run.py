@@ -301,3 +301,226 @@ def test_paired_with_an_earlier_run(pipe, data, evaluated, tmp_path, capsys):
     assert other["paired"]["pairs"] == 0 and other["paired"]["difference"] is None
     with pytest.raises(FileNotFoundError, match="earlier `lumina eval`"):
         evaluate(pipe, data.test_geneval, tmp_path / "x", paired_with=tmp_path / "nowhere", **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# inputs checked before anything is deleted or generated; a folder never mixes runs
+# --------------------------------------------------------------------------------------------
+QUICK = dict(preset="fast", images_per_prompt=1, sampler_overrides={"steps": 1}, progress=False, val_records=0)
+
+
+def test_bad_inputs_leave_the_previous_run_alone(pipe, data, tmp_path):
+    out = tmp_path / "out"
+    first = evaluate(pipe, data.test_geneval, out, max_prompts=3, **QUICK)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    # each is refused before the old images are deleted (these used to fail after generating a new set)
+    with pytest.raises(ValueError, match="needs the synthetic manifest"):
+        evaluate(pipe, data.test_geneval, out, max_prompts=1, validate=True, **QUICK)
+    with pytest.raises(ValueError, match="unknown preset 'nonsense'"):
+        evaluate(pipe, data.test_geneval, out, max_prompts=1, compare_to="nonsense", **QUICK)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        evaluate(pipe, data.test_geneval, out, max_prompts=1, manifest=tmp_path / "missing.jsonl", **QUICK)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert json.loads((out / "results.json").read_text())["overall"] == first["overall"]
+
+
+def test_a_rerun_leaves_no_results_or_reports_of_the_previous_one(pipe, data, tmp_path):
+    out = tmp_path / "out"
+    evaluate(pipe, data.test_geneval, out, max_prompts=3, **QUICK)
+    assert (out / "report.md").is_file() and (out / "grids").is_dir()
+    again = evaluate(pipe, data.test_geneval, out, max_prompts=2, report=False, **QUICK)
+    assert sorted(p.name for p in out.iterdir()) == ["images", "results.json", "results.jsonl"]
+    assert sorted(p.name for p in (out / "images").iterdir()) == ["00000", "00001"]
+    assert json.loads((out / "results.json").read_text())["prompts"] == again["prompts"] == 2
+
+
+def test_prompt_limits_under_one_are_refused(pipe, data, tmp_path, capsys):
+    for kwargs in ({"max_prompts": 0}, {"max_prompts": -1}, {"max_per_tag": 0}):
+        name = next(iter(kwargs))
+        with pytest.raises(ValueError, match=f"{name} must be >= 1"):
+            evaluate(pipe, data.test_geneval, tmp_path / "out", **kwargs, **QUICK)
+    assert not (tmp_path / "out").exists()
+    # the CLI names the flag, before any model loads (the checkpoint does not even exist)
+    assert eval_main(["--ckpt", str(tmp_path / "missing"), "--prompts", str(data.test_geneval),
+                      "--out", str(tmp_path / "out"), "--max-prompts", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err == "lumina eval: error: --max-prompts must be >= 1 (or left out: all prompts), got -1\n"
+
+
+# --------------------------------------------------------------------------------------------
+# which weights were judged
+# --------------------------------------------------------------------------------------------
+def test_settings_record_the_weights_and_the_checkpoint(pipe, data, tmp_path):
+    res = evaluate(pipe, data.test_geneval, tmp_path / "a", max_prompts=1, report=False, checkpoint="exports/s1",
+                   ema=False, **QUICK)
+    assert res["checkpoint"] == "exports/s1" and res["settings"]["ema"] is False
+    with Image.open(tmp_path / "a" / "images/00000/samples/0000.png") as im:
+        assert json.loads(im.text["lumina_settings"])["checkpoint"] == "exports/s1"
+    # the model's own record wins over "auto" (load_nextdit sets weights_ema)
+    pipe.model.weights_ema = True
+    try:
+        res = evaluate(pipe, data.test_geneval, tmp_path / "b", max_prompts=1, report=False, **QUICK)
+    finally:
+        del pipe.model.weights_ema
+    assert res["settings"]["ema"] is True and res["checkpoint"] is None
+    res = evaluate(pipe, data.test_geneval, tmp_path / "c", max_prompts=1, report=False, **QUICK)
+    assert res["settings"]["ema"] is None  # an in-memory model that does not say
+
+
+def test_pipeline_evaluations_say_which_export_and_weights(pipe, data, tmp_path):
+    from types import SimpleNamespace
+
+    from lumina_lightning.sampling.pipeline_io import save_pipeline
+    from lumina_lightning.training.pipeline import EvalStep, _evaluate
+
+    export = save_pipeline(tmp_path / "export", pipe.model, text_encoder_spec={"path": tiny_text_encoder(tmp_path)},
+                           autoencoder_spec={"kind": "pixel"})
+    cfg = SimpleNamespace(eval=EvalStep(prompts=str(data.test_geneval), manifest=None, preset="fast",
+                                        images_per_prompt=1, max_prompts=1, steps=1, batch_size=4))
+    raw = _evaluate(cfg, str(export), tmp_path / "raw", False, size=16)
+    assert raw["checkpoint"] == str(export) and raw["settings"]["ema"] is False
+
+
+# --------------------------------------------------------------------------------------------
+# re-scoring a folder: the report and the MLflow run show exactly the scored images
+# --------------------------------------------------------------------------------------------
+def _artifact_files(client, run_id, path):
+    files = []
+    for a in client.list_artifacts(run_id, path):
+        files += _artifact_files(client, run_id, a.path) if a.is_dir else [a.path]
+    return files
+
+
+def test_rescored_images_are_the_ones_reported_and_logged(evaluated, tmp_path, monkeypatch):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)
+    src, _ = evaluated
+    # the --out folder holds another run: more prompt folders than the scored set, and its own report
+    other = tmp_path / "other"
+    shutil.copytree(src, other)
+    for i in range(6, 9):
+        shutil.copytree(other / "images" / "00000", other / "images" / f"{i:05d}")
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    assert eval_main(["--images", str(src / "images"), "--out", str(other), "--tracking-uri", uri]) == 0
+    scored = sorted(f"images/{p.relative_to(src / 'images').as_posix()}" for p in (src / "images").rglob("*.png"))
+    assert sorted(f"images/{p.relative_to(other / 'images').as_posix()}"
+                  for p in (other / "images").rglob("*.png")) == scored
+    rows = [json.loads(line) for line in (other / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["filename"] for r in rows) == scored
+    run_id = json.loads((other / "results.json").read_text())["mlflow"]["run_id"]
+    logged = _artifact_files(MlflowClient(tracking_uri=uri), run_id, "images")
+    assert sorted(p for p in logged if p.endswith(".png")) == scored
+    # relative links: the folder can move
+    moved = tmp_path / "moved"
+    other.rename(moved)
+    html = (moved / "report.html").read_text()
+    srcs = re.findall(r"<img src='([^']*)'", html)
+    assert srcs and all(not s.startswith("/") and (moved / s).is_file() for s in srcs)
+    # re-scoring a run's own folder in place keeps its images
+    assert eval_main(["--images", str(moved / "images"), "--out", str(moved)]) == 0
+    assert sorted(f"images/{p.relative_to(moved / 'images').as_posix()}"
+                  for p in (moved / "images").rglob("*.png")) == scored
+
+
+# --------------------------------------------------------------------------------------------
+# MLflow: keys it accepts, its refusals as one line, artifacts on the server's side
+# --------------------------------------------------------------------------------------------
+def test_metric_keys_are_names_mlflow_accepts(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from lumina_lightning.eval.tracking import log_to_mlflow, metric_key
+
+    assert metric_key("geneval/colors?") == "geneval/colors_" and metric_key("geneval/..") == "geneval/__"
+    assert metric_key("time/total_s") == "time/total_s" and metric_key("a//b:c") == "a/_/b_c"
+    monkeypatch.chdir(tmp_path)  # MLflow's ./mlartifacts goes here
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    results = {"overall": 0.5, "tags": {"colors?": 0.5, "../x": 0.5}, "settings": {"preset": "fast"}}
+    (tmp_path / "out").mkdir()
+    info = log_to_mlflow(results, tmp_path / "out", tracking_uri=uri, experiment="keys")
+    run = MlflowClient(tracking_uri=uri).get_run(info["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["geneval/colors_"] == 0.5 and run.data.metrics["geneval/__/x"] == 0.5
+
+
+def test_cli_reports_an_mlflow_refusal_in_one_line(evaluated, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    src, _ = evaluated
+    rc = eval_main(["--images", str(src / "images"), "--out", str(tmp_path / "out"), "--tracking-uri", "nosuch://x"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("lumina eval: error: MLflow logging failed (results are in ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
+def test_training_leaves_artifacts_to_a_tracking_server(tmp_path, monkeypatch):
+    from types import SimpleNamespace as NS
+
+    from lumina_lightning.training.session import make_logger
+
+    monkeypatch.chdir(tmp_path)
+
+    def cfg(uri, artifact_location=None):
+        return NS(stage="s1", tracking=NS(enabled=True, tracking_uri=uri, artifact_location=artifact_location,
+                                          experiment="e", run_name=None, tags={}))
+
+    for uri in ("http://mlflow.example:5000", "https://mlflow.example", "databricks"):
+        logger, used = make_logger(cfg(uri), NS(path="recipe.yaml"))
+        assert used == uri and logger._artifact_location is None
+    logger, _ = make_logger(cfg(f"sqlite:///{tmp_path / 'm.db'}"), NS(path="recipe.yaml"))
+    assert logger._artifact_location == (tmp_path / "mlartifacts").resolve().as_uri()
+    logger, _ = make_logger(cfg("http://mlflow.example", "s3://bucket/a"), NS(path="recipe.yaml"))
+    assert logger._artifact_location == "s3://bucket/a"  # an explicit location still wins
+
+
+# --------------------------------------------------------------------------------------------
+# SSIM of the sampler comparison
+# --------------------------------------------------------------------------------------------
+def _ssim_by_hand(x, y, window):
+    """SSIM with a ``window``-px Gaussian of sigma 1.5 * window / 11 (Wang et al. 2004), the images
+    reflection-padded and the map averaged over every pixel as torchmetrics does, written out here."""
+    import torch
+    import torch.nn.functional as F
+
+    sigma = 1.5 * window / 11
+    d = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
+    g = torch.exp(-(d ** 2) / (2 * sigma ** 2))
+    g = g / g.sum()
+    k = (g[:, None] * g[None, :]).expand(3, 1, window, window)
+    pad = (window - 1) // 2
+
+    def blur(t):
+        return F.conv2d(F.pad(t, (pad,) * 4, mode="reflect"), k, groups=3)
+
+    x, y = x.double()[None], y.double()[None]
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx ** 2, blur(y * y) - my ** 2, blur(x * y) - mx * my
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx ** 2 + my ** 2 + c1) * (vx.clamp(min=0) + vy.clamp(min=0) + c2))
+    return float(s.mean())
+
+
+def test_ssim_window_fits_small_images():
+    from lumina_lightning.eval.metrics import _to_unit, image_fidelity
+
+    rng = np.random.default_rng(0)
+
+    def images(side):
+        return [Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)) for _ in range(2)]
+
+    for side, window in ((8, 7), (16, 11), (4, 3), (5, 5)):
+        a, b = images(side), images(side)
+        got = image_fidelity(a, b)["ssim_per_image"]
+        want = [_ssim_by_hand(x, y, window) for x, y in zip(_to_unit(a), _to_unit(b))]
+        assert got == pytest.approx(want, abs=1e-5), side
+    with pytest.raises(ValueError, match="SSIM needs images of at least 3 × 3 px, got 2 × 2"):
+        image_fidelity(images(2), images(2))
+
+
+def test_too_small_for_ssim_is_refused_before_generating(pipe, data, tmp_path):
+    with pytest.raises(ValueError, match="SSIM needs images of at least 3 × 3 px"):
+        evaluate(pipe, data.test_geneval, tmp_path / "out", max_prompts=1, width=2, height=2, compare_to="diffusers",
+                 **QUICK)
+    assert not (tmp_path / "out").exists()

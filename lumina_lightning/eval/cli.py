@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from lumina_lightning.data.synth import TAGS
+from lumina_lightning.eval.geneval import tag_order
 from lumina_lightning.sampling.cli import teacache_version_arg
 
 
@@ -90,7 +91,8 @@ def _print_table(title: str, tags: dict[str, float], counts: dict[str, list[int]
         return text + (f"  chance {chance:.3f}" if chance is not None else "")
 
     print(title)
-    for tag in TAGS:
+    # every task GenEval has (absent ones said so), then any other tag present: the rows the mean is over
+    for tag in tag_order([*TAGS, *tags]):
         if tag in tags:
             extra = f"  ({counts[tag][0]} / {counts[tag][1]})" if counts else ""
             extra += extras((ci.get("tags") or {}).get(tag), (blind.get("tags") or {}).get(tag))
@@ -151,7 +153,8 @@ _GENERATION_FLAGS = ("--ckpt", "--text-encoder", "--vae", "--preset", "--solver"
 
 
 def _check_paths(args: argparse.Namespace, manifest: str | None, prompts: str | None) -> None:
-    """Refuse missing or wrong-kind paths (ValueError naming the flag) before any model loads."""
+    """Refuse missing or wrong-kind paths and prompt limits under 1 (ValueError naming the flag) before
+    any model loads."""
     from lumina_lightning.cli import check_input, check_output
 
     check_output(args.out, "--out")
@@ -160,6 +163,52 @@ def _check_paths(args: argparse.Namespace, manifest: str | None, prompts: str | 
             check_input(value, flag)
     if args.images:
         check_input(args.images, "--images", kind="dir")
+    for flag, value in (("--max-prompts", args.max_prompts), ("--max-per-tag", args.max_per_tag)):
+        if value is not None and value < 1:  # -1 would drop the last prompt, 0 evaluate nothing
+            raise ValueError(f"{flag} must be >= 1 (or left out: all prompts), got {value}")
+
+
+def _copy_scored(images: Path, rows: list[dict[str, Any]], out: Path) -> None:
+    """Put exactly the scored images (and their prompts' metadata) in ``out/images``, the layout of a
+    generating run, and make the rows' filenames relative to ``out``.
+
+    Why a copy: the report and the MLflow artifacts are written from ``out``; pointing them at the
+    scored folder would break when either folder moves, and ``out/images`` may hold another run's
+    images. Re-scoring ``out/images`` itself copies nothing.
+    """
+    import shutil
+
+    from lumina_lightning.eval.run import clear_outputs
+
+    target = out / "images"
+    in_place = target.resolve() == images.resolve()
+    clear_outputs(out, images=not in_place)  # before anything is written: out holds this scoring only
+    for row in rows:
+        rel = Path(row["filename"])  # relative to the scored folder: <idx>/samples/NNNN.png
+        if not in_place:
+            (target / rel.parent).mkdir(parents=True, exist_ok=True)
+            shutil.copy2(images / rel, target / rel)
+            meta = rel.parent.parent / "metadata.jsonl"
+            if not (target / meta).is_file():
+                shutil.copy2(images / meta, target / meta)
+        row["filename"] = (Path("images") / rel).as_posix()
+
+
+def _log(results: dict[str, Any], out: str | Path, args: argparse.Namespace) -> dict[str, str] | None:
+    """:func:`~.tracking.log_to_mlflow`, with MLflow's refusals as a one-line error (the results are
+    written by then, so the message says where)."""
+    from lumina_lightning.eval.tracking import log_to_mlflow
+
+    try:
+        return log_to_mlflow(results, out, tracking_uri=args.tracking_uri, experiment=args.experiment,
+                             run_name=args.run_name, track=args.track)
+    except Exception as err:
+        from mlflow.exceptions import MlflowException  # imported here: mlflow is loaded only when tracking
+
+        if not isinstance(err, MlflowException):
+            raise
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"MLflow logging failed (results are in {out}): {first}") from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -168,7 +217,6 @@ def run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     from lumina_lightning.eval.run import detector_for, evaluate, score_folder
-    from lumina_lightning.eval.tracking import log_to_mlflow
 
     manifest, prompts = _manifest_and_prompts(args)
     _check_paths(args, manifest, prompts)
@@ -190,9 +238,7 @@ def run(args: argparse.Namespace) -> int:
         rows = score_folder(args.images, detector)
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        # make report paths resolve: rows are relative to the image folder
-        for row in rows:
-            row["filename"] = str(Path(args.images).resolve() / row["filename"])
+        _copy_scored(Path(args.images), rows, out)
         summary = summarize(rows)
         results = {"version": 1, "checkpoint": None, "prompts_file": None, "images_dir": str(args.images),
                    "overall": summary["overall"], "tags": {t: v["accuracy"] for t, v in summary["tags"].items()},
@@ -213,8 +259,7 @@ def run(args: argparse.Namespace) -> int:
                      results["overall"])
         if results["paired"]:
             print(f"vs {results['paired']['with']}: {_paired_text(results['paired'])}")
-        info = log_to_mlflow(results, out, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                             run_name=args.run_name, track=args.track)
+        info = _log(results, out, args)
         if info:
             print(f"lumina eval: logged to MLflow run {info['run_id']} at {info['tracking_uri']}")
         return 0
@@ -272,8 +317,7 @@ def run(args: argparse.Namespace) -> int:
               f"reference overall {c['reference_overall']:.3f}")
     if results.get("paired"):
         print(f"vs {results['paired']['with']}: {_paired_text(results['paired'])}")
-    info = log_to_mlflow(results, args.out, tracking_uri=args.tracking_uri, experiment=args.experiment,
-                         run_name=args.run_name, track=args.track)
+    info = _log(results, args.out, args)
     if info:
         print(f"lumina eval: logged to MLflow run {info['run_id']} (experiment {info['experiment']}) at {info['tracking_uri']}")
     print(f"lumina eval: wrote {Path(args.out) / 'results.json'}, report.md and report.html")

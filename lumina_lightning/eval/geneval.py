@@ -33,7 +33,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from lumina_lightning.data.synth import TAGS
+from lumina_lightning.data.synth import RELATIONS, TAGS
 
 __all__ = [
     "MAX_OBJECTS",
@@ -45,6 +45,7 @@ __all__ = [
     "confidence_intervals",
     "paired_difference",
     "read_metadata",
+    "check_spec",
     "tag_order",
 ]
 
@@ -73,12 +74,68 @@ def read_metadata(path: str | os.PathLike) -> list[dict[str, Any]]:
                 row = json.loads(text)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or "prompt" not in row or "tag" not in row:
-                raise ValueError(f"{path}:{n}: a GenEval metadata line needs 'prompt' and 'tag'")
+            check_spec(row, f"{path}:{n}")
             rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows
+
+
+# The keys of a clause the scorer reads (evaluate_detections); any other key, e.g. a misspelt
+# "colour", would be ignored silently and the clause scored without it.
+_INCLUDE_KEYS = {"class", "count", "color", "position"}
+_EXCLUDE_KEYS = {"class", "count"}
+
+
+def check_spec(spec: Any, where: str) -> None:
+    """Refuse a metadata line the scorer would misread: ``ValueError("<where>: ...")`` naming the field.
+
+    Why up front: a line without ``include`` passes every image (nothing is required), and a clause
+    without ``class`` fails only after all the images were generated. The shape is GenEval's
+    ``evaluation_metadata.jsonl`` (and what ``synth.geneval_metadata`` writes): ``prompt`` (text),
+    ``tag`` (one of GenEval's six tasks), ``include`` (a non-empty list of ``{"class", "count" >= 1,
+    "color"?, "position"?: [relation, index of an earlier clause]}``) and optional ``exclude`` (a list
+    of ``{"class", "count" >= 1}``); other top-level keys are kept and ignored.
+    """
+    if not isinstance(spec, dict):
+        raise ValueError(f"{where}: a GenEval metadata line must be a JSON object, got {type(spec).__name__}")
+    for key in ("prompt", "tag"):
+        if key not in spec:
+            raise ValueError(f"{where}: a GenEval metadata line needs 'prompt' and 'tag' (no '{key}')")
+    if not isinstance(spec["prompt"], str) or not spec["prompt"].strip():
+        raise ValueError(f"{where}: 'prompt' must be non-empty text, got {spec['prompt']!r}")
+    if spec["tag"] not in TAGS:
+        raise ValueError(f"{where}: unknown 'tag' {spec['tag']!r}; expected one of {', '.join(TAGS)}")
+    if not isinstance(spec.get("include"), list) or not spec["include"]:
+        raise ValueError(f"{where}: 'include' must be a non-empty list of {{\"class\", \"count\"}} objects "
+                         f"(without it every image passes), got {spec.get('include')!r}")
+    for field, keys in (("include", _INCLUDE_KEYS), ("exclude", _EXCLUDE_KEYS)):
+        clauses = spec.get(field, [])
+        if not isinstance(clauses, list):
+            raise ValueError(f"{where}: '{field}' must be a list of objects, got {clauses!r}")
+        for i, clause in enumerate(clauses):
+            name = f"{field}[{i}]"
+            if not isinstance(clause, dict):
+                raise ValueError(f"{where}: {name} must be an object, got {clause!r}")
+            unknown = sorted(set(clause) - keys)
+            if unknown:
+                raise ValueError(f"{where}: {name} has unknown key(s) {', '.join(map(repr, unknown))}; "
+                                 f"expected {', '.join(sorted(keys))}")
+            if not isinstance(clause.get("class"), str) or not clause["class"]:
+                raise ValueError(f"{where}: {name}.class must be a class name, got {clause.get('class')!r}")
+            count = clause.get("count")
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise ValueError(f"{where}: {name}.count must be an integer >= 1, got {count!r}")
+            if "color" in clause and (not isinstance(clause["color"], str) or not clause["color"]):
+                raise ValueError(f"{where}: {name}.color must be a colour name, got {clause['color']!r}")
+            if "position" in clause:
+                pos = clause["position"]
+                # the scorer relates this clause's objects to those of an earlier clause (matched_groups)
+                ok = (isinstance(pos, list) and len(pos) == 2 and pos[0] in RELATIONS
+                      and isinstance(pos[1], int) and not isinstance(pos[1], bool) and 0 <= pos[1] < i)
+                if not ok:
+                    raise ValueError(f"{where}: {name}.position must be [relation, index of an earlier include "
+                                     f"clause] with relation one of {', '.join(RELATIONS)}, got {pos!r}")
 
 
 def group_detections(

@@ -33,6 +33,7 @@ __all__ = [
     "CAPTION_LEVELS",
     "VALIDATION_TARGET",
     "box_iou",
+    "check_fidelity_size",
     "image_fidelity",
     "match_objects",
     "preferred_caption",
@@ -308,12 +309,34 @@ def _to_unit(images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
+# SSIM's standard window (Wang et al., 2004): 11 × 11 px Gaussian, sigma 1.5
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_MIN_SIDE = 3  # the smallest window with a centre and a neighbour on each side
+
+
+def _ssim_window(side: int) -> int:
+    """The SSIM window for images whose shorter side is ``side``: 11 px, else the largest odd size
+    that fits (torchmetrics pads by reflection, which needs the half-window below the side)."""
+    return min(SSIM_WINDOW, side if side % 2 else side - 1)
+
+
+def check_fidelity_size(width: int, height: int) -> None:
+    """Refuse images too small for :func:`image_fidelity`'s SSIM (before any image is generated)."""
+    if min(width, height) < SSIM_MIN_SIDE:
+        raise ValueError(f"SSIM needs images of at least {SSIM_MIN_SIDE} × {SSIM_MIN_SIDE} px, got "
+                         f"{width} × {height}: compare samplers at a larger size")
+
+
 def image_fidelity(images: Sequence[Image.Image], reference: Sequence[Image.Image]) -> dict[str, Any]:
     """Mean PSNR (dB, data range 1) and SSIM of ``images`` against ``reference``, pair by pair.
 
     Identical pairs have infinite PSNR; they are capped at 100 dB so the mean stays finite (JSON
-    and MLflow cannot store infinity). SSIM uses the standard 11-px Gaussian window, shrunk to the
-    largest odd size that fits very small images.
+    and MLflow cannot store infinity). SSIM uses the standard 11-px Gaussian window (sigma 1.5),
+    shrunk for images under 11 px to the largest odd size ``k`` that fits, with sigma scaled to
+    ``1.5 k / 11`` so that the window keeps its shape. (torchmetrics sizes a Gaussian window from
+    sigma alone, as ``2 int(3.5 sigma + 0.5) + 1``, and ignores ``kernel_size``: with sigma 1.5
+    every image got the 11-px window, too large for images under 6 px.) Images under 3 px are refused.
     """
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
@@ -322,14 +345,16 @@ def image_fidelity(images: Sequence[Image.Image], reference: Sequence[Image.Imag
     a, b = _to_unit(images), _to_unit(reference)
     if a.shape != b.shape:
         raise ValueError(f"image size {tuple(a.shape[2:])} differs from the reference's {tuple(b.shape[2:])}")
+    check_fidelity_size(a.shape[3], a.shape[2])
     psnr = []
     for x, y in zip(a, b):
         if torch.equal(x, y):
             psnr.append(100.0)
         else:
             psnr.append(min(100.0, float(peak_signal_noise_ratio(x[None], y[None], data_range=1.0))))
-    kernel = min(11, min(a.shape[2:]) - (1 - min(a.shape[2:]) % 2))
-    ssim = structural_similarity_index_measure(a, b, data_range=1.0, kernel_size=max(3, kernel), reduction="none")
+    window = _ssim_window(min(a.shape[2:]))
+    ssim = structural_similarity_index_measure(a, b, data_range=1.0, sigma=SSIM_SIGMA * window / SSIM_WINDOW,
+                                               kernel_size=window, reduction="none")
     ssim = ssim.reshape(-1).tolist()
     return {"psnr": float(np.mean(psnr)), "ssim": float(np.mean(ssim)), "psnr_per_image": psnr,
             "ssim_per_image": [float(s) for s in ssim], "images": len(psnr)}

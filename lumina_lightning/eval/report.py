@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +31,29 @@ BAD = (210, 40, 40)
 
 def _tag_order(results: dict[str, Any]) -> list[str]:
     return tag_order(results.get("tags", {}))
+
+
+def _table_tags(results: dict[str, Any]) -> list[str]:
+    """Rows of the accuracy tables: every GenEval task (absent ones marked), then any other tag
+    present, so the rows are the ones ``overall`` is the mean of."""
+    return tag_order([*TAGS, *results.get("tags", {})])
+
+
+def _md(text: Any) -> str:
+    """``text`` for one Markdown table cell or heading: ``|`` would end the cell, a newline the row."""
+    return re.sub(r"\s*[\r\n]+\s*", "; ", str(text)).replace("|", "\\|")
+
+
+def _grid_name(tag: str, taken: set[str]) -> str:
+    """A file name for ``tag``'s grid: the tag is data (``../x`` would leave ``grids/``), so only
+    ``[A-Za-z0-9_.-]`` is kept, without a leading dot, and a clash gets a number."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", tag).lstrip(".") or "tag"
+    name, n = f"{stem}.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}.png"
+    taken.add(name)
+    return name
 
 
 def tag_plot(results: dict[str, Any], path: Path) -> Path:
@@ -209,6 +233,7 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
     # a rerun into the same folder must not leave (and log to MLflow) a grid of a task it no longer has
     for stale in (out / "grids").glob("*.png"):
         stale.unlink()
+    taken: set[str] = set()
     for tag in _tag_order(results):
         items = shown.get(tag, [])
         if not items:
@@ -217,7 +242,7 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
         for row in items:
             with Image.open(out / row["filename"]) as im:
                 images.append(im.convert("RGB"))
-        rel = f"grids/{tag}.png"
+        rel = f"grids/{_grid_name(tag, taken)}"
         task_grid(images, [r["correct"] for r in items], out / rel)
         files["grids"][tag] = rel
 
@@ -229,10 +254,10 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
            "posterior. Prompt-blind: the score of a model that draws a random correct scene of the task "
            "whatever the prompt (ground-truth renders), i.e. the chance level.", "",
            "| task | accuracy | 95 % interval | correct / images | prompt-blind |", "|---|---:|---:|---:|---:|"]
-    for tag in TAGS:
+    for tag in _table_tags(results):
         if tag in results["tags"]:
             c, n = results["counts"][tag]
-            md.append(f"| {tag} | {results['tags'][tag]:.3f} | {_fmt_ci(_interval(results, tag))} | {c} / {n} | "
+            md.append(f"| {_md(tag)} | {results['tags'][tag]:.3f} | {_fmt_ci(_interval(results, tag))} | {c} / {n} | "
                       f"{_fmt(_blind(results, tag))} |")
         else:
             md.append(f"| {tag} | absent | – | – | – |")
@@ -250,7 +275,7 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
                                                           ("through the autoencoder", dv.get("autoencoder"))) if part]
         md += ["| task | accuracy |" + "".join(f" {label} |" for label, _ in extra),
                "|---|---:|" + "---:|" * len(extra)]
-        md += [f"| {t} | {v:.3f} |" + "".join(f" {tags.get(t, float('nan')):.3f} |" for _, tags in extra)
+        md += [f"| {_md(t)} | {v:.3f} |" + "".join(f" {tags.get(t, float('nan')):.3f} |" for _, tags in extra)
                for t, v in dv["tags"].items()]
         boxes = native or dv  # boxes are matched in the renders' own coordinates
         md += ["", f"Object recall {_fmt(boxes.get('object_recall'))}, precision {_fmt(boxes.get('object_precision'))}"
@@ -258,12 +283,11 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
     for tag in _tag_order(results):
         if tag not in files["grids"]:
             continue
-        md += [f"## {tag}", "", f"![{tag}]({files['grids'][tag]})", "",
+        md += [f"## {_md(tag)}", "", f"![{_md(tag).replace('[', '(').replace(']', ')')}]({files['grids'][tag]})", "",
                "Green frame = correct, red = incorrect (left to right, top to bottom).", "",
                "| # | prompt | result | reason |", "|---:|---|---|---|"]
         for n, row in enumerate(shown[tag]):
-            reason = row["reason"].replace("\n", "; ").replace("|", "\\|") or ""
-            md.append(f"| {n} | {row['prompt']} | {'✓' if row['correct'] else '✗'} | {reason} |")
+            md.append(f"| {n} | {_md(row['prompt'])} | {'✓' if row['correct'] else '✗'} | {_md(row['reason'])} |")
         md.append("")
     (out / files["report_md"]).write_text("\n".join(md) + "\n", encoding="utf-8")
 
@@ -281,10 +305,10 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
           "Prompt-blind: the chance level (a random correct scene of the task, whatever the prompt).</p>",
           "<table><tr><th>task</th><th>accuracy</th><th>95 % interval</th><th>correct / images</th>"
           "<th>prompt-blind</th></tr>"]
-    for tag in TAGS:
+    for tag in _table_tags(results):
         if tag in results["tags"]:
             c, n = results["counts"][tag]
-            h.append(f"<tr><td>{tag}</td><td>{results['tags'][tag]:.3f}</td><td>{_fmt_ci(_interval(results, tag))}</td>"
+            h.append(f"<tr><td>{e(tag)}</td><td>{results['tags'][tag]:.3f}</td><td>{_fmt_ci(_interval(results, tag))}</td>"
                      f"<td>{c} / {n}</td><td>{_fmt(_blind(results, tag))}</td></tr>")
         else:
             h.append(f"<tr><td>{tag}</td><td>absent</td><td>–</td><td>–</td><td>–</td></tr>")
@@ -293,12 +317,12 @@ def write_report(results: dict[str, Any], rows: Sequence[dict[str, Any]], out_di
           f"<p><img src='{files['plot']}' alt='accuracy per task'></p>"]
     if dv:
         h += ["<h2>Detector on ground-truth renders</h2><table><tr><th>task</th><th>accuracy</th></tr>"]
-        h += [f"<tr><td>{t}</td><td>{v:.3f}</td></tr>" for t, v in dv["tags"].items()]
+        h += [f"<tr><td>{e(t)}</td><td>{v:.3f}</td></tr>" for t, v in dv["tags"].items()]
         h += ["</table>"]
     for tag in _tag_order(results):
         if tag not in shown:
             continue
-        h.append(f"<h2>{tag}</h2><div>")
+        h.append(f"<h2>{e(tag)}</h2><div>")
         for row in shown[tag]:
             ok = row["correct"]
             reason = row["reason"] or "all checks passed"

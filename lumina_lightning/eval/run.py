@@ -28,6 +28,7 @@ from PIL import Image
 from lumina_lightning.encoders.autoencoder import PixelAutoencoder
 from lumina_lightning.eval.detector import Detector
 from lumina_lightning.eval.geneval import (
+    check_spec,
     confidence_intervals,
     evaluate_detections,
     group_detections,
@@ -126,7 +127,11 @@ def score_folder(image_dir: str | os.PathLike, detector: Detector | None = None)
         meta_path = sub / "metadata.jsonl"
         if not meta_path.is_file():
             continue
-        spec = json.loads(meta_path.read_text(encoding="utf-8").strip().splitlines()[0])
+        try:
+            spec = json.loads(meta_path.read_text(encoding="utf-8").strip().splitlines()[0])
+        except (json.JSONDecodeError, IndexError):
+            raise ValueError(f"{meta_path}:1: not a GenEval metadata line (one JSON object)") from None
+        check_spec(spec, f"{meta_path}:1")
         files = sorted(p for p in (sub / "samples").glob("*.png") if re.fullmatch(r"\d+\.png", p.name))
         images, seeds = [], []
         for p in files:
@@ -144,6 +149,31 @@ def score_folder(image_dir: str | os.PathLike, detector: Detector | None = None)
     if not rows:
         raise ValueError(f"{root}: no images in GenEval layout (<idx>/metadata.jsonl + <idx>/samples/NNNN.png)")
     return rows
+
+
+# what a run writes into its output folder besides images/ (see the module docstring)
+_OUTPUT_FILES = ("results.json", "results.jsonl", "report.md", "report.html")
+_OUTPUT_FOLDERS = ("grids", "plots")
+
+
+def clear_outputs(out: Path, *, images: bool = True) -> None:
+    """Remove an earlier run's results, reports, plots, grids and (``images``) prompt folders from ``out``.
+
+    Why: a folder must never mix runs. Old prompt folders would be re-scored with the new ones, and
+    an old ``results.json`` or report left beside new images (after a run that failed half-way)
+    describes images that are no longer there. Only what a run writes is removed.
+    """
+    import shutil
+
+    for name in _OUTPUT_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in _OUTPUT_FOLDERS:
+        if (out / name).is_dir():
+            shutil.rmtree(out / name)
+    if images and (out / "images").is_dir():
+        for old in (out / "images").iterdir():
+            if old.is_dir() and old.name.isdigit():
+                shutil.rmtree(old)
 
 
 def _save_png(image: Image.Image, path: Path, record: dict[str, Any]) -> None:
@@ -279,6 +309,7 @@ def evaluate(
     load_kwargs: dict[str, Any] | None = None,
     report: bool = True,
     paired_with: str | os.PathLike | None = None,
+    checkpoint: str | os.PathLike | None = None,
 ) -> dict[str, Any]:
     """Mini-GenEval of a pipeline (or anything ``load_pipeline`` reads) on a GenEval-format prompt set.
 
@@ -287,8 +318,8 @@ def evaluate(
             folder / training ``.ckpt`` / diffusers folder path (loaded with ``device``, ``ema`` and
             ``load_kwargs``, e.g. ``{"text_encoder": ..., "vae": ...}`` for bare checkpoints).
         prompts_path: GenEval ``evaluation_metadata.jsonl``-format file (``test_geneval.jsonl``).
-        out_dir: where images, ``results.json(l)`` and the reports go (the prompt folders of a
-            previous run in ``out_dir/images`` are replaced).
+        out_dir: where images, ``results.json(l)`` and the reports go (a previous run's prompt folders,
+            results, reports, plots and grids there are removed, after every input is checked).
         preset, sampler_overrides: sampler preset and explicit settings (``steps``, ``cfg_scale``,
             ``solver``, ``shift``, ...; the names of ``SamplerSettings``).
         images_per_prompt, seed: image ``k`` of prompt ``i`` uses seed ``seed + i*images_per_prompt + k``.
@@ -310,6 +341,11 @@ def evaluate(
         detector: default :func:`detector_for` the prompt set.
         validate: run the detector validation (default: when ``manifest`` is given).
         report: write ``report.md`` / ``report.html`` (plots and grids).
+        checkpoint: where the weights of an in-memory pipeline came from (e.g. its export folder), for
+            ``results["checkpoint"]`` and the PNG records; default: the path loaded, else ``None``.
+        ema: loading a path: ``True`` EMA weights, ``False`` raw, ``"auto"`` EMA where present. For any
+            pipeline, ``settings["ema"]`` records the weights evaluated: the model's ``weights_ema``
+            (set by ``load_nextdit``), else this argument when it is ``True``/``False``, else ``None``.
         paired_with: the output folder of an earlier evaluation of the same prompts and seeds (another
             checkpoint, sampler or recipe): ``results["paired"]`` gets this run's score minus that
             one's, paired image by image, with its 95 % interval
@@ -320,6 +356,10 @@ def evaluate(
     t_start = time.perf_counter()
     out = Path(out_dir)
     other_rows = read_results(paired_with) if paired_with is not None else None  # before any work
+    # -1 would silently drop the last prompt (specs[:-1]) and 0 evaluate nothing
+    for name, value in (("max_prompts", max_prompts), ("max_per_tag", max_per_tag)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be >= 1 (or not given: all prompts), got {value}")
     specs = read_metadata(prompts_path)
     if max_per_tag is not None:
         taken: dict[str, int] = {}
@@ -340,9 +380,16 @@ def evaluate(
     detector = detector or detector_for(prompts_path)
     overrides = {k: v for k, v in (sampler_overrides or {}).items() if v is not None}
 
+    if manifest is not None and not Path(manifest).is_file():
+        raise FileNotFoundError(f"manifest {manifest} does not exist")
+    if validate and manifest is None:
+        raise ValueError("detector validation needs the synthetic manifest (manifest=.../test.jsonl)")
+
     t0 = time.perf_counter()
     pipe, ckpt = _load(pipe_or_path, device, ema, load_kwargs)
     load_s = time.perf_counter() - t0 if ckpt else 0.0
+    if checkpoint is not None:
+        ckpt = str(checkpoint)
     if width is None or height is None:
         # A model sampled far from its training size draws nothing it learned (the tiny 32 px
         # export scored 0.13 at the dataset's 64 px against 0.32 at 32 px), so its own size wins.
@@ -351,16 +398,21 @@ def evaluate(
         width, height = width or dw, height or dh
     pipe.check_size(width, height)
     settings = pipe.resolve(preset, **overrides)  # validates the settings before any work
+    ref_settings = None
+    if compare_to:
+        from lumina_lightning.eval.metrics import check_fidelity_size
+
+        ref_settings = pipe.resolve(compare_to)
+        check_fidelity_size(width, height)  # SSIM of the reference comparison, before any image is drawn
+    weights_ema = getattr(getattr(pipe, "model", None), "weights_ema", None)
+    if weights_ema is None and isinstance(ema, bool):
+        weights_ema = ema
     out.mkdir(parents=True, exist_ok=True)
 
     # -- generate, save, score ------------------------------------------------------------------
+    # every input check is above: from here on the folder holds this run only
+    clear_outputs(out)
     img_root = out / "images"
-    if img_root.is_dir():  # a previous run's prompt folders would be re-scored with these
-        import shutil
-
-        for old in img_root.iterdir():
-            if old.is_dir() and old.name.isdigit():
-                shutil.rmtree(old)
     for i, spec in enumerate(specs):
         sub = img_root / f"{i:05d}"
         (sub / "samples").mkdir(parents=True, exist_ok=True)
@@ -411,7 +463,7 @@ def evaluate(
         "settings": {
             **settings.to_dict(), "preset": preset or "official", "width": width, "height": height,
             "images_per_prompt": images_per_prompt, "min_images_per_task": min_images_per_task,
-            "seed": seed, "batch_size": batch_size,
+            "seed": seed, "batch_size": batch_size, "ema": None if weights_ema is None else bool(weights_ema),
             "system": gen["settings"].get("system"), "max_prompts": max_prompts, "max_per_tag": max_per_tag,
             "nfe_per_image": gen["nfe_per_batch"],
         },
@@ -435,8 +487,6 @@ def evaluate(
 
     # -- detector validation on ground-truth renders ------------------------------------------------
     if validate or (validate is None and manifest is not None):
-        if manifest is None:
-            raise ValueError("detector validation needs the synthetic manifest (manifest=.../test.jsonl)")
         from lumina_lightning.eval.metrics import validate_detector
 
         t0 = time.perf_counter()
@@ -483,7 +533,6 @@ def evaluate(
     if compare_to:
         from lumina_lightning.eval.metrics import image_fidelity
 
-        ref_settings = pipe.resolve(compare_to)
         psnr: list[float] = []
         ssim: list[float] = []
         ref_rows: list[dict[str, Any]] = []

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 from lumina_lightning.training.session import flatten
 
-__all__ = ["tracking_uri_for", "metrics_of", "params_of", "log_to_mlflow"]
+__all__ = ["tracking_uri_for", "is_tracking_server", "metric_key", "metrics_of", "params_of", "log_to_mlflow"]
 
 DEFAULT_EXPERIMENT = "lumina-lightning"  # the training recipes' default, so eval runs sit beside them
 
@@ -34,6 +35,27 @@ def tracking_uri_for(explicit: str | None = None, track: bool = False) -> str | 
     return None
 
 
+def is_tracking_server(uri: str) -> bool:
+    """Whether ``uri`` is a tracking server, which decides where artifacts go (a local
+    ``artifact_location`` sent to it would keep a remote run's artifacts on this machine's disk)."""
+    return uri.split(":", 1)[0] in ("http", "https", "databricks")
+
+
+def metric_key(key: str) -> str:
+    """``key`` as a name MLflow accepts: each ``/``-separated part keeps alphanumerics, ``_ - . `` and
+    space, anything else becomes ``_``, and a part of dots only (``..``) becomes underscores.
+
+    Why: part of a key is data (a tag such as ``colors?`` from a hand-written prompt file, passed
+    programmatically), and MLflow refuses the whole batch on one bad name. Colons are replaced too
+    (MLflow refuses them on Windows).
+    """
+    parts = []
+    for part in str(key).split("/"):
+        part = re.sub(r"[^\w\-. ]", "_", part)
+        parts.append("_" * len(part) if not part.strip(".") else part)
+    return "/".join(p or "_" for p in parts)[:250]  # MLflow's key length limit
+
+
 def params_of(results: dict[str, Any]) -> dict[str, str]:
     """Run parameters: checkpoint, prompt set, sampler settings and detector settings."""
     params = {"checkpoint": results.get("checkpoint"), "prompts_file": results.get("prompts_file"),
@@ -42,7 +64,7 @@ def params_of(results: dict[str, Any]) -> dict[str, str]:
     params.update(flatten(results.get("detector", {}), "detector."))
     if results.get("compare"):
         params["compare.reference_preset"] = results["compare"]["reference_preset"]
-    return {k: (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000] for k, v in params.items()}
+    return {metric_key(k): (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:6000] for k, v in params.items()}
 
 
 def metrics_of(results: dict[str, Any]) -> dict[str, float]:
@@ -100,7 +122,7 @@ def metrics_of(results: dict[str, Any]) -> dict[str, float]:
             m[f"time/{key}"] = value
     if results.get("settings", {}).get("nfe_per_image") is not None:
         m["nfe_per_image"] = results["settings"]["nfe_per_image"]
-    return {k: float(v) for k, v in m.items()}
+    return {metric_key(k): float(v) for k, v in m.items()}
 
 
 def _training_run(checkpoint: str | None) -> str | None:
@@ -146,8 +168,7 @@ def log_to_mlflow(
     if exp is None:
         # local stores keep artifacts in ./mlartifacts, as training runs do (training/run.py);
         # a tracking server decides for itself
-        server = uri.split(":", 1)[0] in ("http", "https", "databricks")
-        artifact_location = None if server else Path("mlartifacts").resolve().as_uri()
+        artifact_location = None if is_tracking_server(uri) else Path("mlartifacts").resolve().as_uri()
         experiment_id = client.create_experiment(experiment, artifact_location=artifact_location)
     else:
         experiment_id = exp.experiment_id

@@ -647,7 +647,9 @@ def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any, size: int) 
                     width=size, height=size,
                     manifest=e.manifest, max_prompts=e.max_prompts, max_per_tag=e.max_per_tag,
                     batch_size=e.batch_size,
-                    sampler_overrides=overrides or None, progress=True)
+                    sampler_overrides=overrides or None, progress=True,
+                    # results.json says which export and which weights (EMA or raw) were judged
+                    checkpoint=export, ema=ema)
 
 
 def _comparisons(summary: dict[str, Any], eval_dir: Path) -> dict[str, Any]:

@@ -65,8 +65,12 @@ def make_logger(cfg: Any, loaded: Any, *, tags: dict[str, str] | None = None,
         return False, None
     from lightning.pytorch.loggers import MLFlowLogger
 
+    from lumina_lightning.eval.tracking import is_tracking_server  # here: eval.tracking imports this module
+
     tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri()
-    artifacts = cfg.tracking.artifact_location or Path("mlartifacts").resolve().as_uri()
+    # local stores keep artifacts in ./mlartifacts; a tracking server decides for itself
+    local = None if is_tracking_server(tracking_uri) else Path("mlartifacts").resolve().as_uri()
+    artifacts = cfg.tracking.artifact_location or local
     all_tags = {"stage": cfg.stage, "recipe": str(loaded.path), **(tags or {}), **cfg.tracking.tags}
     if parent and parent.get("mlflow_run_id"):
         all_tags["mlflow.parentRunId"] = parent["mlflow_run_id"]
