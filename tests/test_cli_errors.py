@@ -23,6 +23,9 @@ def bad(tmp_path):
     return tmp_path
 
 
+_NO_CUDA = pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="needs a host without CUDA")
+
+
 def _run(main, argv, capsys, bad):
     argv = [a.format(d=bad) for a in argv]
     try:
@@ -53,11 +56,14 @@ def test_sample_bad_inputs(argv, message, bad, capsys):
     (["--validate-detector", "--manifest", "{d}/adir"], "--manifest {d}/adir is a folder, not a file"),
     (["--images", "{d}/adir", "--ckpt", "{d}/x.ckpt"], "so --ckpt would be ignored"),
     (["--images", "{d}/adir", "--steps", "3", "--cfg", "2"], "so --steps, --cfg would be ignored"),
+    pytest.param(["--ckpt", "{d}/x.ckpt", "--prompts", "{d}/afile", "--device", "cuda"],
+                 "--device cuda but no CUDA GPU is visible", marks=_NO_CUDA),
 ])
 def test_eval_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.eval.cli import main
 
-    assert message.format(d=bad) in _run(main, [*argv, "--device", "cpu"], capsys, bad)
+    device = [] if "--device" in argv else ["--device", "cpu"]
+    assert message.format(d=bad) in _run(main, [*argv, *device], capsys, bad)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -91,9 +97,6 @@ def test_pipeline_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.training.pipeline import main
 
     assert message.format(d=bad) in _run(main, argv, capsys, bad)
-
-
-_NO_CUDA = pytest.mark.skipif("__import__('torch').cuda.is_available()", reason="needs a host without CUDA")
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -166,6 +166,11 @@ def _check_paths(args: argparse.Namespace, manifest: str | None, prompts: str | 
     for flag, value in (("--max-prompts", args.max_prompts), ("--max-per-tag", args.max_per_tag)):
         if value is not None and value < 1:  # -1 would drop the last prompt, 0 evaluate nothing
             raise ValueError(f"{flag} must be >= 1 (or left out: all prompts), got {value}")
+    if args.ckpt and not args.images:
+        from lumina_lightning.sampling.cli import resolve_device
+
+        # as `sample` and `demo` do: --device cuda without CUDA is a message, not torch's assertion
+        args.device = resolve_device(args.device)
 
 
 def _copy_scored(images: Path, rows: list[dict[str, Any]], out: Path) -> None:
