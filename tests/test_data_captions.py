@@ -41,6 +41,13 @@ def test_choice_is_deterministic_per_seed_epoch_index():
     assert a == [choose_caption(dict(reversed(FULL.items())), weights, seed=1, epoch=2, index=i) for i in range(200)]
     assert a != [choose_caption(FULL, weights, seed=1, epoch=3, index=i) for i in range(200)]
     assert a != [choose_caption(FULL, weights, seed=2, epoch=2, index=i) for i in range(200)]
+    # a record's second listing in an epoch (source ratio >= 2) draws anew; copy 0 keeps the draws of
+    # before copies existed (the value recorded then), so data without repeats keeps its captions
+    assert a != [choose_caption(FULL, weights, seed=1, epoch=2, index=i, copy=1) for i in range(200)]
+    assert a == [choose_caption(FULL, weights, seed=1, epoch=2, index=i, copy=0) for i in range(200)]
+    from lumina_lightning.data.captions import caption_rng
+
+    assert caption_rng(0, 3, 5).random() == 0.93943591756793
 
 
 def test_fallback_order():

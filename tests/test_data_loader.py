@@ -158,6 +158,35 @@ def test_resume_with_another_batch_size_loses_nothing(data):
     assert _ids(again) == rest[1:]
 
 
+def _keys(batches):
+    return [list(zip(b["indices"].tolist(), b["copies"].tolist(), b["levels"])) for b in batches]
+
+
+@pytest.mark.parametrize("resumed_batch_size", [4, 3])
+def test_a_ratio_two_source_numbers_each_listing_and_resumes_them(data, tmp_path, resumed_batch_size):
+    """Ratio 2 lists every record twice per epoch. Each listing is a distinct sample: (index, copy)
+    keys never repeat, so the caption choice (and the training draws keyed the same way) can
+    differ; a resume, also with another batch size, continues with the same copy numbers."""
+    mix = tmp_path / "mix.yaml"
+    mix.write_text(f"META:\n  - path: {data}\n    ratio: 2.0\n")
+    cfg = _cfg(str(mix), drop_last=False)
+    reference = [k for b in _keys(build_dataloader(cfg, batch_size=4, seed=3)) for k in b]
+    assert sorted((i, c) for i, c, _ in reference) == [(i, c) for i in range(96) for c in (0, 1)]
+    levels = {(i, c): level for i, c, level in reference}
+    assert any(levels[(i, 0)] != levels[(i, 1)] for i in range(96))  # copies choose their captions apart
+    loader = build_dataloader(cfg, batch_size=4, seed=3)
+    it = iter(loader)
+    taken = [k for _ in range(5) for k in _keys([next(it)])[0]]
+    state = _checkpoint(loader.state_dict())
+    resumed = build_dataloader(cfg, batch_size=resumed_batch_size, seed=3)
+    resumed.load_state_dict(state)
+    rest = [k for b in _keys(resumed) for k in b]
+    if resumed_batch_size == 4:
+        assert taken + rest == reference
+    else:  # re-cut batches: the same samples, each still with its own copy number and caption
+        assert sorted(taken + rest) == sorted(reference)
+
+
 def test_resume_refuses_changed_data(data):
     loader = build_dataloader(_cfg(data), batch_size=4, seed=5)
     next(iter(loader))

@@ -141,3 +141,37 @@ def test_stratified_timesteps_and_bins():
     assert bins.labels()[0] == "0.00-0.25"
     bins.reset()
     assert bins.means() == {}
+
+
+@pytest.mark.parametrize("prediction, expected", [("velocity", [0.25, 0.25]), ("data", [4.0, 16.0])])
+def test_training_loss_by_hand(tmp_path, prediction, expected):
+    """``NextDiTModule.flow_losses`` (what training_step optimises) for a Next-DiT whose output is
+    the constant 1: its final projection is zero-initialised (spec §1.6), so a bias of 1 is the
+    whole output. Data 2, noise 0.5, so the target velocity x1 - x0 is 1.5 everywhere.
+
+    velocity: the output is v = 1; (1 - 1.5)² = 0.25 at any t.
+    data: the output is x̂1 = 1; x_t = 2t + 0.5(1 - t) is 1.25 at t = 0.5 and 1.625 at t = 0.75;
+    v = (x̂1 - x_t) / (1 - t) = -0.5 and -2.5; (v - 1.5)² = 4 and 16.
+    The auxiliary loss sees the 4×-pooled latents, which are the same constants: the same values.
+    """
+    from training_utils import tiny_recipe
+
+    from lumina_lightning.models.nextdit import NextDiT
+    from lumina_lightning.modules.generation import NextDiTModule
+    from lumina_lightning.training.recipe import load_recipe
+    from lumina_lightning.training.run import build_encoders
+
+    cfg = load_recipe(tiny_recipe(tmp_path, objective={"prediction": prediction, "aux_loss": True})).config
+    text_encoder, autoencoder, _ = build_encoders(cfg)
+    module = NextDiTModule(cfg, text_encoder=text_encoder, autoencoder=autoencoder)
+    model = NextDiT(module.nextdit_config)
+    with torch.no_grad():
+        model.final_layer.linear.bias.fill_(1.0)
+    latents = torch.full((2, 3, 8, 8), 2.0)
+    feats, mask = torch.randn(2, 5, 32), torch.ones(2, 5, dtype=torch.bool)
+    t = torch.tensor([0.5, 0.75])
+    draws = {"t": t, "noise": torch.full_like(latents, 0.5), "t_aux": t, "noise_aux": torch.full((2, 3, 2, 2), 0.5)}
+    with torch.no_grad():
+        main, aux = module.flow_losses(model, latents, feats, mask, draws)
+    assert main.tolist() == pytest.approx(expected)
+    assert aux.tolist() == pytest.approx(expected)

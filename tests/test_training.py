@@ -18,7 +18,7 @@ from lumina_lightning.modules.generation import NextDiTModule, pad_rows, sample_
 from lumina_lightning.training.callbacks import AtomicCheckpointIO
 from lumina_lightning.training.recipe import load_recipe
 from lumina_lightning.training.run import train
-from training_utils import ROOT, tiny_recipe
+from training_utils import ROOT, tiny_recipe, tiny_synthetic
 
 
 def run(path: Path, *overrides: str, **kwargs):
@@ -30,6 +30,32 @@ def test_sample_generator_is_stable_and_distinct():
     assert torch.equal(a, torch.randn(3, generator=sample_generator(0, 0, 5)))
     assert not torch.equal(a, torch.randn(3, generator=sample_generator(0, 1, 5)))  # new epoch, new draws
     assert not torch.equal(a, torch.randn(3, generator=sample_generator(0, 0, 6)))
+    assert not torch.equal(a, torch.randn(3, generator=sample_generator(0, 0, 5, copy=1)))  # a record's 2nd listing
+    # copy 0 keeps the draws of before copies existed (recorded then): data without repeated records
+    # trains exactly as it did
+    assert torch.randn(2, generator=sample_generator(0, 3, 5)).tolist() == [1.7714283466339111, 0.6656873822212219]
+
+
+def test_a_record_listed_twice_in_an_epoch_gets_two_sets_of_draws(tmp_path):
+    """A source with ratio 2 lists each record twice per epoch: the two listings must not be the
+    same training example (caption dropout, t and noise drawn again)."""
+    from lumina_lightning.data.loader import build_dataloader
+    from lumina_lightning.training.run import build_encoders, data_config
+
+    (tmp_path / "mix.yaml").write_text(f"META:\n  - path: {tiny_synthetic() / 'test.jsonl'}\n    ratio: 2.0\n")
+    cfg = load_recipe(tiny_recipe(tmp_path, data={"path": str(tmp_path / "mix.yaml")})).config
+    text_encoder, autoencoder, _ = build_encoders(cfg)
+    module = NextDiTModule(cfg, text_encoder=text_encoder, autoencoder=autoencoder)
+    draws = {}
+    for batch in build_dataloader(data_config(cfg), batch_size=4, seed=cfg.seed):
+        d = module.draw(batch, torch.empty(module.latent_shape(batch), device="meta"))
+        for j, key in enumerate(zip(batch["indices"].tolist(), batch["copies"].tolist())):
+            assert key not in draws, key
+            draws[key] = (float(d["t"][j]), d["noise"][j])
+    assert sorted(draws) == [(i, c) for i in range(16) for c in (0, 1)]  # 16 records, each listed twice
+    for i in range(16):
+        (t0, noise0), (t1, noise1) = draws[(i, 0)], draws[(i, 1)]
+        assert t0 != t1 and not torch.equal(noise0, noise1), i
 
 
 def test_pad_rows():
@@ -138,6 +164,103 @@ def test_nonfinite_losses_are_skipped_counted_and_limited(tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="non-finite losses in a row"):
         run(tiny_recipe(tmp_path / "x", output_dir=str(tmp_path / "x/run")), "stage=always-nan",
             "trainer.max_steps=5", "trainer.max_nonfinite_steps=3")
+
+
+def test_a_non_finite_micro_batch_skips_its_whole_accumulated_step(tmp_path, monkeypatch):
+    """accumulate 2, 3 steps: micro-batch 2 (step 1) and both micro-batches of step 2 are non-finite.
+    Steps 1 and 2 must leave the weights, the EMA and AdamW's state untouched (no update from the
+    good micro-batch 1 alone), count one skipped step each, and advance the LR schedule and the step
+    counter as a skipped step without accumulation does."""
+    import lightning.pytorch as pl
+
+    original = NextDiTModule.flow_losses
+    calls = []
+
+    def flaky(self, *args):
+        main, aux = original(self, *args)
+        calls.append(1)
+        return (main * float("nan") if len(calls) in (2, 3, 4) else main), aux
+
+    class Snapshots(pl.Callback):
+        def __init__(self):
+            self.weights = {}
+
+        def on_train_start(self, trainer, module):
+            self.weights[0] = self.take(trainer, module)
+
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.weights[trainer.global_step] = self.take(trainer, module)
+
+        @staticmethod
+        def take(trainer, module):
+            return ([p.detach().clone() for p in module.model.parameters()],
+                    [p.detach().clone() for p in module.ema_model.parameters()],
+                    len(trainer.optimizers[0].state))
+
+    monkeypatch.setattr(NextDiTModule, "flow_losses", flaky)
+    snaps = Snapshots()
+    result = run(tiny_recipe(tmp_path), "trainer.max_steps=3", "trainer.accumulate_grad_batches=2",
+                 "trainer.checkpoint_every_n_steps=100", extra_callbacks=[snaps])
+    raw0, ema0, _ = snaps.weights[0]
+    for step in (1, 2):
+        raw, ema, adam_entries = snaps.weights[step]
+        assert all(torch.equal(p, q) for p, q in zip(raw, raw0)), step
+        assert all(torch.equal(p, q) for p, q in zip(ema, ema0)), step
+        assert adam_entries == 0, step  # AdamW never stepped: no moments, no step count
+    raw, ema, _ = snaps.weights[3]
+    assert any(not torch.equal(p, q) for p, q in zip(raw, raw0))  # the good step 3 trains
+    assert any(not torch.equal(p, q) for p, q in zip(ema, ema0))
+    module = result.module
+    assert result.global_step == 3 and len(calls) == 6
+    assert module.nonfinite_total == 2 and module.nonfinite_in_a_row == 0  # steps, not micro-batches
+    assert module.trainer.lr_scheduler_configs[0].scheduler.last_epoch == 3
+
+
+def test_metrics_reach_mlflow_at_the_step_they_describe(tmp_path):
+    """Validation every 3 steps, logging every 4, 6 steps: validation at steps 3 and 6 reaches MLflow
+    even though neither is a logging step, and train/lr is the LR the step used (warm-up of 8)."""
+    import lightning.pytorch as pl
+    import mlflow
+
+    class UsedLR(pl.Callback):
+        def __init__(self):
+            self.lrs = []
+
+        def on_before_optimizer_step(self, trainer, module, optimizer):
+            self.lrs.append(optimizer.param_groups[0]["lr"])
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    recipe = tiny_recipe(tmp_path, trainer={"max_steps": 6, "log_every_n_steps": 4, "checkpoint_every_n_steps": 100},
+                         optim={"lr": 1e-3, "warmup_steps": 8},
+                         validation={"every_n_steps": 3, "sample_every_n_steps": 0, "prompts": []},
+                         tracking={"enabled": True, "tracking_uri": uri, "experiment": "t",
+                                   "artifact_location": (tmp_path / "artifacts").as_uri()})
+    used = UsedLR()
+    result = run(recipe, extra_callbacks=[used])
+    client = mlflow.MlflowClient(tracking_uri=uri)
+
+    def history(name):
+        return [(h.step, h.value) for h in sorted(client.get_metric_history(result.mlflow_run_id, name),
+                                                  key=lambda h: h.step)]
+
+    # Lightning writes step k's training metrics at MLflow step k - 1; validation after step k joins them
+    assert [s for s, _ in history("train/loss")] == [3]
+    assert [s for s, _ in history("val/loss")] == [2, 5]
+    assert history("val/loss")[-1][1] == pytest.approx(result.validation["ema"])
+    assert history("val/loss_raw")[-1][1] == pytest.approx(result.validation["raw"])
+    assert history("train/lr") == [(3, pytest.approx(used.lrs[3]))] and used.lrs[3] == pytest.approx(0.5e-3)
+
+
+def test_validation_uses_exactly_val_samples_records(tmp_path):
+    from lumina_lightning.training.run import validation_batches
+
+    cfg = load_recipe(tiny_recipe(tmp_path, data={"val_samples": 6, "batch_size": 4})).config
+    batches = validation_batches(cfg)
+    assert [len(b["indices"]) for b in batches] == [4, 2]
+    assert all(len(b["captions"]) == len(b["pixels"]) == len(b["indices"]) for b in batches)
+    whole = validation_batches(load_recipe(tiny_recipe(tmp_path, "r8.yaml", data={"val_samples": 8, "batch_size": 4})).config)
+    assert torch.equal(batches[1]["pixels"], whole[1]["pixels"][:2])  # the first 6 of the same order
+    assert batches[1]["indices"].tolist() == whole[1]["indices"][:2].tolist()
 
 
 def test_init_from_previous_stage_export_and_parent_run(tmp_path):

@@ -18,7 +18,7 @@ it with another expected identity, or appending with other encoders, raises
 
 ``CachedDataset`` returns batches with ``latents`` (B×C×h×w), ``cap_feats`` (B×L×D, zero-padded
 to the longest caption in the batch), ``cap_mask`` (B×L bool) and the same ``captions``,
-``levels``, ``systems``, ``indices``, ``epoch``, ``bucket``, ``skips`` as the image dataset.
+``levels``, ``systems``, ``indices``, ``copies``, ``epoch``, ``bucket``, ``skips`` as the image dataset.
 """
 
 from __future__ import annotations
@@ -446,9 +446,10 @@ class CachedDataset(_BatchDatasetBase):
             self._handles[shard] = handle
         return handle.get_tensor(key)
 
-    def _load_one(self, epoch: int, index: int, bucket: tuple[int, int], report: SkipCounter) -> dict[str, Any]:
+    def _load_one(self, epoch: int, index: int, bucket: tuple[int, int], report: SkipCounter,
+                  copy: int = 0) -> dict[str, Any]:
         item = self.items[index]
-        chosen = self._caption(item["captions"], epoch, index)
+        chosen = self._caption(item["captions"], epoch, index, copy)
         if chosen is None:
             raise BadSample(EMPTY_CAPTION, f"{item['image']}: no cached caption")
         level, text = chosen

@@ -1,8 +1,9 @@
 """Caption-level choice: which of a record's captions (short/medium/long/tags/...) a sample uses.
 
 The choice is a weighted draw over the levels the record has, made from a random stream keyed by
-``(seed, epoch, sample index)`` only, so it does not depend on worker count, rank or batch
-composition and a resumed run makes the same choices.
+``(seed, epoch, sample index, copy)`` only, so it does not depend on worker count, rank or batch
+composition and a resumed run makes the same choices. ``copy`` tells apart the listings of a record
+that a source ``ratio`` >= 2 repeats within one epoch (see ``loader.BucketBatchSampler``).
 
 Fallback order (documented contract): a level counts as *available* when its text is not blank.
 
@@ -30,9 +31,11 @@ DEFAULT_FALLBACK: tuple[str, ...] = ("long", "medium", "short", "caption", "prom
 _CAPTION_SALT = 0xCA9
 
 
-def caption_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
-    """The random stream of one sample's caption choice, keyed by ``(seed, epoch, index)``."""
-    return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch), int(index), _CAPTION_SALT])
+def caption_rng(seed: int, epoch: int, index: int, copy: int = 0) -> np.random.Generator:
+    """The random stream of one sample's caption choice, keyed by ``(seed, epoch, index, copy)``."""
+    # copy 0 keeps the key it had before copies existed, so data without repeats draws as before
+    extra = [int(copy)] if copy else []
+    return np.random.default_rng([int(seed) & 0xFFFFFFFFFFFFFFFF, int(epoch), int(index), _CAPTION_SALT, *extra])
 
 
 def available_levels(captions: Mapping[str, str]) -> list[str]:
@@ -48,6 +51,7 @@ def choose_caption(
     seed: int = 0,
     epoch: int = 0,
     index: int = 0,
+    copy: int = 0,
 ) -> tuple[str, str] | None:
     """Pick ``(level, text)`` for one sample, or ``None`` if the record has no usable caption.
 
@@ -70,7 +74,7 @@ def choose_caption(
         if len(names) == 1:
             level = names[0]
         else:
-            u = caption_rng(seed, epoch, index).random()
+            u = caption_rng(seed, epoch, index, copy).random()
             cdf = np.cumsum(probs / probs.sum())
             level = names[min(int(np.searchsorted(cdf, u, side="right")), len(names) - 1)]
     else:

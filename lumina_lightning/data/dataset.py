@@ -12,6 +12,8 @@ Batch contract (what the training module receives)::
     levels    list[str]   the caption level of each sample
     systems   list[str | None]  system-template name carried by each record
     indices   int64 B     record ids (global sample ids) actually delivered
+    copies    int64 B     which listing of its record in the epoch each sample is (0 = first; a
+                          source ``ratio`` >= 2 lists a record several times per epoch)
     epoch     int
     bucket    (width, height)
     skips     dict        per-batch bad-input report: {"seen", "skipped": {reason: n},
@@ -45,8 +47,9 @@ log = logging.getLogger("lumina_lightning.data")
 
 __all__ = ["DataPlan", "ImageTextDataset", "SampleKey", "build_plan"]
 
-# A sample key as the sampler hands it to the dataset: (epoch, record index).
-SampleKey = tuple[int, int]
+# A sample key as the sampler hands it to the dataset: (epoch, record index, copy), where copy
+# numbers the listings of a record within the epoch; (epoch, record index) means copy 0.
+SampleKey = tuple[int, int] | tuple[int, int, int]
 _SCHEDULE_SALT = 0xB0C
 _SUBSTITUTE_SALT = 0x5B5
 _FALLBACK_SALT = 0xFA11
@@ -213,12 +216,14 @@ class _BatchDatasetBase(Dataset, metaclass=abc.ABCMeta):
     def __len__(self) -> int:
         return len(self.plan)
 
-    def _caption(self, captions, epoch: int, index: int):
-        return choose_caption(captions, self.weights, self.fallback, seed=self.seed, epoch=epoch, index=index)
+    def _caption(self, captions, epoch: int, index: int, copy: int = 0):
+        return choose_caption(captions, self.weights, self.fallback, seed=self.seed, epoch=epoch, index=index,
+                              copy=copy)
 
     @abc.abstractmethod
-    def _load_one(self, epoch: int, index: int, bucket: tuple[int, int], report: SkipCounter) -> dict[str, Any]:
-        """Load one sample or raise :class:`BadSample`."""
+    def _load_one(self, epoch: int, index: int, bucket: tuple[int, int], report: SkipCounter,
+                  copy: int = 0) -> dict[str, Any]:
+        """Load one sample (its caption chosen for listing ``copy``) or raise :class:`BadSample`."""
 
     def _substitutes(self, epoch: int, index: int, bucket_id: int):
         members = self.plan.members(bucket_id)
@@ -230,7 +235,8 @@ class _BatchDatasetBase(Dataset, metaclass=abc.ABCMeta):
             if cand != index:
                 yield cand
 
-    def _fallback(self, epoch: int, index: int, bucket_id: int, failed: set[int], report: SkipCounter) -> dict[str, Any]:
+    def _fallback(self, epoch: int, index: int, bucket_id: int, failed: set[int], report: SkipCounter,
+                  copy: int = 0) -> dict[str, Any]:
         """One readable sample for a batch whose every slot and substitute failed.
 
         Dropping the batch would leave this rank one step short of ``len(loader)`` and out of step
@@ -248,7 +254,7 @@ class _BatchDatasetBase(Dataset, metaclass=abc.ABCMeta):
                 continue
             report.seen += 1
             try:
-                return self._load_one(epoch, int(candidate), bucket, report)
+                return {**self._load_one(epoch, int(candidate), bucket, report, copy), "copy": copy}
             except BadSample as err:
                 failed.add(int(candidate))
                 report.add(err.reason, str(err), seen=False)
@@ -263,7 +269,7 @@ class _BatchDatasetBase(Dataset, metaclass=abc.ABCMeta):
         """Stack loaded samples into the batch dict."""
 
     def __getitems__(self, keys: Sequence[SampleKey]) -> dict[str, Any]:
-        """Build one batch from ``(epoch, record index)`` keys that share a bucket.
+        """Build one batch from ``(epoch, record index[, copy])`` keys that share a bucket.
 
         A sample that fails to decode is counted by reason and replaced by another sample of the
         same bucket (chosen deterministically from ``(seed, epoch, index)``) so the batch keeps its
@@ -271,31 +277,33 @@ class _BatchDatasetBase(Dataset, metaclass=abc.ABCMeta):
         :meth:`_fallback`): every rank yields exactly the scheduled number of batches.
         """
         position = getattr(keys, "position", None)  # set by the loader's batch sampler (loader._Keys)
-        keys = [(int(e), int(i)) for e, i in keys]
+        keys = [(int(k[0]), int(k[1]), int(k[2]) if len(k) > 2 else 0) for k in keys]
         if not keys:
             raise ValueError("empty batch request")
         epoch = keys[0][0]
         bucket_id = int(self.plan.bucket_ids[keys[0][1]])
-        if bucket_id < 0 or any(self.plan.bucket_ids[i] != bucket_id for _, i in keys):
+        if bucket_id < 0 or any(self.plan.bucket_ids[i] != bucket_id for _, i, _ in keys):
             raise ValueError("a batch must hold usable samples of a single bucket")
         bucket = self.plan.buckets[bucket_id]
         report = SkipCounter()
         items = []
         failed: set[int] = set()
-        for _, index in keys:
-            # Substitutes are drawn lazily: only when the sample itself fails.
+        for _, index, copy in keys:
+            # Substitutes are drawn lazily: only when the sample itself fails. A substitute takes
+            # the slot's copy number: substitutes for two listings of one failed record still draw apart.
             for candidate in itertools.chain((index,), self._substitutes(epoch, index, bucket_id)):
                 report.seen += 1
                 try:
-                    items.append(self._load_one(epoch, candidate, bucket, report))
+                    items.append({**self._load_one(epoch, candidate, bucket, report, copy), "copy": copy})
                     break
                 except BadSample as err:
                     failed.add(candidate)
                     report.add(err.reason, str(err), seen=False)
                     _warn(err.reason, str(err))
         if not items:
-            items.append(self._fallback(epoch, keys[0][1], bucket_id, failed, report))
+            items.append(self._fallback(epoch, keys[0][1], bucket_id, failed, report, keys[0][2]))
         batch = self._collate(items, bucket)
+        batch["copies"] = torch.tensor([it["copy"] for it in items], dtype=torch.long)
         batch["epoch"] = epoch
         batch["bucket"] = bucket
         batch["skips"] = report.report()
@@ -336,9 +344,10 @@ class ImageTextDataset(_BatchDatasetBase):
                             f"{bucket[0]}x{bucket[1]}")
         return to_array(resize_cover_center_crop(img, bucket)), upscaled
 
-    def _load_one(self, epoch: int, index: int, bucket: tuple[int, int], report: SkipCounter) -> dict[str, Any]:
+    def _load_one(self, epoch: int, index: int, bucket: tuple[int, int], report: SkipCounter,
+                  copy: int = 0) -> dict[str, Any]:
         record = self.plan.records.records[index]
-        chosen = self._caption(record.captions, epoch, index)
+        chosen = self._caption(record.captions, epoch, index, copy)
         if chosen is None:
             raise BadSample(EMPTY_CAPTION, f"{record.image}: no non-empty caption")
         key = (index, tuple(bucket))

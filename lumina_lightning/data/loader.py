@@ -12,6 +12,11 @@ How the order is made (deterministic from the seed, independent of the number of
 4. If the per-rank batch size changes on resume, the rest of the epoch is re-cut into batches of
    the new size, keeping each bucket's remaining samples in their order (no sample lost or
    repeated; with ``drop_last`` each bucket's last partial batch is dropped as usual).
+5. A source ``ratio`` >= 2 (or the random extra of a ratio between 1 and 2) lists a record more
+   than once per epoch. Each key carries a *copy* number, the listing's rank among that record's
+   listings in the epoch order (0 for the first), so that the per-sample random draws keyed by
+   the sample (caption level here, dropout/t/noise in training) differ between the listings; it
+   follows from the schedule and the position, so a resume gives the same copies.
 
 Every bucket holds about the same number of pixels (the crop-size list is area-capped, spec §5),
 so a step costs about the same on every rank whichever bucket each one draws.
@@ -45,7 +50,7 @@ from .skips import SkipCounter
 
 log = logging.getLogger("lumina_lightning.data")
 
-__all__ = ["BucketBatchSampler", "LuminaDataLoader", "build_dataloader", "regroup"]
+__all__ = ["BucketBatchSampler", "LuminaDataLoader", "build_dataloader", "copy_numbers", "regroup"]
 
 _STATE_VERSION = 1
 
@@ -72,8 +77,23 @@ def regroup(batches: list[np.ndarray], batch_size: int, bucket_ids: np.ndarray, 
     return [chunk for _, chunk in out]
 
 
+def copy_numbers(batches: list[np.ndarray], listed: np.ndarray | None = None) -> list[np.ndarray]:
+    """For each sample of ``batches`` (in order), how many listings of its record come before it:
+    those earlier in ``batches`` plus ``listed[record]`` (listings already consumed), if given."""
+    if not batches:
+        return []
+    flat = np.concatenate(batches)
+    order = np.argsort(flat, kind="stable")  # a record's listings stay in their order
+    ordered = flat[order]
+    ranks = np.empty(len(flat), dtype=np.int64)
+    ranks[order] = np.arange(len(flat)) - np.searchsorted(ordered, ordered, side="left")
+    if listed is not None:
+        ranks += listed[flat]
+    return np.split(ranks, np.cumsum([len(b) for b in batches])[:-1])
+
+
 class _Keys(list):
-    """One batch's ``(epoch, index)`` keys plus ``position``: the sampler state right after it.
+    """One batch's ``(epoch, index, copy)`` keys plus ``position``: the sampler state right after it.
 
     The dataset copies ``position`` into the batch so the loader knows which position a *delivered*
     batch corresponds to (see ``LuminaDataLoader.state_dict``).
@@ -83,7 +103,7 @@ class _Keys(list):
 
 
 class BucketBatchSampler:
-    """Yields, for one rank, lists of ``(epoch, record index)`` keys; each list is one bucket.
+    """Yields, for one rank, lists of ``(epoch, record index, copy)`` keys; each list is one bucket.
 
     Implements ``set_epoch`` (called by Lightning each epoch) and ``state_dict`` /
     ``load_state_dict`` (the torchdata ``Stateful`` protocol), with the global cursor semantics
@@ -115,7 +135,7 @@ class BucketBatchSampler:
         self.cursor = 0  # global micro-batches of the current schedule consumed by all ranks together
         # Earlier (batch_size, cursor) segments of this epoch when the batch size changed on resume.
         self.segments: list[tuple[int, int]] = []
-        self._cache: tuple[Any, list[np.ndarray]] | None = None
+        self._cache: tuple[Any, list[np.ndarray], list[np.ndarray] | None] | None = None
         self._len_cache: tuple[Any, int] | None = None
         self._generation = 0
 
@@ -127,10 +147,21 @@ class BucketBatchSampler:
             return self._cache[1]
         sizes = [b for b, _ in self.segments] + [self.batch_size]
         sched = self.plan.epoch_schedule(self.seed, self.epoch, sizes[0], self.drop_last)
+        # Only a ratio above 1 lists a record twice in an epoch; otherwise every copy number is 0.
+        repeats = any(src.ratio > 1 for src in self.plan.records.sources)
+        listed = np.zeros(len(self.plan), dtype=np.int64) if repeats else None
         for (_, cursor), size in zip(self.segments, sizes[1:]):
+            if listed is not None and cursor:
+                listed += np.bincount(np.concatenate(sched[:cursor]), minlength=len(listed))
             sched = regroup(sched[cursor:], size, self.plan.bucket_ids, self.drop_last)
-        self._cache = (key, sched)
+        self._cache = (key, sched, copy_numbers(sched, listed) if repeats else None)
         return sched
+
+    def copies(self) -> list[np.ndarray] | None:
+        """For each batch of :meth:`schedule`, the copy number of each sample (module docstring,
+        item 5); ``None`` when no record is listed twice in an epoch (all copies 0)."""
+        self.schedule()
+        return self._cache[2]
 
     def __len__(self) -> int:
         """Steps (batches for this rank) in a whole epoch from its start with the current settings."""
@@ -167,10 +198,12 @@ class BucketBatchSampler:
             if generation != self._generation:
                 return  # a newer iterator (or a state load) took over this sampler
             batch = sched[self.cursor + self.rank]
+            copies = self.copies()
+            copies = copies[self.cursor + self.rank] if copies is not None else np.zeros(len(batch), dtype=np.int64)
             # Advance before yielding: torchdata snapshots the state right after an index is
             # drawn, and that batch must count as consumed in the snapshot.
             self.cursor += self.world_size
-            keys = _Keys((epoch, int(i)) for i in batch)
+            keys = _Keys((epoch, int(i), int(c)) for i, c in zip(batch, copies))
             keys.position = self.state_dict()
             yield keys
 

@@ -3,8 +3,9 @@
 Spec §3–§5. One training step:
 
 1. latents from the frozen autoencoder (or the offline cache);
-2. per sample, from a generator seeded by (seed, epoch, sample index) — so the draws do not depend
-   on the number of ranks, the batch composition or a resume — caption dropout (the *whole*
+2. per sample, from a generator seeded by (seed, epoch, sample index, copy) — so the draws do not
+   depend on the number of ranks, the batch composition or a resume, and the listings of a record
+   that a source ratio >= 2 repeats in an epoch differ (``copy``) — caption dropout (the *whole*
    prompt, system template included, becomes ""), logit-normal t shifted toward noise by the
    resolution shift, and the noise;
 3. prompt features from the frozen text encoder (``template + caption``, ``hidden_states[-2]``);
@@ -46,7 +47,7 @@ from lumina_lightning.flow import (
 from lumina_lightning.models.config import NextDiTConfig, config_for
 from lumina_lightning.models.nextdit import NextDiT
 from lumina_lightning.modules.ema import ema_copy_, ema_update, fp32_shadow, is_low_precision, trained_ema_params
-from lumina_lightning.modules.steplog import log_step_rates, logging_step
+from lumina_lightning.modules.steplog import log_step_rates, logger_step, logging_step, step_started
 from lumina_lightning.training.config import RecipeConfig
 from lumina_lightning.training.parallelize import (
     builds_partitioned,
@@ -62,9 +63,14 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _SALT_TRAIN = 0x4C554D31  # "LUM1": separates training draws from other seeded streams
 
 
-def sample_generator(seed: int, epoch: int, index: int, salt: int = _SALT_TRAIN) -> torch.Generator:
-    """A CPU generator for one sample's random draws, independent of ranks, batches and resumes."""
-    mixed = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index), salt]).generate_state(2)
+def sample_generator(seed: int, epoch: int, index: int, salt: int = _SALT_TRAIN, copy: int = 0) -> torch.Generator:
+    """A CPU generator for one sample's random draws, independent of ranks, batches and resumes.
+
+    ``copy`` is the batch's ``copies`` entry: which listing of the record in the epoch the sample is.
+    """
+    # copy 0 keeps the key it had before copies existed, so data without repeats draws as before
+    extra = [int(copy)] if copy else []
+    mixed = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(epoch), int(index), salt, *extra]).generate_state(2)
     return torch.Generator().manual_seed(int(mixed[0]) << 32 | int(mixed[1]))
 
 
@@ -101,8 +107,9 @@ class NextDiTModule(pl.LightningModule):
         self.ema_model: NextDiT | None = None
         self.bins = TimestepBins(20)  # since the last log, logged as train_t/loss_binNN
         self.run_bins = TimestepBins(20)  # whole run (this process), for the loss-by-t plot
-        self.nonfinite_in_a_row = 0
+        self.nonfinite_in_a_row = 0  # optimizer steps
         self.nonfinite_total = 0
+        self._window_nonfinite = False  # a micro-batch since the last optimizer step had a non-finite loss
         self.loss_history: list[float] = []  # this process's training losses, for reports and tests
         self.index_history: list[list[int]] = []  # sample ids of each step (proves the data position on resume)
         self._step_started: float | None = None
@@ -243,7 +250,9 @@ class NextDiTModule(pl.LightningModule):
         """Per-sample random draws (dropout, t, noise; and the auxiliary pair), reproducible anywhere."""
         o = self.recipe.objective
         epoch = int(batch.get("epoch", 0))
-        gens = [sample_generator(self.recipe.seed, epoch, int(i)) for i in batch["indices"]]
+        indices = [int(i) for i in batch["indices"]]
+        copies = [int(c) for c in batch["copies"]] if "copies" in batch else [0] * len(indices)
+        gens = [sample_generator(self.recipe.seed, epoch, i, copy=c) for i, c in zip(indices, copies)]
         shape = latents.shape[1:]
         aux_shape = None
         if o.aux_loss and self.aux_possible(latents):
@@ -311,20 +320,9 @@ class NextDiTModule(pl.LightningModule):
         bad = not bool(torch.isfinite(loss.detach()))
         bad = self.trainer.strategy.reduce_boolean_decision(bad, all=False)
         if bad:
-            self.nonfinite_in_a_row += 1
-            self.nonfinite_total += 1
-            self.log("train/nonfinite_steps", float(self.nonfinite_total), rank_zero_only=True)
-            limit = self.recipe.trainer.max_nonfinite_steps
-            log.warning("non-finite loss at step %d: step skipped (%d in a row, limit %d)",
-                        self.global_step, self.nonfinite_in_a_row, limit)
-            if self.nonfinite_in_a_row >= limit:
-                raise RuntimeError(
-                    f"{self.nonfinite_in_a_row} non-finite losses in a row (trainer.max_nonfinite_steps={limit}); "
-                    "stopping. Lower optim.lr, check the data, or use 32-true precision to find the cause."
-                )
-            self._skipped = True
+            # no backward for this micro-batch; optimizer_step skips the whole step it belongs to
+            self._window_nonfinite = True
             return None
-        self.nonfinite_in_a_row = 0
         self.loss_history.append(float(loss.detach()))
         self.index_history.append([int(i) for i in batch["indices"]])
 
@@ -351,8 +349,28 @@ class NextDiTModule(pl.LightningModule):
         if total is not None and logging_step(self):
             self.log("train/grad_norm", total.detach().float(), on_step=True, prog_bar=False)
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
-        super().optimizer_step(*args, **kwargs)
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        step = self.global_step
+
+        def closure() -> Any:
+            result = optimizer_closure()  # the step's last micro-batch: training_step and backward
+            if self._window_nonfinite:
+                # A micro-batch of this step had a non-finite loss: skip the step, not just that
+                # micro-batch, or the other micro-batches' gradients would make a partial update.
+                # Without gradients, and with None for a result (Lightning's mark of a skipped
+                # backward, which its AMP scaler also honours), the optimizer leaves every weight and
+                # its state as they are, as when the only micro-batch was bad; the LR schedule and
+                # the step counter still advance, as they do then.
+                optimizer.zero_grad(set_to_none=True)
+                return None
+            return result
+
+        super().optimizer_step(epoch, batch_idx, optimizer, closure)
+        self._skipped, self._window_nonfinite = self._window_nonfinite, False
+        if self._skipped:
+            self._count_skipped_step(step)
+        else:
+            self.nonfinite_in_a_row = 0
         # The EMA moves right after the weights, before any callback (ModelCheckpoint saves in
         # on_train_batch_end), so a checkpoint always holds the EMA of the weights it holds.
         if self.ema_model is not None and not self._skipped:
@@ -360,8 +378,22 @@ class NextDiTModule(pl.LightningModule):
                 self._ema_shadow = (self._restored_shadow() or fp32_shadow(self.ema_model, self.model),)
             ema_update(self.ema_model, self.model, self.recipe.ema.decay, shadow=self._ema_shadow[0])
 
+    def _count_skipped_step(self, step: int) -> None:
+        """Count an optimizer step skipped for a non-finite loss; stop after too many in a row."""
+        self.nonfinite_in_a_row += 1
+        self.nonfinite_total += 1
+        self.log("train/nonfinite_steps", float(self.nonfinite_total), rank_zero_only=True)
+        limit = self.recipe.trainer.max_nonfinite_steps
+        log.warning("non-finite loss at step %d: step skipped (%d in a row, limit %d)",
+                    step, self.nonfinite_in_a_row, limit)
+        if self.nonfinite_in_a_row >= limit:
+            raise RuntimeError(
+                f"{self.nonfinite_in_a_row} non-finite losses in a row (trainer.max_nonfinite_steps={limit}); "
+                "stopping. Lower optim.lr, check the data, or use 32-true precision to find the cause."
+            )
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
+        self._step_started = step_started(self)
         self._skipped = False
         self._step_at_start = self.global_step
 
@@ -435,17 +467,24 @@ class NextDiTModule(pl.LightningModule):
     def run_validation(self) -> dict[str, float]:
         if not self.val_batches:
             return {}
-        results = {}
+        results, metrics = {}, {}
         for name, model in (("raw", self.model), ("ema", self.ema_model)):
             if model is None:
                 continue
             mean, per_t = self.validation_losses(model)
             results[name] = mean
-            self.log(f"val/loss_{name}", mean, rank_zero_only=True)
+            metrics[f"val/loss_{name}"] = mean
             for k, value in enumerate(per_t):
-                self.log(f"val_t/{name}_t{k}", value, rank_zero_only=True)
-        main = results.get("ema", results.get("raw"))
-        self.log("val/loss", main, rank_zero_only=True)
+                metrics[f"val_t/{name}_t{k}"] = value
+        metrics["val/loss"] = results.get("ema", results.get("raw"))
+        # self.log from a training hook reaches the loggers only on Lightning's logging steps
+        # (log_every_n_steps), which a validation step need not be (the final one included): the
+        # metrics go to the loggers here, at the step of this batch's training metrics, and
+        # self.log keeps them in callback_metrics for callbacks (a monitor, the progress bar).
+        self.log_dict(metrics, logger=False, rank_zero_only=True)
+        if self.trainer.is_global_zero:
+            for lg in self.loggers:
+                lg.log_metrics(metrics, step=logger_step(self))
         self.last_validation = results
         return results
 

@@ -21,10 +21,28 @@ def logging_step(module: Any) -> bool:
         return True
 
 
+def logger_step(module: Any) -> int:
+    """The step Lightning writes this batch's training metrics under (``global_step - 1`` in
+    ``on_train_batch_end`` after an optimizer step), for metrics sent to the loggers directly."""
+    try:
+        return int(module.trainer.fit_loop.epoch_loop._batches_that_stepped)
+    except (AttributeError, RuntimeError):
+        return max(module.global_step - 1, 0)
+
+
+def step_started(module: Any) -> float:
+    """Call from ``on_train_batch_start``: notes the LR this step's optimizer update uses, for
+    ``train/lr`` (Lightning steps the scheduler before ``on_train_batch_end``, where the optimizer
+    already holds the next step's LR), and returns the start time for :func:`log_step_rates`."""
+    module._step_lr = module.optimizers().param_groups[0]["lr"]
+    return time.perf_counter()
+
+
 def log_step_rates(module: Any, started: float | None, batch_info: tuple[int, int] | None, tokens_name: str) -> None:
     """``train/images_per_s``, ``train/<tokens_name>`` (both over all ranks) and ``train/lr`` for the
     step that began at ``started`` (``time.perf_counter()``) and held ``batch_info = (images, tokens)``
-    on this rank; only on Lightning's writing steps."""
+    on this rank; only on Lightning's writing steps. ``train/lr`` is the LR noted by
+    :func:`step_started` (else the optimizer's current LR, which is already the next step's)."""
     if not logging_step(module):
         return
     if started is not None and batch_info:
@@ -33,4 +51,5 @@ def log_step_rates(module: Any, started: float | None, batch_info: tuple[int, in
         world = module.trainer.world_size
         module.log("train/images_per_s", images * world / dt, on_step=True)
         module.log(f"train/{tokens_name}", tokens * world / dt, on_step=True)
-    module.log("train/lr", module.optimizers().param_groups[0]["lr"], on_step=True)
+    lr = getattr(module, "_step_lr", None)
+    module.log("train/lr", lr if lr is not None else module.optimizers().param_groups[0]["lr"], on_step=True)

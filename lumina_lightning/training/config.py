@@ -84,9 +84,10 @@ class DataSection(DataConfig):
     Attributes:
         batch_size: samples per batch per rank (global batch = batch_size × ranks × accumulation).
         num_workers: decoding worker processes per rank.
-        val_path: manifest for the validation loss and sample prompts (default: none; the loss
-            is then computed on the first batches of the training data).
-        val_samples: how many validation records to use for the fixed-timestep loss.
+        val_path: manifest (or folder / data YAML) of the held-out records for the fixed-timestep
+            validation loss (default: none, and then no validation loss is computed; the sample
+            grids take their prompts from ``validation.prompts`` either way).
+        val_samples: how many validation records (the first usable ones) the loss uses.
         synthetic: generate the bundled synthetic compositional dataset into the folder of
             ``path`` when ``path`` does not exist yet — arguments of ``generate_synthetic``
             (``n``, ``size``, ``seed``, ``n_test``, ``holdout``, ...). Lets the tiny recipes run on a
@@ -207,8 +208,9 @@ class TrainerSection:
         precision: ``32-true`` | ``bf16-mixed`` | ``16-mixed`` | ``bf16-true``.
         checkpoint_every_n_steps: periodic checkpoints (``last.ckpt`` is always kept up to date).
         keep_checkpoints: how many periodic checkpoints to keep (-1 = all).
-        max_nonfinite_steps: stop with a clear error after this many non-finite losses in a row
-            (each is skipped and counted).
+        max_nonfinite_steps: stop with a clear error after this many optimizer steps in a row with
+            a non-finite loss (each such step is skipped whole, all its accumulated micro-batches,
+            and counted once).
         num_threads: torch CPU threads per process (``null`` = torch's default, all cores).
     """
 
