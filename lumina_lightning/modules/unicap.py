@@ -30,7 +30,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -40,7 +39,7 @@ import torch
 
 from lumina_lightning.data.records import Record
 from lumina_lightning.data.skips import BadSample, SkipCounter
-from lumina_lightning.modules.steplog import log_step_rates
+from lumina_lightning.modules.steplog import log_step_rates, step_started
 from lumina_lightning.modules.unicap_data import (
     IGNORE_INDEX,
     PROMPT_TOO_LONG,
@@ -635,7 +634,7 @@ class UniCapModule(pl.LightningModule):
             self.log("train/grad_norm", total.detach().float(), on_step=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_started = time.perf_counter()
+        self._step_started = step_started(self)  # also notes the LR this step uses, for train/lr
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if outputs is None:

@@ -160,6 +160,8 @@ def validation_batches(cfg: Any) -> list[dict[str, Any]]:
     """Fixed validation batches from ``data.val_path`` (first ``val_samples`` usable records)."""
     if not cfg.data.val_path:
         return []
+    import torch
+
     from lumina_lightning.data.loader import build_dataloader
 
     dcfg = data_config(cfg, path=cfg.data.val_path, cache_dir=None, drop_last=False, strict_resume=False)
@@ -167,8 +169,12 @@ def validation_batches(cfg: Any) -> list[dict[str, Any]]:
                               rank=0, world_size=1, num_workers=0)
     batches, count = [], 0
     for batch in loader:
+        keep = min(len(batch["indices"]), cfg.data.val_samples - count)
+        if keep < len(batch["indices"]):
+            # the loader's batches come whole: cut the last one to exactly val_samples records
+            batch = {k: v[:keep] if isinstance(v, (torch.Tensor, list)) else v for k, v in batch.items()}
         batches.append(batch)
-        count += len(batch["indices"])
+        count += keep
         if count >= cfg.data.val_samples:
             break
     return batches
@@ -329,11 +335,11 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
     strategy = build_strategy(cfg.trainer.strategy, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                               num_nodes=cfg.trainer.num_nodes, precision=cfg.trainer.precision,
                               grad_clip=cfg.optim.grad_clip)
-    logger, tracking_uri = make_logger(cfg, loaded, parent=parent)
+    ckpt_path = resolve_resume(cfg.resume, ckpt_dir)
+    logger, tracking_uri = make_logger(cfg, loaded, parent=parent, resume_from=ckpt_path, out=out)
     trainer, stop = make_trainer(cfg, strategy=strategy, logger=logger, out=out, ckpt_dir=ckpt_dir,
                                  extra_callbacks=extra_callbacks, trainer_kwargs=trainer_kwargs,
                                  grad_clip=cfg.optim.grad_clip)
-    ckpt_path = resolve_resume(cfg.resume, ckpt_dir)
     run_id = log_run_start(logger, trainer, loaded, out, tracking_uri=tracking_uri)
 
     trainer.fit(module, datamodule=_DataModule(cfg, cache_identity), ckpt_path=ckpt_path)

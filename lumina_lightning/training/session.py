@@ -54,12 +54,39 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
 
 
+def resumed_run_id(out: Path, ckpt_path: str | None, tracking_uri: str) -> str | None:
+    """The MLflow run a resumed training continues: the one its ``run_info.json`` names, where it was
+    tracked at the same URI and the run still exists. ``None`` (a new run) otherwise, and on ranks
+    other than 0, whose logger does not talk to MLflow."""
+    if not ckpt_path or local_rank_from_env() != 0:
+        return None
+    try:
+        info = json.loads((out / RUN_INFO).read_text())
+    except (OSError, ValueError):
+        return None
+    run_id = info.get("mlflow_run_id")
+    if not run_id or info.get("tracking_uri") != tracking_uri:
+        return None
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.MlflowClient(tracking_uri=tracking_uri).get_run(run_id)
+    except MlflowException as err:
+        log.warning("resuming, but MLflow run %s of %s is not readable (%s): starting a new run", run_id, out, err)
+        return None
+    return None if run.info.lifecycle_stage == "deleted" else run_id
+
+
 def make_logger(cfg: Any, loaded: Any, *, tags: dict[str, str] | None = None,
-                parent: dict[str, Any] | None = None) -> tuple[Any, str | None]:
+                parent: dict[str, Any] | None = None, resume_from: str | None = None,
+                out: Path | None = None) -> tuple[Any, str | None]:
     """An ``MLFlowLogger`` (or ``False`` when tracking is off) and the tracking URI it uses.
 
     ``parent`` is the ``run_info.json`` of the run this one starts from: its run becomes the
-    MLflow parent, so stage lineages are browsable in ``mlflow ui``.
+    MLflow parent, so stage lineages are browsable in ``mlflow ui``. ``resume_from`` (the checkpoint
+    a run resumes from) and ``out`` (its folder): a resumed run goes on logging into its MLflow run,
+    so an interrupted training is one run with one loss curve, not two halves.
     """
     if not cfg.tracking.enabled:
         return False, None
@@ -75,8 +102,12 @@ def make_logger(cfg: Any, loaded: Any, *, tags: dict[str, str] | None = None,
     if parent and parent.get("mlflow_run_id"):
         all_tags["mlflow.parentRunId"] = parent["mlflow_run_id"]
         all_tags["lumina.init_from_run"] = parent["mlflow_run_id"]
+    run_id = resumed_run_id(out, resume_from, tracking_uri) if out is not None else None
+    if run_id:
+        log.info("resuming: continuing MLflow run %s", run_id)
     logger = MLFlowLogger(experiment_name=cfg.tracking.experiment, run_name=cfg.tracking.run_name or cfg.stage,
-                          tracking_uri=tracking_uri, tags=all_tags, artifact_location=artifacts, log_model=False)
+                          tracking_uri=tracking_uri, tags=all_tags, artifact_location=artifacts, log_model=False,
+                          run_id=run_id)
     return logger, tracking_uri
 
 
@@ -157,7 +188,18 @@ def log_run_start(logger: Any, trainer: Any, loaded: Any, out: Path, *, tracking
     if not logger:
         return None
     run_id = logger.run_id
-    logger.log_hyperparams({**flatten(loaded.resolved), **(extra_params or {})})
+    params = {**flatten(loaded.resolved), **(extra_params or {})}
+    if trainer.is_global_zero:
+        # a resumed run already holds its params, and MLflow refuses to change a logged value: log
+        # only the new ones, and tag the ones this resumption changed (e.g. a longer trainer.max_steps)
+        logged = logger.experiment.get_run(run_id).data.params
+        changed = sorted(k for k, v in params.items() if k in logged and not str(v).startswith(logged[k]))
+        params = {k: v for k, v in params.items() if k not in logged}
+        if changed:
+            log.warning("resumed with other values of %s than the MLflow run logged; its params keep the "
+                        "first values (the resolved recipe of this run is in %s)", ", ".join(changed), out / "config.yaml")
+            logger.experiment.set_tag(run_id, "lumina.resume_changed_params", ", ".join(changed)[:5000])
+    logger.log_hyperparams(params)
     if trainer.is_global_zero:
         for f in loaded.files:
             logger.experiment.log_artifact(run_id, str(f), "recipe")

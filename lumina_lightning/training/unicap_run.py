@@ -148,11 +148,11 @@ def train_unicap(loaded: Any, *, extra_callbacks: list | None = None, trainer_kw
     strategy = build_unicap_strategy(cfg.trainer.strategy, accelerator=cfg.trainer.accelerator,
                                      devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes, model=module.model,
                                      find_unused_parameters=cfg.trainer.find_unused_parameters)
-    logger, tracking_uri = make_logger(cfg, loaded, tags={"task": "unicap"})
+    ckpt_path = resolve_resume(cfg.resume, ckpt_dir)
+    logger, tracking_uri = make_logger(cfg, loaded, tags={"task": "unicap"}, resume_from=ckpt_path, out=out)
     trainer, stop = make_trainer(cfg, strategy=strategy, logger=logger, out=out, ckpt_dir=ckpt_dir,
                                  extra_callbacks=extra_callbacks, trainer_kwargs=trainer_kwargs,
                                  grad_clip=cfg.optim.grad_clip)
-    ckpt_path = resolve_resume(cfg.resume, ckpt_dir)
     run_id = log_run_start(logger, trainer, loaded, out, tracking_uri=tracking_uri,
                            extra_params={f"model.params.{k}": v for k, v in module.summary.items()})
 
