@@ -114,6 +114,9 @@ def test_tiny_run_learns_tracks_and_exports(tmp_path):
     top = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {"recipe", "samples", "export", "plots"} <= top
     assert [a.path for a in client.list_artifacts(r.info.run_id, "samples")] == ["samples/step_0000024.png"]
+    # the training loss by timestep bin, and the last validation loss at its fixed timesteps
+    assert sorted(a.path for a in client.list_artifacts(r.info.run_id, "plots")) == [
+        "plots/loss_by_t.png", "plots/val_loss_by_t.png"]
 
 
 def test_resume_equals_straight_run(tmp_path):

@@ -467,12 +467,13 @@ class NextDiTModule(pl.LightningModule):
     def run_validation(self) -> dict[str, float]:
         if not self.val_batches:
             return {}
-        results, metrics = {}, {}
+        results, metrics, by_t = {}, {}, {}
         for name, model in (("raw", self.model), ("ema", self.ema_model)):
             if model is None:
                 continue
             mean, per_t = self.validation_losses(model)
             results[name] = mean
+            by_t[name] = per_t
             metrics[f"val/loss_{name}"] = mean
             for k, value in enumerate(per_t):
                 metrics[f"val_t/{name}_t{k}"] = value
@@ -486,6 +487,7 @@ class NextDiTModule(pl.LightningModule):
             for lg in self.loggers:
                 lg.log_metrics(metrics, step=logger_step(self))
         self.last_validation = results
+        self.last_validation_by_t = by_t  # at stratified_timesteps(validation.n_timesteps), for the run's plot
         return results
 
     def sampling_model(self) -> NextDiT:

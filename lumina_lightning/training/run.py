@@ -393,3 +393,18 @@ def _log_plots(logger: Any, run_id: str, module: Any) -> None:
         fig.tight_layout()
         logger.experiment.log_figure(run_id, fig, "plots/loss_by_t.png")
         plt.close(fig)
+    by_t = getattr(module, "last_validation_by_t", None)
+    if by_t:
+        from lumina_lightning.flow.objective import stratified_timesteps
+
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        for name, per_t in by_t.items():
+            ax.plot(stratified_timesteps(len(per_t)).tolist(), per_t, marker="o", label=f"{name} weights")
+        ax.set_xlabel("t (0 = noise, 1 = data)")
+        ax.set_ylabel("validation loss")
+        ax.set_title("last validation loss at fixed timesteps")
+        ax.set_yscale("log")
+        ax.legend()
+        fig.tight_layout()
+        logger.experiment.log_figure(run_id, fig, "plots/val_loss_by_t.png")
+        plt.close(fig)
