@@ -332,6 +332,11 @@ def test_a_rerun_leaves_no_results_or_reports_of_the_previous_one(pipe, data, tm
     assert sorted(p.name for p in out.iterdir()) == ["images", "results.json", "results.jsonl"]
     assert sorted(p.name for p in (out / "images").iterdir()) == ["00000", "00001"]
     assert json.loads((out / "results.json").read_text())["prompts"] == again["prompts"] == 2
+    # only what a run writes goes: a file of the user's own in plots/ or grids/ stays
+    evaluate(pipe, data.test_geneval, out, max_prompts=2, **QUICK)
+    (out / "plots" / "notes.txt").write_text("mine")
+    evaluate(pipe, data.test_geneval, out, max_prompts=2, report=False, **QUICK)
+    assert [p.name for p in (out / "plots").iterdir()] == ["notes.txt"] and not (out / "grids").exists()
 
 
 def test_prompt_limits_under_one_are_refused(pipe, data, tmp_path, capsys):

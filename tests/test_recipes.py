@@ -542,3 +542,32 @@ def test_pipeline_captioner_trains_under_the_pipeline_folder(tmp_path, monkeypat
     assert seen["output_dir"] == str((tmp_path / "out" / "unicap").resolve())
     assert (seen["max_steps"] == 2) == smoke
     assert ("--limit" in seen["argv"]) == smoke
+
+
+def test_pipeline_records_from_before_the_val_and_source_digests_are_kept(tmp_path, monkeypatch):
+    """A stage record written before fingerprints covered data.val_path (the older formula) is reused,
+    not retrained, while the validation manifest is older than it; edited after it, the stage retrains."""
+    import os
+    import time
+
+    from lumina_lightning.training import pipeline as pl
+
+    calls = _stub_stages(monkeypatch, tmp_path)
+    val = tmp_path / "val.jsonl"
+    val.write_text('{"image": "a.png", "caption": "a red circle"}\n')
+    old = time.time() - 3600
+    os.utime(val, (old, old))
+    over = [f"stage_overrides=[data.val_path={val}]"]
+    path = _two_stage_pipeline(tmp_path / "p.yaml", tmp_path / "out")
+    current = pl._stage_fingerprint
+    monkeypatch.setattr(pl, "_stage_fingerprint", lambda *a, **k: current(*a, **{**k, "legacy": True}))
+    pl.run_pipeline(pl.load_pipeline_config(path, over))  # records as an older version wrote them
+    monkeypatch.setattr(pl, "_stage_fingerprint", current)
+    calls.clear()
+    again = pl.run_pipeline(pl.load_pipeline_config(path, over))
+    assert calls == [] and all(e["reused"] for e in again["stages"])
+    assert not list((tmp_path / "out").glob("*.replaced-*"))
+    # the records now hold today's fingerprint: an edit of the manifest retrains
+    val.write_text('{"image": "b.png", "caption": "two blue squares"}\n')
+    pl.run_pipeline(pl.load_pipeline_config(path, over))
+    assert [c[0] for c in calls] == ["tiny_stage1_lowres", "tiny_stage2_highres"]

@@ -457,6 +457,12 @@ def test_a_broken_encoder_folder_is_named_by_its_argument(folder, tmp_path, caps
     for kwargs, message in cases:
         with pytest.raises(PipelineLoadError, match=message):
             load_pipeline(folder, **kwargs)
+    # a diffusers pipeline folder given as --vae is read through its vae/ subfolder, as before the checks
+    from lumina_lightning.encoders.autoencoder import DiffusersVAE, build_tiny_vae
+    from lumina_lightning.sampling.pipeline_io import _override_vae
+
+    build_tiny_vae(tmp_path / "pipeline_folder" / "vae")
+    assert isinstance(_override_vae(tmp_path / "pipeline_folder"), DiffusersVAE)
     # the command line says the same, as a one-line error with exit code 2
     assert sample_main(["--ckpt", str(folder), "a", "--vae", str(tmp_path / "config_only"),
                         "--out", str(tmp_path / "o")]) == 2

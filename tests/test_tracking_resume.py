@@ -21,7 +21,8 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     recipe = tiny_recipe(tmp_path, resume="auto", tracking=tracking,
                          trainer={"max_steps": 2, "log_every_n_steps": 1, "checkpoint_every_n_steps": 1})
     first = train(load_recipe(recipe))
-    second = train(load_recipe(recipe, ["trainer.max_steps=4"]))
+    # optim.lr 0.001 -> 0.0015: a changed value that starts with the logged one still counts as changed
+    second = train(load_recipe(recipe, ["trainer.max_steps=4", "optim.lr=0.0015"]))
     assert second.global_step == 4
     assert second.mlflow_run_id == first.mlflow_run_id
     assert json.loads((first.output_dir / "run_info.json").read_text())["mlflow_run_id"] == first.mlflow_run_id
@@ -31,7 +32,7 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     steps = sorted(h.step for h in client.get_metric_history(first.mlflow_run_id, "train/loss"))
     assert steps == [0, 1, 2, 3]
     assert run.data.params["trainer.max_steps"] == "2"  # MLflow keeps a param's first value
-    assert run.data.tags["lumina.resume_changed_params"] == "trainer.max_steps"
+    assert run.data.tags["lumina.resume_changed_params"] == "optim.lr, trainer.max_steps"
     assert len(client.search_runs([run.info.experiment_id])) == 1
 
     # tracked at another URI than run_info.json records: a new run there (the old one is not reachable)

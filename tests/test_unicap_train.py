@@ -148,7 +148,8 @@ def test_default_lora_targets_leave_a_qwen25_vision_tower_alone():
 
 def test_tiny_run_learns_tracks_validates_and_exports(tmp_path):
     recipe = unicap_recipe(
-        tmp_path, trainer={"max_steps": 24, "checkpoint_every_n_steps": 12},
+        # logging every 5 steps: validation at 12 and 24 is off Lightning's logging steps
+        tmp_path, trainer={"max_steps": 24, "checkpoint_every_n_steps": 12, "log_every_n_steps": 5},
         validation={"every_n_steps": 12},
         tracking={"enabled": True, "tracking_uri": f"sqlite:///{tmp_path / 'mlruns.db'}",
                   "artifact_location": (tmp_path / "artifacts").as_uri(), "experiment": "t"},
@@ -185,6 +186,10 @@ def test_tiny_run_learns_tracks_validates_and_exports(tmp_path):
     assert int(run.data.params["model.params.trainable"]) > 0
     for metric in ("train/loss", "train/lr", "train/grad_norm", "val/loss", "val/acc_color", "val/acc_all"):
         assert metric in run.data.metrics, metric
+    # both validations reach MLflow, beside the training metrics of the step they follow
+    history = sorted((h.step, h.value) for h in client.get_metric_history(run.info.run_id, "val/loss"))
+    assert [s for s, _ in history] == [11, 23]
+    assert history[-1][1] == pytest.approx(result.val_history[-1]["val/loss"])
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"recipe", "captions", "export", "eval.json"} <= top
     logged = [a.path for a in client.list_artifacts(run.info.run_id, "captions")]

@@ -168,8 +168,13 @@ def clear_outputs(out: Path, *, images: bool = True) -> None:
     for name in _OUTPUT_FILES:
         (out / name).unlink(missing_ok=True)
     for name in _OUTPUT_FOLDERS:
-        if (out / name).is_dir():
-            shutil.rmtree(out / name)
+        # only the PNGs a report writes there (--out may be a project folder with plots/ of its own)
+        folder = out / name
+        if folder.is_dir():
+            for old in folder.glob("*.png"):
+                old.unlink()
+            if not any(folder.iterdir()):
+                folder.rmdir()
     if images and (out / "images").is_dir():
         for old in (out / "images").iterdir():
             if old.is_dir() and old.name.isdigit():

@@ -39,7 +39,7 @@ import torch
 
 from lumina_lightning.data.records import Record
 from lumina_lightning.data.skips import BadSample, SkipCounter
-from lumina_lightning.modules.steplog import log_step_rates, step_started
+from lumina_lightning.modules.steplog import log_step_rates, logger_step, step_started
 from lumina_lightning.modules.unicap_data import (
     IGNORE_INDEX,
     PROMPT_TOO_LONG,
@@ -635,12 +635,15 @@ class UniCapModule(pl.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = step_started(self)  # also notes the LR this step uses, for train/lr
+        self._step_at_start = self.global_step
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if outputs is None:
             return
         log_step_rates(self, self._step_started, self._batch_info, "answer_tokens_per_s")
-        stepped = (batch_idx + 1) % self.trainer.accumulate_grad_batches == 0
+        # whether this batch ended an optimizer step: (batch_idx + 1) % accumulate misses the step that
+        # Lightning takes on an epoch's last, incomplete window
+        stepped = self.global_step != getattr(self, "_step_at_start", self.global_step)
         v = self.recipe.validation
         step = self.global_step
         last = step >= self.trainer.max_steps
@@ -746,8 +749,13 @@ class UniCapModule(pl.LightningModule):
                     captions.append({"image": r.image, "level": level, "generated": text,
                                      "reference": r.captions.get(level, "")})
         if self._trainer is not None and self.trainer.training:
-            for key, value in results.items():
-                self.log(key, value, rank_zero_only=True)
+            # self.log from a training hook reaches the loggers only on Lightning's logging steps,
+            # which a validation step need not be (the final one included): write to the loggers
+            # here, at this batch's training-metrics step, and keep self.log for callbacks
+            self.log_dict(results, logger=False, rank_zero_only=True)
+            if self.trainer.is_global_zero:
+                for lg in self.loggers:
+                    lg.log_metrics(dict(results), step=logger_step(self))
         elif self._trainer is not None and self.trainer.is_global_zero:
             # after fit (e.g. a max_time stop): Lightning's self.log is closed, log to the loggers directly
             for lg in self.loggers:

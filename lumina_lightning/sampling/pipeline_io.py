@@ -285,7 +285,10 @@ def _override_vae(value: Any, saved: dict[str, Any] | None = None) -> Any:
                 "autoencoder folder that `lumina` trained, or 'pixel'")
         kind = "conv" if is_conv_autoencoder(value) else "vae"
         if kind == "vae":
-            _check_folder(_VAE_FLAG, value, Path(value), {
+            folder = Path(value)
+            if (folder / "vae").is_dir():  # a diffusers pipeline folder: DiffusersVAE reads its vae/
+                folder = folder / "vae"
+            _check_folder(_VAE_FLAG, value, folder, {
                 "config": ("config.json",),
                 "weights": ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin",
                             "diffusion_pytorch_model.safetensors.index.json")}, hint)

@@ -354,7 +354,7 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
         fingerprint = _stage_fingerprint(loaded, parent, inputs)
         t0 = time.perf_counter()
         print(f"\n=== stage {i + 1}/{len(cfg.stages)}: {loaded.config.stage} ({stage.recipe}) ===", flush=True)
-        record = _read_record(stage_dir)
+        record = _upgrade_record(stage_dir, _read_record(stage_dir), loaded, parent, inputs, fingerprint)
         export_dir = stage_dir / "export"
         # the autoencoder's weights: a conv autoencoder folder retrained in place keeps its path
         ae_path = loaded.config.autoencoder.path if loaded.config.autoencoder.kind != "pixel" else None
@@ -453,7 +453,7 @@ STAGE_RECORD = "pipeline_stage.json"
 RESUME_KEYS = ("resume",)
 
 
-def _stage_fingerprint(loaded: Any, parent_digest: str | None, inputs: dict[str, Any]) -> str:
+def _stage_fingerprint(loaded: Any, parent_digest: str | None, inputs: dict[str, Any], legacy: bool = False) -> str:
     """What a stage's weights depend on: its resolved recipe, the weights it starts from and the data
     inputs, including the contents of its ``data.path`` file, of the manifests a data YAML there lists,
     and of ``data.val_path`` (a manifest edited in place keeps its path). The images they list are not
@@ -462,8 +462,10 @@ def _stage_fingerprint(loaded: Any, parent_digest: str | None, inputs: dict[str,
     data_path = loaded.config.data.path
     data = _content_digest(data_path) if data_path and Path(data_path).is_file() else None
     found = {"recipe": recipe, "parent": parent_digest, "inputs": inputs, "data": data}
+    if legacy:  # what records written before the two keys below hold (see _upgrade_record)
+        return hashlib.sha256(json.dumps(found, sort_keys=True, default=str).encode()).hexdigest()[:20]
     # keys added only where there is something to record, so that a stage without them keeps the
-    # fingerprint it was trained under (a re-run after an upgrade does not retrain it)
+    # fingerprint it was trained under
     sources = _listed_manifests(data_path)
     if sources:
         found["sources"] = {name: _content_digest(path) for name, path in sources.items()}
@@ -473,6 +475,30 @@ def _stage_fingerprint(loaded: Any, parent_digest: str | None, inputs: dict[str,
                         "sources": {n: _content_digest(p) for n, p in _listed_manifests(val_path).items()}}
     blob = json.dumps(found, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def _upgrade_record(stage_dir: Path, record: dict[str, Any], loaded: Any, parent: str | None,
+                    inputs: dict[str, Any], fingerprint: str) -> dict[str, Any]:
+    """A record written before fingerprints covered a data YAML's manifests and ``data.val_path``:
+    where it matches the older formula and none of those files changed after it was written, the
+    stage is what it was, and its record gets today's fingerprint. Without this, a re-run after an
+    upgrade would move every finished stage with a validation set aside and train it again (days,
+    for the real recipes)."""
+    old = record.get("fingerprint")
+    if not old or old == fingerprint or old != _stage_fingerprint(loaded, parent, inputs, legacy=True):
+        return record
+    written = (stage_dir / STAGE_RECORD).stat().st_mtime
+    cfg = loaded.config.data
+    newly_covered = [*_listed_manifests(cfg.path).values(), *_listed_manifests(cfg.val_path).values()]
+    if cfg.val_path and Path(cfg.val_path).is_file():
+        newly_covered.append(Path(cfg.val_path))
+    if any(f.stat().st_mtime > written for f in newly_covered):
+        return record
+    log.info("stage %s: record from an earlier version; its manifests are older than it, so it keeps its "
+             "weights (record updated)", loaded.config.stage)
+    record = {**record, "fingerprint": fingerprint}
+    _write_record(stage_dir, record)
+    return record
 
 
 def _listed_manifests(path: str | None) -> dict[str, Path]:
@@ -486,10 +512,13 @@ def _listed_manifests(path: str | None) -> dict[str, Path]:
         meta = (yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}).get("META")
     except (yaml.YAMLError, AttributeError, OSError):
         return {}
+    from lumina_lightning.data.records import _resolve
+
+    folder = Path(path).expanduser().resolve().parent  # as read_data_yaml resolves its entries
     listed = {}
     for entry in meta if isinstance(meta, list) else []:
         if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-            resolved = (Path(path).parent / entry["path"]).expanduser()
+            resolved = Path(_resolve(entry["path"], folder))
             if resolved.is_file():
                 listed[entry["path"]] = resolved
     return listed

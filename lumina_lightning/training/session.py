@@ -193,7 +193,8 @@ def log_run_start(logger: Any, trainer: Any, loaded: Any, out: Path, *, tracking
         # a resumed run already holds its params, and MLflow refuses to change a logged value: log
         # only the new ones, and tag the ones this resumption changed (e.g. a longer trainer.max_steps)
         logged = logger.experiment.get_run(run_id).data.params
-        changed = sorted(k for k, v in params.items() if k in logged and not str(v).startswith(logged[k]))
+        # compared as MLFlowLogger.log_hyperparams writes them: str(value)[:250]
+        changed = sorted(k for k, v in params.items() if k in logged and str(v)[:250] != logged[k])
         params = {k: v for k, v in params.items() if k not in logged}
         if changed:
             log.warning("resumed with other values of %s than the MLflow run logged; its params keep the "
