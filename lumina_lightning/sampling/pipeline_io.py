@@ -220,8 +220,11 @@ def _same_weights(autoencoder: Any, spec: dict[str, Any]) -> Any:
 
 
 # files of which a tokenizer folder holds at least one (fast tokenizers: tokenizer.json; SentencePiece:
-# tokenizer.model / spiece.model; WordPiece and BPE vocabularies)
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "vocab.txt", "vocab.json")
+# tokenizer.model / spiece.model / sentencepiece.bpe.model / spm.model; WordPiece and BPE vocabularies;
+# byte-level tokenizers such as ByT5's have only tokenizer_config.json). A folder with none of them is
+# refused here; one with an incomplete set reaches the loader, whose error is then named by flag.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "spm.model",
+                    "vocab.txt", "vocab.json", "tokenizer_config.json")
 _TEXT_ENCODER_FLAG = "text encoder (text_encoder= / --text-encoder)"
 _VAE_FLAG = "VAE (vae= / --vae)"
 
