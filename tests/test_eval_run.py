@@ -415,6 +415,8 @@ def test_rescored_images_are_the_ones_reported_and_logged(evaluated, tmp_path, m
                   for p in (other / "images").rglob("*.png")) == scored
     rows = [json.loads(line) for line in (other / "results.jsonl").read_text().splitlines()]
     assert sorted(r["filename"] for r in rows) == scored
+    # hard links, not second copies, on one file system
+    assert all((other / f).stat().st_ino == (src / f).stat().st_ino for f in scored)
     run_id = json.loads((other / "results.json").read_text())["mlflow"]["run_id"]
     logged = _artifact_files(MlflowClient(tracking_uri=uri), run_id, "images")
     assert sorted(p for p in logged if p.endswith(".png")) == scored

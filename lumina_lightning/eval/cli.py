@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -179,10 +180,10 @@ def _copy_scored(images: Path, rows: list[dict[str, Any]], out: Path) -> None:
 
     Why a copy: the report and the MLflow artifacts are written from ``out``; pointing them at the
     scored folder would break when either folder moves, and ``out/images`` may hold another run's
-    images. Re-scoring ``out/images`` itself copies nothing.
+    images. The copies are hard links where the file system allows (no second copy of a large
+    GenEval folder on disk; a later run in ``out`` removes or replaces files, never writes into
+    them). Re-scoring ``out/images`` itself copies nothing.
     """
-    import shutil
-
     from lumina_lightning.eval.run import clear_outputs
 
     target = out / "images"
@@ -192,11 +193,19 @@ def _copy_scored(images: Path, rows: list[dict[str, Any]], out: Path) -> None:
         rel = Path(row["filename"])  # relative to the scored folder: <idx>/samples/NNNN.png
         if not in_place:
             (target / rel.parent).mkdir(parents=True, exist_ok=True)
-            shutil.copy2(images / rel, target / rel)
-            meta = rel.parent.parent / "metadata.jsonl"
-            if not (target / meta).is_file():
-                shutil.copy2(images / meta, target / meta)
+            for name in (rel, rel.parent.parent / "metadata.jsonl"):
+                if not (target / name).is_file():
+                    _link_or_copy(images / name, target / name)
         row["filename"] = (Path("images") / rel).as_posix()
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    import shutil
+
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or one without hard links
+        shutil.copy2(src, dst)
 
 
 def _log(results: dict[str, Any], out: str | Path, args: argparse.Namespace) -> dict[str, str] | None:
