@@ -46,7 +46,7 @@ from lumina_lightning.flow import (
 from lumina_lightning.models.config import NextDiTConfig, config_for
 from lumina_lightning.models.nextdit import NextDiT
 from lumina_lightning.modules.ema import ema_copy_, ema_update, fp32_shadow, is_low_precision, trained_ema_params
-from lumina_lightning.modules.steplog import log_step_rates, logger_step, logging_step, step_started
+from lumina_lightning.modules.steplog import log_step_rates, log_validation, logging_step, step_started
 from lumina_lightning.training.config import RecipeConfig
 from lumina_lightning.training.parallelize import (
     builds_partitioned,
@@ -477,14 +477,7 @@ class NextDiTModule(pl.LightningModule):
             for k, value in enumerate(per_t):
                 metrics[f"val_t/{name}_t{k}"] = value
         metrics["val/loss"] = results.get("ema", results.get("raw"))
-        # self.log from a training hook reaches the loggers only on Lightning's logging steps
-        # (log_every_n_steps), which a validation step need not be (the final one included): the
-        # metrics go to the loggers here, at the step of this batch's training metrics, and
-        # self.log keeps them in callback_metrics for callbacks (a monitor, the progress bar).
-        self.log_dict(metrics, logger=False, rank_zero_only=True)
-        if self.trainer.is_global_zero:
-            for lg in self.loggers:
-                lg.log_metrics(metrics, step=logger_step(self))
+        log_validation(self, metrics)
         self.last_validation = results
         self.last_validation_by_t = by_t  # at stratified_timesteps(validation.n_timesteps), for the run's plot
         return results

@@ -30,6 +30,20 @@ def logger_step(module: Any) -> int:
         return max(module.global_step - 1, 0)
 
 
+def log_validation(module: Any, metrics: dict[str, float]) -> None:
+    """Validation metrics computed in a training hook, for both tasks.
+
+    ``self.log`` from a training hook reaches the loggers only on Lightning's logging steps
+    (``log_every_n_steps``), which a validation step need not be (the final one included): the
+    metrics go to the loggers directly, at the step of this batch's training metrics, and
+    ``self.log`` keeps them in ``callback_metrics`` for callbacks (a monitor, the progress bar).
+    """
+    module.log_dict(metrics, logger=False, rank_zero_only=True)
+    if module.trainer.is_global_zero:
+        for lg in module.loggers:
+            lg.log_metrics(dict(metrics), step=logger_step(module))
+
+
 def step_started(module: Any) -> float:
     """Call from ``on_train_batch_start``: notes the LR this step's optimizer update uses, for
     ``train/lr`` (Lightning steps the scheduler before ``on_train_batch_end``, where the optimizer

@@ -39,7 +39,7 @@ import torch
 
 from lumina_lightning.data.records import Record
 from lumina_lightning.data.skips import BadSample, SkipCounter
-from lumina_lightning.modules.steplog import log_step_rates, logger_step, step_started
+from lumina_lightning.modules.steplog import log_step_rates, log_validation, step_started
 from lumina_lightning.modules.unicap_data import (
     IGNORE_INDEX,
     PROMPT_TOO_LONG,
@@ -749,13 +749,7 @@ class UniCapModule(pl.LightningModule):
                     captions.append({"image": r.image, "level": level, "generated": text,
                                      "reference": r.captions.get(level, "")})
         if self._trainer is not None and self.trainer.training:
-            # self.log from a training hook reaches the loggers only on Lightning's logging steps,
-            # which a validation step need not be (the final one included): write to the loggers
-            # here, at this batch's training-metrics step, and keep self.log for callbacks
-            self.log_dict(results, logger=False, rank_zero_only=True)
-            if self.trainer.is_global_zero:
-                for lg in self.loggers:
-                    lg.log_metrics(dict(results), step=logger_step(self))
+            log_validation(self, results)
         elif self._trainer is not None and self.trainer.is_global_zero:
             # after fit (e.g. a max_time stop): Lightning's self.log is closed, log to the loggers directly
             for lg in self.loggers:
