@@ -544,6 +544,87 @@ def test_pipeline_captioner_trains_under_the_pipeline_folder(tmp_path, monkeypat
     assert ("--limit" in seen["argv"]) == smoke
 
 
+def _fake_captioner(monkeypatch, tmp_path, stop=False):
+    """train_unicap / lumina caption stand-ins that write what the real ones do (an export with a weight
+    file; one manifest line per record, appended) and count their calls."""
+    import types
+
+    calls = {"train": 0, "caption": []}
+
+    def fake_train_unicap(loaded):
+        calls["train"] += 1
+        out = Path(loaded.config.output_dir)
+        if stop:
+            return types.SimpleNamespace(export_dir=None, exit_code=143, stopped_by_signal="SIGTERM", metrics={})
+        (out / "export").mkdir(parents=True, exist_ok=True)
+        (out / "export" / "model.safetensors").write_bytes(b"w" * calls["train"])
+        return types.SimpleNamespace(export_dir=out / "export", exit_code=0, stopped_by_signal=None,
+                                     metrics={"acc": 0.5})
+
+    def fake_caption(argv):
+        args = dict(zip(argv[::2], argv[1::2]))
+        calls["caption"].append(args)
+        with open(args["--output"], "a") as fh:
+            fh.write(json.dumps({"image": "a.png", "levels": args["--levels"]}) + "\n")
+        return 0
+
+    monkeypatch.setattr("lumina_lightning.training.unicap_run.train_unicap", fake_train_unicap)
+    monkeypatch.setattr("lumina_lightning.modules.caption_cli.main", fake_caption)
+    synth = tmp_path / "synth"
+    synth.mkdir(exist_ok=True)
+    (synth / "train.jsonl").write_text('{"image": "a.png", "caption": "a red circle"}\n')
+    return calls, synth
+
+
+def test_pipeline_captioner_and_captions_are_reused_only_while_unchanged(tmp_path, monkeypatch):
+    """A re-run must neither train the captioner again nor keep captions another captioner (or other
+    levels) wrote: `lumina caption` resumes any existing output, so the pipeline decides what is stale."""
+    from lumina_lightning.training import pipeline as pl
+
+    calls, synth = _fake_captioner(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+
+    def run(*extra):
+        cfg = pl.load_pipeline_config(RECIPES / "tiny" / "pipeline.yaml", [f"output_dir={out}", *extra])
+        summary = {}
+        manifest = pl._unicap(cfg, synth, summary, False)
+        return manifest, summary["unicap"]
+
+    manifest, info = run()
+    assert calls["train"] == 1 and not info["reused"] and len(manifest.read_text().splitlines()) == 1
+    manifest, info = run()  # unchanged: nothing retrained, the manifest kept (caption only resumes it)
+    assert calls["train"] == 1 and info["reused"] and info["metrics"] == {"acc": 0.5}
+    assert len(calls["caption"]) == 2 and len(manifest.read_text().splitlines()) == 2  # the fake appends
+    assert not list(out.glob("**/*.replaced-*"))
+
+    manifest, info = run("unicap.levels=[short]")  # other levels: the old captions are moved aside
+    assert calls["train"] == 1 and info["reused"]
+    assert [json.loads(x)["levels"] for x in manifest.read_text().splitlines()] == ["short"]
+    assert len(list((out / "captions").glob("train_unicap.jsonl.replaced-*"))) == 1
+
+    manifest, info = run("unicap.levels=[short]", "unicap.overrides=[optim.lr=1.0e-3]")  # another recipe
+    assert calls["train"] == 2 and not info["reused"]
+    assert len(list(out.glob("unicap.replaced-*"))) == 1  # the old captioner kept aside, not resumed
+    assert len(list((out / "captions").glob("train_unicap.jsonl.replaced-*"))) == 2  # new weights, new captions
+    assert len(manifest.read_text().splitlines()) == 1
+
+
+def test_pipeline_stops_when_the_captioner_is_stopped(tmp_path, monkeypatch):
+    """A SIGTERM during the captioner's training stops the pipeline (its last.ckpt resumes next time),
+    instead of captioning with `--model None`."""
+    from lumina_lightning.training import pipeline as pl
+
+    calls, synth = _fake_captioner(monkeypatch, tmp_path, stop=True)
+    monkeypatch.setattr(pl, "_synthetic", lambda step: synth)
+    cfg = pl.load_pipeline_config(RECIPES / "tiny" / "pipeline.yaml", [f"output_dir={tmp_path / 'out'}",
+                                                                       "unicap.enabled=true"])
+    summary = pl.run_pipeline(cfg)
+    assert not summary["ok"] and "UniCap" in summary["stopped"] and "SIGTERM" in summary["stopped"]
+    assert calls["caption"] == [] and summary["stages"] == []
+    record = json.loads((tmp_path / "out" / "unicap" / pl.STAGE_RECORD).read_text())
+    assert set(record) == {"fingerprint"}  # the next run resumes it, not moves it aside
+
+
 def test_pipeline_records_from_before_the_val_and_source_digests_are_kept(tmp_path, monkeypatch):
     """A stage record written before fingerprints covered data.val_path (the older formula) is reused,
     not retrained, while the validation manifest is older than it; edited after it, the stage retrains."""

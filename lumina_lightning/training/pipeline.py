@@ -330,6 +330,9 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
     caption_manifest = None
     if cfg.unicap.enabled:
         caption_manifest = _unicap(cfg, synth, summary, smoke)
+        if caption_manifest is None:  # the captioner's training was stopped by a signal
+            _write(out, summary)
+            return summary
 
     inputs = {"synthetic": dataclasses.asdict(cfg.synthetic),
               "captions": _content_digest(caption_manifest) if caption_manifest is not None else None}
@@ -568,7 +571,7 @@ def _write_record(stage_dir: Path, record: dict[str, Any]) -> None:
 
 
 def _move_aside(folder: Path) -> Path:
-    """Rename ``folder`` to ``<folder>.replaced-<time>`` (kept, not deleted: it may be days of training)."""
+    """Rename ``folder`` (or a file) to ``<name>.replaced-<time>`` (kept, not deleted: it may be days of training)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
     aside = folder.with_name(f"{folder.name}.replaced-{stamp}")
     n = 1
@@ -608,30 +611,84 @@ UNICAP_SMOKE_OVERRIDES = ("trainer.max_steps=2", "validation.every_n_steps=0", "
 UNICAP_SMOKE_LIMIT = 16
 
 
-def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any], smoke: bool = False) -> Path:
+def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any], smoke: bool = False) -> Path | None:
+    """Train (or reuse) the captioner, then caption (or finish captioning) the training images.
+
+    Returns the captions manifest, or ``None`` where the captioner's training was stopped by a signal
+    (``summary["stopped"]`` says so; its ``last.ckpt`` resumes on the next run).
+
+    As a stage is: the captioner is reused when its resolved recipe and data are what its finished run
+    was trained on, and trained afresh (the old folder moved aside) when they changed, so ``resume:
+    auto`` only ever continues an interrupted run of the same recipe. The captions manifest is
+    reused or completed only when it was written by the same captioner weights, levels, decoding
+    length, limit and input; otherwise it is moved aside and written anew (``lumina caption`` itself
+    resumes any existing output, whoever wrote it).
+    """
     from lumina_lightning.modules.caption_cli import main as caption_main
+    from lumina_lightning.modules.caption_cli import skipped_path
     from lumina_lightning.training.recipe import load_recipe
     from lumina_lightning.training.unicap_run import train_unicap
 
     t0 = time.perf_counter()
+    unicap_dir = Path(cfg.output_dir).resolve() / "unicap"
     # under this pipeline's folder, as every stage: a smoke run must not resume a real run's captioner
     overrides = [*cfg.unicap.overrides, *(UNICAP_SMOKE_OVERRIDES if smoke else ()),
-                 f"output_dir={json.dumps(str(Path(cfg.output_dir).resolve() / 'unicap'))}"]
+                 f"output_dir={json.dumps(str(unicap_dir))}"]
     loaded = load_recipe(cfg.unicap.recipe, overrides)
     print(f"\n=== UniCap: {loaded.config.stage} ({cfg.unicap.recipe}) ===", flush=True)
-    result = train_unicap(loaded)
-    export = getattr(result, "export_dir", None)
+    fingerprint = _stage_fingerprint(loaded, None, {"synthetic": dataclasses.asdict(cfg.synthetic)})
+    record = _read_record(unicap_dir)
+    export: Path | None = unicap_dir / "export"
+    if record.get("fingerprint") == fingerprint and record.get("export_digest") == _content_digest(export) \
+            and record.get("export_digest"):
+        log.info("UniCap: reused (unchanged): same recipe and data as the run that exported %s", export)
+        metrics, reused = record.get("metrics"), True
+    else:
+        if record.get("fingerprint") != fingerprint and unicap_dir.is_dir() and any(unicap_dir.iterdir()):
+            aside = _move_aside(unicap_dir)
+            log.warning("UniCap: its recipe or data changed since %s was trained (or it has no pipeline record); "
+                        "moved that folder to %s and training the captioner afresh", unicap_dir, aside)
+        unicap_dir.mkdir(parents=True, exist_ok=True)
+        _write_record(unicap_dir, {"fingerprint": fingerprint})  # first: an interrupted run resumes next time
+        result = train_unicap(loaded)
+        export = getattr(result, "export_dir", None)
+        if getattr(result, "exit_code", 0) or export is None:
+            summary["stopped"] = (f"UniCap {loaded.config.stage} stopped by "
+                                  f"{getattr(result, 'stopped_by_signal', None) or 'an early stop'}")
+            return None
+        metrics, reused = getattr(result, "metrics", None), False
+        _write_record(unicap_dir, {"fingerprint": fingerprint, "export_digest": _content_digest(export),
+                                   "metrics": metrics})
+
     out_manifest = Path(cfg.output_dir) / "captions" / "train_unicap.jsonl"
+    limit = cfg.unicap.limit or (UNICAP_SMOKE_LIMIT if smoke else None)
+    identity = {"captioner": _content_digest(export), "levels": list(cfg.unicap.levels),
+                "max_new_tokens": cfg.unicap.max_new_tokens, "limit": limit,
+                "input": _content_digest(synth / "train.jsonl")}
+    identity_file = out_manifest.with_name(out_manifest.name + ".identity.json")
+    try:
+        written_by = json.loads(identity_file.read_text())
+    except (OSError, ValueError):
+        written_by = None
+    if written_by != identity:
+        for old in (out_manifest, skipped_path(out_manifest)):
+            if old.exists():  # kept, not deleted: captioning a real dataset takes hours
+                aside = _move_aside(old)
+                log.warning("UniCap: %s was written by another captioner or with other settings; moved it to %s",
+                            old, aside)
+        out_manifest.parent.mkdir(parents=True, exist_ok=True)
+        from lumina_lightning.fileio import atomic_write_text
+
+        atomic_write_text(identity_file, json.dumps(identity, indent=2))
     argv = ["--model", str(export), "--input", str(synth / "train.jsonl"), "--output", str(out_manifest),
             "--levels", ",".join(cfg.unicap.levels), "--max-new-tokens", str(cfg.unicap.max_new_tokens)]
-    limit = cfg.unicap.limit or (UNICAP_SMOKE_LIMIT if smoke else None)
     if limit:
         argv += ["--limit", str(limit)]
-    code = caption_main(argv)
+    code = caption_main(argv)  # resumes a manifest the same captioner and settings left unfinished
     if code:
         raise RuntimeError(f"captioning failed with exit code {code}")
     summary["unicap"] = {"seconds": round(time.perf_counter() - t0, 1), "manifest": str(out_manifest),
-                         "metrics": getattr(result, "metrics", None)}
+                         "metrics": metrics, "reused": reused}
     return out_manifest
 
 
