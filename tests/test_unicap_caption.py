@@ -68,12 +68,13 @@ def test_interrupted_run_resumes_without_duplicates_to_the_same_result(tmp_path,
                          on_batch=stop_after_first)
     assert len(out.read_text().splitlines()) == 3 and len(skipped_path(out).read_text().splitlines()) == 1
     resumed = caption_manifest(captioner, inp, out, ["short", "tags"], batch_size=4, progress=False)
-    assert resumed.already_done == 4 and resumed.written == 6 and resumed.complete
+    # 3 records already in the output; the unreadable image of batch 1 is reported apart
+    assert resumed.already_done == 3 and resumed.previously_skipped == 1 and resumed.written == 6 and resumed.complete
     assert [e["reason"] for e in resumed.skipped] == ["missing_file"]  # only the one not reported before
     # identical to the uninterrupted run, line for line (same batches, greedy decoding)
     assert out.read_text() == (tmp_path / "a" / "out.jsonl").read_text()
     again = caption_manifest(captioner, inp, out, ["short", "tags"], batch_size=4, progress=False)
-    assert again.written == 0 and again.already_done == 11
+    assert again.written == 0 and again.already_done == 9 and again.previously_skipped == 2
 
     # the manifest reads back in the data pipeline's record format, no duplicates, bad images absent
     records = load_records(out).records
@@ -83,7 +84,8 @@ def test_interrupted_run_resumes_without_duplicates_to_the_same_result(tmp_path,
         assert r.width == r.height == 16 and r.meta["objects"]  # the input's metadata travels along
     assert read_done(out, include_skipped=False) == set(good)
     # --retry-skipped tries the unreadable images again (and skips them again)
-    retry = caption_manifest(captioner, inp, out, ["short"], batch_size=4, progress=False, retry_skipped=True)
+    retry = caption_manifest(captioner, inp, out, ["short", "tags"], batch_size=4, progress=False,
+                             retry_skipped=True)
     assert retry.written == 0 and len(retry.skipped) == 2
 
 
@@ -140,3 +142,76 @@ def test_written_captions_train_the_tiny_generation_recipe(tmp_path, captioner):
                          trainer={"max_steps": 2, "checkpoint_every_n_steps": 2})
     result = train(load_recipe(recipe))
     assert result.exit_code == 0 and result.global_step == 2 and result.export_dir is not None
+
+
+def test_rerun_with_other_settings_is_refused_or_replaced(tmp_path, captioner, export, capsys, caplog):
+    """The output records what it was written with (<output>.caption.json): a rerun with another
+    model, levels or generation settings would mix captions, so it is refused unless
+    --on-mismatch replace, which moves the old files aside (never deletes) and starts afresh."""
+    from lumina_lightning.modules.caption_cli import SettingsMismatch, settings_path
+
+    inp, good = _input_manifest(tmp_path, n=3)
+    out = tmp_path / "out.jsonl"
+    first = caption_manifest(captioner, inp, out, ["short"], batch_size=8, progress=False)
+    assert first.written == 3
+    recorded = json.loads(settings_path(out).read_text())
+    assert recorded["levels"] == ["short"] and recorded["captioner"]["path"] == str(export.resolve())
+    assert recorded["captioner"]["weights"] and recorded["input"] == str(inp.resolve())
+    before = out.read_text()
+
+    with pytest.raises(SettingsMismatch, match=r"levels \['short'\] then, \['tags'\] now"):
+        caption_manifest(captioner, inp, out, ["tags"], batch_size=8, progress=False)
+    with pytest.raises(SettingsMismatch, match="generation.max_new_tokens 12 then, 5 now"):
+        caption_manifest(captioner, inp, out, ["short"], generation={"max_new_tokens": 5}, progress=False)
+    with pytest.raises(SettingsMismatch, match="limit None then, 2 now"):
+        caption_manifest(captioner, inp, out, ["short"], limit=2, progress=False)
+    other = tmp_path / "other-export"
+    shutil.copytree(export, other)
+    with pytest.raises(SettingsMismatch, match=f"captioner.path '{export.resolve()}' then, '{other.resolve()}' now"):
+        caption_manifest(load_captioner(other), inp, out, ["short"], progress=False)
+    assert out.read_text() == before  # a refusal leaves everything as it was
+    # same settings (a greedy run's seed does not matter): resumes
+    again = caption_manifest(captioner, inp, out, ["short"], seed=7, progress=False)
+    assert again.written == 0 and again.already_done == 3
+
+    args = ["--model", str(export), "--input", str(inp), "--output", str(out), "--levels", "tags", "--no-progress"]
+    capsys.readouterr()
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # not the loading bar
+    assert len(err) == 1 and err[0].startswith("error: ")
+    err = err[0]
+    assert "levels ['short'] then, ['tags'] now" in err and "--on-mismatch replace" in err
+    assert main(args + ["--on-mismatch", "replace"]) == 0
+    moved = sorted(p.name for p in tmp_path.glob("out.jsonl*.replaced-*"))
+    assert len(moved) == 3 and moved[0].startswith("out.jsonl.caption.json.replaced-")
+    assert (tmp_path / [m for m in moved if m.startswith("out.jsonl.replaced-")][0]).read_text() == before
+    assert all(set(r.captions) == {"tags"} for r in load_records(out).records)
+    assert json.loads(settings_path(out).read_text())["levels"] == ["tags"]
+
+    # an output an older version wrote (no settings file) resumes as before, with a warning
+    settings_path(out).unlink()
+    with caplog.at_level("WARNING"):
+        legacy = caption_manifest(captioner, inp, out, ["short"], progress=False)
+    assert legacy.written == 0 and legacy.already_done == 3 and "older version" in caplog.text
+
+
+def test_rerun_reports_earlier_unreadable_images_and_keeps_its_exit_code(tmp_path, export, capsys):
+    """Images an earlier run found unreadable are not "already done", and a rerun that changes
+    nothing answers what the first run answered."""
+    broken, missing = bad_images(tmp_path / "bad")
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"image": str(p), "captions": {"short": "x"}}) + "\n" for p in (broken, missing)))
+    args = ["--model", str(export), "--input", str(inp), "--output", str(tmp_path / "out.jsonl"), "--levels", "short",
+            "--no-progress", "--device", "cpu"]
+    assert main(args) == 1  # nothing could be captioned
+    first = capsys.readouterr().out
+    assert "0 already done, 2 unreadable" in first
+    assert main(args) == 1
+    rerun = capsys.readouterr().out
+    assert "0 already done, 2 skipped earlier as unreadable" in rerun and "0 unreadable" in rerun
+
+    mixed, good = _input_manifest(tmp_path / "m", n=2)
+    out = tmp_path / "mixed.jsonl"
+    args = ["--model", str(export), "--input", str(mixed), "--output", str(out), "--levels", "short", "--no-progress"]
+    assert main(args) == 0 and main(args) == 0
+    assert "2 already done, 2 skipped earlier as unreadable" in capsys.readouterr().out

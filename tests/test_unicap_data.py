@@ -249,10 +249,73 @@ def test_epoch_shard_sampler_state_restores_epoch_and_position():
         nxt = EpochShardSampler(10, seed=1, rank=1, world_size=2)
         nxt.set_epoch(3)
         assert list(again) == list(nxt) and len(list(nxt)) == 5
-    with pytest.raises(ValueError, match="2 ranks"):
-        EpochShardSampler(10, seed=1, rank=0, world_size=1).load_state_dict(state)
     with pytest.raises(ValueError, match="does not match"):
         EpochShardSampler(11, seed=1, rank=1, world_size=2).load_state_dict(state)
+
+
+@pytest.mark.parametrize("size, before, after, drawn",
+                         [(10, 2, 3, 2), (11, 3, 1, 1), (11, 1, 4, 7), (11, 2, 3, 2), (10, 2, 1, 5)])
+def test_epoch_shard_sampler_reshards_the_rest_of_an_epoch_on_other_ranks(size, before, after, drawn):
+    """A checkpoint saved with `before` ranks resumes on `after`: the rest of the epoch is dealt out
+    over the new ranks, every record of the epoch trained exactly once (plus the padding that keeps
+    ranks equal), in the same epoch, and the next epoch is an ordinary one on the new ranks."""
+    olds = [EpochShardSampler(size, seed=3, rank=r, world_size=before, batch_size=1) for r in range(before)]
+    consumed = []
+    for s in olds:
+        s.set_epoch(1)
+        it = iter(s)
+        consumed += [next(it) for _ in range(drawn)]
+    state = olds[0].state_dict()  # Lightning saves rank 0's loader state; every rank loads it
+    news = [EpochShardSampler(size, seed=3, rank=r, world_size=after, batch_size=1) for r in range(after)]
+    rest = []
+    for s in news:
+        s.load_state_dict(state)
+        s.set_epoch(1)
+        rest.append(list(s))
+    assert len({len(r) for r in rest}) == 1  # equal counts on every rank
+    if drawn * before >= size:  # the epoch was finished: the next one starts, as with `after` ranks
+        for r, s in enumerate(news):
+            fresh = EpochShardSampler(size, seed=3, rank=r, world_size=after)
+            fresh.set_epoch(2)
+            assert rest[r] == list(fresh)
+        return
+    keys = consumed + [k for r in rest for k in r]
+    assert {e for e, _ in keys} == {1}
+    counts = Counter(i for _, i in keys)
+    assert set(counts) == set(range(size))  # every record of the epoch, none skipped
+    left = size - drawn * before
+    assert sum(counts.values()) - size == -left % after  # repeats: only the wrap-around padding
+    for r, s in enumerate(news):  # the next epoch: as on a run that always had `after` ranks
+        s.set_epoch(2)
+        fresh = EpochShardSampler(size, seed=3, rank=r, world_size=after)
+        fresh.set_epoch(2)
+        assert list(s) == list(fresh)
+
+
+def test_epoch_shard_sampler_keeps_its_epoch_when_lightning_runs_ahead():
+    """A max_steps / max_time stop saves Lightning's epoch as finished: set_epoch(epoch + k) right
+    after the load continues the unfinished epoch, then the following epochs are the data's next ones."""
+    ref = EpochShardSampler(12, seed=2, batch_size=4, drop_last=True)
+    straight = []
+    for epoch in range(3):
+        ref.set_epoch(epoch)
+        straight += list(ref)
+    s = EpochShardSampler(12, seed=2, batch_size=4, drop_last=True)
+    s.set_epoch(0)
+    it = iter(s)
+    got = [next(it) for _ in range(4)]
+    for lightning_epoch in (1, 2):  # two stops between checkpoints: Lightning's count is 2 ahead
+        state = s.state_dict()
+        s = EpochShardSampler(12, seed=2, batch_size=4, drop_last=True)
+        s.load_state_dict(state)
+        s.set_epoch(lightning_epoch)
+        it = iter(s)
+        got += [next(it) for _ in range(2)]
+    got += list(it)
+    for lightning_epoch in (3, 4):
+        s.set_epoch(lightning_epoch)
+        got += list(s)
+    assert got == straight
 
 
 def test_generation_settings_override_the_checkpoint_generation_config(tmp_path):

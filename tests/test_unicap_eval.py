@@ -14,7 +14,7 @@ from lumina_lightning.modules.unicap_eval import (
 from training_utils import tiny_synthetic
 
 
-@pytest.mark.parametrize("level", ["short", "medium", "long", "tags"])
+@pytest.mark.parametrize("level", ["short", "medium", "long", "tags", "prompt"])
 def test_generator_captions_score_perfectly(level):
     # every caption level the synthetic generator writes is parsed back to its own metadata
     result = evaluate_manifest(tiny_synthetic() / "train.jsonl", level)
@@ -53,3 +53,18 @@ def test_wrong_captions_are_scored_per_attribute():
     assert r["color"] == 0.5 and r["shape"] == 0.5 and r["count"] == 0.5 and r["binding"] == 0.25
     assert r["all"] == 0.5 and r["by_tag"]["color_attr"]["n"] == 4
     assert attribute_accuracy([])["n"] == 0
+
+
+def test_prompt_level_scores_colour_only_where_the_prompt_names_one():
+    """GenEval's prompt names no colour for single_object / two_object: a colour-less caption is
+    right there, a wrong colour still counts where the prompt names one."""
+    obj = {"class": "circle", "color": "red", "bbox": [0, 0, 4, 4]}
+    single = {"tag": "single_object", "include": [{"class": "circle", "count": 1}], "objects": [obj]}
+    colors = {"tag": "colors", "include": [{"class": "circle", "count": 1, "color": "red"}], "objects": [obj]}
+    items = [("a photo of a circle", single), ("a photo of a blue circle", colors)]
+    r = attribute_accuracy(items, level="prompt")
+    assert r["n"] == 2 and r["n_color"] == 1
+    assert r["color"] == 0.0 and r["binding"] == 0.0 and r["shape"] == 1.0 and r["all"] == 0.5
+    assert r["by_tag"]["single_object"]["all"] == 1.0 and r["by_tag"]["colors"]["color"] == 0.0
+    # other levels name every colour: the colour-less caption is wrong there
+    assert attribute_accuracy(items, level="short")["color"] == 0.0 and attribute_accuracy(items)["n_color"] == 2

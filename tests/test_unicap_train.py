@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -52,10 +53,23 @@ def test_shipped_unicap_recipes_validate(name):
     ("optim.loss_reduction=mean", "optim.loss_reduction"),
     ("data.val_path=null", "validation.eval_samples"),
     ("model.lora.r=0", "model.lora"),
+    # caption levels without an instruction (typos) would silently train / validate nothing
+    ("validation.eval_level=shrot", "`validation.eval_level` = 'shrot' has no instruction \\(did you mean 'short'"),
+    ("validation.levels=[short, lnog]", "`validation.levels[1]` = 'lnog'"),
+    ("data.level_weights={short: 1, tag: 1}",
+     "`data.level_weights.tag` = 'tag' has no instruction \\(did you mean 'tags'"),
+    ("data.level_weights={long_xx: 1}", "<level>_<lang> variants"),
 ])
 def test_bad_unicap_recipes_name_the_key(override, message):
     with pytest.raises(RecipeError, match=message.replace("{", r"\{").replace("[", r"\[")):
         load_recipe(ROOT / "recipes/tiny/unicap_finetune.yaml", [override])
+
+
+def test_known_levels_language_variants_and_new_instructions_validate():
+    cfg = load_recipe(ROOT / "recipes/tiny/unicap_finetune.yaml", [
+        "data.level_weights={long_de: 1, short: 2, alt: 1}", "data.instructions={alt: Describe the colours.}",
+        "validation.levels=[alt, tags_zh]", "validation.eval_level=alt"]).config
+    assert cfg.validation.eval_level == "alt" and cfg.data.level_weights["long_de"] == 1
 
 
 def test_everything_frozen_is_rejected(tmp_path):
@@ -214,6 +228,20 @@ def test_lora_run_checkpoints_adapters_only_and_exports_an_adapter(tmp_path):
     for name, value in captioner.model.state_dict().items():
         assert torch.allclose(value, merged[name], atol=1e-6), name
 
+    # an adapter folder transformers and peft load as such: no base config.json beside the adapter
+    # (transformers would look for full weights), the base named by its absolute path
+    assert not (export / "config.json").exists() and not (export / "generation_config.json").exists()
+    adapter_config = json.loads((export / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(Path(tiny_vlm()).resolve())
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    auto = AutoModelForImageTextToText.from_pretrained(str(export))
+    assert any("lora_" in n for n, _ in auto.named_parameters())
+    peft_model = PeftModel.from_pretrained(load_vlm(adapter_config["base_model_name_or_path"]), str(export))
+    for name, value in peft_model.merge_and_unload().state_dict().items():
+        assert torch.allclose(value, merged[name], atol=1e-6), name
+
 
 @pytest.mark.parametrize("cut,total", [(3, 6), (14, 17)])  # 96 records / batch 8: epoch 1 starts at step 12
 def test_resume_continues_to_the_same_weights(tmp_path, cut, total):
@@ -290,3 +318,65 @@ def test_unreadable_held_out_images_are_left_out_of_validation(tmp_path, caplog)
     captioned = {c["image"] for c in result.module.last_captions}
     assert str(broken) not in captioned and str(missing) not in captioned and len(captioned) >= 6
     assert str(broken) in caplog.text and str(missing) in caplog.text
+
+
+class _SeenBatches(pl.Callback):
+    """Records the record indices of every training batch."""
+
+    def __init__(self):
+        self.batches = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.batches.append(list(batch["meta"]["indices"]))
+
+
+def test_resume_after_stops_between_periodic_checkpoints(tmp_path):
+    """A run stopped by max_steps (or max_time) between periodic checkpoints writes last.ckpt with
+    Lightning's epoch counted as finished (one more per stop): the resumed runs must still finish
+    the data epoch (12 steps) and go on like one straight run — same batches, same weights."""
+    common = dict(validation={"eval_samples": 0}, optim={"schedule": "constant", "warmup_steps": 0})
+    seen = _SeenBatches()
+    straight = train_unicap(load_recipe(unicap_recipe(tmp_path / "a", trainer={"max_steps": 14}, **common)),
+                            extra_callbacks=[seen])
+    batches, losses = [], []
+    for i, steps in enumerate((3, 5, 14)):
+        part = _SeenBatches()
+        result = train_unicap(load_recipe(unicap_recipe(
+            tmp_path / "b", resume="auto" if i else None,
+            trainer={"max_steps": steps, "checkpoint_every_n_steps": 100}, **common)), extra_callbacks=[part])
+        assert result.global_step == steps
+        batches += part.batches
+        losses += result.losses
+    assert batches == seen.batches
+    assert losses == pytest.approx(straight.losses, abs=1e-5)
+    for (name, a), (_, b) in zip(straight.module.model.named_parameters(), result.module.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_lora_resume_with_dropout_continues_to_the_same_weights(tmp_path):
+    """LoRA dropout draws from the torch RNG: the checkpoint carries its state, so a resumed run
+    draws the straight run's dropout masks."""
+    common = dict(validation={"eval_samples": 0}, optim={"schedule": "constant", "warmup_steps": 0},
+                  model={"path": tiny_vlm(), "dtype": "fp32",
+                         "lora": {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.3}})
+    straight = train_unicap(load_recipe(unicap_recipe(tmp_path / "a", trainer={"max_steps": 6}, **common)))
+    first = train_unicap(load_recipe(unicap_recipe(tmp_path / "b", trainer={"max_steps": 3,
+                                                                            "checkpoint_every_n_steps": 3}, **common)))
+    assert "lumina_torch_rng" in torch.load(first.last_checkpoint, map_location="cpu", weights_only=False)
+    resumed = train_unicap(load_recipe(unicap_recipe(tmp_path / "b", resume="auto", trainer={"max_steps": 6},
+                                                     **common)))
+    assert first.losses + resumed.losses == pytest.approx(straight.losses, abs=1e-6)
+    for (name, a), (_, b) in zip(straight.module.model.named_parameters(), resumed.module.model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_resume_with_another_model_path_is_refused(tmp_path):
+    """Frozen weights are not in the checkpoint: resuming it on another model.path would mix models."""
+    import shutil
+
+    other = tmp_path / "other-vlm"
+    shutil.copytree(tiny_vlm(), other)
+    common = dict(validation={"eval_samples": 0}, trainer={"max_steps": 1, "checkpoint_every_n_steps": 1})
+    train_unicap(load_recipe(unicap_recipe(tmp_path, **common)))
+    with pytest.raises(ValueError, match=f"{Path(tiny_vlm()).resolve()}.*{other.resolve()}"):
+        train_unicap(load_recipe(unicap_recipe(tmp_path, resume="auto", model={"path": str(other)}, **common)))

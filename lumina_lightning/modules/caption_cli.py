@@ -15,7 +15,16 @@ Batched generation with a progress bar. Resumable: every batch is appended and f
 once, and a rerun skips images already in the output (or already reported unreadable), so an
 interrupted run continues where it stopped with no duplicates and the same batches. A torn last
 line (killed mid-write) is dropped on restart. Unreadable images are skipped, listed in
-``<output>.skipped.jsonl`` and summarised at the end (``--retry-skipped`` tries them again).
+``<output>.skipped.jsonl`` and summarised at the end (``--retry-skipped`` tries them again); a
+rerun reports them apart from the records already done.
+
+``<output>.caption.json`` records what the output is written with: the captioner (its resolved
+folder, the base of a LoRA adapter, and a digest of the weight files' names, sizes and mtimes),
+the levels, the generation settings and seed, ``--keep-captions``, ``--limit`` and the input. A
+rerun with other settings is refused, naming what differs, unless ``--on-mismatch replace``: the
+old output, its skip list and this file are then moved aside to ``<name>.replaced-<time>`` (never
+deleted) and captioning starts afresh. An output without this file (an older version wrote it) is
+resumed as before, with a warning.
 ``--eval`` scores the written captions against the synthetic generator's metadata (attribute
 accuracy of colours/shapes/counts; ``unicap_eval``) and writes ``<output>.eval.json``.
 """
@@ -23,6 +32,7 @@ accuracy of colours/shapes/counts; ``unicap_eval``) and writes ``<output>.eval.j
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -34,7 +44,15 @@ from typing import Any, Callable, Sequence
 
 log = logging.getLogger("lumina_lightning.caption")
 
-__all__ = ["CaptionReport", "read_done", "caption_manifest", "build_parser", "main"]
+__all__ = ["CaptionReport", "SettingsMismatch", "read_done", "caption_settings", "settings_path", "caption_manifest",
+           "build_parser", "main"]
+
+SETTINGS_VERSION = 1
+ON_MISMATCH = ("refuse", "replace")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
+# generate_captions' defaults: what a setting the captioner's unicap.json and the flags leave out is
+_GENERATION_DEFAULTS = {"max_new_tokens": 128, "do_sample": False, "temperature": 0.7, "top_p": 0.9, "num_beams": 1,
+                        "repetition_penalty": 1.0}
 
 
 @dataclass
@@ -43,20 +61,148 @@ class CaptionReport:
 
     output: Path
     total: int  # records in the input (after --limit)
-    already_done: int  # found in the output (or the skip list) at start
+    already_done: int  # records found in the output at start
     written: int  # records written by this run
     skipped: list[dict[str, str]] = field(default_factory=list)  # this run's unreadable images
     batches: int = 0
     seconds: float = 0.0
     eval: dict[str, Any] | None = None
+    previously_skipped: int = 0  # images an earlier run listed as unreadable (not retried without --retry-skipped)
+    replaced: list[Path] = field(default_factory=list)  # where --on-mismatch replace moved the old files
 
     @property
     def complete(self) -> bool:
-        return self.already_done + self.written + len(self.skipped) >= self.total
+        return self.already_done + self.previously_skipped + self.written + len(self.skipped) >= self.total
+
+    @property
+    def records(self) -> int:
+        """Records in the output now."""
+        return self.already_done + self.written
+
+
+class SettingsMismatch(ValueError):
+    """The output was written with other settings than this run's (see ``--on-mismatch``)."""
 
 
 def skipped_path(output: Path) -> Path:
     return output.with_name(output.name + ".skipped.jsonl")
+
+
+def settings_path(output: Path) -> Path:
+    return output.with_name(output.name + ".caption.json")
+
+
+def _weights_digest(folder: Path | None) -> str | None:
+    """A digest of the weight files' names, sizes and mtimes (not their bytes: exports can be GBs)."""
+    if folder is None or not folder.is_dir():
+        return None
+    h = hashlib.sha256()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES):
+            st = f.stat()
+            h.update(f"{f.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def captioner_identity(captioner: Any) -> dict[str, Any]:
+    """The captioner's folder (resolved), a LoRA export's base folder, and their weight digests."""
+    path = Path(captioner.path).resolve() if getattr(captioner, "path", "") else None
+    base = getattr(captioner, "base_path", None)
+    base = Path(base).resolve() if base else None
+    return {"path": str(path) if path else None, "weights": _weights_digest(path),
+            "base_model": str(base) if base else None, "base_weights": _weights_digest(base) if base else None}
+
+
+def caption_settings(captioner: Any, input_path: str | os.PathLike, levels: Sequence[str], *,
+                     generation: dict[str, Any] | None = None, limit: int | None = None,
+                     keep_captions: bool = False, seed: int = 0) -> dict[str, Any]:
+    """What an output is written with (the content of ``<output>.caption.json``).
+
+    The generation settings are the effective ones (the captioner's defaults with the overrides);
+    greedy decoding records no temperature, top-p or seed, which do not change its captions.
+    """
+    gen = {**_GENERATION_DEFAULTS, **(getattr(captioner, "generation", None) or {}),
+           **{k: v for k, v in (generation or {}).items() if v is not None}}
+    gen = {k: gen[k] for k in _GENERATION_DEFAULTS}
+    sampled = bool(gen["do_sample"])
+    if not sampled:
+        gen["temperature"] = gen["top_p"] = None
+    return {"version": SETTINGS_VERSION, "captioner": captioner_identity(captioner), "levels": list(levels),
+            "generation": gen, "seed": int(seed) if sampled else None, "keep_captions": bool(keep_captions),
+            "limit": limit, "input": str(Path(input_path).resolve())}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    out = []
+    for key in ("captioner", "levels", "generation", "seed", "keep_captions", "limit", "input"):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            for sub in sorted(set(a) | set(b)):
+                if a.get(sub) != b.get(sub):
+                    out.append(f"{key}.{sub} {a.get(sub)!r} then, {b.get(sub)!r} now")
+        else:
+            out.append(f"{key} {a!r} then, {b!r} now")
+    return out
+
+
+def _move_aside(paths: Sequence[Path]) -> list[Path]:
+    """Rename the existing ``paths`` to ``<name>.replaced-<YYYYmmdd-HHMMSS>`` (never overwriting)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    moved = []
+    for path in paths:
+        if not path.exists():
+            continue
+        target = path.with_name(f"{path.name}.replaced-{stamp}")
+        n = 1
+        while target.exists():
+            target = path.with_name(f"{path.name}.replaced-{stamp}-{n}")
+            n += 1
+        os.replace(path, target)
+        moved.append(target)
+    return moved
+
+
+def _write_settings(path: Path, settings: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _check_settings(out: Path, settings: dict[str, Any], on_mismatch: str) -> list[Path]:
+    """Compare this run's settings with the output's; returns the files moved aside (``replace``).
+
+    Raises:
+        SettingsMismatch: the output was written with other settings and ``on_mismatch`` is ``refuse``.
+    """
+    if on_mismatch not in ON_MISMATCH:
+        raise ValueError(f"on_mismatch must be one of {list(ON_MISMATCH)}, got {on_mismatch!r}")
+    sidecar = settings_path(out)
+    existing = [p for p in (out, skipped_path(out)) if p.is_file() and p.stat().st_size]
+    if not sidecar.is_file():
+        if existing:
+            log.warning("%s: no %s (written by an older version): resuming without checking that the model, "
+                        "levels and generation settings are the same", out, sidecar.name)
+        else:
+            _write_settings(sidecar, settings)
+        return []
+    try:
+        old = json.loads(sidecar.read_text())
+    except json.JSONDecodeError:
+        old = {}
+    diffs = _differences(old, settings)
+    if not diffs:
+        return []
+    if on_mismatch == "refuse":
+        raise SettingsMismatch(
+            f"{out} was written with other settings ({'; '.join(diffs)}): rerun with the same settings, "
+            "choose another --output, or pass --on-mismatch replace to move the old output aside and start afresh")
+    moved = _move_aside([out, skipped_path(out), sidecar, out.with_name(out.name + ".eval.json")])
+    log.warning("%s was written with other settings (%s): moved the old files aside to %s", out, "; ".join(diffs),
+                ", ".join(str(m) for m in moved))
+    _write_settings(sidecar, settings)
+    return moved
 
 
 def _repair_tail(path: Path) -> None:
@@ -119,6 +265,7 @@ def caption_manifest(
     seed: int = 0,
     progress: bool = True,
     on_batch: Callable[[int, int], None] | None = None,
+    on_mismatch: str = "refuse",
 ) -> CaptionReport:
     """Caption every record of ``input_path`` at ``levels`` and append them to ``output`` (resumable).
 
@@ -132,6 +279,9 @@ def caption_manifest(
             sampled run draws what an uninterrupted one would.
         on_batch: called as ``on_batch(batch_number, records_written_so_far)`` after each batch
             is on disk (progress hooks, tests).
+        on_mismatch: what to do when ``output`` was written with other settings (its
+            ``<output>.caption.json``, see the module docstring): ``refuse`` (raise
+            :class:`SettingsMismatch`) or ``replace`` (move the old files aside, start afresh).
     """
     import torch
 
@@ -156,20 +306,27 @@ def caption_manifest(
             seen_images.add(r.image)
             unique.append(r)
     records = unique[:limit] if limit else unique
+    settings = caption_settings(captioner, input_path, levels, generation=generation, limit=limit,
+                                keep_captions=keep_captions, seed=seed)
+    replaced = _check_settings(out, settings, on_mismatch)
     if retry_skipped and skipped_path(out).exists():
         skipped_path(out).unlink()
+    written_before = read_done(out, include_skipped=False)
     done = read_done(out)
     pending = [(i, r) for i, r in enumerate(records) if os.path.abspath(r.image) not in done]
-    report = CaptionReport(output=out, total=len(records), already_done=len(records) - len(pending), written=0)
-    if report.already_done:
-        log.info("%s: %d of %d records already done, resuming", out, report.already_done, len(records))
+    in_output = sum(os.path.abspath(r.image) in written_before for r in records)
+    report = CaptionReport(output=out, total=len(records), already_done=in_output, written=0,
+                           previously_skipped=len(records) - len(pending) - in_output, replaced=replaced)
+    if report.already_done or report.previously_skipped:
+        log.info("%s: %d of %d records already done, %d skipped earlier as unreadable; resuming", out,
+                 report.already_done, len(records), report.previously_skipped)
     base = out.resolve().parent
     bar = None
     if progress and pending:
         from tqdm import tqdm
 
         bar = tqdm(total=len(pending), desc="captioning", unit="img")
-    settings = dict(generation or {})
+    settings = dict(generation or {})  # the overrides; the captioner applies its own defaults
     try:
         for b, start in enumerate(range(0, len(pending), batch_size)):
             chunk = pending[start:start + batch_size]
@@ -244,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-model", default=None, help="base model folder of a LoRA adapter (default: the one it names)")
     p.add_argument("--keep-captions", action="store_true", help="keep the input's caption levels too")
     p.add_argument("--retry-skipped", action="store_true", help="retry images an earlier run found unreadable")
+    p.add_argument("--on-mismatch", choices=ON_MISMATCH, default="refuse",
+                   help="when --output was written with another model, levels or generation settings: refuse "
+                        "(default) or replace (move the old output aside to <name>.replaced-<time>, start afresh)")
     p.add_argument("--eval", action="store_true",
                    help="score the output's captions against synthetic metadata (colour/shape/count accuracy)")
     p.add_argument("--eval-level", default=None,
@@ -293,12 +453,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = caption_manifest(captioner, args.input, args.output, args.levels, batch_size=args.batch_size,
                                   generation=generation, limit=args.limit, keep_captions=args.keep_captions,
-                                  retry_skipped=args.retry_skipped, seed=args.seed, progress=not args.no_progress)
+                                  retry_skipped=args.retry_skipped, seed=args.seed, progress=not args.no_progress,
+                                  on_mismatch=args.on_mismatch)
     except (ManifestError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if report.replaced:
+        print(f"moved the output written with other settings aside: {', '.join(str(p) for p in report.replaced)}")
+    earlier = (f", {report.previously_skipped} skipped earlier as unreadable (--retry-skipped tries them again)"
+               if report.previously_skipped else "")
     print(f"{report.output}: wrote {report.written} records in {report.seconds:.1f}s "
-          f"({report.already_done} already done, {len(report.skipped)} unreadable, {report.total} in the input)")
+          f"({report.already_done} already done{earlier}, {len(report.skipped)} unreadable, "
+          f"{report.total} in the input)")
     if report.skipped:
         print(f"skipped {len(report.skipped)} unreadable image(s), listed in {skipped_path(report.output)}:",
               file=sys.stderr)
@@ -313,5 +479,5 @@ def main(argv: list[str] | None = None) -> int:
             print(format_accuracy(result))
             path = write_accuracy(result, report.output.with_name(report.output.name + ".eval.json"))
             print(f"eval written to {path}")
-    written_any = report.written + report.already_done > 0
-    return 0 if (written_any or report.total == 0) else 1
+    # the same answer on a rerun: records in the output, however many earlier runs wrote them
+    return 0 if (report.records > 0 or report.total == 0) else 1

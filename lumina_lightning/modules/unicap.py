@@ -198,6 +198,8 @@ def configure_trainable(model: torch.nn.Module, mcfg: Any) -> torch.nn.Module:
                             target_modules=lora.target_modules, modules_to_save=list(lora.modules_to_save) or None,
                             bias="none")
         model = get_peft_model(model, config)
+        log.info("LoRA: the base model is frozen (model.freeze_* and train_projector do not apply); modules "
+                 "trained in full: %s", list(lora.modules_to_save) or "none (set lora.modules_to_save, e.g. [merger])")
         return model
     parts = vision_and_language_parts(model)
     frozen = set()
@@ -271,6 +273,7 @@ class Captioner:
     generation: dict[str, Any] = field(default_factory=dict)
     max_image_side: int | None = None
     path: str = ""
+    base_path: str | None = None  # the base model folder of a LoRA adapter export
 
     def caption(self, images: Sequence[Any], level: str, **generation: Any) -> list[str]:
         """Captions of ``images`` (PIL) at caption ``level`` (see :func:`generate_captions`)."""
@@ -353,12 +356,16 @@ def generate_captions(
     return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
 
 
-def _copy_side_files(src: Path, dst: Path) -> None:
-    """Copy the processor/tokenizer/template files of ``src`` that ``dst`` lacks (never weights)."""
+# a model's own files: an adapter folder must not hold them, or transformers takes it for a full model
+_MODEL_FILES = ("config.json", "generation_config.json")
+
+
+def _copy_side_files(src: Path, dst: Path, *, skip: Sequence[str] = ()) -> None:
+    """Copy the processor/tokenizer/template files of ``src`` that ``dst`` lacks (never weights, nor ``skip``)."""
     if not src.is_dir():
         return
     for f in src.iterdir():
-        if not f.is_file() or f.name.endswith(_WEIGHT_SUFFIXES) or f.name.endswith(".index.json"):
+        if not f.is_file() or f.name.endswith(_WEIGHT_SUFFIXES) or f.name.endswith(".index.json") or f.name in skip:
             continue
         target = dst / f.name
         if not target.exists():
@@ -394,9 +401,16 @@ def export_captioner(
     elif mcfg.lora.enabled:
         fmt = "lora"
         model.save_pretrained(tmp, state_dict=state_dict)
+        # the base as an absolute path: transformers / peft load the adapter folder from anywhere
+        adapter_config = tmp / "adapter_config.json"
+        config = json.loads(adapter_config.read_text())
+        config["base_model_name_or_path"] = str(Path(source_path).resolve())
+        adapter_config.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     else:
         model.save_pretrained(tmp, state_dict=state_dict)
-    _copy_side_files(Path(source_path), tmp)
+    # an adapter folder gets the processor files but not the base's config.json / generation_config.json:
+    # with them, AutoModelForImageTextToText.from_pretrained(folder) looks for full weights and fails
+    _copy_side_files(Path(source_path), tmp, skip=_MODEL_FILES if fmt == "lora" else ())
     meta = {
         "format": fmt,
         "base_model": str(Path(source_path).resolve()),
@@ -465,7 +479,9 @@ def load_captioner(
                                     "pass --base-model")
         base = load_vlm(base_path, dtype=dtype, attn_implementation=attn_implementation)
         model = PeftModel.from_pretrained(base, str(p)).merge_and_unload()
+        base_path = str(Path(base_path).resolve())
     else:
+        base_path = None
         model = load_vlm(p, dtype=dtype, attn_implementation=attn_implementation)
     processor = load_processor(p)
     model.to(device).eval()
@@ -474,7 +490,7 @@ def load_captioner(
                              meta.get("languages"))
     return Captioner(model=model, processor=processor, table=table, system=meta.get("system"),
                      generation=dict(meta.get("generation") or {}), max_image_side=meta.get("max_image_side"),
-                     path=str(p))
+                     path=str(p.resolve()), base_path=base_path)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -530,6 +546,7 @@ class UniCapModule(pl.LightningModule):
         self.last_captions: list[dict[str, Any]] = []
         self.nonfinite_in_a_row = 0
         self._sharded = False
+        self._pending_rng: tuple[Any, Any] | None = None  # RNG states of a loaded checkpoint, set at its first batch
         self._step_started: float | None = None
         self._batch_info: tuple[int, int] | None = None
         # checkpoints of LoRA / partly frozen runs hold only what trains (the rest is model.path)
@@ -634,6 +651,7 @@ class UniCapModule(pl.LightningModule):
             self.log("train/grad_norm", total.detach().float(), on_step=True)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._restore_rng()
         self._step_started = step_started(self)  # also notes the LR this step uses, for train/lr
         self._step_at_start = self.global_step
 
@@ -738,7 +756,7 @@ class UniCapModule(pl.LightningModule):
                                  "reference": r.captions.get(v.eval_level, "")})
             scored = [(text, r.meta) for text, r in zip(generated, records) if r.meta.get("objects")]
             if scored:
-                acc = attribute_accuracy(scored)
+                acc = attribute_accuracy(scored, level=v.eval_level)
                 for key in ("color", "shape", "count", "binding", "all"):
                     results[f"val/acc_{key}"] = acc[key]
             shown = records[: v.n_captions]
@@ -785,7 +803,11 @@ class UniCapModule(pl.LightningModule):
         from lumina_lightning.training.parallelize import uses_deepspeed
 
         checkpoint["unicap_skips"] = self.skips.state_dict()
-        checkpoint["unicap_source"] = str(self.recipe.model.path)
+        checkpoint["unicap_source"] = str(Path(self.recipe.model.path).resolve())
+        # dropout (LoRA's included) draws from these: a resumed run continues the straight run's streams
+        checkpoint["lumina_torch_rng"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            checkpoint["lumina_cuda_rng"] = torch.cuda.get_rng_state()
         state = checkpoint.get("state_dict")
         if self._sharded or state is None or uses_deepspeed(self.trainer.strategy):
             return
@@ -795,8 +817,29 @@ class UniCapModule(pl.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        source = checkpoint.get("unicap_source")
+        if source is not None:
+            now = Path(self.recipe.model.path).resolve()
+            if Path(source).resolve() != now:
+                # frozen weights are not in the checkpoint (LoRA, frozen parts): they would come from
+                # another model, and the trained ones would be applied to it
+                raise ValueError(f"the checkpoint was trained from model.path {source}, this run's model.path is "
+                                 f"{now}; resume with the model it was trained from (or start a new run)")
         if "unicap_skips" in checkpoint:
             self.skips.load_state_dict(checkpoint["unicap_skips"])
+        # applied at the first training batch: the data loader's iterator, created after the restore,
+        # draws a seed from the torch RNG where the straight run drew none
+        self._pending_rng = (checkpoint.get("lumina_torch_rng"), checkpoint.get("lumina_cuda_rng"))
+
+    def _restore_rng(self) -> None:
+        pending, self._pending_rng = getattr(self, "_pending_rng", None), None
+        if pending is None:
+            return
+        cpu, cuda = pending
+        if cpu is not None:
+            torch.set_rng_state(cpu)
+        if cuda is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(cuda)
 
 
 def build_val_batches(records: Sequence[Record], processor: Any, table: InstructionTable,

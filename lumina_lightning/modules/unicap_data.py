@@ -247,47 +247,91 @@ class EpochShardSampler(torch.utils.data.Sampler):
     Lightning calls :meth:`set_epoch` at each epoch start. Every rank yields the same number of
     keys (the permutation is padded by wrapping), so collective ops stay in step.
 
-    Stateful (the torchdata protocol): the state is the epoch and the keys this rank has drawn in
-    it. A resume needs both. torchdata re-creates the iterator while restoring the loader, before
-    Lightning calls ``set_epoch``, so a sampler that only counted drawn keys would fast-forward
-    epoch 0's permutation on a resume in a later epoch.
+    Stateful (the torchdata protocol): the state is the epoch and the position in it. Like the
+    generation loader's global cursor, the position is one in the epoch's *global* permutation
+    (rank ``r`` of ``W`` takes keys ``r, r + W, ...``; after every rank drew ``d`` keys the first
+    ``d * W`` are consumed), so a checkpoint saved with ``W`` ranks resumes on ``W'`` ranks: the rest
+    of the epoch is dealt out again over the new ranks, every remaining record exactly once (plus
+    the wrap-around padding that keeps ranks equal).
+
+    Epoch numbers after a resume: a run that stops at ``max_steps`` or ``max_time`` between periodic
+    checkpoints saves ``last.ckpt`` with Lightning's epoch already counted as finished, although
+    the data epoch is not — and each such stop adds one. So once a state is loaded, the sampler
+    keeps its own epoch count: :meth:`set_epoch` then continues an unfinished epoch and starts
+    the next one after a finished epoch, whatever number Lightning announces. (torchdata re-creates
+    the iterator while restoring the loader — before Lightning's ``set_epoch`` without workers,
+    after it with workers — so both orders are handled.) A sampler that was never loaded follows
+    ``set_epoch`` as usual.
+
+    Args:
+        size: records; seed, shuffle: the permutation of each epoch.
+        rank, world_size: this rank and the number of data-parallel ranks.
+        batch_size, drop_last: the loader's per-rank batching; with ``drop_last`` a position at the
+            last whole batch of an epoch counts as the end of that epoch.
     """
 
-    def __init__(self, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True) -> None:
+    def __init__(self, size: int, *, seed: int = 0, rank: int = 0, world_size: int = 1, shuffle: bool = True,
+                 batch_size: int = 1, drop_last: bool = False) -> None:
         if size <= 0:
             raise ValueError("no records to sample from")
         self.size, self.seed, self.rank, self.world_size, self.shuffle = size, seed, rank, world_size, shuffle
+        self.batch_size, self.drop_last = max(1, int(batch_size)), bool(drop_last)
         self.epoch = 0
-        self.drawn = 0  # keys of the current epoch's shard handed out so far
+        self.base = 0  # keys of the epoch's permutation consumed before this segment (a resume on other ranks)
+        self.drawn = 0  # keys of the current segment's shard handed out so far
         self._resume_at: int | None = None
+        self._own_epochs = False  # True once a state is loaded: the epoch count is the sampler's own
+        self._generation = 0
+
+    def _segment_len(self) -> int:
+        """Keys per rank from ``base`` to the end of the epoch."""
+        return math.ceil(max(0, self.size - self.base) / self.world_size)
+
+    def _usable(self) -> int:
+        """Keys per rank of the current segment that make whole batches (all of them without drop_last)."""
+        n = self._segment_len()
+        return n - n % self.batch_size if self.drop_last else n
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch, self.base, self.drawn, self._resume_at = int(epoch), 0, 0, None
 
     def set_epoch(self, epoch: int) -> None:
-        # The epoch a restored state is in keeps its position: Lightning calls set_epoch again
-        # after loading the checkpoint.
-        if int(epoch) != self.epoch:
-            self.epoch, self._resume_at = int(epoch), None
+        if not self._own_epochs:
+            # the epoch a restored state is in keeps its position: Lightning calls set_epoch again
+            if int(epoch) != self.epoch:
+                self._start_epoch(epoch)
+            return
+        # after a load: Lightning's number may be ahead of the data epoch (see the class docstring)
+        if self.drawn >= self._usable() and self._resume_at is None:
+            self._start_epoch(self.epoch + 1)
 
     def __len__(self) -> int:
         return math.ceil(self.size / self.world_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        self._generation += 1
+        generation = self._generation
         start, self._resume_at = (self._resume_at or 0), None
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch, 0x5EED]).permutation(self.size)
         else:
             order = np.arange(self.size)
-        total = len(self) * self.world_size
-        order = np.resize(order, total)  # wraps around: equal counts on every rank
+        order = order[self.base:]
+        n = self._segment_len()
+        total = n * self.world_size
+        order = np.resize(order, total) if len(order) else order  # wraps around: equal counts on every rank
         shard = order[self.rank:total:self.world_size]
         epoch = self.epoch
         self.drawn = start
         for i in shard[start:]:
+            if generation != self._generation:
+                return  # a newer iterator (or a state load) took over this sampler
             # count before yielding: torchdata snapshots the state right after a key is drawn
             self.drawn += 1
             yield (epoch, int(i))
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "drawn": self.drawn, "size": self.size, "seed": self.seed,
+        return {"epoch": self.epoch, "drawn": self.drawn, "base": self.base, "size": self.size, "seed": self.seed,
                 "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -296,19 +340,22 @@ class EpochShardSampler(torch.utils.data.Sampler):
                 f"the data loader state in the checkpoint does not match this run: {state.get('size')} records "
                 f"(seed {state.get('seed')}) then, {self.size} records (seed {self.seed}) now"
             )
-        if int(state.get("world_size", self.world_size)) != self.world_size:
-            raise ValueError(
-                f"the checkpoint's data position was saved with {state.get('world_size')} ranks; resuming it on "
-                f"{self.world_size} would repeat or skip records (resume with the same number of ranks)"
-            )
-        self.epoch = int(state["epoch"])
-        self.drawn = int(state["drawn"])
-        if self.drawn >= len(self):
-            # saved at the last batch of an epoch: resume at the start of the next one. With workers,
-            # torchdata applies this state after Lightning's set_epoch(next), so keeping the finished
-            # epoch would make the resumed epoch yield nothing
-            self.epoch, self.drawn = self.epoch + 1, 0
+        epoch, drawn, base = int(state["epoch"]), int(state["drawn"]), int(state.get("base", 0))
+        saved_world = int(state.get("world_size", self.world_size))
+        if saved_world != self.world_size:
+            # every rank drew `drawn` keys of the interleaved shards: the first base + drawn * W of the
+            # epoch's permutation are consumed; the rest is dealt out over the new ranks
+            consumed = min(self.size, base + drawn * saved_world)
+            log.info("data: %d rank(s) then, %d now: re-sharding the rest of epoch %d (%d of %d records left)",
+                     saved_world, self.world_size, epoch, self.size - consumed, self.size)
+            base, drawn = consumed, 0
+        self.epoch, self.base, self.drawn = epoch, base, drawn
+        if self.drawn >= self._usable():
+            # saved at the last (whole) batch of an epoch: resume at the start of the next one
+            self._start_epoch(self.epoch + 1)
         self._resume_at = self.drawn
+        self._own_epochs = True
+        self._generation += 1
 
 
 def prompt_text(processor: Any, instruction: str, system: str | None = None) -> str:

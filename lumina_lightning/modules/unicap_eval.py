@@ -17,6 +17,11 @@ Background colours (black, gray, brown) are not object colours, so "on a black b
 counts as a colour mention. Works on every caption level the generator writes (short, medium, long,
 tags, prompt); captions written by ``lumina caption`` keep the input's ``meta``, so its output
 manifest can be scored directly (``lumina caption --eval``, :func:`evaluate_manifest`).
+
+A level is scored on what its references state: the ``prompt`` level is GenEval's prompt, which
+names no colour for the ``single_object`` and ``two_object`` tasks ("a photo of a circle"), so
+there colour and binding are not scored (``n_color`` counts the captions they are scored on, and
+``all`` is then shape and count).
 """
 
 from __future__ import annotations
@@ -91,36 +96,65 @@ def truth_from_meta(meta: Mapping[str, Any]) -> ParsedCaption:
     )
 
 
-def attribute_accuracy(items: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, Any]:
+def level_names_colour(meta: Mapping[str, Any], level: str | None) -> bool:
+    """Whether the references of caption ``level`` name the object colours of this record.
+
+    Every level does except ``prompt`` (GenEval's prompt), whose ``include`` entries carry a
+    ``color`` only for the tasks whose prompt names one.
+    """
+    base = (level or "").split("_")[0]
+    if base != "prompt" or not isinstance(meta.get("include"), list):
+        return True
+    return any("color" in entry for entry in meta["include"])
+
+
+def attribute_accuracy(items: Iterable[tuple[str, Mapping[str, Any]]], level: str | None = None) -> dict[str, Any]:
     """Per-attribute accuracy of ``(caption, meta)`` pairs (records without ``meta.objects`` are ignored).
 
+    ``level``: the caption level scored; colour and binding are scored only on captions whose
+    level's reference names colours (:func:`level_names_colour`), and ``all`` leaves colour out
+    where it is not scored.
+
     Returns:
-        ``{"n": N, "color": ..., "shape": ..., "count": ..., "binding": ..., "all": ...,
-        "by_tag": {tag: {"n", "all", ...}}}`` — accuracies are fractions in [0, 1] (0.0 when N = 0).
+        ``{"n": N, "n_color": N_c, "color": ..., "shape": ..., "count": ..., "binding": ..., "all": ...,
+        "by_tag": {tag: {"n", "all", ...}}}`` — accuracies are fractions in [0, 1] (0.0 when N = 0);
+        ``color`` and ``binding`` are over the ``n_color`` captions they are scored on.
     """
     totals = {k: 0 for k in ATTRIBUTES}
     by_tag: dict[str, dict[str, float]] = {}
-    n = 0
+    n = n_color = 0
     for text, meta in items:
         if not meta or not meta.get("objects"):
             continue
         got, want = parse_caption(text or ""), truth_from_meta(meta)
+        colour = level_names_colour(meta, level)
         ok = {
             "color": got.colors == want.colors,
             "shape": got.shapes == want.shapes,
             "count": got.count == want.count,
             "binding": got.pairs == want.pairs,
         }
-        ok["all"] = ok["color"] and ok["shape"] and ok["count"]
+        ok["all"] = (ok["color"] or not colour) and ok["shape"] and ok["count"]
         n += 1
+        n_color += int(colour)
         tag = str(meta.get("tag", "?"))
-        bucket = by_tag.setdefault(tag, {"n": 0, **{k: 0 for k in ATTRIBUTES}})
+        bucket = by_tag.setdefault(tag, {"n": 0, "n_color": 0, **{k: 0 for k in ATTRIBUTES}})
         bucket["n"] += 1
+        bucket["n_color"] += int(colour)
         for k in ATTRIBUTES:
+            if k in ("color", "binding") and not colour:
+                continue
             totals[k] += int(ok[k])
             bucket[k] += int(ok[k])
-    result: dict[str, Any] = {"n": n, **{k: (totals[k] / n if n else 0.0) for k in ATTRIBUTES}}
-    result["by_tag"] = {tag: {"n": b["n"], **{k: b[k] / b["n"] for k in ATTRIBUTES}}
+
+    def share(count: float, over: int) -> float:
+        return count / over if over else 0.0
+
+    def rates(t: Mapping[str, float], n_all: int, n_col: int) -> dict[str, float]:
+        return {k: share(t[k], n_col if k in ("color", "binding") else n_all) for k in ATTRIBUTES}
+
+    result: dict[str, Any] = {"n": n, "n_color": n_color, **rates(totals, n, n_color)}
+    result["by_tag"] = {tag: {"n": b["n"], **rates(b, int(b["n"]), int(b["n_color"]))}
                         for tag, b in sorted(by_tag.items())}
     return result
 
@@ -130,7 +164,7 @@ def evaluate_manifest(path: str | os.PathLike, level: str = "short") -> dict[str
     from lumina_lightning.data.records import load_records
 
     records = load_records(path).records
-    result = attribute_accuracy((r.captions.get(level, ""), r.meta) for r in records)
+    result = attribute_accuracy(((r.captions.get(level, ""), r.meta) for r in records), level=level)
     result["level"] = level
     result["manifest"] = str(Path(path))
     return result

@@ -62,7 +62,9 @@ class ModelSection:
         attn_implementation: ``sdpa`` | ``eager`` | ``flash_attention_2`` (null = transformers' default).
         freeze_vision_tower / freeze_language_model: full fine-tuning of the rest only.
         train_projector: keep the vision→text projector (Qwen2-VL's ``merger``) trainable even when
-            the vision tower is frozen.
+            the vision tower is frozen. Full fine-tuning only: with ``lora.enabled`` this and the
+            ``freeze_*`` keys do not apply (the base model is frozen); list the projector in
+            ``lora.modules_to_save`` (e.g. ``[merger]``) to train it next to the adapters.
         gradient_checkpointing: recompute activations in backward (transformers' non-reentrant mode).
     """
 
@@ -249,6 +251,7 @@ class UniCapRecipe:
             ok = isinstance(text, str) or (isinstance(text, list) and text and all(isinstance(t, str) for t in text))
             if not ok:
                 raise ValueError(f"`data.instructions.{level}` must be a string or a non-empty list of strings")
+        self._check_levels()
         if "{instruction}" not in self.data.language_template or "{language}" not in self.data.language_template:
             raise ValueError("`data.language_template` must contain {instruction} and {language}")
         if not 0.0 <= self.data.max_skip_rate <= 1.0:
@@ -275,3 +278,25 @@ class UniCapRecipe:
             raise ValueError("`validation.eval_samples` > 0 needs `data.val_path` (held-out records to caption)")
         if self.resume not in (None, "auto") and not str(self.resume):
             raise ValueError("`resume` must be null, 'auto' or a checkpoint path")
+
+    def _check_levels(self) -> None:
+        """Every caption level a recipe names must have an instruction (a typo would train or
+        validate nothing for it: levels without an instruction are silently never drawn)."""
+        from lumina_lightning.modules.unicap_data import InstructionTable
+
+        table = InstructionTable.from_config(self.data.instructions, self.data.language_template)
+        named = [("validation.eval_level", self.validation.eval_level)]
+        named += [(f"validation.levels[{i}]", level) for i, level in enumerate(self.validation.levels)]
+        named += [(f"data.level_weights.{level}", level) for level in self.data.level_weights]
+        known = sorted(table.instructions)
+        for key, level in named:
+            if isinstance(level, str) and table.has(level):
+                continue
+            close = difflib.get_close_matches(str(level), known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            languages = ", ".join(sorted(table.languages or {}))
+            raise ValueError(
+                f"`{key}` = {level!r} has no instruction{hint}: known levels are {known} and their "
+                f"<level>_<lang> variants (lang one of {languages}, e.g. 'long_de'); "
+                "add new levels to data.instructions"
+            )

@@ -103,7 +103,8 @@ def _data_module(cfg: Any, records: list, collator: Any, table: Any) -> Any:
                 dataset = UniCapDataset(records, table, level_weights=d.level_weights, seed=cfg.seed,
                                         max_image_side=d.max_image_side)
                 sampler = EpochShardSampler(len(dataset), seed=cfg.seed, rank=self.trainer.global_rank,
-                                            world_size=self.trainer.world_size)
+                                            world_size=self.trainer.world_size, batch_size=d.batch_size,
+                                            drop_last=True)
                 self.loader = StatefulDataLoader(dataset, batch_size=d.batch_size, sampler=sampler,
                                                  collate_fn=collator, num_workers=d.num_workers, drop_last=True)
             return self.loader
