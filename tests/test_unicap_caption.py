@@ -215,3 +215,50 @@ def test_rerun_reports_earlier_unreadable_images_and_keeps_its_exit_code(tmp_pat
     args = ["--model", str(export), "--input", str(mixed), "--output", str(out), "--levels", "short", "--no-progress"]
     assert main(args) == 0 and main(args) == 0
     assert "2 already done, 2 skipped earlier as unreadable" in capsys.readouterr().out
+
+
+def test_pipeline_reuses_the_captioner_and_replaces_captions_written_otherwise(tmp_path, monkeypatch, export):
+    """`lumina pipeline` with UniCap on, run again: the captioner is not trained again and its captions
+    are kept; other levels or a retrained captioner replace the captions (the old ones moved aside),
+    never resume them."""
+    import types
+
+    from lumina_lightning.training import pipeline as pl
+
+    trained = []
+
+    def fake_train_unicap(loaded):  # the real captioner's weights, "trained" into the run's folder
+        trained.append(loaded.config.output_dir)
+        dest = Path(loaded.config.output_dir) / "export"
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.copytree(export, dest, copy_function=shutil.copy)  # new mtimes, as retrained weights have
+        return types.SimpleNamespace(export_dir=dest, exit_code=0, stopped_by_signal=None, metrics={"all": 0.5})
+
+    monkeypatch.setattr("lumina_lightning.training.unicap_run.train_unicap", fake_train_unicap)
+    out = tmp_path / "out"
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+
+    def run(*extra):
+        cfg = pl.load_pipeline_config(recipes / "tiny" / "pipeline.yaml",
+                                      [f"output_dir={out}", "unicap.limit=3", "unicap.max_new_tokens=8", *extra])
+        summary = {}
+        manifest = pl._unicap(cfg, tiny_synthetic(), summary, False)
+        levels = [sorted(json.loads(x)["captions"]) for x in manifest.read_text().splitlines()]
+        assert levels and all(found == sorted(cfg.unicap.levels) for found in levels), levels
+        return manifest, summary["unicap"], levels
+
+    manifest, info, levels = run()
+    assert len(trained) == 1 and not info["reused"] and len(levels) == 3
+    first = manifest.read_text()
+    manifest, info, _ = run()  # unchanged: reused, and the captions kept as they were
+    assert len(trained) == 1 and info["reused"] and manifest.read_text() == first
+    assert not list(out.glob("**/*.replaced-*"))
+
+    manifest, info, levels = run("unicap.levels=[short]")
+    assert len(trained) == 1 and info["reused"] and levels == [["short"]] * 3
+    assert len(list((out / "captions").glob("train_unicap.jsonl.replaced-*"))) == 1
+
+    manifest, info, levels = run("unicap.levels=[short]", "unicap.overrides=[optim.lr=1.0e-3]")  # another recipe
+    assert len(trained) == 2 and not info["reused"] and levels == [["short"]] * 3
+    assert len(list(out.glob("unicap.replaced-*"))) == 1  # the old captioner kept aside, not resumed
+    assert len(list((out / "captions").glob("train_unicap.jsonl.replaced-*"))) == 2  # new weights, new captions

@@ -620,12 +620,10 @@ def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any], smoke: bo
     As a stage is: the captioner is reused when its resolved recipe and data are what its finished run
     was trained on, and trained afresh (the old folder moved aside) when they changed, so ``resume:
     auto`` only ever continues an interrupted run of the same recipe. The captions manifest is
-    reused or completed only when it was written by the same captioner weights, levels, decoding
-    length, limit and input; otherwise it is moved aside and written anew (``lumina caption`` itself
-    resumes any existing output, whoever wrote it).
+    reused or completed only when the same captioner weights and settings wrote it; otherwise
+    ``lumina caption --on-mismatch replace`` moves it aside and writes it anew.
     """
     from lumina_lightning.modules.caption_cli import main as caption_main
-    from lumina_lightning.modules.caption_cli import skipped_path
     from lumina_lightning.training.recipe import load_recipe
     from lumina_lightning.training.unicap_run import train_unicap
 
@@ -662,29 +660,14 @@ def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any], smoke: bo
 
     out_manifest = Path(cfg.output_dir) / "captions" / "train_unicap.jsonl"
     limit = cfg.unicap.limit or (UNICAP_SMOKE_LIMIT if smoke else None)
-    identity = {"captioner": _content_digest(export), "levels": list(cfg.unicap.levels),
-                "max_new_tokens": cfg.unicap.max_new_tokens, "limit": limit,
-                "input": _content_digest(synth / "train.jsonl")}
-    identity_file = out_manifest.with_name(out_manifest.name + ".identity.json")
-    try:
-        written_by = json.loads(identity_file.read_text())
-    except (OSError, ValueError):
-        written_by = None
-    if written_by != identity:
-        for old in (out_manifest, skipped_path(out_manifest)):
-            if old.exists():  # kept, not deleted: captioning a real dataset takes hours
-                aside = _move_aside(old)
-                log.warning("UniCap: %s was written by another captioner or with other settings; moved it to %s",
-                            old, aside)
-        out_manifest.parent.mkdir(parents=True, exist_ok=True)
-        from lumina_lightning.fileio import atomic_write_text
-
-        atomic_write_text(identity_file, json.dumps(identity, indent=2))
+    # `lumina caption` records what wrote the manifest (<output>.caption.json); a manifest written by
+    # other weights, levels or settings is moved aside and written anew, one left unfinished is resumed
     argv = ["--model", str(export), "--input", str(synth / "train.jsonl"), "--output", str(out_manifest),
-            "--levels", ",".join(cfg.unicap.levels), "--max-new-tokens", str(cfg.unicap.max_new_tokens)]
+            "--levels", ",".join(cfg.unicap.levels), "--max-new-tokens", str(cfg.unicap.max_new_tokens),
+            "--on-mismatch", "replace"]
     if limit:
         argv += ["--limit", str(limit)]
-    code = caption_main(argv)  # resumes a manifest the same captioner and settings left unfinished
+    code = caption_main(argv)
     if code:
         raise RuntimeError(f"captioning failed with exit code {code}")
     summary["unicap"] = {"seconds": round(time.perf_counter() - t0, 1), "manifest": str(out_manifest),
