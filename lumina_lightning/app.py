@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lumina demo: error: {err}", file=sys.stderr)
         return 2
     config = ServeConfig(max_pixels=args.max_pixels, max_images=args.max_images, max_steps=args.max_steps,
-                         resolution=args.resolution, checkpoint=str(args.ckpt))
+                         resolution=args.resolution, checkpoint=str(args.ckpt), concurrency=args.concurrency)
     try:
         service = DemoService.from_checkpoint(args.ckpt, text_encoder=args.text_encoder, vae=args.vae,
                                               device=device, config=config)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     in_main_thread = threading.current_thread() is threading.main_thread()  # signal handlers live there only
     previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
     try:
-        demo = build_demo(service, concurrency=args.concurrency)
+        demo = build_demo(service)  # --concurrency comes with the service's config
         print(f"lumina demo: loaded {args.ckpt}; starting the server on {host}:{args.port}", file=sys.stderr)
         launch(demo, service, host=host, port=args.port, share=args.share, block=True)
     except OSError as err:  # port taken, address not available

@@ -10,7 +10,9 @@ API client sent: numbers, strings, booleans, ``None``). :meth:`DemoService.valid
 :meth:`DemoService.generate` runs the :class:`~lumina_lightning.sampling.pipeline.LuminaPipeline`
 and returns a :class:`Generation`: PNG files (prompt, seed and every setting in their text
 metadata, written by :func:`lumina_lightning.sampling.cli.save_png`), the seeds used, the time taken
-and the model forwards, with the acceleration spelled out against the ``official`` preset.
+and the model forwards, with the acceleration spelled out against the ``official`` preset. At most
+``ServeConfig.concurrency`` pipeline calls run at once, and a request whose :class:`CancelFlag` is set
+(:meth:`DemoService.agenerate` sets it when its task is cancelled) stops at its next sampling step.
 """
 
 from __future__ import annotations
@@ -70,6 +72,33 @@ ProgressFn = Callable[[int, int, str], None]
 
 class RequestError(ValueError):
     """A request the app refuses; the message is shown to the user as is."""
+
+
+class GenerationCancelled(RequestError):
+    """The request was cancelled (:class:`CancelFlag`) before it finished; no PNGs were written."""
+
+
+class CancelFlag:
+    """A per-request cancel flag: set it (from any thread) and the generation stops at its next
+    sampling step, or before it starts when it is still waiting for a slot.
+
+    :meth:`DemoService.agenerate` sets it when the awaiting task is cancelled (gradio cancels the
+    task of a request a client cancels; it cannot stop the worker thread itself).
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self) -> None:
+        """Raise :class:`GenerationCancelled` when set."""
+        if self._event.is_set():
+            raise GenerationCancelled("the request was cancelled")
 
 
 def no_checkpoint_message(path: str | os.PathLike | None = None) -> str:
@@ -194,6 +223,10 @@ class ServeConfig:
         checkpoint: what is served (shown on the page and written into each PNG's metadata).
         output_dir: where PNGs are written (default: a fresh temporary folder, removed on close).
         keep_outputs_s: PNG folders older than this are deleted at the next request.
+        concurrency: generations that may run at once (``--concurrency``); :meth:`DemoService.generate`
+            holds one of these slots around the pipeline call, so the bound holds whatever the web
+            framework's queue does (gradio frees a cancelled request's queue slot while its thread still
+            runs).
     """
 
     max_pixels: int = DEFAULT_MAX_PIXELS
@@ -203,9 +236,10 @@ class ServeConfig:
     checkpoint: str = ""
     output_dir: str | None = None
     keep_outputs_s: float = 3600.0
+    concurrency: int = 1
 
     def __post_init__(self) -> None:
-        for name in ("max_pixels", "max_images", "max_steps"):
+        for name in ("max_pixels", "max_images", "max_steps", "concurrency"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.resolution is not None and int(self.resolution) < 1:
@@ -329,13 +363,19 @@ class DemoService:
         config: limits and defaults (:class:`ServeConfig`).
     """
 
-    def __init__(self, pipe: Any, config: ServeConfig | None = None) -> None:
+    def __init__(self, pipe: Any, config: ServeConfig | None = None, *,
+                 loaded: Mapping[str, Any] | None = None) -> None:
         self.pipe = pipe
         self.config = config or ServeConfig()
+        # the load_pipeline arguments that reproduce the served pipeline (checkpoint, ema, text_encoder,
+        # vae; :func:`~lumina_lightning.sampling.cli.loaded_record`), written into every PNG; None for a
+        # pipeline built in memory, whose PNGs record ``config.checkpoint`` as given
+        self.loaded = dict(loaded) if loaded is not None else None
         if not isinstance(pipe.text_encoder, _SerializedEncoder):
             pipe.text_encoder = _SerializedEncoder(pipe.text_encoder)
         self._output_dir: Path | None = None
         self._own_output_dir = self.config.output_dir is None
+        self._slots = threading.BoundedSemaphore(int(self.config.concurrency))
 
     @classmethod
     def from_checkpoint(
@@ -351,6 +391,7 @@ class DemoService:
         """Load any checkpoint :func:`~lumina_lightning.sampling.pipeline_io.load_pipeline` reads."""
         import torch
 
+        from lumina_lightning.sampling.cli import loaded_record
         from lumina_lightning.sampling.pipeline_io import load_pipeline
 
         if dtype is None:
@@ -359,7 +400,10 @@ class DemoService:
         config = config or ServeConfig()
         if not config.checkpoint:
             config = dataclasses.replace(config, checkpoint=str(path))
-        return cls(pipe, config)
+        # recorded as `lumina sample` records it (absolute paths, the weights ema="auto" picked), now,
+        # while a relative path still means what it meant on the command line
+        loaded = loaded_record(path, pipe.model, text_encoder=text_encoder, vae=vae)
+        return cls(pipe, config, loaded=loaded)
 
     @property
     def output_dir(self) -> Path:
@@ -621,27 +665,73 @@ class DemoService:
             except FileNotFoundError:  # another worker removed it first
                 pass
 
-    def generate(self, raw: Mapping[str, Any], progress: ProgressFn | None = None) -> Generation:
+    def set_concurrency(self, concurrency: int) -> None:
+        """Change how many generations may run at once (before serving: requests already holding a
+        slot of the old bound keep it)."""
+        if int(concurrency) < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        self.config = dataclasses.replace(self.config, concurrency=int(concurrency))
+        self._slots = threading.BoundedSemaphore(int(concurrency))
+
+    def _acquire_slot(self, slots: threading.Semaphore, cancel: CancelFlag | None) -> None:
+        # wait in short slices so that a request cancelled while it waits never runs
+        while not slots.acquire(timeout=0.05):
+            if cancel is not None:
+                cancel.check()
+
+    async def agenerate(self, raw: Mapping[str, Any], progress: ProgressFn | None = None) -> Generation:
+        """:meth:`generate` in a worker thread, for an asyncio server (the Gradio app).
+
+        When the awaiting task is cancelled (gradio cancels a request a client cancels, e.g.
+        ``gradio_client``'s ``Job.cancel()``), the request's :class:`CancelFlag` is set, so the
+        generation stops at its next sampling step and frees its slot, and the cancellation goes on.
+        """
+        import asyncio
+
+        cancel = CancelFlag()
+        try:
+            return await asyncio.to_thread(self.generate, raw, progress, cancel)
+        except asyncio.CancelledError:
+            cancel.set()
+            raise
+
+    def generate(self, raw: Mapping[str, Any], progress: ProgressFn | None = None,
+                 cancel: CancelFlag | None = None) -> Generation:
         """Validate, sample and write PNGs. Raises :class:`RequestError` for anything the user can fix
-        (and for failures of the model, with the reason, so that the server keeps serving)."""
+        (and for failures of the model, with the reason, so that the server keeps serving), and
+        :class:`GenerationCancelled` when ``cancel`` is set before the images are sampled.
+
+        At most ``config.concurrency`` pipeline calls run at once (the others wait here)."""
         from lumina_lightning.sampling.cli import save_png
         from lumina_lightning.sampling.solvers import nfe as solver_nfe
 
         request = self.validate(raw)
         self._prune_outputs()
         report = progress or (lambda done, total, desc: None)
-        report(0, request.steps, "encoding the prompt")
 
         def on_step(step: int, total: int) -> None:
+            if cancel is not None:
+                cancel.check()  # raised through the solver: the pipeline stops at this step
             report(step, total, f"sampling: step {step}/{total}")
 
+        slots = self._slots
+        if not slots.acquire(blocking=False):
+            report(0, request.steps, "waiting for another generation to finish")
+            self._acquire_slot(slots, cancel)
         try:
+            if cancel is not None:
+                cancel.check()
+            report(0, request.steps, "encoding the prompt")
             result = self.pipe(request.prompt, progress=on_step, **request.pipeline_kwargs())
+        except RequestError:
+            raise
         except ValueError as err:
             raise RequestError(f"the pipeline refused the request: {err}") from None
         except Exception as err:  # noqa: BLE001 - one bad request (e.g. out of memory) must not stop the server
             log.exception("generation failed")
             raise RequestError(f"generation failed: {type(err).__name__}: {err}") from None
+        finally:
+            slots.release()
 
         report(request.steps, request.steps, "saving PNGs")
         folder = self.output_dir / f"req-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:8]}"
@@ -653,15 +743,17 @@ class DemoService:
         baseline_nfe = solver_nfe(official.solver, official.steps)
         baseline_passes = baseline_nfe * (2 if official.guidance.guided else 1)
         files = []
+        # which weights and encoders were served: the load_pipeline arguments, as `lumina sample` records
+        # them; a model built in memory records the configured name and ema None
+        weights = self.loaded or dict(checkpoint=self.config.checkpoint,
+                                      ema=getattr(self.pipe.model, "weights_ema", None))
         for k, (image, seed) in enumerate(zip(result.images, request.seeds)):
             record = {key: value for key, value in settings.items() if key not in ("prompts", "seeds")}
             record.update(
-                prompt=request.prompt, seed=seed, index=k, checkpoint=self.config.checkpoint,
-                # which weights were served (None: a model built in memory, not read from a checkpoint)
-                ema=getattr(self.pipe.model, "weights_ema", None), nfe=result.nfe,
-                rows=result.rows, passes_per_image=passes, elapsed_s=round(result.elapsed, 4),
-                prompt_tokens=request.prompt_tokens, prompt_truncated=request.prompt_truncated,
-                source="lumina demo",
+                prompt=request.prompt, seed=seed, index=k, **weights, nfe=result.nfe,
+                rows_per_image=result.rows // max(n, 1), passes_per_image=passes,
+                elapsed_s=round(result.elapsed, 4), prompt_tokens=request.prompt_tokens,
+                prompt_truncated=request.prompt_truncated, source="lumina demo",
             )
             path = folder / f"lumina_{_slug(request.prompt)}_s{seed}.png"
             save_png(image, path, record)

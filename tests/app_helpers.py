@@ -67,3 +67,55 @@ def chromium_executable() -> str | None:
         if os.access(path, os.X_OK):
             return path
     return shutil.which("chromium")
+
+
+class TrackedPipe:
+    """A pipeline wrapper that records, per call, the sampling steps done and how it ended, and how
+    many calls ran at once; ``delay`` seconds per step make a call slow enough to cancel mid-run."""
+
+    def __init__(self, pipe: Any, delay: float = 0.0) -> None:
+        import threading
+
+        self._pipe = pipe
+        self._lock = threading.Lock()
+        self.delay = delay
+        self.active = 0
+        self.max_active = 0
+        self.calls: list[dict[str, Any]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._pipe, name)
+
+    def __call__(self, *args: Any, progress: Any = None, **kwargs: Any) -> Any:
+        import time
+
+        call: dict[str, Any] = {"steps": 0, "error": None, "done": False}
+        with self._lock:
+            self.active += 1
+            self.max_active = max(self.max_active, self.active)
+            self.calls.append(call)
+
+        def on_step(step: int, total: int) -> None:
+            call["steps"] = step
+            time.sleep(self.delay)
+            if callable(progress):
+                progress(step, total)
+
+        try:
+            return self._pipe(*args, progress=on_step, **kwargs)
+        except BaseException as err:
+            call["error"] = type(err).__name__
+            raise
+        finally:
+            with self._lock:
+                self.active -= 1
+            call["done"] = True
+
+    def wait(self, condition: Any, timeout: float = 60.0) -> None:
+        """Poll until ``condition()`` holds (AssertionError after ``timeout`` s)."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, "timed out waiting"
+            time.sleep(0.01)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from app_helpers import build_pipeline_folder, start_server
+from app_helpers import TrackedPipe, build_pipeline_folder, start_server
 from lumina_lightning.sampling.cli import read_png_settings
 from lumina_lightning.serving import REQUEST_FIELDS, DemoService, ServeConfig
 
@@ -164,6 +164,26 @@ def test_concurrent_requests_are_queued(served):
     assert [r[3]["seeds"] for r in results] == [[100], [101], [102]]
 
 
+def test_a_cancelled_job_stops_and_concurrency_holds(served, monkeypatch):
+    """gradio frees a cancelled job's queue slot at once while a plain function's thread keeps
+    sampling: the next request used to run beside it, past --concurrency 1, until all 60 steps were done."""
+    service, client = served
+    tracked = TrackedPipe(service.pipe, delay=0.05)
+    monkeypatch.setattr(service, "pipe", tracked)
+    job = client.submit(prompt="a red circle", randomize_seed=False, seed=1, solver="euler", steps=60,
+                        api_name="/generate")
+    tracked.wait(lambda: tracked.calls and tracked.calls[0]["steps"] >= 1)
+    assert job.cancel()
+    at_cancel = tracked.calls[0]["steps"]
+    gallery, *_ = client.submit(prompt="a blue square", randomize_seed=False, seed=2, api_name="/generate",
+                                **QUICK).result(timeout=120)
+    assert len(gallery) == 1
+    first = tracked.calls[0]
+    assert first["done"] and first["error"] == "GenerationCancelled"
+    assert first["steps"] <= at_cancel + 2 < 60  # stopped at its next step
+    assert tracked.max_active == 1 and len(tracked.calls) == 2
+
+
 def test_demo_verb_binds_loopback_without_analytics_or_share(folder, monkeypatch, capsys):
     """``lumina demo`` wiring: the launch is replaced, so no second server starts."""
     import lumina_lightning.ui.gradio_app as ui
@@ -185,6 +205,7 @@ def test_demo_verb_binds_loopback_without_analytics_or_share(folder, monkeypatch
 
     assert main(["--ckpt", str(folder), "--listen", "--share", "--port", "7999", "--concurrency", "2"]) == 0
     assert calls[-1][2] == {"host": "0.0.0.0", "port": 7999, "share": True, "block": True}
+    assert calls[-1][1].config.concurrency == 2  # the service enforces --concurrency too
     err = capsys.readouterr().err
     assert "needs internet access" in err and "reachable from other machines" in err
     # --listen only changes the default: an explicit --host is what gets bound

@@ -12,14 +12,16 @@ import pytest
 import torch
 from PIL import Image
 
-from app_helpers import build_tiny_pipe
+from app_helpers import TrackedPipe, build_pipeline_folder, build_tiny_pipe
 from lumina_lightning.sampling.cli import read_png_settings
 from lumina_lightning.sampling.pipeline import kwargs_from_settings
 from lumina_lightning.serving import (
     APP_PRESETS,
     MAX_SEED,
     REQUEST_FIELDS,
+    CancelFlag,
     DemoService,
+    GenerationCancelled,
     RequestError,
     ServeConfig,
     no_checkpoint_message,
@@ -224,6 +226,8 @@ def test_generate_writes_pngs_with_reproducible_metadata(service, pipe):
         assert record["width"] == 48 and record["checkpoint"] == "tiny" and record["nfe"] == gen.nfe == 2
         assert record["source"] == "lumina demo" and record["prompt_truncated"] is False
         assert record["ema"] is None  # the fixture's model was built in memory, not loaded
+        # per image: 2 guided Euler calls of 2 rows (cond + uncond), not the 8 rows of the whole batch
+        assert record["rows_per_image"] == 4 and "rows" not in record
     # the metadata alone reproduces the image
     again = pipe(**kwargs_from_settings(read_png_settings(gen.files[1])))
     assert np.array_equal(np.asarray(again.images[0]), np.asarray(Image.open(gen.files[1]).convert("RGB")))
@@ -231,6 +235,35 @@ def test_generate_writes_pngs_with_reproducible_metadata(service, pipe):
     info = gen.info()
     assert info["seeds"] == [3, 4] and info["nfe"] == 2 and info["width"] == 48 and info["notices"] == []
     assert "seeds 3, 4 (fixed" in gen.summary and "**Model forwards:** 2 transformer calls" in gen.summary
+
+
+def test_demo_png_records_the_checkpoint_and_encoders_that_reproduce_it(tmp_path, monkeypatch):
+    """A bare transformer served with --text-encoder / --vae, the checkpoint given as a relative path:
+    the PNG used to record the relative path and no encoders, so its metadata reproduced nothing."""
+    import os
+
+    from lumina_lightning.encoders.text import minilm_path
+    from lumina_lightning.sampling.cli import loaded_record
+    from lumina_lightning.sampling.pipeline_io import load_pipeline
+
+    build_pipeline_folder(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    encoder = os.path.relpath(minilm_path(), tmp_path)  # a relative encoder folder, too
+    svc = DemoService.from_checkpoint("pipeline/transformer", text_encoder=encoder, vae="pixel",
+                                      config=ServeConfig(resolution=32, output_dir=str(tmp_path / "out")))
+    gen = svc.generate(request(**QUICK))
+    rec = read_png_settings(gen.files[0])
+    assert rec["checkpoint"] == str(tmp_path / "pipeline" / "transformer")
+    assert rec["text_encoder"] == str(Path(minilm_path()).resolve()) and rec["vae"] == "pixel" and rec["ema"] is False
+    # the same record `lumina sample` writes (one helper), and the page still shows what was given
+    assert {k: rec[k] for k in ("checkpoint", "ema", "text_encoder", "vae")} == loaded_record(
+        "pipeline/transformer", svc.pipe.model, text_encoder=encoder, vae="pixel")
+    assert "`pipeline/transformer`" in svc.describe()
+    monkeypatch.chdir(tmp_path / "out")  # reloads from anywhere
+    loaded = {k: rec[k] for k in ("ema", "text_encoder", "vae")}
+    again = load_pipeline(rec["checkpoint"], **loaded)(**kwargs_from_settings(rec))
+    assert np.array_equal(np.asarray(again.images[0]), np.asarray(Image.open(gen.files[0]).convert("RGB")))
+    svc.close()
 
 
 def test_fast_preset_shows_fewer_forwards_than_official(service):
@@ -246,6 +279,7 @@ def test_parallel_generations_share_the_pipeline(service):
     """--concurrency > 1 runs requests in threads on one pipeline (and one text-encoder cache)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    service.set_concurrency(4)
     prompts = [f"{n} red circles" for n in ("one", "two", "three", "four")]
     with ThreadPoolExecutor(4) as pool:
         parallel = list(pool.map(lambda p: service.generate(request(prompt=p, **QUICK)), prompts))
@@ -253,6 +287,69 @@ def test_parallel_generations_share_the_pipeline(service):
         alone = service.generate(request(prompt=prompt, **QUICK))
         assert read_png_settings(gen.files[0])["prompt"] == prompt
         assert np.array_equal(np.asarray(Image.open(gen.files[0])), np.asarray(Image.open(alone.files[0])))
+    service.set_concurrency(1)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_concurrency_bounds_the_pipeline_calls(pipe, tmp_path, monkeypatch, concurrency):
+    """The service holds a slot around each pipeline call: --concurrency is a bound whatever the queue does."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    svc = DemoService(pipe, ServeConfig(resolution=32, output_dir=str(tmp_path), concurrency=concurrency))
+    tracked = TrackedPipe(svc.pipe, delay=0.1)  # >= 0.2 s a call: parallel calls overlap where allowed
+    monkeypatch.setattr(svc, "pipe", tracked)
+    with ThreadPoolExecutor(4) as pool:
+        gens = list(pool.map(lambda seed: svc.generate(request(seed=seed, **QUICK)), range(4)))
+    assert [g.seeds for g in gens] == [[0], [1], [2], [3]]
+    assert tracked.max_active == concurrency
+    with pytest.raises(ValueError, match="concurrency must be >= 1"):
+        ServeConfig(concurrency=0)
+
+
+def test_a_cancelled_request_stops_at_its_next_step(service, monkeypatch):
+    tracked = TrackedPipe(service.pipe)
+    monkeypatch.setattr(service, "pipe", tracked)
+    flag = CancelFlag()
+
+    def progress(done, total, desc):
+        if done == 2 and desc.startswith("sampling"):
+            flag.set()  # as the server does when the client cancels, from another thread
+
+    before = set(service.output_dir.rglob("*.png"))
+    with pytest.raises(GenerationCancelled, match="cancelled"):
+        service.generate(request(solver="euler", steps=20), progress=progress, cancel=flag)
+    [call] = tracked.calls
+    assert call["steps"] == 3 and call["error"] == "GenerationCancelled" and call["done"]
+    assert set(service.output_dir.rglob("*.png")) == before  # no PNGs for a cancelled request
+    # cancelled before it starts (e.g. while waiting for a slot): the pipeline never runs
+    with pytest.raises(GenerationCancelled):
+        service.generate(request(**QUICK), cancel=flag)
+    assert len(tracked.calls) == 1
+    # the slots were given back: the next request runs
+    assert service.generate(request(**QUICK), cancel=CancelFlag()).seeds == [3]
+
+
+def test_cancelling_the_awaiting_task_sets_the_cancel_flag(service, monkeypatch):
+    """What the Gradio app runs: agenerate in the event loop, generate in a worker thread."""
+    import asyncio
+    import time
+
+    tracked = TrackedPipe(service.pipe, delay=0.05)
+    monkeypatch.setattr(service, "pipe", tracked)
+
+    async def cancel_mid_run():
+        task = asyncio.ensure_future(service.agenerate(request(solver="euler", steps=60)))
+        while not (tracked.calls and tracked.calls[0]["steps"] >= 1):
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return tracked.calls[0]["steps"]
+
+    at_cancel = asyncio.run(cancel_mid_run())
+    tracked.wait(lambda: tracked.calls[0]["done"])
+    call = tracked.calls[0]
+    assert call["error"] == "GenerationCancelled" and call["steps"] <= at_cancel + 2 < 60
 
 
 def test_model_failures_become_messages(service, monkeypatch):

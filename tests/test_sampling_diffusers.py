@@ -58,7 +58,7 @@ def test_same_image_in_diffusers_lumina2_pipeline(exported, steps, trunc_ratio, 
 def test_load_exported_folder_and_refuse_pixel(exported, tmp_path):
     pipe, folder = exported
     loaded = load_pipeline(folder)
-    assert loaded.defaults["shift"] == 6.0
+    assert loaded.unnamed_preset_defaults["shift"] == 6.0 and loaded.resolve().shift == 6.0
     assert loaded.resolution == 128 * 8  # diffusers' default sample_size (latent px) x the VAE factor
     pipe.resolution = 64  # a trained size known to our pipeline travels as diffusers' sample_size
     try:
@@ -73,6 +73,22 @@ def test_load_exported_folder_and_refuse_pixel(exported, tmp_path):
     pixel = build_tiny_pipeline(tmp_path)
     with pytest.raises(ValueError, match="needs an AutoencoderKL VAE"):
         export_diffusers_pipeline(pixel, tmp_path / "nope")
+
+
+def test_scheduler_shift_is_the_default_only_when_no_preset_is_named(exported, tmp_path):
+    """A diffusers folder's scheduler shift (often diffusers' default 1.0) used to replace the shift of
+    every preset, the named ones included: `--preset official` then sampled without official's shift 6."""
+    pipe, _ = exported
+    loaded = load_pipeline(export_diffusers_pipeline(pipe, tmp_path / "shift3", shift=3.0))
+    assert loaded.resolve().shift == 3.0 and "shift" not in loaded.defaults  # no preset named: the folder's
+    for preset in ("official", "fast", "diffusers"):
+        assert loaded.resolve(preset).shift == 6.0  # a named preset keeps its documented shift
+    assert loaded.resolve("official", shift=2.0).shift == 2.0 and loaded.resolve(shift=2.0).shift == 2.0
+    # the call records the shift it used, so its settings reproduce it either way
+    r = loaded("two green stars", width=16, height=16, seed=0, steps=2, solver="euler")
+    assert r.settings["shift"] == 3.0 and r.settings["preset"] == "official"
+    assert loaded("two green stars", width=16, height=16, seed=0, steps=2, solver="euler",
+                  preset="official").settings["shift"] == 6.0
 
 
 def test_convert_cli_turns_a_pipeline_folder_into_a_lumina2_pipeline(exported, tmp_path, capsys):

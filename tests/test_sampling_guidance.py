@@ -211,3 +211,27 @@ def test_scales_below_one_guide_in_official_mode_only():
         uncond_only = solve("euler", GuidedVelocity(Recorder(model), uncond, uncond, Guidance(scale=1.0)), noise.clone(),
                             uniform_grid(3))
     assert torch.allclose(zero, uncond_only, atol=1e-5)
+
+
+def test_renorm_of_zero_norms_is_finite_with_hand_derived_values():
+    """0/0 in either renorm form (a fresh model outputs exactly zero velocities) must not give NaN."""
+    zero = torch.zeros(2, 1, 1, 2)
+    for mode in ("official", "diffusers"):
+        out = guide(zero, zero, Guidance(4.0, 1.0, None, mode))
+        assert torch.equal(out, zero), mode  # v = 0 and v_c = 0: v stays 0
+    # per sample / per row: sample 0 is an ordinary one, sample 1 has a zero guided velocity
+    v_cond = torch.tensor([[[[3.0, 4.0]]], [[[3.0, 0.0]]]])  # norms 5 and 3
+    # w = 4: v = v_u + 4 (v_c - v_u). Sample 0: v_u = 2 v_c -> v = -2 v_c = (-6, -8), norm 10.
+    # Sample 1: v_u = 4/3 v_c = (4, 0) -> v = (4, 0) + 4 (-1, 0) = (0, 0).
+    v_uncond = torch.tensor([[[[6.0, 8.0]]], [[[4.0, 0.0]]]])
+    expected = torch.tensor([[[[-3.0, -4.0]]], [[[0.0, 0.0]]]])  # sample 0 clipped to norm 5: (-6, -8)·5/10
+    for mode in ("official", "diffusers"):
+        assert torch.allclose(guide(v_cond, v_uncond, Guidance(4.0, 1.0, None, mode)), expected), mode
+    # a zero conditional velocity with a non-zero guided one: official clips to r·0 = 0, diffusers rescales to 0
+    v = torch.tensor([[[[-9.0, -12.0]]]])
+    assert torch.equal(renorm_official(v, torch.zeros_like(v), 1.0), torch.zeros_like(v))
+    assert torch.equal(renorm_diffusers(v, torch.zeros_like(v)), torch.zeros_like(v))
+    # a zero v with a non-zero v_c: official leaves it (0 < r·5), diffusers has no direction to scale
+    z = torch.zeros(1, 1, 1, 2)
+    assert torch.equal(renorm_official(z, v_cond[:1], 1.0), z)
+    assert torch.equal(renorm_diffusers(z, v_cond[:1]), z)

@@ -350,6 +350,8 @@ def test_cli_writes_pngs_with_settings_that_round_trip(pipe, folder, tmp_path, c
     again = load_pipeline(folder)(**kwargs_from_settings(records[2]))
     assert np.array_equal(np.asarray(again.images[0]), pixels)
     assert len((out / "index.jsonl").read_text().splitlines()) == 4
+    # rows_per_image is this image's share (what it costs alone), not the rows of its 2-image call
+    assert "rows" not in records[2] and records[2]["rows_per_image"] == again.rows
 
 
 def test_cli_one_side_given_draws_a_square_of_it(pipe, tmp_path):
@@ -468,3 +470,85 @@ def test_a_broken_encoder_folder_is_named_by_its_argument(folder, tmp_path, caps
                         "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "--vae) " in err and "no weights in" in err and "Traceback" not in err
+
+
+def test_a_fresh_model_samples_finite_latents_with_every_preset(pipe):
+    """A freshly initialised Next-DiT outputs exactly zero velocities (zero-initialised output layer):
+    CFG-Renorm then divided 0 by 0 and every preset's image was NaN."""
+    from lumina_lightning.models.nextdit import NextDiT
+
+    fresh = LuminaPipeline(NextDiT(pipe.model.config).eval(), pipe.text_encoder, pipe.autoencoder)
+    for preset in ("official", "fast", "diffusers"):
+        r = fresh("a red circle", width=16, height=16, seed=0, preset=preset, steps=2)
+        assert torch.isfinite(r.latents).all(), preset
+        assert "nonfinite_images" not in r.stats
+
+
+def test_nonfinite_latents_warn_once_naming_their_prompts(pipe, caplog):
+    import logging
+
+    noise = torch.randn(3, *pipe.latent_shape(16, 16), generator=torch.Generator().manual_seed(0))
+    noise[1, 0, 0, 0] = float("nan")  # image 1 = prompt 0, image 1 (two images per prompt)
+    noise[2, 0, 0, 0] = float("inf")
+    with caplog.at_level(logging.WARNING, logger="lumina_lightning.sampling.pipeline"):
+        r = pipe(["a red circle", "a blue square"], width=16, height=16, latents=torch.cat([noise, noise[:1]]),
+                 num_images_per_prompt=2, **FAST)
+    warnings = [rec.getMessage() for rec in caplog.records if "not finite" in rec.getMessage()]
+    assert len(warnings) == 1  # once per call, not once per image
+    assert "2 of 4 image(s)" in warnings[0] and "'a red circle'; 'a blue square'" in warnings[0]
+    assert r.stats["nonfinite_images"] == [1, 2] and len(r.images) == 4  # decoded anyway, no crash
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lumina_lightning.sampling.pipeline"):
+        pipe("a red circle", width=16, height=16, seed=0, **FAST)
+    assert not [rec for rec in caplog.records if "not finite" in rec.getMessage()]
+
+
+def _prompts_file(tmp_path, data: bytes | str, *extra):
+    path = tmp_path / "prompts.jsonl"
+    path.write_bytes(data if isinstance(data, bytes) else data.encode("utf-8"))
+    return read_prompts(build_parser().parse_args(["--ckpt", "x", "--prompts-file", str(path), *extra])), path
+
+
+def test_prompts_file_with_a_byte_order_mark(tmp_path):
+    """UTF-8 with BOM (PowerShell 5's `Out-File -Encoding utf8`) turned line 1 into a literal prompt."""
+    items, _ = _prompts_file(tmp_path, "\ufeff".encode() + b'{"prompt": "a red circle", "seed": 7}\nplain\n')
+    assert items == [{"prompt": "a red circle", "seed": 7}, {"prompt": "plain"}]
+    items, _ = _prompts_file(tmp_path, "\ufeffa red circle\n")
+    assert items == [{"prompt": "a red circle"}]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"prompt": "a", "seed": "three"}', r":1: 'seed' must be a whole number like 7 .*got \"three\""),
+    ('{"prompt": "a", "seed": 2.9}', r":1: 'seed' must be a whole number .*got 2.9"),
+    ('{"prompt": "a", "seed": 3.0}', r":1: 'seed' must be a whole number .*got 3.0"),
+    ('{"prompt": "a", "seed": true}', r":1: 'seed' must be a whole number .*got true"),
+    ('{"prompt": "a", "seed": 18446744073709551616}', r":1: 'seed' must be between"),
+    ('{"prompt": "a", "negative_prompt": 3}', r":1: 'negative_prompt' must be a string .*got 3"),
+    ('{"prompt": "a", "negative": "blurry"}',
+     r":1: unknown key\(s\) 'negative'; known: 'prompt', 'seed', 'negative_prompt'"),
+    ('{"prompt": ""}', r":1: a JSONL line needs a non-empty string 'prompt', got an empty string"),
+    ('{"seed": 1}', r":1: a JSONL line needs a non-empty string 'prompt', got nothing"),
+    ('{red|blue} ball', r":1: a line starting with '\{' is read as a JSONL record, but this is not valid JSON "
+                        r".*write the line as JSONL: \{\"prompt\": \"\{red\|blue\} ball\"\}"),
+])
+def test_prompts_file_records_are_checked_with_file_and_line(tmp_path, line, message):
+    with pytest.raises(ValueError, match=message) as err:
+        _prompts_file(tmp_path, line + "\n")
+    assert str(err.value).startswith(str(tmp_path / "prompts.jsonl") + ":1: ")
+
+
+def test_prompts_file_null_means_not_given(tmp_path):
+    items, _ = _prompts_file(tmp_path, '{"prompt": "a cat", "seed": null, "negative_prompt": null}\n'
+                                       '{"prompt": "a dog", "seed": 4, "negative_prompt": "blurry"}\n')
+    assert items == [{"prompt": "a cat"}, {"prompt": "a dog", "seed": 4, "negative_prompt": "blurry"}]
+
+
+def test_a_bad_prompts_file_line_fails_before_the_model_loads(folder, tmp_path, capsys, monkeypatch):
+    import lumina_lightning.sampling.pipeline_io as pio
+
+    monkeypatch.setattr(pio, "load_pipeline", lambda *a, **k: pytest.fail("loaded the model"))
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "a red circle", "seed": 3}\n{"prompt": "a blue square", "seed": "three"}\n')
+    rc = sample_main(["--ckpt", str(folder), "--prompts-file", str(path), "--out", str(tmp_path / "o"), *FAST_ARGS])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"{path}:2: 'seed' must be a whole number" in err and not (tmp_path / "o").exists()

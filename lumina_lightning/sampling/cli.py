@@ -46,8 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="VAE folder or 'pixel'; overrides the checkpoint's")
     p.add_argument("prompts", nargs="*", metavar="PROMPT", help="prompts (quote each one); same as --prompt")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", help="text file with one prompt per line, or JSONL lines with "
-                   "'prompt' and optional 'seed' / 'negative_prompt'")
+    p.add_argument("--prompts-file", help="UTF-8 text file, one prompt per line; a line starting with '{' is a "
+                   "JSONL record {\"prompt\": ..., \"seed\": int, \"negative_prompt\": ...} (seed and "
+                   "negative_prompt optional, null = not given; other keys are refused). A prompt that itself "
+                   "starts with '{' must be written as such a record. Every line is checked before the model loads")
     p.add_argument("--negative-prompt", default=None, help="negative prompt for every prompt (default: none = '')")
     p.add_argument("--out", default="samples", help="output folder (default: samples)")
     p.add_argument("--width", type=int, default=None,
@@ -56,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="official (default) | fast | diffusers")
     p.add_argument("--solver", choices=SOLVER_NAMES, default=None)
     p.add_argument("--steps", type=int, default=None, help="solver steps (intervals; official '18' = 17 steps)")
-    p.add_argument("--shift", type=float, default=None, help="time shift (default 6)")
+    p.add_argument("--shift", type=float, default=None,
+                   help="time shift (default 6, every preset's; a pipeline folder's default shift applies over "
+                   "the preset, a diffusers folder's scheduler shift only when no --preset is given)")
     p.add_argument("--cfg", type=float, default=None, help="CFG scale (default 4; 1 = no guidance)")
     p.add_argument("--renorm", type=float, default=None, help="CFG-Renorm factor (0 = off; default 1.0)")
     p.add_argument("--cfg-trunc", type=float, default=None,
@@ -76,15 +80,69 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# the keys a --prompts-file JSONL line may have; anything else is refused (a misspelled "negative" or
+# "neg" used to be dropped silently)
+PROMPT_KEYS = ("prompt", "seed", "negative_prompt")
+# what torch.Generator.manual_seed accepts
+_SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def _prompt_record(record: Any, where: str, n_per_prompt: int = 1) -> dict[str, Any]:
+    """A checked JSONL record: ``prompt`` a non-empty string, ``seed`` an int, ``negative_prompt`` a
+    string; ``null`` is the same as leaving a key out. ``ValueError`` starting with ``where`` otherwise."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: a JSONL line must be an object like {{\"prompt\": \"...\"}}, "
+                         f"got a {type(record).__name__}")
+    unknown = [k for k in record if k not in PROMPT_KEYS]
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(map(repr, PROMPT_KEYS))}")
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        got = "an empty string" if isinstance(prompt, str) else "nothing" if prompt is None else repr(prompt)
+        raise ValueError(f"{where}: a JSONL line needs a non-empty string 'prompt', got {got}")
+    item: dict[str, Any] = {"prompt": prompt}
+    seed = record.get("seed")
+    if seed is not None:
+        # bool is an int in Python and 2.9 would be cut to 2: both are refused, as are "3" and 3.0
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"{where}: 'seed' must be a whole number like 7 (or null for the default), "
+                             f"got {json.dumps(seed)}")
+        low, high = _SEED_RANGE
+        if not low <= seed <= high - (n_per_prompt - 1):
+            raise ValueError(f"{where}: 'seed' must be between {low} and {high - (n_per_prompt - 1)}, got {seed}")
+        item["seed"] = seed
+    negative = record.get("negative_prompt")
+    if negative is not None:
+        if not isinstance(negative, str):
+            raise ValueError(f"{where}: 'negative_prompt' must be a string (or null for --negative-prompt), "
+                             f"got {json.dumps(negative)}")
+        item["negative_prompt"] = negative
+    return item
+
+
 def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """[{"prompt": ..., "seed": int | None, "negative_prompt": str | None}, ...] from flags and file."""
+    """[{"prompt": str, "seed"?: int, "negative_prompt"?: str}, ...] from flags and file.
+
+    Every line of ``--prompts-file`` is checked here, before any model loads: a bad line is a
+    ``ValueError`` naming ``path:line``. The file is UTF-8 (a byte-order mark is skipped). A line
+    starting with ``{`` is a JSONL record (:data:`PROMPT_KEYS`; ``null`` = key left out); any other
+    non-blank line is a prompt as written.
+    """
     items: list[dict[str, Any]] = [{"prompt": p} for p in [*args.prompts, *args.prompt]]
     if args.prompts_file:
         from lumina_lightning.cli import check_input
 
         path = Path(args.prompts_file)
         check_input(path, "--prompts-file")
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            # utf-8-sig: files saved "UTF-8 with BOM" (Windows editors, PowerShell 5) start with U+FEFF,
+            # which made the first line neither JSON nor a clean prompt
+            lines = path.read_text(encoding="utf-8-sig").splitlines()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+        n_per_prompt = max(int(getattr(args, "n_per_prompt", 1) or 1), 1)
+        for n, line in enumerate(lines, 1):
             text = line.strip()
             if not text:
                 continue
@@ -92,10 +150,14 @@ def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
                 try:
                     record = json.loads(text)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
-                if not isinstance(record.get("prompt"), str):
-                    raise ValueError(f"{path}:{n}: a JSONL line needs a string 'prompt'")
-                items.append({k: record[k] for k in ("prompt", "seed", "negative_prompt") if k in record})
+                    # refused rather than read as a prompt: a JSONL record with a typo must not turn into
+                    # a literal prompt full of braces and quotes
+                    raise ValueError(
+                        f"{path}:{n}: a line starting with '{{' is read as a JSONL record, but this is not valid "
+                        f"JSON ({err.msg} at column {err.colno}). To use a prompt that starts with '{{', write "
+                        f"the line as JSONL: {json.dumps({'prompt': text}, ensure_ascii=False)}"
+                    ) from None
+                items.append(_prompt_record(record, f"{path}:{n}", n_per_prompt))
             else:
                 items.append({"prompt": text})
     if not items:
@@ -162,6 +224,21 @@ def _recorded_path(value: str | None) -> str | None:
     return str(Path(value).resolve())
 
 
+def loaded_record(
+    checkpoint: str | Path, model: Any, *, text_encoder: str | None = None, vae: str | None = None,
+    ema: bool | str = "auto",
+) -> dict[str, Any]:
+    """Which weights and encoders were loaded, as ``load_pipeline`` arguments: with these,
+    ``load_pipeline(**record)`` + :func:`~lumina_lightning.sampling.pipeline.kwargs_from_settings`
+    reproduce an image from any directory. The checkpoint and existing encoder paths are made
+    absolute; ``ema`` is what was loaded (``True`` / ``False``), not the ``"auto"`` that picked it.
+    Written into every PNG by ``lumina sample`` and ``lumina demo``."""
+    return dict(checkpoint=str(Path(checkpoint).resolve()),
+                ema=bool(getattr(model, "weights_ema", ema is True)),
+                text_encoder=_recorded_path(None if text_encoder is None else str(text_encoder)),
+                vae=_recorded_path(None if vae is None else str(vae)))
+
+
 def read_png_settings(path: str | Path) -> dict[str, Any]:
     """The ``lumina_settings`` record of a PNG written by ``lumina sample``."""
     from PIL import Image
@@ -205,9 +282,7 @@ def run(args: argparse.Namespace) -> int:
     first_file = _next_file_number(out)
     # which weights and encoders were loaded: with these, load_pipeline(**those) + kwargs_from_settings
     # reproduce each image. `ema` is what was loaded (True / False), not the "auto" that picked it
-    loaded = dict(checkpoint=str(Path(args.ckpt).resolve()), ema=bool(getattr(pipe.model, "weights_ema", ema is True)),
-                  text_encoder=_recorded_path(args.text_encoder),
-                  vae=_recorded_path(args.vae))
+    loaded = loaded_record(args.ckpt, pipe.model, text_encoder=args.text_encoder, vae=args.vae, ema=ema)
     total = len(items) * args.n_per_prompt
     print(f"lumina sample: {total} image(s) at {args.width}x{args.height} with {settings.solver} x{settings.steps}, "
           f"cfg {settings.cfg_scale} on {device} -> {out}", file=sys.stderr)
@@ -224,8 +299,10 @@ def run(args: argparse.Namespace) -> int:
             )
             for j, image in enumerate(result.images):
                 record = {k: v for k, v in result.settings.items() if k not in ("prompts", "seeds")}
+                # nfe counts the call's batched forwards (the same for every image of it); rows_per_image is
+                # this image's share of the sample-rows (2 per guided call, 1 per unguided one)
                 record.update(prompt=item["prompt"], seed=seeds[j], index=index, **loaded, nfe=result.nfe,
-                              rows=result.rows)
+                              rows_per_image=result.rows // max(len(result.images), 1))
                 path = out / f"{first_file + index:05d}_{_slug(item['prompt'])}_s{seeds[j]}.png"
                 save_png(image, path, record)
                 log.write(json.dumps({"file": path.name, **record}) + "\n")

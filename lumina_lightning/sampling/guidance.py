@@ -17,6 +17,7 @@ diffusers (``Lumina2Pipeline``, spec §6.2 "diffusers differs"), selected with `
 
 * renorm over the **last axis only** (image width) per (b, c, h) row and **always** rescaled to the
   conditional norm: ``v ← v·‖v_c‖/‖v‖`` (``renorm > 0`` switches it on; its value is not used);
+  a zero row stays zero (diffusers divides 0 by 0 there: NaN, as does the official form for a zero ``v``);
 * truncation as a **fraction of steps**: guide on step ``i`` (0-based, of N) iff ``(i + 1)/N ≤ ratio``.
   Solvers only see times, so :func:`truncation_time` turns the rule into the equivalent threshold
   on the solver's own grid: step ``i`` evaluates at times in ``[grid[i], grid[i+1])``, hence "guided
@@ -85,15 +86,20 @@ def renorm_official(v: torch.Tensor, v_cond: torch.Tensor, r: float) -> torch.Te
     dims = tuple(range(1, v.dim()))
     max_norm = torch.linalg.vector_norm(v_cond, dim=dims, keepdim=True) * float(r)
     norm = torch.linalg.vector_norm(v, dim=dims, keepdim=True)
-    # official: `if new_norm >= max_norm: v *= max_norm / new_norm` — here per sample
-    return torch.where(norm >= max_norm, v * (max_norm / norm), v)
+    # official: `if new_norm >= max_norm: v *= max_norm / new_norm` — here per sample. A zero ``v``
+    # (e.g. a freshly initialised model, whose output layer is zero) passes the test with 0 >= 0; the
+    # official 0/0 gives NaN, here the divisor is 1 there and the zero velocity stays zero.
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    return torch.where(norm >= max_norm, v * (max_norm / safe), v)
 
 
 def renorm_diffusers(v: torch.Tensor, v_cond: torch.Tensor) -> torch.Tensor:
     """diffusers' ``cfg_normalization``: rescale every last-axis row to the conditional norm."""
     cond_norm = torch.norm(v_cond, dim=-1, keepdim=True)
     norm = torch.norm(v, dim=-1, keepdim=True)
-    return v * (cond_norm / norm)
+    # a zero row has no direction to rescale: it stays zero (diffusers' 0 * (n_c / 0) is NaN)
+    safe = torch.where(norm > 0, norm, torch.ones_like(norm))
+    return v * (cond_norm / safe)
 
 
 def guide(v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance: Guidance) -> torch.Tensor:

@@ -23,6 +23,7 @@ Conventions (spec §1.5, §3, §4, §6):
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -43,6 +44,8 @@ from lumina_lightning.sampling.solvers import solve
 from lumina_lightning.sampling.teacache import TeaCache
 from lumina_lightning.sampling.timesteps import grid_for
 
+log = logging.getLogger(__name__)
+
 _UNSET: Any = object()
 ProgressArg = bool | Callable[[int, int], None]
 
@@ -60,8 +63,10 @@ class SampleResult:
         elapsed: wall seconds of the whole call (encode + sample + decode).
         latents: final latents (N, C, h, w), fp32, on the pipeline device.
         stats: extra counters: ``guided_calls``, ``block_rows`` (rows through the main blocks, lower
-            with TeaCache), ``skipped_rows``, ``sampling_seconds`` and, with TeaCache, ``teacache_log``
-            (per call, per row: whether the main blocks ran).
+            with TeaCache), ``skipped_rows``, ``sampling_seconds``, with TeaCache ``teacache_log``
+            (per call, per row: whether the main blocks ran) and, when some latents came out NaN or
+            infinite, ``nonfinite_images`` (their indices; a warning naming their prompts is logged once
+            per call).
     """
 
     images: list[Image.Image]
@@ -94,6 +99,12 @@ def snap_size(width: int, height: int, multiple: int = 16, max_size: tuple[int, 
     return w, h, notice
 
 
+def nonfinite_images(latents: torch.Tensor) -> list[int]:
+    """Indices of the images (rows of ``latents``) with a NaN or infinite value."""
+    bad = ~torch.isfinite(latents.reshape(latents.shape[0], -1)).all(dim=1)
+    return [int(i) for i in bad.nonzero().flatten().tolist()]
+
+
 def to_pil(pixels: torch.Tensor) -> list[Image.Image]:
     """[-1, 1] images (N, 3, H, W) -> PIL RGB (values mapped like diffusers' image processor)."""
     arr = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
@@ -121,6 +132,9 @@ class LuminaPipeline:
             (in place: only for a pipeline that owns its model). Ignored on CPU.
         default_system: system template used when a call does not name one (``real``).
         defaults: sampler-setting defaults applied over the preset (e.g. from ``pipeline.json``).
+        unnamed_preset_defaults: sampler-setting defaults that apply only when a call names no preset
+            (under ``defaults``): a diffusers folder's scheduler shift, which must not override the
+            shift of a preset the user names (``official`` / ``fast`` / ``diffusers``: 6).
         resolution: the image side the model was trained at, if known (``pipeline.json``): the
             default size of the CLI, the evaluation and the app.
         prediction: what the model outputs, ``velocity`` (official) or ``data`` (``pipeline.json``;
@@ -138,6 +152,7 @@ class LuminaPipeline:
         dtype: torch.dtype = torch.float32,
         default_system: str | None = "real",
         defaults: dict[str, Any] | None = None,
+        unnamed_preset_defaults: dict[str, Any] | None = None,
         resolution: int | None = None,
         prediction: str = "velocity",
         cast_weights: bool = False,
@@ -153,6 +168,7 @@ class LuminaPipeline:
         self.autoencoder = autoencoder.to(self.device) if isinstance(autoencoder, torch.nn.Module) else autoencoder
         self.default_system = default_system
         self.defaults = dict(defaults or {})
+        self.unnamed_preset_defaults = dict(unnamed_preset_defaults or {})
         if default_system:
             system_prompt(default_system)  # validate the name
         channels = getattr(autoencoder, "latent_channels", None)
@@ -357,8 +373,12 @@ class LuminaPipeline:
 
     # -- the call ------------------------------------------------------------------------------------
     def resolve(self, preset: str | None = None, **overrides: Any) -> SamplerSettings:
-        """Settings a call would use: preset ← this pipeline's defaults ← explicit overrides."""
-        return resolve_settings(preset, self.defaults, **overrides)
+        """Settings a call would use: preset ← this pipeline's defaults ← explicit overrides.
+
+        With no preset named, :attr:`unnamed_preset_defaults` (a diffusers folder's scheduler shift)
+        come first in the defaults; a named preset keeps its own values for those."""
+        base = self.defaults if preset else {**self.unnamed_preset_defaults, **self.defaults}
+        return resolve_settings(preset, base, **overrides)
 
     def __call__(
         self,
@@ -456,6 +476,15 @@ class LuminaPipeline:
             uncond = (uncond[0].repeat_interleave(k, 0), uncond[1].repeat_interleave(k, 0))
 
         out, stats = self.sample_latents(noise, cond, uncond, settings, progress=progress)
+        bad = nonfinite_images(out)
+        if bad:
+            stats["nonfinite_images"] = bad
+            named = list(dict.fromkeys(prompts[i // k] for i in bad))  # image i belongs to prompt i // k
+            log.warning(
+                "the sampled latents of %d of %d image(s) are not finite (NaN or inf), so the decoded images are "
+                "garbage; prompt(s): %s. Common causes: an untrained or diverged model, or fp16 overflow "
+                "(try --dtype bf16 / fp32).", len(bad), n_images, "; ".join(repr(p) for p in named),
+            )
         images = self.decode(out) if decode else []
         elapsed = time.perf_counter() - t_start
         record = {

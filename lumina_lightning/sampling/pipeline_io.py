@@ -13,7 +13,8 @@ Accepted by :func:`load_pipeline`:
    Relative encoder paths are resolved against the folder first, then the working directory;
    ``"minilm"`` is the packaged all-MiniLM-L6-v2.
 2. **a diffusers Lumina2 pipeline folder** — ``model_index.json`` with ``transformer/``, ``vae/``,
-   ``text_encoder/``, ``tokenizer/`` (and ``scheduler/``, whose shift becomes the default shift).
+   ``text_encoder/``, ``tokenizer/`` (and ``scheduler/``, whose shift becomes the default shift of a
+   call that names no preset; a named preset keeps its own shift, 6 for all three).
 3. **a lumina-lightning training ``.ckpt``** whose dict has a ``"lumina_pipeline"`` entry holding the
    same JSON as ``pipeline.json`` (a dict or its JSON text).
 4. **a bare transformer checkpoint** in any layout ``load_nextdit`` reads, plus explicit
@@ -361,6 +362,7 @@ def load_pipeline(
     spec: dict[str, Any] | None = None
     base: Path | None = None
     defaults: dict[str, Any] = {}
+    unnamed_preset_defaults: dict[str, Any] = {}
     default_system: str | None = "real"
     te_obj = _override_text_encoder(text_encoder) if text_encoder is not None else None
     # a VAE path for a source that records its autoencoder is built once that record is read (its
@@ -392,8 +394,10 @@ def load_pipeline(
         sched = path / "scheduler" / "scheduler_config.json"
         if sched.is_file():
             cfg = json.loads(sched.read_text())
+            # only where no preset is named: a scheduler config's shift is often diffusers' default 1.0,
+            # not a choice about this model, and must not silently replace official's documented shift 6
             if not cfg.get("use_dynamic_shifting", False) and cfg.get("shift") is not None:
-                defaults["shift"] = float(cfg["shift"])
+                unnamed_preset_defaults["shift"] = float(cfg["shift"])
     else:
         if kind == "ckpt":
             spec = _read_ckpt_spec(path)
@@ -431,7 +435,8 @@ def load_pipeline(
             resolution = sample_size * int(getattr(ae_obj, "downsample", 8))
     model = model.float().eval().requires_grad_(False)
     return LuminaPipeline(model, te_obj, ae_obj, device=device, dtype=dtype, default_system=default_system,
-                          defaults=defaults, resolution=resolution, prediction=prediction, cast_weights=cast_weights)
+                          defaults=defaults, unnamed_preset_defaults=unnamed_preset_defaults, resolution=resolution,
+                          prediction=prediction, cast_weights=cast_weights)
 
 
 # ------------------------------------------------------------------------------------------------

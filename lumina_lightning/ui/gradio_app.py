@@ -27,14 +27,19 @@ def _html(text: str) -> str:
 CACHE_POLICY = (3600, 3600)
 
 
-def build_demo(service: DemoService, *, concurrency: int = 1, queue_size: int | None = 64) -> gr.Blocks:
+def build_demo(service: DemoService, *, concurrency: int | None = None, queue_size: int | None = 64) -> gr.Blocks:
     """The Blocks app on ``service``, with its queue set up.
 
     Args:
-        concurrency: generations run at once; further requests wait in the queue (one model, one
-            worker is right on a CPU or a small GPU).
+        concurrency: generations run at once (default: the service's ``config.concurrency``); further
+            requests wait in the queue (one model, one worker is right on a CPU or a small GPU). The
+            service enforces it too, so a cancelled request still running cannot exceed it.
         queue_size: requests that may wait; more are turned away with gradio's "queue is full".
     """
+    if concurrency is None:
+        concurrency = service.config.concurrency
+    elif concurrency != service.config.concurrency:
+        service.set_concurrency(concurrency)
     d = service.defaults()
     cfg = service.config
     m = service.size_multiple
@@ -100,7 +105,9 @@ def build_demo(service: DemoService, *, concurrency: int = 1, queue_size: int | 
         # predict(prompt="...", seed=7, randomize_seed=False, api_name="/generate").
         # (A None default makes a parameter optional for clients: gradio does not count an empty
         # Textbox, or Number, as a default.)
-        def generate(prompt, negative_prompt=None, system=d["system"], width=d["width"], height=d["height"],
+        # async: gradio cancels the task of a cancelled request, which agenerate turns into the
+        # request's cancel flag (a plain function would keep sampling in its thread, unseen)
+        async def generate(prompt, negative_prompt=None, system=d["system"], width=d["width"], height=d["height"],
                      num_images=d["num_images"], randomize_seed=d["randomize_seed"], seed=d["seed"],
                      preset=d["preset"], solver=None, steps=None, cfg_scale=None, renorm=None, cfg_trunc=None,
                      teacache=None, progress=gr.Progress()) -> tuple:
@@ -112,7 +119,7 @@ def build_demo(service: DemoService, *, concurrency: int = 1, queue_size: int | 
                 progress((done, total), desc=desc)
 
             try:
-                gen = service.generate(raw, progress=report)
+                gen = await service.agenerate(raw, progress=report)
             except RequestError as err:
                 raise gr.Error(_html(str(err)), print_exception=False) from None
             for notice in gen.notices:
