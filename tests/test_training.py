@@ -504,3 +504,78 @@ def test_half_precision_resume_keeps_the_fp32_ema_average(tmp_path):
         assert torch.equal(p, q), name
     for x, y in zip(straight.module._ema_shadow[0], second.module._ema_shadow[0]):
         assert torch.equal(x, y)
+
+
+# --- data review (round 2): data.system with a cache, val_path root, synthetic spec, data errors ---------
+
+
+def test_a_cache_built_for_data_system_trains_and_a_mismatch_says_how_to_build_it(tmp_path):
+    """The run expects the cache's prompts to use data.system (the template the batches report) when set."""
+    from lumina_lightning.data.cache import CacheIdentityError
+    from lumina_lightning.data.cli import main as data_main
+    from training_utils import tiny_text_encoder
+
+    synth = tiny_synthetic()
+    cache = tmp_path / "cache"
+    assert data_main(["cache", "--data", str(synth / "train.jsonl"), "--out", str(cache), "--resolution", "16",
+                      "--patch", "2", "--vae", "pixel", "--text-encoder", tiny_text_encoder(), "--max-length", "32",
+                      "--prompt-template", "record", "--default-system", "align", "--feature-dtype", "float32"]) == 0
+    recipe = tiny_recipe(tmp_path, data={"cache_dir": str(cache), "system": "align"}, objective={"system": "base"})
+    result = run(recipe, "trainer.max_steps=1")
+    assert result.global_step == 1
+    plain = tiny_recipe(tmp_path, "plain.yaml", data={"cache_dir": str(cache)}, objective={"system": "base"},
+                        output_dir=str(tmp_path / "run2"))
+    with pytest.raises(CacheIdentityError, match="--prompt-template record --default-system base"):
+        run(plain, "trainer.max_steps=1")
+
+
+def test_validation_manifest_paths_resolve_against_its_own_folder_not_data_root(tmp_path):
+    import shutil
+
+    from lumina_lightning.training.run import validation_batches
+
+    synth = tiny_synthetic()
+    val_dir = tmp_path / "valset"
+    (val_dir / "pics").mkdir(parents=True)
+    rows = []
+    for line in open(synth / "test.jsonl"):
+        row = json.loads(line)
+        new = row["image"].replace("images/", "pics/")
+        shutil.copy(synth / row["image"], val_dir / new)
+        rows.append(json.dumps({**row, "image": new}))
+    (val_dir / "val.jsonl").write_text("\n".join(rows) + "\n")
+    # data.root is the training manifest's image root (here: the synthetic folder, which has no pics/)
+    cfg = load_recipe(tiny_recipe(tmp_path, data={"root": str(synth), "val_path": str(val_dir / "val.jsonl"),
+                                                  "val_samples": 4})).config
+    batches = validation_batches(cfg)
+    assert sum(len(b["indices"]) for b in batches) == 4
+
+
+def test_ensure_synthetic_regenerates_when_data_synthetic_changed(tmp_path):
+    import types
+
+    from lumina_lightning.training.run import ensure_synthetic
+
+    path = tmp_path / "synthetic" / "train.jsonl"
+    for spec, n, width in (({"n": 8, "n_test": 6, "size": 16, "seed": 0}, 8, 16),
+                           ({"n": 10, "n_test": 6, "size": 24, "seed": 1}, 10, 24)):
+        ensure_synthetic(types.SimpleNamespace(data=types.SimpleNamespace(path=str(path), synthetic=spec)))
+        rows = [json.loads(line) for line in open(path)]
+        assert (len(rows), rows[0]["width"]) == (n, width)
+    before = path.stat().st_mtime_ns
+    ensure_synthetic(types.SimpleNamespace(data=types.SimpleNamespace(path=str(path), synthetic={
+        "n": 10, "n_test": 6, "size": 24, "seed": 1})))
+    assert path.stat().st_mtime_ns == before  # the same spec: reused
+    with pytest.raises(ValueError, match=r"data.synthetic: unknown synthetic dataset arguments \['nn'\]"):
+        ensure_synthetic(types.SimpleNamespace(data=types.SimpleNamespace(path=str(path), synthetic={"nn": 3})))
+
+
+def test_lumina_train_reports_unusable_data_without_a_traceback(tmp_path, capsys):
+    from lumina_lightning.training.run import main
+
+    manifest = tmp_path / "gone.jsonl"
+    manifest.write_text("".join(json.dumps({"image": f"missing{i}.png", "caption": "a red circle", "width": 16,
+                                            "height": 16}) + "\n" for i in range(8)))
+    recipe = tiny_recipe(tmp_path, data={"path": str(manifest), "val_path": None})
+    assert main([str(recipe)]) == 2
+    assert "no readable sample left" in capsys.readouterr().err

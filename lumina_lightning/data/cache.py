@@ -9,7 +9,10 @@ Layout of a cache directory::
 Each item is one image: its latent at its bucket size, and for every caption level the features of
 ``prompt_fn(caption, system)`` with padding removed (the valid tokens only; ``cap_len`` in the index
 is the mask length). Items are listed in record order, with per-source ranges and ratios, so a data
-YAML's sampling ratios still apply when training from the cache.
+YAML's sampling ratios still apply when training from the cache (after ``--append`` too: the sources
+given last are listed with their current ratios; a record listed by two sources is encoded once and
+listed by both). ``skipped_images`` in the index names each skipped image once, so that the skip
+report counts images, not visits.
 
 The cache records an *identity* — the autoencoder's and text encoder's ``identity()``, the
 resolution/patch/max_aspect of the buckets, and the prompt template — and refuses to mix: reading
@@ -88,10 +91,16 @@ def check_identity(stored: Mapping[str, Any], expected: Mapping[str, Any], where
     diffs = [f"{key}: cache has {stored.get(key)!r}, expected {value!r}"
              for key, value in expected.items() if stored.get(key) != value]
     if diffs:
+        hint = ""
+        wanted = str(expected.get("prompt", ""))
+        if stored.get("prompt") != expected.get("prompt") and wanted.startswith("record:"):
+            hint = (f" A training run builds each prompt from the record's template, else data.system, else "
+                    f"objective.system: build its cache with `--prompt-template record --default-system "
+                    f"{wanted.split(':', 1)[1]}`.")
         raise CacheIdentityError(
             f"{where}: the cache was made with different encoders or settings and cannot be mixed with this run:\n  "
             + "\n  ".join(diffs)
-            + "\nBuild a new cache (`lumina data cache ...`) for these encoders/settings."
+            + "\nBuild a new cache (`lumina data cache ...`) for these encoders/settings." + hint
         )
 
 
@@ -200,7 +209,9 @@ def build_cache(
         shard_size: items per safetensors shard.
         append: add records to an existing cache (same identity required; images already in the
             cache with the same file size/mtime and encoded text are skipped, changed ones are
-            re-encoded and replace their old item).
+            re-encoded and replace their old item). The sources of the data given now are listed
+            with their current ratios over their cached or new items, so the data YAML's mix applies
+            as it does to the images; cached items that it does not list keep their earlier source.
         feature_dtype, latent_dtype: storage dtypes (``float32``, ``float16``, ``bfloat16``).
         device: where the encoders run (they must already be there).
 
@@ -222,6 +233,8 @@ def build_cache(
     old_sources: list[dict[str, Any]] = []
     shards: list[str] = []
     old_skips: dict[str, Any] = {}
+    old_skipped_images: dict[str, list[str]] = {}
+    index: dict[str, Any] | None = None
     if (out / INDEX_NAME).exists():
         if not append:
             raise FileExistsError(f"{out} already holds a cache; pass append=True (--append) to add to it")
@@ -230,6 +243,7 @@ def build_cache(
         feature_dtype, latent_dtype = index["dtypes"]["features"], index["dtypes"]["latents"]
         old_items, old_sources, shards = index["items"], index["sources"], index["shards"]
         old_skips = index.get("skips", {})
+        old_skipped_images = dict(index.get("skipped_images") or {})
 
     if records is None:
         if not cfg.path:
@@ -261,13 +275,20 @@ def build_cache(
         old_items, old_sources = _drop_items(old_items, old_sources, stale)
     done = {(item["image"], item.get("fingerprint")) for item in old_items}
 
-    # Work list: usable record ids per bucket, in record order.
-    todo = [i for i in usable if (records.records[i].image, fingerprints[i]) not in done]
+    # Work list: usable record ids per bucket, in record order; a record listed twice (by two
+    # sources, with the same image and text) is encoded once and its item listed by both sources.
+    todo, queued = [], set()
+    for i in usable:
+        key = (records.records[i].image, fingerprints[i])
+        if key not in done and key not in queued:
+            queued.add(key)
+            todo.append(i)
     by_bucket: dict[int, list[int]] = {}
     for i in todo:
         by_bucket.setdefault(int(plan.bucket_ids[i]), []).append(i)
 
     new_items: dict[int, dict[str, Any]] = {}
+    decode_failed: dict[int, tuple[str, str]] = {}
     tensors: dict[str, torch.Tensor] = {}
     next_key = max((item["key"] for item in old_items), default=-1) + 1
     shard_items: list[dict[str, Any]] = []
@@ -304,6 +325,7 @@ def build_cache(
                     kept.append((i, wanted))
                 except BadSample as err:
                     report.add(err.reason, str(err), seen=False)
+                    decode_failed[i] = (err.reason, str(err))
                     _warn(err.reason, str(err))
             if bar:
                 bar.update(len(chunk))
@@ -346,19 +368,9 @@ def build_cache(
         log.warning("cache: %s", report.summary())
     report.check(cfg.max_skip_rate, 1, where=f"caching {cfg.path}")
 
-    # Items in record order, with per-source ranges (ratios survive the cache).
-    items = list(old_items)
-    sources = list(old_sources)
-    for src in records.sources:
-        start = len(items)
-        items.extend(new_items[i] for i in range(src.start, src.stop) if i in new_items)
-        if len(items) > start:
-            sources.append({"name": src.name, "start": start, "stop": len(items), "ratio": src.ratio})
-    # Skip report over records (decode failures are the same records, so they add no "seen").
-    skips = SkipCounter()
-    skips.merge(old_skips)
-    skips.merge(plan.skips.report())
-    skips.merge({**report.report(), "seen": 0})
+    items, sources = _arrange(records, plan, fingerprints, old_items, old_sources, new_items, out)
+    skips, skipped_images = _skip_report(records, plan, items, old_skipped_images, old_skips, decode_failed, report,
+                                         legacy=bool(old_items) and "skipped_images" not in (index or {}))
     index = {
         "format": FORMAT,
         "version": VERSION,
@@ -370,10 +382,87 @@ def build_cache(
         "sources": sources,
         "items": items,
         "skips": skips.report(),
+        "skipped_images": skipped_images,
     }
     if not items:
         log.warning("cache %s holds no items", out)
     return _write_index(out, index)
+
+
+def _arrange(records: RecordSet, plan: DataPlan, fingerprints: Mapping[int, str | None],
+             old_items: list[dict[str, Any]], old_sources: list[dict[str, Any]], new_items: Mapping[int, dict[str, Any]],
+             out: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The index's items and per-source ranges after a build or an append.
+
+    Every source of ``records`` (the data given now) lists the items of its usable records, cached
+    earlier or just encoded, with its *current* ratio: the data YAML's mix applies to the cache
+    exactly as to the images, whatever was cached before. Cached items that the data given now
+    does not list keep their earlier source and ratio (an append adds to a cache).
+    """
+    by_key: dict[tuple[str, str | None], dict[str, Any]] = {}
+    for item in old_items:
+        by_key.setdefault((item["image"], item.get("fingerprint")), item)
+    for i, item in new_items.items():
+        by_key[(records.records[i].image, fingerprints[i])] = item
+    current: list[tuple[SourceInfo, list[dict[str, Any]]]] = []
+    used: set[tuple[str, str | None]] = set()
+    for src in records.sources:
+        listed = []
+        for i in range(src.start, src.stop):
+            if plan.bucket_ids[i] < 0:
+                continue
+            key = (records.records[i].image, fingerprints[i])
+            item = by_key.get(key)
+            if item is not None:  # None: it failed to decode (counted in the skip report)
+                used.add(key)
+                listed.append({**item, "source": src.name})
+        current.append((src, listed))
+    items: list[dict[str, Any]] = []
+    sources: list[dict[str, Any]] = []
+    kept = 0
+    for src in old_sources:
+        start = len(items)
+        items.extend(it for it in old_items[src["start"]:src["stop"]] if (it["image"], it.get("fingerprint")) not in used)
+        if len(items) > start:
+            sources.append({**src, "start": start, "stop": len(items)})
+            kept += len(items) - start
+    if kept:
+        log.info("cache %s: %d cached items that %s does not list keep their earlier sources and ratios", out, kept,
+                 "the data given now")
+    for src, listed in current:
+        if listed:
+            sources.append({"name": src.name, "start": len(items), "stop": len(items) + len(listed),
+                            "ratio": src.ratio})
+            items.extend(listed)
+    return items, sources
+
+
+def _skip_report(records: RecordSet, plan: DataPlan, items: list[dict[str, Any]],
+                 old_skipped: Mapping[str, Sequence[str]], old_skips: Mapping[str, Any],
+                 decode_failed: Mapping[int, tuple[str, str]], report: SkipCounter,
+                 legacy: bool) -> tuple[SkipCounter, dict[str, list[str]]]:
+    """The cache's skip report over images: each image counts once however often it was looked at.
+
+    ``skipped_images`` (image -> ``[reason, message]``) is kept in the index so that an append
+    neither counts a record twice nor forgets earlier skips. ``events`` count what was encoded
+    (an upscale happens once per encoded image).
+    """
+    skipped: dict[str, list[str]] = {k: list(v) for k, v in old_skipped.items()}
+    for i, (reason, message) in list(plan.excluded.items()) + list(decode_failed.items()):
+        skipped[records.records[i].image] = [reason, message]
+    cached = {it["image"] for it in items}
+    for image in cached:
+        skipped.pop(image, None)
+    counter = SkipCounter()
+    counter.seen = len(cached | set(skipped))
+    for reason, message in skipped.values():
+        counter.add(reason, message, seen=False)
+    if legacy:  # a cache made before skipped_images existed: its earlier skips are known as counts only
+        counter.skipped.update({k: int(v) for k, v in (old_skips.get("skipped") or {}).items()})
+        counter.seen += sum(int(v) for v in (old_skips.get("skipped") or {}).values())
+    counter.events.update({k: int(v) for k, v in (old_skips.get("events") or {}).items()})
+    counter.events.update(report.events)
+    return counter, skipped
 
 
 class CachedDataset(_BatchDatasetBase):

@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-template", default="none",
                    help="'none' = encode the caption alone (default); 'record' = prepend each record's system "
                         "template (else --default-system); or a template name (real, align, base, ...) for all")
-    p.add_argument("--default-system", default="real", help="template for records without one (with 'record')")
+    p.add_argument("--default-system", default="align",
+                   help="template for records without one (with 'record'); a recipe trains from the cache when "
+                        "this is its data.system, else its objective.system (default align, the recipe default)")
     p.add_argument("--levels", type=_csv, default=None, help="caption levels to encode (default: all present)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--shard-size", type=int, default=512, help="items per safetensors shard")
@@ -103,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=_weights, default={}, help="caption weights, e.g. short=0.5,long=0.5")
     p.add_argument("--min-size-policy", default="upscale", choices=("upscale", "skip"))
     p.add_argument("--decode", action="store_true", help="also decode every image (finds truncated files)")
+    p.add_argument("--batch-size", type=int, default=16,
+                   help="per-rank batch size to check for buckets that never fill a batch (default 16, the recipe "
+                        "default; with drop_last their records are never trained on)")
     p.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -222,12 +227,22 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         plan = build_plan(load_records(args.data, root=args.root), cfg, progress=True)
     records = plan.records
     print(f"{len(records)} records from {len(records.sources)} source(s) at resolution {cfg.resolution}")
+    def per_epoch(size: int, ratio: float) -> int:  # as RecordSet.epoch_indices lists them
+        whole = int(np.floor(ratio)) if ratio > 0 else 0
+        return whole * size + (int(round((ratio - whole) * size)) if ratio > 0 else 0)
+
     _table("sources (records, ratio, per-epoch samples):",
-           [(s.name, f"{s.size} x {s.ratio:g} = {int(s.size * s.ratio)}") for s in records.sources])
+           [(s.name, f"{s.size} x {s.ratio:g} = {per_epoch(s.size, s.ratio)}") for s in records.sources])
     counts = plan.bucket_counts()
     total = max(1, sum(counts.values()))
     _table("buckets (w x h: records):",
            [(f"{w}x{h}", f"{n} ({n / total:.1%})") for (w, h), n in sorted(counts.items(), key=lambda kv: -kv[1])])
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    small = plan.small_buckets(args.batch_size, args.seed, 0)
+    _table(f"buckets with fewer than --batch-size {args.batch_size} samples per epoch (never trained on with "
+           f"drop_last: {sum(small.values())} records):",
+           [(f"{w}x{h}", f"{n} records") for (w, h), n in sorted(small.items(), key=lambda kv: kv[1])])
     have: Counter = Counter()
     chosen: Counter = Counter()
     for i, rec in enumerate(records.records):
@@ -243,15 +258,20 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     skips.merge(plan.skips.report())
     if args.decode and not args.cache:
         from .dataset import ImageTextDataset
+        from .skips import BadSample
 
         ds = ImageTextDataset(plan, cfg, args.seed)
-        ds.cfg.max_substitutes = 0
         runtime = SkipCounter()
         from tqdm import tqdm
 
+        # each record on its own (no substitutes, no fallback to other records), at its own bucket
         for i in tqdm(np.flatnonzero(plan.bucket_ids >= 0).tolist(), desc="decoding", unit="img"):
-            runtime.merge(ds[(0, i)]["skips"])
-        skips.merge({**runtime.report(), "seen": 0})
+            try:
+                ds._load_one(0, i, plan.buckets[int(plan.bucket_ids[i])], runtime)
+            except BadSample as err:
+                runtime.add(err.reason, str(err), seen=False)
+        # the plan already counted every record as seen and each upscale from the header sizes
+        skips.merge({"skipped": dict(runtime.skipped), "examples": runtime.examples})
     _table("skipped (reason: count, example):",
            [(r, f"{n}  e.g. {skips.examples.get(r, ['?'])[0]}") for r, n in skips.skipped.most_common()])
     _table("events:", sorted(skips.events.items()))
@@ -268,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {"synth": _cmd_synth, "cache": _cmd_cache, "inspect": _cmd_inspect}
     try:
         return handlers[args.command](args)
-    except (ManifestError, SkipRateExceeded, OSError, ImportError, ValueError, KeyError) as err:
+    except (ManifestError, SkipRateExceeded, OSError, ImportError, ValueError, KeyError, RuntimeError) as err:
         # OSError: also what transformers / diffusers raise for a --vae / --text-encoder folder without
         # its config or weights; their message names the folder and the missing file
         message = err.args[0] if isinstance(err, KeyError) and err.args else err

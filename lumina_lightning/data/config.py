@@ -48,8 +48,11 @@ class DataConfig:
             skipped (missing, unreadable, empty caption, too small).
         skip_check_min_samples: samples to see before the runtime skip rate is checked (the
             rate over the manifest itself, known before training, is checked at once).
-        drop_last: drop each bucket's last partial batch per epoch (it is a different set of
-            samples each epoch because of the shuffle). With ``False`` batches can be smaller.
+        drop_last: drop each bucket's last partial batch per epoch (in a bucket with at least a
+            batch of samples it is a different set of samples each epoch because of the shuffle; a
+            bucket with fewer samples per epoch than the batch size never fills a batch, so its
+            records are never trained on: the loader warns and names those buckets, and
+            ``lumina data inspect --batch-size N`` lists them). With ``False`` batches can be smaller.
         use_manifest_sizes: trust ``width``/``height`` stated in the manifest instead of
             reading every image header when the loader is built.
         scan_threads: threads used to read image headers when sizes are not in the manifest.

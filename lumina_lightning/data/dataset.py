@@ -41,7 +41,7 @@ from .captions import available_levels, choose_caption
 from .config import DataConfig
 from .images import image_size, load_image, resize_cover_center_crop, to_array
 from .records import Record, RecordSet
-from .skips import EMPTY_CAPTION, TOO_SMALL, UPSCALED, BadSample, SkipCounter
+from .skips import EMPTY_CAPTION, TOO_SMALL, UPSCALED, BadSample, SkipCounter, SkipRateExceeded
 
 log = logging.getLogger("lumina_lightning.data")
 
@@ -65,6 +65,7 @@ class DataPlan:
         bucket_ids: int32 per record, index into ``buckets``; −1 = excluded (see ``skips``).
         sizes: int32 ``N×2`` displayed ``(width, height)``; 0 where unknown.
         skips: samples excluded before training, by reason.
+        excluded: record index -> ``(reason, message)`` of each record excluded before training.
     """
 
     records: RecordSet
@@ -72,6 +73,7 @@ class DataPlan:
     bucket_ids: np.ndarray
     sizes: np.ndarray
     skips: SkipCounter = field(default_factory=SkipCounter)
+    excluded: dict[int, tuple[str, str]] = field(default_factory=dict)
     _members: dict[int, np.ndarray] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
@@ -80,10 +82,57 @@ class DataPlan:
     @functools.cached_property
     def fingerprint(self) -> int:
         """A checksum of everything the schedule depends on besides seed/epoch/batch size."""
-        crc = zlib.crc32(np.ascontiguousarray(self.bucket_ids, dtype=np.int32).tobytes())
+        return self.fingerprint_of(self.bucket_ids)
+
+    def fingerprint_of(self, bucket_ids: np.ndarray) -> int:
+        """:attr:`fingerprint` as it would be with these ``bucket_ids``."""
+        crc = zlib.crc32(np.ascontiguousarray(bucket_ids, dtype=np.int32).tobytes())
         ratios = ";".join(f"{s.start}:{s.stop}:{s.ratio!r}" for s in self.records.sources)
         crc = zlib.crc32(ratios.encode(), crc)
         return zlib.crc32(repr(self.buckets).encode(), crc)
+
+    @functools.cached_property
+    def packed_bucket_ids(self) -> str:
+        """``bucket_ids`` compressed into a short ASCII string (kept in loader checkpoints, so that a
+        resume can tell which records changed; see ``loader.LuminaDataLoader.load_state_dict``)."""
+        import base64
+
+        raw = np.ascontiguousarray(self.bucket_ids, dtype="<i2" if len(self.buckets) < 32767 else "<i4")
+        return f"{raw.dtype.str}:" + base64.b64encode(zlib.compress(raw.tobytes(), 6)).decode("ascii")
+
+    @staticmethod
+    def unpack_bucket_ids(packed: Any) -> np.ndarray | None:
+        """Inverse of :attr:`packed_bucket_ids`; ``None`` for anything unreadable."""
+        import base64
+
+        try:
+            dtype, data = str(packed).split(":", 1)
+            return np.frombuffer(zlib.decompress(base64.b64decode(data)), dtype=np.dtype(dtype)).astype(np.int32)
+        except Exception:  # noqa: BLE001 - an old or damaged checkpoint entry: just no detail
+            return None
+
+    def epoch_listings(self, seed: int, epoch: int) -> dict[int, int]:
+        """Samples per bucket id in epoch ``epoch`` (records listed by the source ratios, usable only)."""
+        idx = self.records.epoch_indices(seed, epoch)
+        ids, counts = np.unique(self.bucket_ids[idx][self.bucket_ids[idx] >= 0], return_counts=True)
+        return {int(b): int(c) for b, c in zip(ids, counts)}
+
+    def small_buckets(self, batch_size: int, seed: int = 0, epoch: int = 0) -> dict[tuple[int, int], int]:
+        """Buckets with fewer than ``batch_size`` samples in epoch ``epoch``: ``{bucket: usable records}``.
+
+        With ``drop_last`` such a bucket never fills a batch, so its records are never trained on
+        (every epoch, not a different set each epoch as for a larger bucket's partial batch).
+        """
+        listed = self.epoch_listings(seed, epoch)
+        counts = np.bincount(self.bucket_ids[self.bucket_ids >= 0], minlength=len(self.buckets))
+        return {self.buckets[b]: int(counts[b]) for b in range(len(self.buckets))
+                if counts[b] and listed.get(b, 0) < batch_size}
+
+    def _reset_caches(self) -> None:
+        """Forget what was derived from ``bucket_ids`` (after they were edited, see loader.py)."""
+        self._members.clear()
+        self.__dict__.pop("fingerprint", None)
+        self.__dict__.pop("packed_bucket_ids", None)
 
     def members(self, bucket: int) -> np.ndarray:
         """Usable record ids in one bucket (used to find substitutes for undecodable images)."""
@@ -141,6 +190,7 @@ def build_plan(records: RecordSet, cfg: DataConfig, progress: bool = False) -> D
     bucket_ids = np.full(n, -1, dtype=np.int32)
     sizes = np.zeros((n, 2), dtype=np.int32)
     skips = SkipCounter()
+    excluded: dict[int, tuple[str, str]] = {}
     bucket_index = {b: i for i, b in enumerate(buckets)}
 
     def probe(i: int):
@@ -168,14 +218,16 @@ def build_plan(records: RecordSet, cfg: DataConfig, progress: bool = False) -> D
             skips.seen += 1
             if err is not None:
                 skips.add(err.reason, str(err), seen=False)
+                excluded[i] = (err.reason, str(err))
                 continue
             w, h = size
             sizes[i] = (w, h)
             bucket = assign_bucket(w, h, buckets)
             if cover_scale(w, h, bucket) > 1.0 + 1e-9:
                 if cfg.min_size_policy == "skip" and cover_scale(w, h, bucket) > cfg.max_upscale + 1e-9:
-                    skips.add(TOO_SMALL, f"{records.records[i].image}: {w}x{h} is smaller than bucket "
-                              f"{bucket[0]}x{bucket[1]}", seen=False)
+                    message = f"{records.records[i].image}: {w}x{h} is smaller than bucket {bucket[0]}x{bucket[1]}"
+                    skips.add(TOO_SMALL, message, seen=False)
+                    excluded[i] = (TOO_SMALL, message)
                     continue
                 skips.events[UPSCALED] += 1
             bucket_ids[i] = bucket_index[bucket]
@@ -184,7 +236,7 @@ def build_plan(records: RecordSet, cfg: DataConfig, progress: bool = False) -> D
             pool.shutdown()
     if skips.num_skipped:
         log.warning("data plan: %s", skips.summary())
-    return DataPlan(records, buckets, bucket_ids, sizes, skips)
+    return DataPlan(records, buckets, bucket_ids, sizes, skips, excluded)
 
 
 class _WarnOnce:
@@ -259,7 +311,7 @@ class _BatchDatasetBase(Dataset, metaclass=abc.ABCMeta):
                 failed.add(int(candidate))
                 report.add(err.reason, str(err), seen=False)
                 _warn(err.reason, str(err))
-        raise RuntimeError(
+        raise SkipRateExceeded(  # a RuntimeError: every record failed, the rate is 100%
             f"no readable sample left for a batch of bucket {bucket[0]}x{bucket[1]}: all {len(usable)} usable "
             f"records failed to load ({report.summary()}). Check that the data files exist and are readable."
         )

@@ -133,6 +133,10 @@ class BucketBatchSampler:
         self.strict_resume = strict_resume
         self.epoch = 0
         self.cursor = 0  # global micro-batches of the current schedule consumed by all ranks together
+        # Steps this rank took in the current epoch, as the training loop counts them: cursor / world_size
+        # unless the batch size or world size changed on a resume within the epoch (see __len__).
+        self.steps = 0
+        self._change_detail = ""  # what changed in the data since a checkpoint (set by the loader)
         # Earlier (batch_size, cursor) segments of this epoch when the batch size changed on resume.
         self.segments: list[tuple[int, int]] = []
         self._cache: tuple[Any, list[np.ndarray], list[np.ndarray] | None] | None = None
@@ -163,13 +167,36 @@ class BucketBatchSampler:
         self.schedule()
         return self._cache[2]
 
-    def __len__(self) -> int:
-        """Steps (batches for this rank) in a whole epoch from its start with the current settings."""
-        key = (self.epoch, self.batch_size)
+    def full_len(self, epoch: int | None = None) -> int:
+        """Steps (batches for this rank) in a whole epoch (default: the current one) from its start
+        with the current settings."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        key = (epoch, self.batch_size)
         if self._len_cache is None or self._len_cache[0] != key:
-            total = len(self.plan.epoch_schedule(self.seed, self.epoch, self.batch_size, self.drop_last))
+            total = len(self.plan.epoch_schedule(self.seed, epoch, self.batch_size, self.drop_last))
             self._len_cache = (key, total)
         return self._len_cache[1] // self.world_size
+
+    def _used_up(self) -> bool:
+        """Whether the epoch in progress has no step left (the next iteration starts the next one)."""
+        return (self.cursor > 0 or bool(self.segments)) and self.cursor + self.world_size > len(self.schedule())
+
+    def __len__(self) -> int:
+        """Steps of the epoch that the next (or current) iteration delivers, as a training loop counts them.
+
+        Normally :meth:`full_len`; once the epoch is used up, the next epoch's. After a state load
+        with another batch size or world size within the epoch: the steps already taken (in the old
+        units, as Lightning restores its batch count) plus :meth:`steps_left`, so that Lightning's
+        epoch ends where the data epoch ends — or the full length where that is larger, so that the
+        later, full epochs are not cut short (Lightning fixes the length once per ``fit``; an epoch
+        that is shorter ends when its data runs out).
+        """
+        if self._used_up():
+            return self.full_len(self.epoch + 1)
+        base = self.full_len()
+        if not self.segments and self.steps == self.cursor // self.world_size:
+            return base
+        return max(self.steps + self.steps_left(), base)
 
     def steps_left(self) -> int:
         """Steps this rank still has in the current epoch from the current cursor."""
@@ -182,7 +209,7 @@ class BucketBatchSampler:
         survive Lightning calling ``set_epoch`` again after loading a checkpoint.
         """
         if int(epoch) != self.epoch:
-            self.epoch, self.cursor, self.segments = int(epoch), 0, []
+            self.epoch, self.cursor, self.segments, self.steps = int(epoch), 0, [], 0
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         self._generation += 1
@@ -191,7 +218,7 @@ class BucketBatchSampler:
         if self.cursor + self.world_size > len(sched) and (self.cursor > 0 or self.segments):
             # The epoch in progress is used up: a new iteration starts the next epoch (what
             # Lightning's set_epoch(epoch + 1) does too, so calling both is harmless).
-            self.epoch, self.cursor, self.segments = self.epoch + 1, 0, []
+            self.epoch, self.cursor, self.segments, self.steps = self.epoch + 1, 0, [], 0
             sched = self.schedule()
         epoch = self.epoch
         while self.cursor + self.world_size <= len(sched):
@@ -203,6 +230,7 @@ class BucketBatchSampler:
             # Advance before yielding: torchdata snapshots the state right after an index is
             # drawn, and that batch must count as consumed in the snapshot.
             self.cursor += self.world_size
+            self.steps += 1
             keys = _Keys((epoch, int(i), int(c)) for i, c in zip(batch, copies))
             keys.position = self.state_dict()
             yield keys
@@ -215,6 +243,7 @@ class BucketBatchSampler:
             "version": _STATE_VERSION,
             "epoch": self.epoch,
             "cursor": self.cursor,
+            "steps": self.steps,
             "batch_size": self.batch_size,
             "segments": [list(s) for s in self.segments],
             "seed": self.seed,
@@ -242,9 +271,8 @@ class BucketBatchSampler:
         if int(state.get("seed", self.seed)) != self.seed:
             problems.append(f"seed {state.get('seed')} -> {self.seed}")
         if int(state.get("fingerprint", self.plan.fingerprint)) != self.plan.fingerprint:
-            problems.append(
-                f"records/buckets/ratios changed ({state.get('num_records')} records -> {len(self.plan)} records)"
-            )
+            problems.append(self._change_detail or (
+                f"records/buckets/ratios changed ({state.get('num_records')} records -> {len(self.plan)} records)"))
         if bool(state.get("drop_last", self.drop_last)) != self.drop_last:
             problems.append("drop_last changed")
         if problems:
@@ -256,6 +284,10 @@ class BucketBatchSampler:
         self.epoch = int(state["epoch"])
         segments = [tuple(int(x) for x in s) for s in state.get("segments", [])]
         saved_bs, cursor = int(state["batch_size"]), int(state["cursor"])
+        saved_ws = max(1, int(state.get("world_size", self.world_size)))
+        # states written before "steps" existed: the steps of the last segment (exact without resumes
+        # that changed the geometry within the epoch)
+        self.steps = int(state.get("steps", cursor // saved_ws))
         if saved_bs == self.batch_size:
             self.segments, self.cursor = segments, cursor
         else:
@@ -341,12 +373,18 @@ class LuminaDataLoader(StatefulDataLoader):
 
     def state_dict(self) -> dict[str, Any]:
         return {"loader": super().state_dict(), "skips": self.skips.state_dict(),
-                "sampler": dict(self._delivered), "num_workers": self.num_workers}
+                "sampler": dict(self._delivered), "num_workers": self.num_workers,
+                "plan": {"bucket_ids": self.plan.packed_bucket_ids}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "loader" not in state_dict:  # a plain StatefulDataLoader state
             super().load_state_dict(state_dict)
             return
+        self._reconcile_plan(state_dict)
+        if "sampler" in state_dict:
+            # at once, not when torchdata next iterates: len(loader) must count the restored epoch
+            # (steps taken + steps left) as soon as the state is loaded (Lightning asks right after)
+            self.batch_sampler.load_state_dict(state_dict["sampler"])
         self.skips.load_state_dict(state_dict.get("skips") or {})
         saved_workers = state_dict.get("num_workers")
         if "sampler" in state_dict and saved_workers is not None and int(saved_workers) != self.num_workers:
@@ -354,11 +392,91 @@ class LuminaDataLoader(StatefulDataLoader):
             # delivered sampler position alone says which batches come next.
             log.info("data.num_workers changed from %s to %d on resume: restoring the sampler position only",
                      saved_workers, self.num_workers)
-            self.batch_sampler.load_state_dict(state_dict["sampler"])
         else:
             super().load_state_dict(state_dict["loader"])
         if "sampler" in state_dict:
             self._delivered = dict(state_dict["sampler"])
+
+    def restore_from_trainer(self, trainer: Any) -> bool:
+        """Load now the loader state that a Lightning ``trainer`` resuming from a checkpoint will load.
+
+        Call it in ``train_dataloader`` before returning the loader (``lumina train`` does). Lightning
+        measures ``len(loader)`` *before* it restores the loader's state and never lets the length grow
+        after that, so a resume with another batch size or world size that leaves more steps in the
+        epoch than a fresh epoch has would otherwise end Lightning's epoch before the data epoch ends.
+        Loading the same state again later (as Lightning does) changes nothing. Returns whether a state
+        was loaded.
+        """
+        fit_loop = getattr(trainer, "fit_loop", None)
+        states = getattr(fit_loop, "_combined_loader_states_to_load", None)
+        if not states or not getattr(fit_loop, "restarting", False):
+            return False
+        state = states[0]
+        if not isinstance(state, dict) or "loader" not in state:
+            return False
+        self.load_state_dict(state)
+        return True
+
+    def _reconcile_plan(self, state_dict: dict[str, Any]) -> None:
+        """Compare this loader's plan with the one the checkpoint was taken with (``state["plan"]``).
+
+        Records that were usable then and are excluded now (a file deleted, a header now unreadable,
+        ...) keep their place in the schedule, so the resume stays exact: they fail when loaded and
+        are replaced by substitutes like any sample that fails at run time (counted as skips). Any
+        other change is described for the error message (which records changed how).
+        """
+        sampler: BucketBatchSampler = self.batch_sampler
+        saved = state_dict.get("sampler") or {}
+        if "fingerprint" not in saved or int(saved["fingerprint"]) == self.plan.fingerprint:
+            return
+        old = DataPlan.unpack_bucket_ids((state_dict.get("plan") or {}).get("bucket_ids"))
+        new = self.plan.bucket_ids
+        records = self.plan.records.records
+        if old is None or len(old) != len(new):
+            return  # no detail (an older checkpoint) or other records: the sampler's generic message
+        diff = np.flatnonzero(old != new)
+        lost = diff[(old[diff] >= 0) & (new[diff] < 0)]
+        moved = diff[new[diff] >= 0]
+
+        def names(ids: np.ndarray, how) -> str:
+            shown = "; ".join(how(int(i)) for i in ids[:5])
+            return shown + (f"; ... ({len(ids) - 5} more)" if len(ids) > 5 else "")
+
+        def reason(i: int) -> str:
+            why = self.plan.excluded.get(i)
+            return f"{records[i].image} ({why[0]}: {why[1]})" if why else records[i].image
+
+        if len(moved) == 0 and len(lost):
+            patched = new.copy()
+            patched[lost] = old[lost]
+            if self.plan.fingerprint_of(patched) == int(saved["fingerprint"]):
+                log.warning(
+                    "resume: %d record(s) usable when the checkpoint was taken are unusable now: %s. They keep "
+                    "their place in the data order (the resume stays exact) and are replaced by other samples "
+                    "of their bucket when loaded, counted as skips.", len(lost), names(lost, reason))
+                self.plan.bucket_ids[lost] = old[lost]
+                self.plan._reset_caches()
+                sampler._cache, sampler._len_cache = None, None
+                return
+        parts = []
+        if len(lost):
+            parts.append(f"{len(lost)} record(s) usable at the checkpoint are unusable now: {names(lost, reason)}")
+        back = moved[old[moved] < 0]
+        if len(back):
+            parts.append(f"{len(back)} record(s) unusable at the checkpoint are usable now: "
+                         f"{names(back, lambda i: records[i].image)}")
+        other = moved[old[moved] >= 0]
+        if len(other):
+            buckets = self.plan.buckets
+
+            def bucket_change(i: int) -> str:
+                (ow, oh), (nw, nh) = buckets[old[i]] if old[i] < len(buckets) else (0, 0), buckets[new[i]]
+                return f"{records[i].image} ({ow}x{oh} -> {nw}x{nh})"
+
+            parts.append(f"{len(other)} record(s) changed bucket (image size): {names(other, bucket_change)}")
+        if not parts:
+            parts.append("the sources' ratios or the bucket list changed")
+        sampler._change_detail = "the data changed since the checkpoint: " + "; ".join(parts)
 
     @property
     def sampler_state(self) -> dict[str, Any]:
@@ -419,6 +537,14 @@ def build_dataloader(
             f"the data gives {total} batches of {batch_size} per epoch (one bucket each) for {world_size} rank(s): "
             f"too few. Use more data, a smaller batch size, or drop_last=false. Buckets: {plan.bucket_counts()}"
         )
+    if cfg.drop_last:
+        small = plan.small_buckets(batch_size, seed, 0)
+        if small:
+            log.warning(
+                "data: %d record(s) in %d bucket(s) with fewer than batch_size=%d samples per epoch are never "
+                "trained on (drop_last drops each bucket's partial batch): %s. Use data.drop_last=false, a smaller "
+                "batch size, or more images of those shapes.", sum(small.values()), len(small), batch_size,
+                ", ".join(f"{w}x{h} ({n})" for (w, h), n in sorted(small.items(), key=lambda kv: kv[1])))
     kwargs: dict[str, Any] = {
         "num_workers": num_workers,
         "pin_memory": cfg.pin_memory,

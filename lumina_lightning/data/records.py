@@ -227,20 +227,24 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
 
 
 def read_manifest(
-    path: str | os.PathLike, root: str | os.PathLike | None = None, system: str | None = None, source: str | None = None
+    path: str | os.PathLike, root: str | os.PathLike | None = None, system: str | None = None, source: str | None = None,
+    fmt: str = "auto",
 ) -> list[Record]:
     """Read a ``.jsonl`` (one object per line) or ``.json`` (a list of objects) manifest.
 
     Relative image paths are resolved against ``root`` if given, else the manifest's directory.
-    A malformed line raises :class:`ManifestError` naming the file and line number.
+    A malformed line raises :class:`ManifestError` naming the file and line number. ``fmt`` is
+    ``"auto"`` (by suffix: ``.json`` = a list, anything else JSON lines), ``"json"`` or ``"jsonl"``.
     """
     path = Path(path)
     if not path.is_file():
         raise ManifestError(f"{path}: manifest not found")
+    if fmt not in ("auto", "json", "jsonl"):
+        raise ManifestError(f"{path}: unknown manifest format {fmt!r} (expected auto, json or jsonl)")
     base = Path(root).expanduser().resolve() if root is not None else path.resolve().parent
     name = source or str(path)
     records: list[Record] = []
-    if path.suffix == ".json":
+    if fmt == "json" or (fmt == "auto" and path.suffix == ".json"):
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
@@ -295,41 +299,68 @@ def read_folder(
     return records
 
 
-def _read_source(path: Path, kind: str, root: str | None, system: str | None) -> list[Record]:
+def _read_source(path: Path, kind: str, root: str | None, system: str | None, where: str,
+                 stack: tuple[Path, ...]) -> tuple[RecordSet, bool]:
+    """One META entry's records, and whether it was a nested data YAML (with sources of its own)."""
     if kind in ("auto", "image_text"):  # "image_text" appears in official data YAMLs
-        kind = "folder" if path.is_dir() else ("json" if path.suffix == ".json" else "jsonl")
+        if path.is_dir():
+            kind = "folder"
+        elif path.suffix in (".yaml", ".yml"):
+            kind = "yaml"
+        else:
+            kind = "json" if path.suffix == ".json" else "jsonl"
     if kind == "folder":
-        return read_folder(path, system=system)
-    if kind in ("jsonl", "json"):
-        return read_manifest(path, root=root, system=system)
-    raise ManifestError(f"{path}: unknown source type {kind!r} (expected auto, jsonl, json or folder)")
+        if not path.is_dir():
+            raise ManifestError(f"{where}: type 'folder' but {path} is not a directory")
+        recs = read_folder(path, system=system)
+    elif kind in ("jsonl", "json"):
+        if path.is_dir():
+            raise ManifestError(f"{where}: type {kind!r} but {path} is a directory")
+        recs = read_manifest(path, root=root, system=system, fmt=kind)
+    elif kind == "yaml":
+        return _read_data_yaml(path, root, system, stack), True
+    else:
+        raise ManifestError(f"{where}: unknown source type {kind!r} (expected auto, jsonl, json, folder or yaml)")
+    return RecordSet(recs, [SourceInfo(str(path), 0, len(recs), 1.0)]), False
 
 
 def read_data_yaml(path: str | os.PathLike, root: str | os.PathLike | None = None) -> RecordSet:
     """Read an official-style data YAML that mixes several sources with sampling ratios::
 
         META:
-          - path: hq.jsonl          # manifest (.jsonl/.json) or image folder; relative to this file
+          - path: hq.jsonl          # manifest (.jsonl/.json), image folder or another data YAML;
+                                    # relative to this file
             ratio: 2.0              # per-epoch sampling ratio (default 1.0), see RecordSet.epoch_indices
             root: /data/images      # base for relative image paths (default: the manifest's folder)
-            type: jsonl             # auto (default) | jsonl | json | folder
+            type: jsonl             # auto (default, by suffix) | jsonl | json | folder | yaml
             system: align           # system template for this source's records
           - path: web.jsonl
             ratio: 0.5
 
     ``root`` given here (by the caller or ``--root``; relative to the current directory) applies
     to sources that have no ``root`` of their own; a ``root:`` inside the YAML is relative to the
-    YAML's folder.
+    YAML's folder. A source that is itself a data YAML contributes its own sources, each with its
+    ratio multiplied by the entry's ``ratio``; the entry's ``root`` and ``system`` apply to those of
+    its sources that name none.
     """
-    import yaml
-
-    path = Path(path).expanduser().resolve()
     if root is not None:  # the caller's root is relative to the current directory, like for a manifest
         root = _resolve(str(root), Path.cwd())
+    return _read_data_yaml(Path(path).expanduser().resolve(), root, None, ())
+
+
+def _read_data_yaml(path: Path, root: str | None, system: str | None, stack: tuple[Path, ...]) -> RecordSet:
+    import yaml
+
+    if path in stack:
+        chain = " -> ".join(str(p) for p in stack + (path,))
+        raise ManifestError(f"{path}: data YAMLs include each other in a loop ({chain})")
+    stack = stack + (path,)
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ManifestError(f"{path}: malformed YAML ({err})") from err
+    except OSError as err:
+        raise ManifestError(f"{path}: cannot read ({err.strerror or err})") from err
     if not isinstance(data, dict) or not isinstance(data.get("META"), list) or not data["META"]:
         raise ManifestError(f"{path}: a data YAML needs a non-empty 'META' list of sources")
     records: list[Record] = []
@@ -340,10 +371,24 @@ def read_data_yaml(path: str | os.PathLike, root: str | os.PathLike | None = Non
             raise ManifestError(f"{where}: each source needs a 'path'")
         unknown = set(entry) - {"path", "ratio", "root", "type", "system", "name"}
         if unknown:
-            raise ManifestError(f"{where}: unknown keys {sorted(unknown)}")
-        ratio = float(entry.get("ratio", 1.0))
+            raise ManifestError(f"{where}: unknown keys {sorted(unknown)} (allowed: path, ratio, root, type, system, "
+                                "name)")
+        for key in ("path", "root", "type", "system", "name"):
+            value = entry.get(key)
+            if value is not None and (not isinstance(value, str) or not value.strip()) and not (
+                    key in ("path", "root", "name") and isinstance(value, (int, float)) and not isinstance(value, bool)):
+                raise ManifestError(f"{where}: {key!r} must be a non-empty string, got {value!r}")
+        if entry.get("path") is None:
+            raise ManifestError(f"{where}: 'path' is empty")
+        raw_ratio = entry.get("ratio", 1.0)
+        try:
+            if isinstance(raw_ratio, bool) or raw_ratio is None:
+                raise TypeError
+            ratio = float(raw_ratio)
+        except (TypeError, ValueError):
+            raise ManifestError(f"{where}: 'ratio' must be a number >= 0, got {raw_ratio!r}") from None
         if not math.isfinite(ratio) or ratio < 0:
-            raise ManifestError(f"{where}: ratio must be a finite number >= 0, got {entry.get('ratio')}")
+            raise ManifestError(f"{where}: 'ratio' must be a finite number >= 0, got {raw_ratio!r}")
         src_path = Path(_resolve(str(entry["path"]), path.parent))
         # A ``root:`` written in the YAML is relative to the YAML's folder; a ``root`` from the
         # caller/CLI was resolved against the current directory above (as for a manifest).
@@ -353,12 +398,22 @@ def read_data_yaml(path: str | os.PathLike, root: str | os.PathLike | None = Non
             src_root = root
         if not src_path.exists():
             raise ManifestError(f"{where}: {src_path} not found")
-        recs = _read_source(src_path, str(entry.get("type", "auto")), src_root, entry.get("system"))
-        name = str(entry.get("name") or src_path)
-        for r in recs:
-            r.source = name
-        sources.append(SourceInfo(name, len(records), len(records) + len(recs), ratio))
-        records.extend(recs)
+        src_system = entry.get("system") or system
+        part, nested = _read_source(src_path, str(entry.get("type", "auto")), src_root, src_system, where, stack)
+        offset = len(records)
+        if nested:
+            prefix = str(entry.get("name") or "")
+            for src in part.sources:
+                name = f"{prefix}/{src.name}" if prefix else src.name
+                for r in part.records[src.start:src.stop]:
+                    r.source = name
+                sources.append(SourceInfo(name, offset + src.start, offset + src.stop, ratio * src.ratio))
+        else:
+            name = str(entry.get("name") or src_path)
+            for r in part.records:
+                r.source = name
+            sources.append(SourceInfo(name, offset, offset + len(part.records), ratio))
+        records.extend(part.records)
     return RecordSet(records, sources)
 
 

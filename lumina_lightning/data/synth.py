@@ -536,6 +536,63 @@ def synthetic_complete(out_dir: str | os.PathLike) -> bool:
     return (Path(out_dir) / COMPLETE_MARKER).is_file()
 
 
+def _config_dict(n, n_test, size, seed, aspects, held, tags, shapes, colors, backgrounds) -> dict[str, Any]:
+    """What ``synth_config.json`` holds for these (normalised) arguments."""
+    return {
+        "n_train": n, "n_test": n_test, "size": size, "seed": seed, "aspects": list(aspects),
+        "holdout": [list(p) for p in held], "tags": list(tags), "shapes": list(shapes), "colors": list(colors),
+        "backgrounds": list(backgrounds), "palette": {c: list(PALETTE[c]) for c in colors},
+        "background_palette": {b: list(BACKGROUNDS[b]) for b in backgrounds}, "cross_arm": CROSS_ARM,
+    }
+
+
+_SPEC_KEYS = ("n", "size", "seed", "n_test", "aspects", "holdout", "tags", "shapes", "colors", "backgrounds", "workers",
+              "progress")
+
+
+def synthetic_config(
+    n: int,
+    size: int = 64,
+    seed: int = 0,
+    *,
+    n_test: int | None = None,
+    aspects: Sequence[float] = (1.0,),
+    holdout: str | Iterable[Sequence[str]] | None = DEFAULT_HOLDOUT,
+    tags: Sequence[str] = TAGS,
+    shapes: Sequence[str] = DEFAULT_SHAPES,
+    colors: Sequence[str] = tuple(PALETTE),
+    backgrounds: Sequence[str] = tuple(BACKGROUNDS),
+    workers: int = 0,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """The ``synth_config.json`` that :func:`generate_synthetic` with these arguments writes (JSON-normalised)."""
+    held = parse_holdout(holdout)
+    n_test = max(len(tuple(tags)), n // 10) if n_test is None else int(n_test)
+    config = _config_dict(n, n_test, size, seed, tuple(float(a) for a in aspects), held, tuple(tags), tuple(shapes),
+                          tuple(colors), tuple(backgrounds))
+    return json.loads(json.dumps(config))
+
+
+def synthetic_differences(out_dir: str | os.PathLike, spec: dict[str, Any]) -> dict[str, tuple[Any, Any]] | None:
+    """How the complete synthetic dataset in ``out_dir`` differs from what ``generate_synthetic(**spec)``
+    would write: ``{key: (on disk, wanted)}`` (empty when it matches); ``None`` when it is not complete.
+
+    Raises ``ValueError`` for a ``spec`` key that ``generate_synthetic`` does not take."""
+    unknown = sorted(set(spec) - set(_SPEC_KEYS))
+    if unknown:
+        raise ValueError(f"unknown synthetic dataset arguments {unknown}; allowed: {', '.join(_SPEC_KEYS[:-1])}")
+    if not synthetic_complete(out_dir):
+        return None
+    wanted = synthetic_config(**spec)
+    try:
+        made = json.loads((Path(out_dir) / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        made = {}
+    if not isinstance(made, dict):
+        made = {}
+    return {k: (made.get(k), v) for k, v in wanted.items() if made.get(k) != v}
+
+
 def generate_synthetic(
     out_dir: str | os.PathLike,
     n: int,
@@ -647,12 +704,7 @@ def generate_synthetic(
         entry = {k: meta[k] for k in ("tag", "include", "exclude", "prompt") if k in meta}
         prompts.setdefault(meta["prompt"], entry)
     dump(list(prompts.values()), root / "test_geneval.jsonl")
-    config = {
-        "n_train": n, "n_test": n_test, "size": size, "seed": seed, "aspects": list(aspects),
-        "holdout": [list(p) for p in held], "tags": list(tags), "shapes": list(shapes), "colors": list(colors),
-        "backgrounds": list(backgrounds), "palette": {c: list(PALETTE[c]) for c in colors},
-        "background_palette": {b: list(BACKGROUNDS[b]) for b in backgrounds}, "cross_arm": CROSS_ARM,
-    }
+    config = _config_dict(n, n_test, size, seed, aspects, held, tags, shapes, colors, backgrounds)
     # Written last: its presence marks a complete dataset (see synthetic_complete).
     atomic_write_text(root / COMPLETE_MARKER, json.dumps(config, indent=2) + "\n")
     return SyntheticDataset(root, root / "images", root / "train.jsonl", root / "test.jsonl",

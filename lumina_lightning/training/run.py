@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from lumina_lightning.training.recipe import find_recipe
 
     args = parse_args_with_input(build_parser(), argv, "recipe", "recipe", find=find_recipe)
+    from lumina_lightning.data.skips import SkipRateExceeded
     from lumina_lightning.training.recipe import RecipeError, load_recipe
 
     try:
@@ -91,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         run_task = train
     try:
         result = run_task(loaded)
-    except (OSError, ImportError, ValueError) as err:
+    except (OSError, ImportError, ValueError, SkipRateExceeded) as err:
         # a path or value in the recipe that does not hold up (missing encoder folder, unreadable
-        # init_from): the user's to fix, so the message and the usage-error code, no traceback
+        # init_from, a bad manifest or data YAML, too many unreadable images): the user's to fix, so
+        # the message and the usage-error code, no traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     return result.exit_code
@@ -156,15 +158,32 @@ def data_config(cfg: Any, **changes: Any) -> Any:
     return DataConfig(**values)
 
 
+def cache_prompt_id(cfg: Any) -> str:
+    """The prompt id (``identity["prompt"]``) of the caches a recipe can train from.
+
+    The run builds each prompt from the record's template, else ``data.system``, else
+    ``objective.system`` (the image path: the dataset reports ``record.system or data.system`` and the
+    module falls back to ``objective.system``); a cache holds the features of exactly those prompts
+    when it was built with ``lumina data cache --prompt-template record --default-system <that name>``.
+    """
+    return f"record:{cfg.data.system or cfg.objective.system}"
+
+
 def validation_batches(cfg: Any) -> list[dict[str, Any]]:
-    """Fixed validation batches from ``data.val_path`` (first ``val_samples`` usable records)."""
+    """Fixed validation batches from ``data.val_path``: ``val_samples`` usable records, a fixed subset
+    drawn by ``validation.seed`` (the loader's shuffled epoch 0), cut to exactly ``val_samples``.
+
+    ``data.root`` is the base of the *training* manifest's relative paths only: the validation
+    manifest's relative image paths resolve against its own folder (a data YAML's sources against
+    their own ``root:`` or folder).
+    """
     if not cfg.data.val_path:
         return []
     import torch
 
     from lumina_lightning.data.loader import build_dataloader
 
-    dcfg = data_config(cfg, path=cfg.data.val_path, cache_dir=None, drop_last=False, strict_resume=False)
+    dcfg = data_config(cfg, path=cfg.data.val_path, root=None, cache_dir=None, drop_last=False, strict_resume=False)
     loader = build_dataloader(dcfg, batch_size=min(cfg.data.batch_size, cfg.data.val_samples), seed=cfg.validation.seed,
                               rank=0, world_size=1, num_workers=0)
     batches, count = [], 0
@@ -201,25 +220,43 @@ def _built_on_rank_zero(ready: Callable[[], bool], build: Callable[[], None], wh
 
 
 def ensure_synthetic(cfg: Any) -> None:
-    """Generate the synthetic dataset where ``data.synthetic`` asks for it and ``data.path`` is missing or
-    its generation never finished."""
-    from lumina_lightning.data.synth import generate_synthetic, synthetic_complete
+    """Generate the synthetic dataset where ``data.synthetic`` asks for it and ``data.path`` is missing,
+    its generation never finished, or it was generated with other arguments (``synth_config.json``
+    differs from what ``data.synthetic`` asks for: it is regenerated, like the pipeline does)."""
+    from lumina_lightning.data.synth import COMPLETE_MARKER, generate_synthetic, synthetic_differences
 
     spec = cfg.data.synthetic
     if not spec or not cfg.data.path:
         return
+    if not isinstance(spec, dict):
+        raise ValueError(f"data.synthetic must be a mapping of generate_synthetic arguments (n, size, seed, ...), "
+                         f"got {spec!r}")
+    spec = dict(spec)
     folder = Path(cfg.data.path).parent
+    try:
+        differences = synthetic_differences(folder, spec)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"data.synthetic: {err}") from None
 
     def done() -> bool:
         # data.path alone may be left over from an interrupted generation: the marker is written last
-        return Path(cfg.data.path).exists() and synthetic_complete(folder)
+        return Path(cfg.data.path).exists() and synthetic_differences(folder, spec) == {}
 
-    if done():
+    if Path(cfg.data.path).exists() and differences == {}:
         return
+    if differences:
+        log.warning("the synthetic dataset in %s was generated with other arguments (%s): regenerating it for "
+                    "data.synthetic=%s", folder,
+                    ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differences.items()), spec)
 
     def build() -> None:
         log.info("generating the synthetic dataset into %s (%s)", folder, spec)
-        generate_synthetic(folder, progress=True, **spec)
+        # the old marker goes first: an interrupted regeneration must not pass for the old, complete set
+        (folder / COMPLETE_MARKER).unlink(missing_ok=True)
+        try:
+            generate_synthetic(folder, progress=True, **{k: v for k, v in spec.items() if k != "progress"})
+        except TypeError as err:
+            raise ValueError(f"data.synthetic: {err}") from None
 
     _built_on_rank_zero(done, build, f"generate {cfg.data.path}", 300,
                         lock=folder.with_name(folder.name + ".generating"))
@@ -272,6 +309,9 @@ class _DataModule:
                         num_workers=cfg.data.num_workers, cache_identity=cache_identity,
                         progress=trainer.is_global_zero,
                     )
+                    # a resume: load the loader's position now, so the length Lightning measures before
+                    # restoring it already counts the restored epoch (another batch size / world size)
+                    self.loader.restore_from_trainer(trainer)
                 return self.loader
 
         return LuminaData()
@@ -307,9 +347,8 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
     text_encoder, autoencoder, spec = build_encoders(cfg)
     cache_identity = None
     if cfg.data.cache_dir:
-        # the cache must hold features of the prompts this run builds: record template, else objective.system
         cache_identity = make_cache_identity(autoencoder, text_encoder, cfg.data.resolution, cfg.data.patch,
-                                             cfg.data.max_aspect, prompt=f"record:{cfg.objective.system}")
+                                             cfg.data.max_aspect, prompt=cache_prompt_id(cfg))
 
     module = NextDiTModule(cfg, text_encoder=text_encoder, autoencoder=autoencoder, pipeline_spec=spec,
                            val_batches=validation_batches(cfg), output_dir=out)
