@@ -86,8 +86,10 @@ class DataSection(DataConfig):
         num_workers: decoding worker processes per rank.
         val_path: manifest (or folder / data YAML) of the held-out records for the fixed-timestep
             validation loss (default: none, and then no validation loss is computed; the sample
-            grids take their prompts from ``validation.prompts`` either way).
-        val_samples: how many validation records (the first usable ones) the loss uses.
+            grids take their prompts from ``validation.prompts`` either way). Its relative image
+            paths resolve against its own folder; ``root`` applies to ``path`` only.
+        val_samples: how many validation records the loss uses: a fixed subset, the first
+            ``val_samples`` usable records of the loader's shuffled epoch 0 drawn with ``validation.seed``.
         synthetic: generate the bundled synthetic compositional dataset into the folder of
             ``path`` when ``path`` does not exist yet — arguments of ``generate_synthetic``
             (``n``, ``size``, ``seed``, ``n_test``, ``holdout``, ...). Lets the tiny recipes run on a
