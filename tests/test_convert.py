@@ -306,3 +306,169 @@ def test_diffusers_save_over_a_sharded_folder_replaces_its_shards(model, tmp_pat
     assert torch.equal(theirs.x_embedder.weight, model.x_embedder.weight)
     assert torch.equal(theirs.layers[0].attn.to_q.weight, official_to_diffusers(model.state_dict(), model.config)[
         "layers.0.attn.to_q.weight"])
+
+
+@pytest.mark.parametrize("first, sharded", [("diffusers", False), ("diffusers", True), ("lumina", False)])
+def test_official_save_over_another_layout_replaces_it(tmp_path, first, sharded, caplog):
+    """The earlier save's config.json would win detection over the official files just written (and
+    load the old weights): the official save removes it and its weights."""
+    old = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])), seed=1)
+    new = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])), seed=2)
+    torch.nn.init.ones_(new.norm_final.weight)
+    folder = tmp_path / "ckpt"
+    if sharded:
+        kwargs = {k: v for k, v in config_to_diffusers(old.config).items() if not k.startswith("_")}
+        twin = Lumina2Transformer2DModel(**kwargs)
+        twin.load_state_dict(official_to_diffusers(old.state_dict(), old.config))
+        twin.save_pretrained(folder, max_shard_size="200KB")
+    else:
+        save_nextdit(old, folder, first, ema_state_dict=old.state_dict() if first == "lumina" else None)
+    save_nextdit(new, folder, "official")
+    assert detect_format(folder) == "official"
+    assert sorted(p.name for p in folder.iterdir()) == ["consolidated.00-of-01.pth", "model_args.pth"]
+    assert_same_weights(new.state_dict(), load_nextdit(folder, ema="auto").state_dict())
+    assert f"removing the {first} checkpoint of an earlier save" in caplog.text
+    # a config.json that is neither ours nor diffusers' is not ours to remove
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text('{"model_type": "something else"}')
+    save_nextdit(new, other, "official")
+    assert (other / "config.json").is_file() and detect_format(other) == "official"
+
+
+@pytest.mark.parametrize("src_kind, dst_of", [
+    ("folder", lambda src: src),
+    ("folder", lambda src: src / "."),
+    ("pipeline", lambda src: src / "transformer"),
+    ("pipeline", lambda src: src),
+    ("folder", lambda src: src / "model.safetensors"),
+    ("file", lambda src: src),
+    ("file", lambda src: src.parent),
+])
+def test_convert_refuses_to_write_over_its_source(tmp_path, capsys, src_kind, dst_of):
+    """In place, --ema auto wrote the EMA weights into model.safetensors and then deleted
+    model_ema.safetensors as stale: both weight sets gone. Refused before anything is read."""
+    raw = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])), seed=1)
+    ema = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])), seed=2)
+    if src_kind == "file":
+        src = tmp_path / "m" / "m.safetensors"
+        save_nextdit(raw, src, "lumina", ema_state_dict=ema.state_dict())
+    else:
+        src = tmp_path / "src"
+        save_nextdit(raw, src / "transformer" if src_kind == "pipeline" else src, "lumina",
+                     ema_state_dict=ema.state_dict())
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    dst = dst_of(src)
+    to = "lumina" if str(dst).endswith(".safetensors") or src_kind != "file" else "official"
+    assert lumina_main(["convert", str(src), str(dst), "--to", to, "--dtype", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "converting in place would overwrite" in err and "Traceback" not in err
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    # a destination beside the source is fine
+    assert lumina_main(["convert", str(src), str(tmp_path / "elsewhere"), "--to", "lumina"]) == 0
+
+
+def _truncate(file):
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.parametrize("layout", ["lumina-folder", "lumina-ema", "lumina-file", "diffusers", "diffusers-sharded",
+                                    "corrupt-header"])
+def test_corrupt_safetensors_is_named_by_every_load_and_the_clis(tmp_path, capsys, layout):
+    model = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])))
+    src = tmp_path / "src"
+    if layout in ("lumina-folder", "lumina-ema", "corrupt-header"):
+        save_nextdit(model, src, "lumina", ema_state_dict=model.state_dict())
+        bad = src / ("model_ema.safetensors" if layout == "lumina-ema" else "model.safetensors")
+    elif layout == "lumina-file":
+        src = tmp_path / "m.safetensors"
+        save_nextdit(model, src, "lumina")
+        bad = src
+    elif layout == "diffusers":
+        save_nextdit(model, src, "diffusers")
+        bad = src / "diffusion_pytorch_model.safetensors"
+    elif layout == "diffusers-sharded":
+        kwargs = {k: v for k, v in config_to_diffusers(model.config).items() if not k.startswith("_")}
+        twin = Lumina2Transformer2DModel(**kwargs)
+        twin.load_state_dict(official_to_diffusers(model.state_dict(), model.config))
+        twin.save_pretrained(src, max_shard_size="200KB")
+        bad = sorted(src.glob("diffusion_pytorch_model-*.safetensors"))[-1]
+    if layout == "corrupt-header":
+        bad.write_bytes(b"\xff" * 64)
+    else:
+        _truncate(bad)
+    with pytest.raises(ValueError, match=f"{bad.name} is not a readable .safetensors file"):
+        load_nextdit(src, ema="auto")
+    assert lumina_main(["convert", str(src), str(tmp_path / "out"), "--to", "official"]) == 2
+    err = capsys.readouterr().err
+    assert f"{bad} is not a readable .safetensors file" in err and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("lumina")] == [err.strip().splitlines()[-1]]
+    from training_utils import tiny_text_encoder
+
+    code = lumina_main(["sample", "--ckpt", str(src), "--vae", "pixel", "--text-encoder", tiny_text_encoder(),
+                        "a red circle", "--out", str(tmp_path / "samples")])
+    err = capsys.readouterr().err
+    assert code != 0 and f"{bad.name} is not a readable .safetensors file" in err and "Traceback" not in err
+
+
+def test_training_checkpoint_files_load_weights_only(tmp_path):
+    """A Lightning .ckpt of ours (loop, callback and scheduler state, our entries) needs no unpickling
+    of arbitrary objects; one that does is refused, never run."""
+    model = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])))
+    state = {f"model.{k}": v for k, v in model.state_dict().items()}
+    ckpt = {"epoch": 0, "global_step": 3, "pytorch-lightning_version": "2.5", "state_dict": state,
+            "loops": {"fit_loop": {"state_dict": {}, "epoch_progress": {"total": {"ready": 1}}}},
+            "callbacks": {"ModelCheckpoint{'monitor': 'step'}": {"best_model_path": "/x/step=3.ckpt"}},
+            "optimizer_states": [{"state": {}, "param_groups": [{"lr": 1e-3, "betas": (0.9, 0.95), "params": [0]}]}],
+            "lr_schedulers": [{"last_epoch": 3}], "nextdit_config": model.config.to_dict(), "nextdit_prefix": "model.",
+            "nextdit_ema_prefix": None}
+    torch.save(ckpt, tmp_path / "ok.ckpt")
+    assert detect_format(tmp_path / "ok.ckpt") == "lightning"
+    assert_same_weights(model.state_dict(), load_nextdit(tmp_path / "ok.ckpt").state_dict())
+    torch.save({**ckpt, "hyper_parameters": {"parser": argparse.ArgumentParser}}, tmp_path / "evil.ckpt")
+    with pytest.raises(ValueError, match="not a weights-only checkpoint"):
+        load_nextdit(tmp_path / "evil.ckpt")
+
+
+def _distributed_checkpoint(folder, model, ema):
+    """A folder laid out as Lightning's ModelParallelStrategy (FSDP2) writes it: torch DCP shards of
+    {"state_dict": ..., "optimizer_states": ...} (.metadata, *.distcp) and the rest in meta.pt."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    state = {**{f"model.{k}": v for k, v in model.state_dict().items()},
+             **{f"ema_model.{k}": v for k, v in ema.state_dict().items()}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        optimizer = {"optimizer_0": {"state": {"0": {"step": torch.tensor(3.0)}}}}
+        dcp.save({"state_dict": state, "optimizer_states": optimizer}, checkpoint_id=folder, no_dist=True)
+    torch.save({"global_step": 3, "nextdit_config": model.config.to_dict(), "nextdit_prefix": "model.",
+                "nextdit_ema_prefix": "ema_model.", "loops": {}, "callbacks": {}}, folder / "meta.pt")
+    return folder
+
+
+def test_distributed_training_checkpoint_folder_loads_and_converts(tmp_path, capsys):
+    """FSDP2 runs write last.ckpt/ and step=*.ckpt/ as DCP folders: sampling, conversion and
+    init_from read them like a .ckpt file (no process group needed)."""
+    from lumina_lightning.models.io import is_distributed_checkpoint, read_checkpoint_meta
+
+    raw = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])), seed=1)
+    ema = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])), seed=2)
+    last = _distributed_checkpoint(tmp_path / "last.ckpt", raw, ema)
+    assert (last / ".metadata").is_file() and is_distributed_checkpoint(last)
+    assert detect_format(last) == "lightning"
+    assert read_checkpoint_meta(last)["global_step"] == 3
+    assert_same_weights(raw.state_dict(), load_nextdit(last, ema=False).state_dict())
+    loaded = load_nextdit(last, ema="auto")
+    assert loaded.weights_ema is True
+    assert_same_weights(ema.state_dict(), loaded.state_dict())
+    state, config, fmt = read_state(last, ema=True)
+    assert fmt == "lightning" and config == raw.config
+    assert lumina_main(["convert", str(last), str(tmp_path / "out"), "--to", "lumina", "--ema", "false"]) == 0
+    assert_same_weights(raw.state_dict(), load_nextdit(tmp_path / "out").state_dict())
+    # a folder named .ckpt without the DCP metadata is still no checkpoint
+    (tmp_path / "empty.ckpt").mkdir()
+    with pytest.raises(ValueError, match="no known Next-DiT checkpoint"):
+        detect_format(tmp_path / "empty.ckpt")

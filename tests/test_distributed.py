@@ -38,7 +38,12 @@ def test_ddp_two_processes_equal_one_process_over_the_combined_batch(tmp_path):
 
 
 def test_fsdp2_trains_checkpoints_and_resumes_to_the_ddp_weights(tmp_path):
-    common = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=2"]
+    """FSDP2 on 2 ranks, stopped and resumed, equals DDP: losses, weights and EMA. Validation and
+    sample rendering run every step: the EMA's forwards are no-grad only, so a root left unsharded
+    after them (FSDP2's default for the root) broke the next EMA update."""
+    common = ["trainer.devices=2", "trainer.accelerator=cpu", "trainer.checkpoint_every_n_steps=2",
+              "validation.every_n_steps=1", "validation.sample_every_n_steps=1", 'validation.prompts=["a red circle"]',
+              "validation.steps=2"]
     ddp = tiny_recipe(tmp_path / "ddp", output_dir=str(tmp_path / "ddp/run"))
     out = run_script(SCRIPTS / "strategy_run.py", str(ddp), str(tmp_path / "ddp.pt"), *common,
                      "trainer.strategy=ddp", "trainer.max_steps=4", port=29621)
@@ -56,9 +61,24 @@ def test_fsdp2_trains_checkpoints_and_resumes_to_the_ddp_weights(tmp_path):
     assert a["step"] == b["step"] == 4
     assert len(b["losses"]) == 2  # the resumed run did only the remaining steps
     assert a["losses"][2:] == pytest.approx(b["losses"], rel=1e-4)
-    for name, value in a["weights"].items():
-        assert torch.allclose(value, b["weights"][name], atol=1e-5, rtol=1e-4), name
-    assert (tmp_path / "fsdp/run/export/pipeline.json").is_file()
+    for key in ("weights", "ema"):
+        assert a[key].keys() == b[key].keys()
+        for name, value in a[key].items():
+            assert torch.allclose(value, b[key][name], atol=1e-5, rtol=1e-4), (key, name)
+    export = tmp_path / "fsdp/run/export"
+    assert (export / "pipeline.json").is_file()
+    assert (tmp_path / "fsdp/run/samples").is_dir() and any((tmp_path / "fsdp/run/samples").iterdir())
+
+    # the run's distributed last.ckpt/ loads (no process group) to the weights it exported
+    from lumina_lightning.models.io import detect_format, load_nextdit
+
+    assert detect_format(last) == "lightning"
+    for ema in (False, True):
+        exported = load_nextdit(export, ema=ema).state_dict()
+        loaded = load_nextdit(last, ema=ema).state_dict()
+        assert loaded.keys() == exported.keys()
+        for name, value in exported.items():
+            assert torch.equal(loaded[name], value), (ema, name)
 
 
 def test_fsdp2_checkpoint_killed_while_writing_keeps_the_previous_one(tmp_path):
@@ -209,3 +229,88 @@ def test_zero3_partitioned_construction_initialises_and_loads_like_a_plain_build
             assert torch.equal(loaded[f"ema_model.{name}"], value), name
     finally:
         dist.destroy_process_group()
+
+
+_SLURM = dict(SLURM_NTASKS="2", SLURM_PROCID="1", SLURM_LOCALID="1", SLURM_NODEID="0", SLURM_JOB_ID="1",
+              SLURM_NTASKS_PER_NODE="2", SLURM_NODELIST="localhost")
+
+
+@pytest.mark.parametrize("env, rank", [
+    ({**_SLURM, "SLURM_JOB_NAME": "train"}, 1),  # srun: SLURM_PROCID is the global rank
+    ({**_SLURM, "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0"}, 0),
+    ({**_SLURM, "SLURM_JOB_NAME": "train", "RANK": "0"}, 0),  # torchrun inside an allocation: its RANK wins
+    ({**_SLURM, "SLURM_JOB_NAME": "train", "LOCAL_RANK": "0"}, 0),
+    ({**_SLURM, "SLURM_JOB_NAME": "bash"}, 0),  # interactive allocation: SLURM is not the launcher
+    ({**_SLURM, "SLURM_JOB_NAME": "interactive"}, 0),
+    ({"RANK": "3"}, 3),
+    ({}, 0),
+])
+def test_rank_before_fit_follows_the_launcher_as_lightning_does(monkeypatch, env, rank):
+    """Under ``srun`` only SLURM_PROCID says which task is rank 0: without it every task wrote the
+    run's config.yaml, generated the synthetic data and trained the autoencoder into the same folders."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from lumina_lightning.training.session import local_rank_from_env
+
+    for key in ("RANK", "LOCAL_RANK", "SLURM_JOB_NAME", *_SLURM):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    assert local_rank_from_env() == rank
+    if "RANK" not in env and "LOCAL_RANK" not in env:  # Lightning's own view, once it sets up, agrees
+        assert (SLURMEnvironment().global_rank() if SLURMEnvironment.detect() else 0) == rank
+
+
+def _fake_checkpoint(path: Path, kind: str) -> Path:
+    if kind == "file":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"global_step": 2}, path)
+    elif kind == "distributed":
+        path.mkdir(parents=True)
+        (path / ".metadata").write_bytes(b"")
+        (path / "meta.pt").write_bytes(b"")
+    else:  # DeepSpeed: <ckpt>/latest + <ckpt>/checkpoint/
+        (path / "checkpoint").mkdir(parents=True)
+        (path / "latest").write_text("checkpoint")
+    return path
+
+
+@pytest.mark.parametrize("kind, strategy, ok", [
+    ("file", "auto", True), ("file", "ddp", True), ("file", "fsdp", False), ("file", "deepspeed_stage_2", False),
+    ("distributed", "fsdp", True), ("distributed", "fsdp1", True), ("distributed", "auto", False),
+    ("distributed", "ddp", False), ("deepspeed", "deepspeed_stage_3", True), ("deepspeed", "ddp", False),
+])
+def test_resume_refuses_a_checkpoint_of_another_strategy_family(tmp_path, kind, strategy, ok):
+    """A DDP file checkpoint resumed with FSDP2 failed deep in torch (optimizer state matched by
+    position), an FSDP2 folder resumed with DDP with a bare IsADirectoryError."""
+    from lumina_lightning.training.session import resolve_resume
+
+    ckpt_dir = tmp_path / "checkpoints"
+    last = _fake_checkpoint(ckpt_dir / "last.ckpt", kind)
+    for resume in ("auto", str(last)):
+        if ok:
+            assert resolve_resume(resume, ckpt_dir, strategy) == str(last)
+            continue
+        with pytest.raises(ValueError) as err:
+            resolve_resume(resume, ckpt_dir, strategy)
+        message = str(err.value)
+        assert str(last) in message and f"trainer.strategy={strategy}" in message
+        assert {"file": "single-file", "distributed": "distributed", "deepspeed": "DeepSpeed"}[kind] in message
+        assert "same strategy family" in message or "strategy family that wrote" in message
+        assert "model.init_from" in message
+    assert resolve_resume(str(last), ckpt_dir) == str(last)  # no strategy given: no check
+    (tmp_path / "junk.ckpt").mkdir()
+    with pytest.raises(ValueError, match="no training checkpoint"):
+        resolve_resume(str(tmp_path / "junk.ckpt"), ckpt_dir, strategy)
+
+
+@pytest.mark.parametrize("kind, strategy", [("file", "fsdp"), ("distributed", "auto")])
+def test_training_refuses_a_mismatched_resume_before_fit(tmp_path, kind, strategy):
+    """Needs training/run.py to pass the strategy: ``resolve_resume(cfg.resume, ckpt_dir, cfg.trainer.strategy)``."""
+    from lumina_lightning.training.recipe import load_recipe
+    from lumina_lightning.training.run import train
+
+    ckpt = _fake_checkpoint(tmp_path / "old" / "last.ckpt", kind)
+    recipe = tiny_recipe(tmp_path, output_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match="strategy family"):
+        train(load_recipe(recipe, [f"trainer.strategy={strategy}", f"resume={ckpt}"]))

@@ -70,3 +70,39 @@ def test_fsdp2_mesh_is_sized_from_the_trainers_world_size(trainer_devices, recip
             enable_progress_bar=False, enable_model_summary=False)
     assert strategy.world_size == int(trainer_devices)
     assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (int(trainer_devices), 1)
+
+
+def test_fsdp2_root_is_resharded_after_no_grad_forwards(tmp_path):
+    """The EMA copy (and validation, sample rendering) only runs no-grad forwards. FSDP2 leaves a root's
+    own parameters (embedders, final layer) whole after forward by default, so the EMA's stayed whole
+    while the trained model's were sharded: the next EMA update failed on 2 ranks (size mismatch) and
+    on 1 rank wrote into temporary copies that FSDP2 then dropped (the EMA lost those updates)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from lumina_lightning.modules.ema import ema_update
+    from lumina_lightning.training.parallelize import fsdp2_shard, full_state_dict
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        config = make_config(**TINY_CONFIGS["gqa2-ref2"])
+        torch.manual_seed(0)
+        model, ema = randomised(NextDiT(config), seed=1), randomised(NextDiT(config), seed=2)
+        trained = {k for k, p in model.named_parameters() if p.requires_grad}  # not the frozen norm_final
+        expected = {k: torch.lerp(v, model.state_dict()[k], 0.5) if k in trained else model.state_dict()[k]
+                    for k, v in ema.state_dict().items()}
+        fsdp2_shard(model, mesh)
+        fsdp2_shard(ema, mesh)
+        with torch.no_grad():
+            ema(*_inputs())
+            model(*_inputs())
+        for name, p in [*model.named_parameters(), *ema.named_parameters()]:
+            assert isinstance(p, DTensor), f"{name} left unsharded after a no-grad forward"
+        ema_update(ema, model, 0.5)
+        got = full_state_dict(ema)
+        for name, value in expected.items():
+            assert torch.allclose(got[name], value, atol=1e-6), name
+    finally:
+        dist.destroy_process_group()

@@ -69,6 +69,32 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _overwrites_source(src: str, dst: str, dst_is_file: bool) -> str | None:
+    """Why writing ``dst`` would clobber the checkpoint read from ``src`` (``None`` where it would not):
+    the same file or folder, the source's ``transformer/`` folder, the folder that holds the source
+    file, or a file inside the source folder."""
+    from pathlib import Path
+
+    from lumina_lightning.models.io import transformer_folder
+
+    source = Path(src).resolve()
+    if not source.exists():
+        return None  # reading fails with its own message
+    target = Path(dst).resolve()
+    model_dir = transformer_folder(source).resolve()
+    if target == source:
+        return "is the source"
+    if source.is_dir():
+        if target == model_dir:
+            return f"is the source's transformer folder ({model_dir})"
+        if dst_is_file and target.parent in (source, model_dir):
+            return f"is a file in the source folder ({target.parent})"
+        return None
+    if not dst_is_file and target == source.parent:
+        return f"is the folder that holds the source file ({source.name})"
+    return None
+
+
 def _convert(args: argparse.Namespace) -> int:
     import torch
     import yaml
@@ -88,7 +114,14 @@ def _convert(args: argparse.Namespace) -> int:
 
     # save_nextdit writes a file only for `--to lumina X.safetensors`, a folder otherwise: refuse the
     # other kind already there before the (slow) read
-    check_output(args.dst, "DST", "file" if args.to == "lumina" and args.dst.endswith(".safetensors") else "dir")
+    dst_is_file = args.to == "lumina" and args.dst.endswith(".safetensors")
+    check_output(args.dst, "DST", "file" if dst_is_file else "dir")
+    clash = _overwrites_source(args.src, args.dst, dst_is_file)
+    if clash:
+        print(f"lumina convert: DST {args.dst} {clash}: converting in place would overwrite or delete the weights "
+              "being read (e.g. raw weights replaced by EMA ones, the EMA file removed as stale). Write to a new "
+              "folder or file, then move it.", file=sys.stderr)
+        return 2
     from lumina_lightning.sampling.pipeline_io import describe, source_prediction
 
     prediction = source_prediction(args.src)  # "velocity" for anything without a pipeline spec

@@ -8,7 +8,9 @@ Layouts (spec §2):
   ``NextDiT``; a single ``.pth``/``.safetensors`` with official keys (ComfyUI prefix allowed) as well.
 * ``diffusers`` a ``Lumina2Transformer2DModel`` folder (``config.json`` + safetensors, sharded or not),
   a pipeline folder with ``transformer/``, or a single ``.safetensors`` with diffusers keys.
-* ``lightning`` a ``.ckpt`` written by our training module (raw and EMA weights + the config).
+* ``lightning`` a ``.ckpt`` written by our training module (raw and EMA weights + the config): a file
+  (single device, DDP) or the distributed ``*.ckpt/`` folder FSDP2 runs write (torch DCP, read whole
+  in one process, no process group needed).
 
 A checkpoint that does not fit the config fails with :class:`CheckpointMismatchError`, which lists
 missing, unexpected and shape-mismatched keys; nothing is ever half-loaded.
@@ -17,11 +19,12 @@ missing, unexpected and shape-mismatched keys; nothing is ever half-loaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -85,12 +88,21 @@ def transformer_folder(path: Path) -> Path:
     return path / "transformer" if path.is_dir() and (path / "transformer").is_dir() else path
 
 
+def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a distributed (sharded) training checkpoint: the ``*.ckpt/`` folder that
+    FSDP2 runs (Lightning's ``ModelParallelStrategy``) write, with torch DCP's ``.metadata``."""
+    path = Path(path)
+    return path.suffix.lower() == ".ckpt" and path.is_dir() and (path / ".metadata").is_file()
+
+
 def detect_format(path: str | os.PathLike) -> str:
     """Which layout ``path`` holds: one of :data:`FORMATS`. Raises ``FileNotFoundError``/``ValueError``."""
     path = transformer_folder(Path(path))
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.is_dir():
+        if is_distributed_checkpoint(path):
+            return "lightning"
         cfg = path / "config.json"
         if cfg.is_file():
             data = json.loads(cfg.read_text())
@@ -102,7 +114,8 @@ def detect_format(path: str | os.PathLike) -> str:
             return "official"
         raise ValueError(
             f"{path} is a directory but holds no known Next-DiT checkpoint "
-            f"(expected {OFFICIAL_WEIGHTS}, a diffusers config.json for {DIFFUSERS_CLASS}, or our config.json)"
+            f"(expected {OFFICIAL_WEIGHTS}, a diffusers config.json for {DIFFUSERS_CLASS}, our config.json, "
+            "or a distributed training checkpoint's .metadata)"
         )
     suffix = path.suffix.lower()
     if suffix == ".ckpt":
@@ -110,15 +123,11 @@ def detect_format(path: str | os.PathLike) -> str:
     if suffix in (".pth", ".pt", ".bin"):
         return "official"
     if suffix == ".safetensors":
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                if meta.get("format") == LUMINA_FORMAT_TAG:
-                    return "lumina"
-                keys = [k[len(COMFY_PREFIX):] if k.startswith(COMFY_PREFIX) else k for k in f.keys()]
-        except SafetensorError as err:
-            # safetensors names neither the file nor what is wrong with it ("header too large")
-            raise ValueError(f"{path} is not a readable .safetensors file ({err})") from None
+        with _safetensors_errors(path), safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") == LUMINA_FORMAT_TAG:
+                return "lumina"
+            keys = [k[len(COMFY_PREFIX):] if k.startswith(COMFY_PREFIX) else k for k in f.keys()]
         if any(k.startswith("time_caption_embed.") for k in keys):
             return "diffusers"
         if any(k.startswith("t_embedder.") for k in keys):
@@ -130,6 +139,26 @@ def detect_format(path: str | os.PathLike) -> str:
 # ------------------------------------------------------------------------------------------------
 # reading
 # ------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _safetensors_errors(file: Path) -> Iterator[None]:
+    """safetensors names neither the file nor what is wrong with it ("header too large", "incomplete
+    metadata"): every read of one goes through here, so a truncated or corrupt file is named."""
+    try:
+        yield
+    except SafetensorError as err:
+        raise ValueError(f"{file} is not a readable .safetensors file ({err})") from None
+
+
+def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    with _safetensors_errors(file):
+        return load_file(str(file))
+
+
+def _safetensors_metadata(file: Path) -> dict[str, str]:
+    with _safetensors_errors(file), safe_open(str(file), framework="pt") as f:
+        return f.metadata() or {}
 
 
 def _torch_load(path: Path) -> Any:
@@ -191,14 +220,17 @@ def _read_state(
 
 def _read_lumina(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig, bool]:
     file = path / "model.safetensors" if path.is_dir() else path
-    with safe_open(str(file), framework="pt") as f:
-        meta = f.metadata() or {}
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: our config.json but no {file.name} beside it")
+    meta = _safetensors_metadata(file)
+    if "config" not in meta:
+        raise ValueError(f"{file}: no Next-DiT config in its metadata (not written by lumina-lightning)")
     config = NextDiTConfig.from_dict(json.loads(meta["config"]))
     ema_file = file.with_name(file.stem + "_ema.safetensors")
     if ema is True and not ema_file.is_file():
         raise FileNotFoundError(f"EMA weights requested but {ema_file} does not exist")
     chosen = ema_file if (ema is True or (ema == "auto" and ema_file.is_file())) else file
-    return load_file(str(chosen)), config, chosen == ema_file
+    return _load_safetensors(chosen), config, chosen == ema_file
 
 
 def _read_official(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig, bool]:
@@ -220,7 +252,7 @@ def _read_official(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tu
         weights = path
     base, exact, named = _read_model_args(weights.with_name(OFFICIAL_ARGS))
     if weights.suffix == ".safetensors":
-        state = load_file(str(weights))
+        state = _load_safetensors(weights)
     else:
         state = _unwrap(_torch_load(weights), weights)
     state = strip_prefix(state)
@@ -273,13 +305,13 @@ def _read_diffusers(path: Path, ema: bool | str, overrides: dict[str, Any]) -> t
             index = json.loads((folder / DIFFUSERS_INDEX).read_text())
             state: dict[str, torch.Tensor] = {}
             for shard in sorted(set(index["weight_map"].values())):
-                state.update(load_file(str(folder / shard)))
+                state.update(_load_safetensors(folder / shard))
         elif (folder / DIFFUSERS_WEIGHTS).is_file():
-            state = load_file(str(folder / DIFFUSERS_WEIGHTS))
+            state = _load_safetensors(folder / DIFFUSERS_WEIGHTS)
         else:
             raise FileNotFoundError(f"{folder}: no {DIFFUSERS_WEIGHTS} (or sharded index) found")
         return diffusers_to_official(state, config), config, False
-    state = strip_prefix(load_file(str(path)))
+    state = strip_prefix(_load_safetensors(path))
     # A lone file has no config: map it to the official layout (the qkv merge needs only the head
     # counts, read off to_k and norm_q) and then read the rest off the shapes.
     try:
@@ -299,8 +331,54 @@ def _read_diffusers(path: Path, ema: bool | str, overrides: dict[str, Any]) -> t
     return official, infer_config_from_official(official, base, overrides), False
 
 
+def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """The entries of a training checkpoint besides its weights (``nextdit_config``, ``lumina_pipeline``,
+    ``global_step``, ...): of a ``.ckpt`` file, or of a distributed ``*.ckpt/`` folder (its ``meta.pt``).
+
+    Loaded with ``weights_only=True`` (our checkpoints hold only tensors, containers and plain
+    values); a file that needs more is refused rather than unpickled (that could run arbitrary code).
+    """
+    path = Path(path)
+    file = path / "meta.pt" if is_distributed_checkpoint(path) else path
+    if path.is_dir() and not file.is_file():
+        raise ValueError(f"{path}: not a training checkpoint (a folder without .metadata and meta.pt)")
+    try:
+        ckpt = _torch_load(file)
+    except (RuntimeError, EOFError) as err:  # not a torch zip file at all, or truncated
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{file} is not a readable training checkpoint ({first})") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{file}: not a training checkpoint (holds a {type(ckpt).__name__}, not a dict)")
+    return ckpt
+
+
+def _read_distributed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under ``state_dict.<prefix>`` of a distributed checkpoint folder, whole, read in
+    this process alone (no process group needed; none is used if one exists: every caller reads
+    the complete tensors)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(path))
+    metadata = reader.read_metadata()
+    full = "state_dict." + prefix
+    state = {
+        key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        for key, meta in metadata.state_dict_metadata.items()
+        if key.startswith(full) and isinstance(meta, TensorStorageMetadata)
+    }
+    if not state:
+        return {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized, assuming ... single process"
+        dcp.load(state, storage_reader=reader, no_dist=True)
+    return {k[len(full):]: v for k, v in state.items()}
+
+
 def _read_lightning(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig, bool]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = read_checkpoint_meta(path)
     if "nextdit_config" not in ckpt:
         raise ValueError(f"{path}: not a lumina-lightning training checkpoint (no 'nextdit_config' entry)")
     config = NextDiTConfig.from_dict(ckpt["nextdit_config"])
@@ -310,7 +388,10 @@ def _read_lightning(path: Path, ema: bool | str, overrides: dict[str, Any]) -> t
     if ema is True and not ema_prefix:
         raise ValueError(f"{path}: EMA weights requested but the checkpoint has none")
     prefix = ema_prefix if ema_prefix and ema in (True, "auto") else ckpt.get("nextdit_prefix", "model.")
-    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    if is_distributed_checkpoint(path):
+        state = _read_distributed(path, prefix)
+    else:
+        state = {k[len(prefix):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
     if not state:
         raise ValueError(f"{path}: no weights under the prefix {prefix!r} in its state_dict")
     return state, config, bool(ema_prefix) and prefix == ema_prefix
@@ -456,6 +537,7 @@ def save_nextdit(
         atomic_write(path / OFFICIAL_ARGS, lambda tmp: torch.save(args, tmp))
         if ema_state_dict is None:
             _remove_stale_ema(path / OFFICIAL_EMA_WEIGHTS)
+        _remove_other_layout(path)
         return path
     diff = official_to_diffusers(state, config)
     text = json.dumps(config_to_diffusers(config), indent=2)
@@ -477,7 +559,35 @@ def _remove_stale_ema(ema_file: Path) -> None:
         ema_file.unlink()
 
 
-def _remove_stale_shards(folder: Path) -> None:
+def _remove_other_layout(folder: Path) -> None:
+    """After an official save: a diffusers or lumina ``config.json`` left by an earlier save (and its
+    weights) would win detection over the files just written, and load the old weights."""
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        return
+    try:
+        data = json.loads(cfg.read_text())
+    except ValueError:
+        return
+    if not isinstance(data, dict):
+        return
+    if data.get("_class_name") == DIFFUSERS_CLASS:
+        kind, weights = "diffusers", [DIFFUSERS_WEIGHTS]
+    elif data.get("format") == LUMINA_FORMAT_TAG:
+        kind, weights = "lumina", ["model.safetensors", "model_ema.safetensors"]
+    else:
+        return
+    log.warning("removing the %s checkpoint of an earlier save from %s (config.json and its weights): detection "
+                "prefers config.json over the official files just written", kind, folder)
+    cfg.unlink()  # first: from here on, the official files are what every loader reads
+    if kind == "diffusers":
+        _remove_stale_shards(folder, quiet=True)
+    for name in weights:
+        if (folder / name).is_file():
+            (folder / name).unlink()
+
+
+def _remove_stale_shards(folder: Path, quiet: bool = False) -> None:
     index = folder / DIFFUSERS_INDEX
     if not index.is_file():
         return
@@ -485,8 +595,9 @@ def _remove_stale_shards(folder: Path) -> None:
         shards = set(json.loads(index.read_text()).get("weight_map", {}).values())
     except (ValueError, AttributeError):  # unreadable index: still remove it, it is no longer ours
         shards = set()
-    log.warning("removing the sharded weights of an earlier save from %s (%s and %d shards): loaders prefer the "
-                "shard index over the %s just written", folder, DIFFUSERS_INDEX, len(shards), DIFFUSERS_WEIGHTS)
+    if not quiet:
+        log.warning("removing the sharded weights of an earlier save from %s (%s and %d shards): loaders prefer "
+                    "the shard index over the %s just written", folder, DIFFUSERS_INDEX, len(shards), DIFFUSERS_WEIGHTS)
     index.unlink()  # first: from here on, the new single file is what every loader reads
     for shard in sorted(shards):
         # only plain file names inside this folder (an index could name anything)

@@ -169,7 +169,15 @@ def clip_grad_norm(module: Any, params: list[torch.nn.Parameter], max_norm: floa
 
 
 def fsdp2_shard(model: NextDiT, mesh: Any, *, param_dtype: torch.dtype | None = None) -> NextDiT:
-    """``fully_shard`` each transformer block, then the root (torchtitan's per-block pattern)."""
+    """``fully_shard`` each transformer block, then the root (torchtitan's per-block pattern).
+
+    The root is resharded after forward too (FSDP2 keeps a root's own parameters, here the
+    embedders and the final layer, unsharded after forward by default, expecting the backward to
+    come): the EMA copy and validation / sample rendering run no-grad forwards only, after which the
+    root would stay whole, so the next EMA update would pair whole EMA tensors with the trained
+    model's shards (a size error on several ranks; on one, updates written into a temporary copy).
+    Costs one extra all-gather of those few small parameters per training step.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     kwargs: dict[str, Any] = {"mesh": mesh}
@@ -178,7 +186,7 @@ def fsdp2_shard(model: NextDiT, mesh: Any, *, param_dtype: torch.dtype | None = 
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in model.blocks():
         fully_shard(block, **kwargs)
-    fully_shard(model, **kwargs)
+    fully_shard(model, reshard_after_forward=True, **kwargs)
     return model
 
 

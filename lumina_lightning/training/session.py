@@ -20,8 +20,24 @@ ENGINE_CLIPPED = ("deepspeed_stage_2", "deepspeed_stage_3")
 
 
 def local_rank_from_env() -> int:
-    """This process's rank before Lightning has set up (launchers export RANK / LOCAL_RANK)."""
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    """This process's rank before Lightning has set up: ``RANK`` / ``LOCAL_RANK`` (torchrun, Lightning's
+    own launcher), else ``SLURM_PROCID`` where SLURM launched the tasks (``srun``), else 0.
+
+    SLURM counts as the launcher exactly where Lightning's ``SLURMEnvironment`` does: ``SLURM_NTASKS``
+    is set and the job is not an interactive one (job name ``bash`` / ``interactive``: an allocation in
+    which processes are started by hand, where SLURM's ids say nothing about the training's ranks).
+    """
+    for key in ("RANK", "LOCAL_RANK"):
+        if os.environ.get(key, "").strip():
+            return int(os.environ[key])
+    if slurm_launched() and os.environ.get("SLURM_PROCID", "").strip():
+        return int(os.environ["SLURM_PROCID"])
+    return 0
+
+
+def slurm_launched() -> bool:
+    """Whether SLURM (``srun``) launched this process, as Lightning's ``SLURMEnvironment.detect`` decides."""
+    return "SLURM_NTASKS" in os.environ and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
 
 
 def prepare_run(loaded: Any) -> tuple[Path, Path]:
@@ -154,8 +170,59 @@ def make_trainer(cfg: Any, *, strategy: Any, logger: Any, out: Path, ckpt_dir: P
     return pl.Trainer(**kwargs), stop
 
 
-def resolve_resume(resume: str | None, ckpt_dir: Path) -> str | None:
-    """``auto`` -> the run's ``last.ckpt`` when it exists; a path must exist; ``None`` -> fresh."""
+# What each strategy writes as a training checkpoint, and so the only kind it can resume from:
+# Lightning's file checkpoint (auto, ddp), a torch distributed-checkpoint folder with .metadata
+# (fsdp = FSDP2, fsdp1 with sharded state dicts) or a DeepSpeed checkpoint folder.
+CHECKPOINT_KINDS = {
+    "file": ("a single-file checkpoint", ("auto", "ddp")),
+    "distributed": ("a distributed (sharded) checkpoint folder", ("fsdp", "fsdp1")),
+    "deepspeed": ("a DeepSpeed checkpoint folder", ("deepspeed_stage_2", "deepspeed_stage_3")),
+}
+
+
+def checkpoint_kind(path: str | os.PathLike) -> str:
+    """``file`` | ``distributed`` | ``deepspeed`` (see :data:`CHECKPOINT_KINDS`) for an existing checkpoint;
+    ``ValueError`` for a folder that is none of them."""
+    p = Path(path)
+    if not p.is_dir():
+        return "file"
+    if (p / ".metadata").is_file():
+        return "distributed"
+    if (p / "latest").is_file() or (p / "checkpoint").is_dir():  # DeepSpeed's save_checkpoint(tag="checkpoint")
+        return "deepspeed"
+    raise ValueError(f"resume checkpoint {path} is a folder but no training checkpoint (neither a distributed "
+                     "checkpoint's .metadata nor a DeepSpeed checkpoint's 'latest' is in it)")
+
+
+def check_resume_strategy(ckpt_path: str | os.PathLike, strategy: str) -> None:
+    """Refuse (``ValueError``, before anything is built) to resume a checkpoint with a strategy of
+    another family: Lightning would fail deep inside loading (a file checkpoint's optimizer state is
+    matched to FSDP2 parameters by position; a folder is opened as a file), or worse, half-load."""
+    kind = checkpoint_kind(ckpt_path)
+    description, writers = CHECKPOINT_KINDS[kind]
+    if strategy in writers or strategy not in {s for _, ws in CHECKPOINT_KINDS.values() for s in ws}:
+        return
+    raise ValueError(
+        f"resume checkpoint {ckpt_path} is {description} (written by trainer.strategy={' or '.join(writers)}), but "
+        f"this run uses trainer.strategy={strategy}: a run resumes only with the strategy family that wrote its "
+        f"checkpoint. Resume with trainer.strategy={writers[0]}, or start a new run from its weights with "
+        f"model.init_from={ckpt_path} (optimizer state and step count start afresh)"
+    )
+
+
+def resolve_resume(resume: str | None, ckpt_dir: Path, strategy: str | None = None) -> str | None:
+    """``auto`` -> the run's ``last.ckpt`` when it exists; a path must exist; ``None`` -> fresh.
+
+    With ``strategy`` (the recipe's ``trainer.strategy``), a checkpoint of another strategy family
+    is refused with a clear message (:func:`check_resume_strategy`).
+    """
+    path = _resume_path(resume, ckpt_dir)
+    if path is not None and strategy is not None:
+        check_resume_strategy(path, strategy)
+    return path
+
+
+def _resume_path(resume: str | None, ckpt_dir: Path) -> str | None:
     if resume == "auto":
         last = ckpt_dir / "last.ckpt"
         if not last.exists() and (ckpt_dir / ".last.ckpt.old").exists():
