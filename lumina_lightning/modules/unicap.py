@@ -575,7 +575,9 @@ class UniCapModule(pl.LightningModule):
         for m in list(self.model.modules()):
             if classes and isinstance(m, classes):
                 fully_shard(m, **kwargs)
-        fully_shard(self.model, **kwargs)
+        # the root too is resharded after a forward: validation and caption generation run no-grad
+        # forwards, after which FSDP2 would otherwise keep the root's parameters (embeddings, lm_head) whole
+        fully_shard(self.model, reshard_after_forward=True, **kwargs)
         self._sharded = True
 
     def configure_optimizers(self) -> Any:

@@ -29,6 +29,7 @@ from lumina_lightning.training.session import (  # noqa: F401  (re-exported for 
     default_tracking_uri,
     find_run_info,
     flatten,
+    local_rank_from_env,
 )
 
 
@@ -202,7 +203,7 @@ def validation_batches(cfg: Any) -> list[dict[str, Any]]:
 def _built_on_rank_zero(ready: Callable[[], bool], build: Callable[[], None], what: str, wait_s: float,
                         lock: Path | None = None) -> None:
     """Rank 0 runs ``build`` (behind ``lock`` while it runs); the other ranks wait until ``ready()``."""
-    rank = int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", 0)))
+    rank = local_rank_from_env()  # RANK / LOCAL_RANK, or SLURM_PROCID under srun
     if rank != 0:
         for _ in range(int(wait_s / 0.5)):
             if ready() and (lock is None or not lock.exists()):
@@ -374,7 +375,7 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
     strategy = build_strategy(cfg.trainer.strategy, accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices,
                               num_nodes=cfg.trainer.num_nodes, precision=cfg.trainer.precision,
                               grad_clip=cfg.optim.grad_clip)
-    ckpt_path = resolve_resume(cfg.resume, ckpt_dir)
+    ckpt_path = resolve_resume(cfg.resume, ckpt_dir, cfg.trainer.strategy)
     logger, tracking_uri = make_logger(cfg, loaded, parent=parent, resume_from=ckpt_path, out=out)
     trainer, stop = make_trainer(cfg, strategy=strategy, logger=logger, out=out, ckpt_dir=ckpt_dir,
                                  extra_callbacks=extra_callbacks, trainer_kwargs=trainer_kwargs,

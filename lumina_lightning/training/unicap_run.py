@@ -149,7 +149,7 @@ def train_unicap(loaded: Any, *, extra_callbacks: list | None = None, trainer_kw
     strategy = build_unicap_strategy(cfg.trainer.strategy, accelerator=cfg.trainer.accelerator,
                                      devices=cfg.trainer.devices, num_nodes=cfg.trainer.num_nodes, model=module.model,
                                      find_unused_parameters=cfg.trainer.find_unused_parameters)
-    ckpt_path = resolve_resume(cfg.resume, ckpt_dir)
+    ckpt_path = resolve_resume(cfg.resume, ckpt_dir, cfg.trainer.strategy)
     logger, tracking_uri = make_logger(cfg, loaded, tags={"task": "unicap"}, resume_from=ckpt_path, out=out)
     trainer, stop = make_trainer(cfg, strategy=strategy, logger=logger, out=out, ckpt_dir=ckpt_dir,
                                  extra_callbacks=extra_callbacks, trainer_kwargs=trainer_kwargs,
