@@ -209,3 +209,47 @@ def test_data_cache_cli_takes_a_conv_autoencoder_and_the_recipe_factors(tmp_path
                  "--text-encoder", te, "--resolution", "16", "--patch", "4", "--scaling-factor", "0.5"]) == 0
     ident = read_index(tmp_path / "cache")["identity"]["autoencoder"]
     assert ident["kind"] == "conv" and ident["scaling_factor"] == 0.5
+
+
+def test_build_autoencoder_refuses_a_folder_of_the_other_kind(tmp_path):
+    """kind vae on a conv autoencoder folder (or conv on a diffusers VAE) failed in the loader with a
+    message about some weights file name; now the kind is named as not matching the folder."""
+    from lumina_lightning.encoders import build_tiny_vae
+
+    conv = save_conv_autoencoder(ConvAutoencoder(ConvAutoencoderConfig(channels=4, latent_channels=3)), tmp_path / "c")
+    vae = build_tiny_vae(tmp_path / "v")
+    with pytest.raises(ValueError, match=rf"'vae' but {conv} holds a conv autoencoder .*does not match the folder"):
+        build_autoencoder("vae", conv)
+    with pytest.raises(ValueError, match=rf"'conv' but {vae} holds a diffusers VAE .*does not match the folder"):
+        build_autoencoder("conv", vae)
+    assert build_autoencoder("conv", conv).downsample == 8 and build_autoencoder("vae", vae).downsample == 8
+
+
+def test_changed_train_settings_for_an_existing_autoencoder_are_named(tmp_path):
+    """autoencoder.train changes were ignored for an existing folder, and the error that followed (a
+    latent-channel mismatch) told the user to undo them; now the stale folder and the settings are named."""
+    from lumina_lightning.encoders.conv_autoencoder import TRAIN_SETTINGS_NAME, check_train_settings, train_from_manifest
+    from lumina_lightning.training.recipe import RecipeError, load_recipe
+    from training_utils import tiny_recipe, tiny_synthetic
+
+    spec = {"steps": 1, "batch_size": 4, "channels": 4, "latent_channels": 2, "downsample": 4}
+    ae = tmp_path / "ae"
+    train_from_manifest(tiny_synthetic() / "train.jsonl", ae, spec)
+    assert json.loads((ae / TRAIN_SETTINGS_NAME).read_text())["settings"]["latent_channels"] == 2
+    check_train_settings(ae, spec)  # the same settings: nothing to say
+    check_train_settings(ae, {**spec, "manifest": "other.jsonl"})  # other data for a later stage: fine
+    with pytest.raises(ValueError, match=rf"autoencoder.path {ae} already holds a conv autoencoder trained with "
+                                         r"seed=0, latent_channels=2, but `autoencoder.train` asks for "
+                                         r"seed=1, latent_channels=8: .*never retrained"):
+        check_train_settings(ae, {**spec, "latent_channels": 8, "seed": 1})
+    # folders from before train_settings.json: their architecture (config.json) is compared
+    (ae / TRAIN_SETTINGS_NAME).unlink()
+    check_train_settings(ae, {**spec, "steps": 5})
+    with pytest.raises(ValueError, match="trained with downsample=4, but .* asks for downsample=8"):
+        check_train_settings(ae, {k: v for k, v in spec.items() if k != "downsample"})
+    # a recipe says so when it is validated, before anything runs
+    recipe = tiny_recipe(tmp_path, autoencoder={"kind": "conv", "path": str(ae), "train": {**spec, "latent_channels": 8}},
+                         model={"size": "NextDiT_debug", "overrides": {"in_channels": 8, "cap_feat_dim": 32,
+                                                                       "patch_size": 1}}, data={"patch": 4})
+    with pytest.raises(RecipeError, match=rf"{recipe}.*{ae} already holds a conv autoencoder trained with latent_channels=2"):
+        load_recipe(recipe)

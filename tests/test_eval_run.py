@@ -531,3 +531,29 @@ def test_too_small_for_ssim_is_refused_before_generating(pipe, data, tmp_path):
         evaluate(pipe, data.test_geneval, tmp_path / "out", max_prompts=1, width=2, height=2, compare_to="diffusers",
                  **QUICK)
     assert not (tmp_path / "out").exists()
+
+
+def test_rescoring_images_honours_the_manifest_and_refuses_val_records(evaluated, data, tmp_path, capsys):
+    """--images used to ignore --validate-detector / --manifest / --val-records silently."""
+    src, first = evaluated
+    rc = eval_main(["--images", str(src / "images"), "--out", str(tmp_path / "a"), "--validate-detector",
+                    "--manifest", str(data.test), "--no-progress"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "detector on ground-truth renders" in printed and "chance" in printed
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    dv, again = results["detector_validation"], first["detector_validation"]
+    assert results["manifest"] == str(data.test)
+    # the same checks a generating run makes, at the scored images' size
+    assert dv["size"] == again["size"] and dv["overall"] == again["overall"] and dv["images"] == again["images"]
+    assert results["prompt_blind"]["overall"] == pytest.approx(first["prompt_blind"]["overall"])
+    assert results["undersized"] == first["undersized"]
+    assert results["overall"] == first["overall"]
+    # --validate-detector with no manifest to validate on is an error, not a no-op
+    assert eval_main(["--images", str(src / "images"), "--out", str(tmp_path / "b"), "--validate-detector"]) == 2
+    assert "--validate-detector needs --manifest" in capsys.readouterr().err
+    # the validation loss needs the model: refused like the other generation-only flags
+    with pytest.raises(SystemExit) as exit_:
+        eval_main(["--images", str(src / "images"), "--out", str(tmp_path / "c"), "--manifest", str(data.test),
+                   "--val-records", "5"])
+    assert exit_.value.code == 2 and "--val-records would be ignored" in capsys.readouterr().err

@@ -619,3 +619,65 @@ def test_pipeline_records_from_before_the_val_and_source_digests_are_kept(tmp_pa
     val.write_text('{"image": "b.png", "caption": "two blue squares"}\n')
     pl.run_pipeline(pl.load_pipeline_config(path, over))
     assert [c[0] for c in calls] == ["tiny_stage1_lowres", "tiny_stage2_highres"]
+
+
+# ------------------------------------------------------------------------------------------------
+# encoder settings the model or the autoencoder folder cannot honour fail at validation
+# ------------------------------------------------------------------------------------------------
+
+
+def test_a_text_encoder_max_length_past_the_caption_rope_axis_is_refused(tmp_path):
+    """max_length 512 validated, then the run died at the first caption of >= 300 tokens (axes_lens[0])."""
+    from training_utils import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path)
+    with pytest.raises(RecipeError, match=rf"{recipe}.*`text_encoder.max_length` = 512 is more than the 299 caption "
+                                          r"tokens model NextDiT_debug can place .*axes_lens\[0\] = 300"):
+        load_recipe(recipe, ["text_encoder.max_length=512"])
+    with pytest.raises(RecipeError, match=r"text_encoder.max_length.*<= 99"):
+        load_recipe(recipe, ["text_encoder.max_length=100", "model.overrides.axes_lens=[100, 64, 64]"])
+    assert load_recipe(recipe, ["text_encoder.max_length=299"]).config.text_encoder.max_length == 299
+    with pytest.raises(RecipeError, match="`text_encoder.max_length` must be >= 1"):
+        load_recipe(recipe, ["text_encoder.max_length=0"])
+
+
+def test_an_autoencoder_kind_that_does_not_match_its_folder_is_refused(tmp_path):
+    from training_utils import tiny_recipe
+
+    from lumina_lightning.encoders import build_tiny_vae
+    from lumina_lightning.encoders.conv_autoencoder import ConvAutoencoder, ConvAutoencoderConfig, save_conv_autoencoder
+
+    conv = save_conv_autoencoder(ConvAutoencoder(ConvAutoencoderConfig(channels=4, latent_channels=3)), tmp_path / "conv")
+    vae = build_tiny_vae(tmp_path / "vae", latent_channels=3)
+    recipe = tiny_recipe(tmp_path)
+    with pytest.raises(RecipeError, match=rf"{recipe}.*`autoencoder.kind` is 'vae' but {conv} holds a conv "
+                                          r"autoencoder .*the kind does not match the folder; set autoencoder.kind=conv"):
+        load_recipe(recipe, ["autoencoder.kind=vae", f"autoencoder.path={conv}"])
+    with pytest.raises(RecipeError, match=rf"`autoencoder.kind` is 'conv' but {vae} holds a diffusers VAE .*"
+                                          r"set autoencoder.kind=vae \(and drop autoencoder.train\)"):
+        load_recipe(recipe, ["autoencoder.kind=conv", f"autoencoder.path={vae}", "autoencoder.train={steps: 1}"])
+    # matching kinds (and a conv folder that autoencoder.train makes later) validate
+    load_recipe(recipe, ["autoencoder.kind=vae", f"autoencoder.path={vae}", "data.patch=16", "data.resolution=32"])
+    load_recipe(recipe, ["autoencoder.kind=conv", f"autoencoder.path={conv}", "data.patch=16", "data.resolution=32"])
+    load_recipe(recipe, ["autoencoder.kind=conv", f"autoencoder.path={tmp_path / 'later'}",
+                         "autoencoder.train={downsample: 4}", "data.patch=8"])
+
+
+def test_data_patch_must_be_a_multiple_of_one_tokens_pixels(tmp_path):
+    """data.patch is the bucket grid: with a x8 autoencoder and patch_size 2 a bucket side of 4 px
+    multiples (data.patch 4) gives latents that do not divide into patches."""
+    from training_utils import tiny_recipe
+
+    from lumina_lightning.encoders import build_tiny_vae
+
+    vae = build_tiny_vae(tmp_path / "vae", latent_channels=3)
+    recipe = tiny_recipe(tmp_path)
+    with pytest.raises(RecipeError, match=rf"`data.patch` = 4 is not a multiple of 16 pixels, the image side of one "
+                                          rf"token \(the autoencoder in {vae} downsamples 8x, model.patch_size is 2\)"):
+        load_recipe(recipe, ["autoencoder.kind=vae", f"autoencoder.path={vae}", "data.patch=4", "data.resolution=32"])
+    with pytest.raises(RecipeError, match=r"`data.patch` = 3 is not a multiple of 2 pixels.*the pixel autoencoder.*set data.patch to 2"):
+        load_recipe(recipe, ["data.patch=3", "data.resolution=18"])
+    with pytest.raises(RecipeError, match=r"`data.patch` = 8 is not a multiple of 16.*autoencoder.train.downsample"):
+        load_recipe(recipe, ["autoencoder.kind=conv", f"autoencoder.path={tmp_path / 'later'}",
+                             "autoencoder.train={steps: 1}", "data.patch=8"])
+    assert load_recipe(recipe, ["data.patch=4"]).config.data.patch == 4  # a multiple (coarser buckets) is fine

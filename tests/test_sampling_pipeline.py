@@ -552,3 +552,56 @@ def test_a_bad_prompts_file_line_fails_before_the_model_loads(folder, tmp_path, 
     rc = sample_main(["--ckpt", str(folder), "--prompts-file", str(path), "--out", str(tmp_path / "o"), *FAST_ARGS])
     err = capsys.readouterr().err
     assert rc == 2 and f"{path}:2: 'seed' must be a whole number" in err and not (tmp_path / "o").exists()
+
+
+def test_a_text_encoder_override_keeps_the_recorded_encoding_settings(pipe, tmp_path):
+    """--text-encoder (another place for the encoder's files) used to drop the recorded max_length (and
+    attn_implementation, layer, ...): prompts were then encoded with 256 tokens where training used 16."""
+    import shutil
+
+    path = tmp_path / "pipeline"
+    save_pipeline(path, pipe.model, text_encoder_spec={"path": pipe.text_encoder.path, "max_length": 16,
+                                                        "layer": -1, "pad_to_multiple_of": 4},
+                  autoencoder_spec={"kind": "pixel"})
+    moved = shutil.copytree(pipe.text_encoder.path, tmp_path / "moved_encoder")
+    long = "a red circle left of a blue square " * 6
+    for source in (path, tmp_path / "model.ckpt"):
+        if source.suffix == ".ckpt":
+            spec = json.loads((path / "pipeline.json").read_text())
+            torch.save({"state_dict": {f"model.{k}": v for k, v in pipe.model.state_dict().items()},
+                        "lumina_pipeline": spec, "nextdit_config": pipe.model.config.to_dict()}, source)
+        te = load_pipeline(source, text_encoder=str(moved)).text_encoder
+        assert te.path == str(moved) and (te.max_length, te.layer, te.pad_to_multiple_of) == (16, -1, 4), source
+        assert int(te.encode([long])[1].sum()) == 16
+    # a folder without its tokenizer files, given as --text-encoder, is refused naming the flag
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for f in moved.iterdir():
+        if f.name in ("config.json", "model.safetensors"):
+            shutil.copy(f, alone / f.name)
+    with pytest.raises(PipelineLoadError, match=r"--text-encoder\) .*alone: no tokenizer in"):
+        load_pipeline(path, text_encoder=str(alone))
+
+
+def test_a_source_trained_in_another_latent_space_is_named(pipe, tmp_path):
+    """model.init_from took a parent trained on another autoencoder (a conv autoencoder retrained in
+    place, other latent scale) without a word; training/run.py calls check_same_latent_space."""
+    from lumina_lightning.sampling.pipeline_io import check_same_latent_space
+
+    conv = {"kind": "conv", "path": "/ae", "scaling_factor": 2.0, "shift_factor": 0.1, "weights_sha256": "aaaa"}
+    path = tmp_path / "parent"
+    save_pipeline(path, pipe.model, text_encoder_spec={"path": "minilm"}, autoencoder_spec=conv)
+    check_same_latent_space(path, {**conv, "path": "/moved/ae"})  # the same space, another place: fine
+    with pytest.raises(ValueError, match=r"model.init_from=.*parent was trained in another autoencoder latent space "
+                                         r"than this run uses: conv autoencoder weights sha256 aaaa \(recorded\) vs "
+                                         r"bbbb in /ae \(retrained since\?\)"):
+        check_same_latent_space(path, {**conv, "weights_sha256": "bbbb"})
+    with pytest.raises(ValueError, match=r"scaling_factor 2 \(recorded\) vs 0.5"):
+        check_same_latent_space(path, {**conv, "scaling_factor": 0.5})
+    with pytest.raises(ValueError, match=r"autoencoder kind 'conv' \(recorded\) vs 'pixel'"):
+        check_same_latent_space(path, {"kind": "pixel"})
+    spec = json.loads((path / "pipeline.json").read_text())
+    torch.save({"lumina_pipeline": spec, "state_dict": {}}, tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match="latent space"):
+        check_same_latent_space(tmp_path / "last.ckpt", {"kind": "pixel"})
+    check_same_latent_space(save_nextdit(pipe.model, tmp_path / "bare.safetensors"), {"kind": "pixel"})  # no record

@@ -103,11 +103,66 @@ class DiffusersVAE(torch.nn.Module):
         }
 
 
+def autoencoder_folder_info(path: str | os.PathLike | None) -> dict[str, Any] | None:
+    """What an autoencoder folder holds, from its ``config.json`` alone (no weights are read):
+    ``{"kind": "conv" | "vae" | "unknown", "downsample": int | None, "latent_channels": int | None,
+    "config": the config file, "what": a few words for messages}``; ``None`` where there is no
+    ``config.json`` (yet) or it is no JSON object. A diffusers pipeline folder is read through its ``vae/``."""
+    import json
+
+    if not path:
+        return None
+    folder = Path(path)
+    if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
+        folder = folder / "vae"
+    file = folder / "config.json"
+    try:
+        cfg = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(cfg, dict):
+        return None
+    from lumina_lightning.encoders.conv_autoencoder import FORMAT
+
+    if cfg.get("format") == FORMAT:
+        down = cfg.get("downsample", 8)
+        return {"kind": "conv", "downsample": int(down), "latent_channels": cfg.get("latent_channels"),
+                "config": str(file), "what": f"a conv autoencoder (config.json format {FORMAT!r})"}
+    blocks = cfg.get("block_out_channels")
+    if "AutoencoderKL" in str(cfg.get("_class_name", "")) or (isinstance(blocks, list) and "latent_channels" in cfg):
+        down = 2 ** (len(blocks) - 1) if isinstance(blocks, list) and blocks else None
+        return {"kind": "vae", "downsample": down, "latent_channels": cfg.get("latent_channels"),
+                "config": str(file),
+                "what": f"a diffusers VAE (config.json _class_name {cfg.get('_class_name', 'AutoencoderKL')!r})"}
+    name = cfg.get("_class_name") or cfg.get("model_type") or cfg.get("format")
+    return {"kind": "unknown", "downsample": None, "latent_channels": None, "config": str(file),
+            "what": f"no autoencoder config ({name!r})" if name else "no autoencoder config"}
+
+
+def check_autoencoder_kind(kind: str, path: str | os.PathLike | None, key: str = "autoencoder.kind") -> None:
+    """Refuse a ``vae`` kind for a conv autoencoder folder and a ``conv`` kind for a diffusers VAE folder
+    (each loader would otherwise fail on some file name, or read the folder wrongly). A folder that does
+    not exist yet (``autoencoder.train`` makes it) or says nothing is left to the loader."""
+    if kind not in ("vae", "conv"):
+        return
+    info = autoencoder_folder_info(path)
+    if info is None or info["kind"] == "unknown" or info["kind"] == kind:
+        return
+    raise ValueError(
+        f"`{key}` is {kind!r} but {path} holds {info['what']}: the kind does not match the folder; set "
+        f"{key}={info['kind']}" + (" (and drop autoencoder.train)" if kind == "conv" else "")
+        + " or point autoencoder.path at a " + ("diffusers AutoencoderKL folder" if kind == "vae"
+                                               else "conv autoencoder folder")
+    )
+
+
 def build_autoencoder(kind: str, path: str | None = None, **kwargs: Any) -> torch.nn.Module:
     """``pixel`` -> :class:`PixelAutoencoder`; ``vae`` -> :class:`DiffusersVAE` from ``path``;
-    ``conv`` -> the tiny trained :class:`~lumina_lightning.encoders.conv_autoencoder.TinyConvAutoencoder`."""
+    ``conv`` -> the tiny trained :class:`~lumina_lightning.encoders.conv_autoencoder.TinyConvAutoencoder`.
+    A ``path`` whose ``config.json`` is of the other kind is refused (:func:`check_autoencoder_kind`)."""
     if kind == "pixel":
         return PixelAutoencoder()
+    check_autoencoder_kind(kind, path)
     if kind == "vae":
         if not path:
             raise ValueError("autoencoder kind 'vae' needs a local path (e.g. the FLUX.1-dev `vae` folder)")

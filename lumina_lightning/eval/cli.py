@@ -6,7 +6,10 @@ Three modes:
   report (``OUT/results.json``, ``report.md``, ``report.html``, ``images/``), log to MLflow;
 * ``lumina eval --validate-detector --manifest DIR/test.jsonl`` (no ``--ckpt``) — only check the
   detector on the ground-truth renders (exit status 1 when a task is below 0.98);
-* ``lumina eval --images OUT/images --out OUT2`` — re-score images already in GenEval's layout.
+* ``lumina eval --images OUT/images --out OUT2`` — re-score images already in GenEval's layout
+  (with ``--manifest DIR/test.jsonl``, or ``--validate-detector`` and the manifest beside ``--prompts``,
+  also the detector validation at the images' size and the prompt-blind chance level; the
+  validation loss needs the model, so ``--val-records`` is refused there).
 """
 
 from __future__ import annotations
@@ -150,7 +153,8 @@ def _manifest_and_prompts(args: argparse.Namespace) -> tuple[str | None, str | N
 _GENERATION_FLAGS = ("--ckpt", "--text-encoder", "--vae", "--preset", "--solver", "--steps", "--shift", "--cfg",
                      "--renorm", "--cfg-trunc", "--cfg-mode", "--teacache", "--teacache-version",
                      "--images-per-prompt", "--min-images-per-task", "--width", "--height", "--batch-size",
-                     "--max-prompts", "--max-per-tag", "--compare-to-preset", "--ema")
+                     "--max-prompts", "--max-per-tag", "--compare-to-preset", "--ema",
+                     "--val-records")  # the validation loss needs the model
 
 
 def _check_paths(args: argparse.Namespace, manifest: str | None, prompts: str | None) -> None:
@@ -225,6 +229,42 @@ def _log(results: dict[str, Any], out: str | Path, args: argparse.Namespace) -> 
         raise ValueError(f"MLflow logging failed (results are in {out}): {first}") from None
 
 
+def _ground_truth_checks(rows: list[dict[str, Any]], manifest: str, detector: Any, out: Path) -> dict[str, Any]:
+    """What a generating run with ``--manifest`` adds that needs no model, for re-scored images: the
+    detector validated on the manifest's ground-truth renders at the scored images' size (the ceiling of
+    their score; the native-size result under ``"native"`` when that differs), the undersized credits and
+    the prompt-blind chance level of the scored prompts."""
+    from PIL import Image
+
+    from lumina_lightning.eval.metrics import prompt_blind_baseline, undersized_credits, validate_detector
+
+    sizes = set()
+    for row in rows:
+        with Image.open(out / row["filename"]) as im:
+            sizes.add(im.size)
+    # one size: the renders are judged at it, as in a generating run; mixed sizes: as the renders are
+    size = next(iter(sizes)) if len(sizes) == 1 else None
+    found: dict[str, Any] = {"detector_validation": None, "undersized": None, "prompt_blind": None}
+    dv = validate_detector(manifest, detector=detector, size=size)
+    if dv["resized"]:
+        native = validate_detector(manifest, detector=detector)
+        dv["native"] = {k: native[k] for k in ("overall", "tags", "min_tag", "passed", "images",
+                                               "object_recall", "object_precision")}
+    found["detector_validation"] = dv
+    if dv.get("min_object_area"):
+        found["undersized"] = undersized_credits(rows, dv["min_object_area"])
+    specs: dict[int, dict[str, Any]] = {}
+    counts: dict[int, int] = {}
+    for row in rows:
+        i = int(row["prompt_index"])
+        specs.setdefault(i, json.loads(row["metadata"]))
+        counts[i] = counts.get(i, 0) + 1
+    order = sorted(specs)
+    found["prompt_blind"] = prompt_blind_baseline([specs[i] for i in order], manifest,
+                                                  weights=[counts[i] for i in order], size=size, detector=detector)
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         import torch
@@ -237,6 +277,10 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.no_progress
 
     if args.images:  # re-score existing images
+        if args.validate_detector and manifest is None:
+            print("lumina eval: error: --validate-detector needs --manifest DIR/test.jsonl (the ground-truth renders)",
+                  file=sys.stderr)
+            return 2
         from lumina_lightning.eval.detector import Detector
         from lumina_lightning.eval.geneval import summarize
         from lumina_lightning.eval.report import write_report
@@ -264,13 +308,21 @@ def run(args: argparse.Namespace) -> int:
             from lumina_lightning.eval.geneval import paired_difference
 
             results["paired"] = {"with": str(args.paired_with), **paired_difference(rows, other_rows, seed=args.seed)}
+        if manifest is not None:
+            results.update(manifest=str(manifest), **_ground_truth_checks(rows, manifest, detector, out))
         with open(out / "results.jsonl", "w", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
         results["files"] = write_report(results, rows, out)
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
         _print_table(f"lumina eval: {results['images']} images in {args.images}:", results["tags"], results["counts"],
-                     results["overall"])
+                     results["overall"], results)
+        if results.get("detector_validation"):
+            _print_validation(results["detector_validation"])
+        if results.get("undersized"):
+            from lumina_lightning.eval.report import undersized_text
+
+            print(f"undersized credits: {undersized_text(results['undersized'])}")
         if results["paired"]:
             print(f"vs {results['paired']['with']}: {_paired_text(results['paired'])}")
         info = _log(results, out, args)

@@ -39,7 +39,7 @@ from lumina_lightning.encoders.autoencoder import (
     autoencoder_from_path,
     build_autoencoder,
 )
-from lumina_lightning.encoders.text import SYSTEM_PROMPTS, HFTextEncoder, resolve_text_encoder_path
+from lumina_lightning.encoders.text import SYSTEM_PROMPTS, HFTextEncoder, TextEncoderLoadError, resolve_text_encoder_path
 from lumina_lightning.models.config import NextDiTConfig
 from lumina_lightning.models.io import detect_format, load_nextdit, save_nextdit
 from lumina_lightning.models.nextdit import NextDiT
@@ -51,6 +51,9 @@ PIPELINE_JSON = "pipeline.json"
 CKPT_KEY = "lumina_pipeline"
 DIFFUSERS_INDEX = "model_index.json"
 _TEXT_ENCODER_KEYS = ("max_length", "layer", "attn_implementation", "pad_to_multiple_of", "tokenizer_path")
+# what a text-encoder override (--text-encoder: another place for the encoder) keeps from the record: how
+# the prompts were encoded in training, not where the files were
+_TEXT_ENCODER_SETTINGS = ("max_length", "layer", "attn_implementation", "pad_to_multiple_of")
 
 
 class PipelineLoadError(ValueError):
@@ -109,16 +112,58 @@ def pipeline_spec(
     }
 
 
+def source_spec(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The pipeline spec a source records (our pipeline folder's ``pipeline.json``, a training
+    ``.ckpt``'s entry); ``None`` for sources that record none (official ``.pth``, diffusers, bare)."""
+    p = Path(path)
+    if p.is_dir() and (p / PIPELINE_JSON).is_file():
+        return json.loads((p / PIPELINE_JSON).read_text())
+    if p.is_file() and p.suffix == ".ckpt":
+        return _read_ckpt_spec(p)
+    return None
+
+
 def source_prediction(path: str | os.PathLike) -> str:
     """What the transformer at ``path`` outputs: its ``pipeline.json`` / checkpoint spec says, and
     anything without one (official ``.pth``, diffusers folders, bare transformers) is ``velocity``."""
-    p = Path(path)
-    spec = None
-    if p.is_dir() and (p / PIPELINE_JSON).is_file():
-        spec = json.loads((p / PIPELINE_JSON).read_text())
-    elif p.is_file() and p.suffix == ".ckpt":
-        spec = _read_ckpt_spec(p)
-    return check_prediction((spec or {}).get("prediction", "velocity"))
+    return check_prediction((source_spec(path) or {}).get("prediction", "velocity"))
+
+
+def latent_space_differences(recorded: dict[str, Any] | None, current: dict[str, Any]) -> list[str]:
+    """How the autoencoder ``current`` (a pipeline spec's ``autoencoder``) differs from ``recorded`` in
+    what defines the latent space: the kind, the latent scale and shift, and a conv autoencoder's
+    weights. Paths are not compared (a moved folder is the same autoencoder). Empty: the same space,
+    or nothing recorded to compare with."""
+    import math
+
+    if not recorded:
+        return []
+    if recorded.get("kind") != current.get("kind"):
+        return [f"autoencoder kind {recorded.get('kind')!r} (recorded) vs {current.get('kind')!r}"]
+    diffs = []
+    for key in ("scaling_factor", "shift_factor"):
+        a, b = recorded.get(key), current.get(key)
+        if a is not None and b is not None and not math.isclose(float(a), float(b), rel_tol=1e-6, abs_tol=1e-9):
+            diffs.append(f"{key} {float(a):g} (recorded) vs {float(b):g}")
+    a, b = recorded.get("weights_sha256"), current.get("weights_sha256")
+    if a and b and a != b:
+        diffs.append(f"conv autoencoder weights sha256 {a} (recorded) vs {b} in {current.get('path')} (retrained since?)")
+    return diffs
+
+
+def check_same_latent_space(source: str | os.PathLike, autoencoder_spec: dict[str, Any], *,
+                            key: str = "model.init_from", where: str = "this run") -> None:
+    """Refuse to start from ``source`` when it was trained in another autoencoder latent space than
+    ``autoencoder_spec`` (the run's pipeline-spec ``autoencoder``): its weights would denoise latents of
+    another autoencoder, and nothing would fail, the model would only be worse. Sources that record no
+    autoencoder (official ``.pth``, diffusers folders, bare transformers) are not checked."""
+    diffs = latent_space_differences((source_spec(source) or {}).get("autoencoder"), autoencoder_spec)
+    if diffs:
+        raise ValueError(
+            f"{key}={source} was trained in another autoencoder latent space than {where} uses: "
+            + "; ".join(diffs) + f". Use the autoencoder it was trained with (see its pipeline.json `autoencoder`), "
+            f"or train without {key}"
+        )
 
 
 def update_pipeline_defaults(path: str | os.PathLike, **settings: Any) -> dict[str, Any]:
@@ -220,12 +265,6 @@ def _same_weights(autoencoder: Any, spec: dict[str, Any]) -> Any:
     return autoencoder
 
 
-# files of which a tokenizer folder holds at least one (fast tokenizers: tokenizer.json; SentencePiece:
-# tokenizer.model / spiece.model / sentencepiece.bpe.model / spm.model; WordPiece and BPE vocabularies;
-# byte-level tokenizers such as ByT5's have only tokenizer_config.json). A folder with none of them is
-# refused here; one with an incomplete set reaches the loader, whose error is then named by flag.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "spm.model",
-                    "vocab.txt", "vocab.json", "tokenizer_config.json")
 _TEXT_ENCODER_FLAG = "text encoder (text_encoder= / --text-encoder)"
 _VAE_FLAG = "VAE (vae= / --vae)"
 
@@ -244,6 +283,8 @@ class _NamedLoad:
     def __exit__(self, kind: Any, err: BaseException | None, tb: Any) -> bool:
         if err is None or isinstance(err, PipelineLoadError) or not isinstance(err, (OSError, ValueError, KeyError)):
             return False
+        if isinstance(err, TextEncoderLoadError):  # HFTextEncoder's own check: already says what is missing
+            raise PipelineLoadError(f"{self.flag} {self.value}: {err.problem}; {err.hint or self.hint}") from None
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise PipelineLoadError(f"{self.flag} {self.value}: could not be loaded ({first}); {self.hint}") from None
 
@@ -258,21 +299,18 @@ def _check_folder(flag: str, value: Any, path: Path, need: dict[str, tuple[str, 
             raise PipelineLoadError(f"{flag} {value}: no {what} in {path} (looked for {', '.join(names)}); {hint}")
 
 
-def _override_text_encoder(value: Any) -> Any:
+def _override_text_encoder(value: Any, saved: dict[str, Any] | None = None) -> Any:
+    """A text encoder given by the caller (a path, ``"minilm"`` or an object). A path is a new place for
+    the encoder's files: where the source records the text encoder it was trained with (``saved``), its
+    encoding settings (``max_length``, ``layer``, ``attn_implementation``, ``pad_to_multiple_of``) still
+    apply, as the recorded latent scale and shift do for ``vae=``. HFTextEncoder resolves diffusers
+    pipeline folders and refuses folders without tokenizer files."""
     if isinstance(value, (str, os.PathLike)):
         hint = ("give the transformers text-encoder folder the model was trained with (its model and tokenizer "
                 "files), a diffusers pipeline folder, or 'minilm'")
-        p = Path(resolve_text_encoder_path(str(value)))
-        model, tokenizer = p, p
-        # a diffusers pipeline folder (or its text_encoder/) given as the text encoder
-        if (p / "text_encoder").is_dir() and (p / "tokenizer").is_dir():
-            model, tokenizer = p / "text_encoder", p / "tokenizer"
-        elif p.name == "text_encoder" and (p.parent / "tokenizer").is_dir() and not (p / "tokenizer_config.json").exists():
-            tokenizer = p.parent / "tokenizer"
-        _check_folder(_TEXT_ENCODER_FLAG, value, model, {"model config": ("config.json",)}, hint)
-        _check_folder(_TEXT_ENCODER_FLAG, value, tokenizer, {"tokenizer": _TOKENIZER_FILES}, hint)
+        kwargs = {k: saved[k] for k in _TEXT_ENCODER_SETTINGS if saved and saved.get(k) is not None}
         with _NamedLoad(_TEXT_ENCODER_FLAG, value, hint):
-            return HFTextEncoder(model, tokenizer_path=tokenizer) if tokenizer != model else HFTextEncoder(model)
+            return HFTextEncoder(value, **kwargs)
     return value
 
 
@@ -364,7 +402,10 @@ def load_pipeline(
     defaults: dict[str, Any] = {}
     unnamed_preset_defaults: dict[str, Any] = {}
     default_system: str | None = "real"
-    te_obj = _override_text_encoder(text_encoder) if text_encoder is not None else None
+    # a text-encoder path for a source that records its text encoder is built once that record is read
+    # (its max_length and the other encoding settings apply)
+    te_deferred = isinstance(text_encoder, (str, os.PathLike)) and kind in ("pipeline", "ckpt")
+    te_obj = _override_text_encoder(text_encoder) if text_encoder is not None and not te_deferred else None
     # a VAE path for a source that records its autoencoder is built once that record is read (its
     # latent scale and shift apply)
     deferred = isinstance(vae, (str, os.PathLike)) and kind in ("pipeline", "ckpt")
@@ -375,6 +416,8 @@ def load_pipeline(
         if spec.get("format") != PIPELINE_FORMAT:
             raise PipelineLoadError(f"{path / PIPELINE_JSON}: not a lumina-lightning pipeline.json")
         base = path
+        if te_deferred:
+            te_obj = _override_text_encoder(text_encoder, spec.get("text_encoder"))
         model = load_nextdit(path / "transformer", ema=ema)
     elif kind == "diffusers":
         missing = [d for d in ("transformer", "vae", "text_encoder", "tokenizer") if not (path / d).is_dir()]
@@ -401,6 +444,8 @@ def load_pipeline(
     else:
         if kind == "ckpt":
             spec = _read_ckpt_spec(path)
+            if te_deferred:
+                te_obj = _override_text_encoder(text_encoder, (spec or {}).get("text_encoder"))
             if deferred:
                 ae_obj = _override_vae(vae, (spec or {}).get("autoencoder"))
         model = load_nextdit(path, ema=ema)

@@ -394,9 +394,10 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
 
     _choice(where, "model.size", cfg.model.size, SIZES)
     try:
-        config_for(cfg.model.size, **cfg.model.overrides)
+        model_cfg = config_for(cfg.model.size, **cfg.model.overrides)
     except (ValueError, TypeError) as err:
         raise RecipeError(f"{where}: `model.overrides`: {err}") from None
+    _check_caption_length(cfg, model_cfg, where)
     _choice(where, "model.init_ema", cfg.model.init_ema, ("raw", "ema", "auto"))
     _choice(where, "model.attention_backend", cfg.model.attention_backend, ("auto", "sdpa", "flash"))
     _choice(where, "autoencoder.kind", cfg.autoencoder.kind, ("vae", "pixel", "conv"))
@@ -405,6 +406,13 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
         raise RecipeError(f"{where}: `autoencoder.path` is required for autoencoder.kind=vae (a local VAE folder)")
     if cfg.autoencoder.kind == "conv" and not cfg.autoencoder.path:
         raise RecipeError(f"{where}: `autoencoder.path` is required for autoencoder.kind=conv (a trained conv autoencoder folder)")
+    if cfg.autoencoder.kind in ("vae", "conv") and cfg.autoencoder.path:
+        from lumina_lightning.encoders.autoencoder import check_autoencoder_kind
+
+        try:
+            check_autoencoder_kind(cfg.autoencoder.kind, cfg.autoencoder.path)
+        except ValueError as err:
+            raise RecipeError(f"{where}: {err}") from None
     if cfg.autoencoder.train is not None:
         from lumina_lightning.encoders.conv_autoencoder import TRAIN_KEYS
 
@@ -415,6 +423,14 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
                 hint = difflib.get_close_matches(str(key), TRAIN_KEYS, n=1)
                 raise RecipeError(f"{where}: unknown key `autoencoder.train.{key}`"
                                   + (f" (did you mean `{hint[0]}`?)" if hint else f"; known: {', '.join(TRAIN_KEYS)}"))
+        from lumina_lightning.encoders.conv_autoencoder import check_train_settings, is_conv_autoencoder
+
+        if cfg.autoencoder.path and is_conv_autoencoder(cfg.autoencoder.path):
+            try:  # an existing folder is not retrained: changed settings would be ignored
+                check_train_settings(cfg.autoencoder.path, dict(cfg.autoencoder.train))
+            except ValueError as err:
+                raise RecipeError(f"{where}: {err}") from None
+    _check_data_patch(cfg, model_cfg, where)
     for key, value in (("text_encoder.dtype", cfg.text_encoder.dtype), ("autoencoder.dtype", cfg.autoencoder.dtype)):
         _choice(where, key, value, ("fp32", "bf16", "fp16"))
     _choice(where, "objective.timestep_sampler", cfg.objective.timestep_sampler, ("lognorm", "uniform"))
@@ -452,3 +468,54 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
         raise RecipeError(f"{where}: `data.batch_size` and `trainer.max_steps` must be >= 1")
     if cfg.resume not in (None, "auto") and not str(cfg.resume):
         raise RecipeError(f"{where}: `resume` must be null, 'auto' or a checkpoint path")
+
+
+def _check_caption_length(cfg: RecipeConfig, model_cfg: Any, where: str) -> None:
+    """``text_encoder.max_length`` within what the model's RoPE caption axis can place: image tokens sit
+    at axis-0 position ``cap_len``, so a caption may have at most ``axes_lens[0] - 1`` tokens (spec §1.4).
+    A longer cap validated and then failed at the first long caption, hours into a run."""
+    max_length, limit = cfg.text_encoder.max_length, model_cfg.max_caption_len
+    if max_length < 1:
+        raise RecipeError(f"{where}: `text_encoder.max_length` must be >= 1, got {max_length}")
+    if max_length > limit:
+        raise RecipeError(
+            f"{where}: `text_encoder.max_length` = {max_length} is more than the {limit} caption tokens model "
+            f"{cfg.model.size} can place (its RoPE caption axis: axes_lens[0] = {model_cfg.axes_lens[0]}, and the "
+            f"image tokens sit at position cap_len); set text_encoder.max_length <= {limit} (official: 256)"
+        )
+
+
+def _autoencoder_downsample(cfg: RecipeConfig) -> tuple[int | None, str]:
+    """The recipe's autoencoder downsampling and where it comes from (``None``: not known before loading,
+    e.g. a VAE folder that is not on this machine)."""
+    ae = cfg.autoencoder
+    if ae.kind == "pixel":
+        return 1, "the pixel autoencoder"
+    from lumina_lightning.encoders.autoencoder import autoencoder_folder_info
+
+    info = autoencoder_folder_info(ae.path)
+    if info is not None and info.get("downsample"):
+        return int(info["downsample"]), f"the autoencoder in {ae.path}"
+    if ae.kind == "conv" and info is None and ae.train is not None:
+        from lumina_lightning.encoders.conv_autoencoder import ConvAutoencoderConfig
+
+        down = ae.train.get("downsample", ConvAutoencoderConfig.downsample)
+        if isinstance(down, int) and not isinstance(down, bool):
+            return down, "autoencoder.train.downsample"
+    return None, ""
+
+
+def _check_data_patch(cfg: RecipeConfig, model_cfg: Any, where: str) -> None:
+    """``data.patch`` (the bucket grid: every bucket side is a multiple of it) a multiple of one token's
+    pixels, autoencoder downsampling x ``model.patch_size``: otherwise some buckets give latents that do
+    not divide into patches, found only when such a batch comes up."""
+    down, source = _autoencoder_downsample(cfg)
+    if down is None:
+        return
+    token = down * int(model_cfg.patch_size)
+    if cfg.data.patch % token:
+        raise RecipeError(
+            f"{where}: `data.patch` = {cfg.data.patch} is not a multiple of {token} pixels, the image side of one "
+            f"token ({source} downsamples {down}x, model.patch_size is {model_cfg.patch_size}): bucket sides are "
+            f"multiples of data.patch and must divide into tokens; set data.patch to {token} (or a multiple of it)"
+        )
