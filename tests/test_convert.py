@@ -468,6 +468,10 @@ def test_distributed_training_checkpoint_folder_loads_and_converts(tmp_path, cap
     assert fmt == "lightning" and config == raw.config
     assert lumina_main(["convert", str(last), str(tmp_path / "out"), "--to", "lumina", "--ema", "false"]) == 0
     assert_same_weights(raw.state_dict(), load_nextdit(tmp_path / "out").state_dict())
+    # sampling sees a training checkpoint too (and reads its recorded prediction for init_from)
+    from lumina_lightning.sampling.pipeline_io import describe, source_prediction
+
+    assert describe(last) == "ckpt" and source_prediction(last) == "velocity"
     # a folder named .ckpt without the DCP metadata is still no checkpoint
     (tmp_path / "empty.ckpt").mkdir()
     with pytest.raises(ValueError, match="no known Next-DiT checkpoint"):

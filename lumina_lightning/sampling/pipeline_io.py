@@ -41,7 +41,13 @@ from lumina_lightning.encoders.autoencoder import (
 )
 from lumina_lightning.encoders.text import SYSTEM_PROMPTS, HFTextEncoder, TextEncoderLoadError, resolve_text_encoder_path
 from lumina_lightning.models.config import NextDiTConfig
-from lumina_lightning.models.io import detect_format, load_nextdit, save_nextdit
+from lumina_lightning.models.io import (
+    detect_format,
+    is_distributed_checkpoint,
+    load_nextdit,
+    read_checkpoint_meta,
+    save_nextdit,
+)
 from lumina_lightning.models.nextdit import NextDiT
 from lumina_lightning.sampling.pipeline import LuminaPipeline
 from lumina_lightning.sampling.presets import SETTING_NAMES, resolve_settings
@@ -118,7 +124,7 @@ def source_spec(path: str | os.PathLike) -> dict[str, Any] | None:
     p = Path(path)
     if p.is_dir() and (p / PIPELINE_JSON).is_file():
         return json.loads((p / PIPELINE_JSON).read_text())
-    if p.is_file() and p.suffix == ".ckpt":
+    if p.suffix == ".ckpt" and (p.is_file() or is_distributed_checkpoint(p)):
         return _read_ckpt_spec(p)
     return None
 
@@ -343,16 +349,13 @@ def _override_vae(value: Any, saved: dict[str, Any] | None = None) -> Any:
 
 
 def _read_ckpt_spec(path: Path) -> dict[str, Any] | None:
-    import pickle
-
+    """The pipeline spec a training checkpoint (a ``.ckpt`` file or an FSDP2 ``*.ckpt/`` folder) records,
+    read weights-only (see ``models.io.read_checkpoint_meta``)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
-        # torch's own message ("mmap can only be used with files saved with ...") does not say that the
-        # file is simply no checkpoint; keep its first line for the rare real reason (a truncated file)
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise PipelineLoadError(f"{path} is not a readable training checkpoint ({first})") from None
-    spec = ckpt.get(CKPT_KEY) if isinstance(ckpt, dict) else None
+        ckpt = read_checkpoint_meta(path)
+    except (OSError, ValueError) as err:
+        raise PipelineLoadError((str(err).strip().splitlines() or [type(err).__name__])[0]) from None
+    spec = ckpt.get(CKPT_KEY)
     if isinstance(spec, str):
         spec = json.loads(spec)
     return spec
@@ -367,7 +370,7 @@ def describe(path: str | os.PathLike) -> str:
         return "pipeline"
     if p.is_dir() and (p / DIFFUSERS_INDEX).is_file():
         return "diffusers"
-    if p.is_file() and p.suffix == ".ckpt":
+    if p.suffix == ".ckpt" and (p.is_file() or is_distributed_checkpoint(p)):
         return "ckpt"
     detect_format(p)  # raises a clear error for anything that is no checkpoint at all
     return "transformer"

@@ -268,7 +268,14 @@ def ensure_synthetic(cfg: Any) -> None:
 def ensure_autoencoder(cfg: Any) -> None:
     """Train the conv autoencoder where ``autoencoder.train`` asks for it and ``autoencoder.path`` is missing."""
     ae = cfg.autoencoder
-    if ae.kind != "conv" or ae.train is None or not ae.path or Path(ae.path, "config.json").exists():
+    if ae.kind != "conv" or ae.train is None or not ae.path:
+        return
+    if Path(ae.path, "config.json").exists():
+        from lumina_lightning.encoders.conv_autoencoder import check_train_settings
+
+        # an existing folder is used as it is: changed autoencoder.train settings are named, not ignored
+        # (recipe validation says so too; this covers a folder that appeared since)
+        check_train_settings(ae.path, dict(ae.train))
         return
     from lumina_lightning.encoders.conv_autoencoder import train_from_manifest
 
@@ -346,6 +353,8 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
     ensure_synthetic(cfg)
     ensure_autoencoder(cfg)
     text_encoder, autoencoder, spec = build_encoders(cfg)
+    # the encoder (and its count) may be reused from the previous stage of `lumina pipeline`
+    truncated_before = int(getattr(text_encoder, "truncated_count", 0) or 0)
     cache_identity = None
     if cfg.data.cache_dir:
         cache_identity = make_cache_identity(autoencoder, text_encoder, cfg.data.resolution, cfg.data.patch,
@@ -355,7 +364,7 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
                            val_batches=validation_batches(cfg), output_dir=out)
     parent = None
     if cfg.model.init_from:
-        from lumina_lightning.sampling.pipeline_io import source_prediction
+        from lumina_lightning.sampling.pipeline_io import check_same_latent_space, source_prediction
 
         parent_prediction = source_prediction(cfg.model.init_from)
         if parent_prediction != cfg.objective.prediction:
@@ -364,6 +373,8 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
                 f"but this recipe ({loaded.path}) sets {cfg.objective.prediction!r}: its outputs would be read as the "
                 "wrong quantity; set objective.prediction to match"
             )
+        # a parent trained on another autoencoder (kind, latent scale/shift, conv weights retrained in place)
+        check_same_latent_space(cfg.model.init_from, spec["autoencoder"], where=f"this recipe ({loaded.path})")
         raw_state, _, fmt = read_state(cfg.model.init_from, ema=cfg.model.init_ema == "ema")
         ema_state = None
         if cfg.model.init_ema == "auto":
@@ -383,6 +394,15 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
     run_id = log_run_start(logger, trainer, loaded, out, tracking_uri=tracking_uri)
 
     trainer.fit(module, datamodule=_DataModule(cfg, cache_identity), ckpt_path=ckpt_path)
+
+    # captions cut at text_encoder.max_length (HFTextEncoder warned at the first one): distinct captions
+    # this rank encoded in this run; 0 where the features come from a cache (`lumina data cache` warns)
+    truncated = int(getattr(text_encoder, "truncated_count", 0) or 0) - truncated_before
+    if truncated:
+        log.warning("%d caption(s) longer than text_encoder.max_length=%d tokens were truncated in this run",
+                    truncated, cfg.text_encoder.max_length)
+    if logger and trainer.is_global_zero:
+        logger.experiment.log_metric(run_id, "data/captions_truncated", truncated, step=trainer.global_step)
 
     export_dir = None
     if stop.requested is None and trainer.state.finished:
