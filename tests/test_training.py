@@ -106,6 +106,7 @@ def test_tiny_run_learns_tracks_and_exports(tmp_path):
     for metric in ("train/loss", "train/grad_norm", "train/lr", "train/images_per_s", "val/loss", "val/loss_ema"):
         assert metric in r.data.metrics, metric
     assert any(k.startswith("train_t/loss_bin") for k in r.data.metrics)
+    assert r.data.metrics["data/captions_truncated"] == 0  # short captions fit text_encoder.max_length
     # metrics logged only on Lightning's logging steps are written at exactly the same steps as the
     # ones logged every step (log_every_n_steps 4 over 24 steps)
     steps = {m: sorted(h.step for h in client.get_metric_history(r.info.run_id, m))
@@ -579,3 +580,17 @@ def test_lumina_train_reports_unusable_data_without_a_traceback(tmp_path, capsys
     recipe = tiny_recipe(tmp_path, data={"path": str(manifest), "val_path": None})
     assert main([str(recipe)]) == 2
     assert "no readable sample left" in capsys.readouterr().err
+
+
+def test_captions_cut_at_max_length_are_counted_in_the_run(tmp_path):
+    """Captions longer than text_encoder.max_length lose their ends: the run says how many, in its log
+    and as the MLflow metric data/captions_truncated, instead of training on them silently."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    recipe = tiny_recipe(tmp_path, trainer={"max_steps": 2}, text_encoder={"max_length": 16},
+                         tracking={"enabled": True, "tracking_uri": uri, "experiment": "t"},
+                         data={"caption_weights": {"long": 1.0}, "batch_size": 4})
+    result = run(recipe)
+    metrics = mlflow.MlflowClient(tracking_uri=uri).get_run(result.mlflow_run_id).data.metrics
+    assert metrics["data/captions_truncated"] >= 4  # every long caption of both batches
