@@ -25,6 +25,15 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny ops run far faster single-threaded on 2-core CI machines (for tests whose code changed it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _torch_defaults():
     """Every test starts from fp32 defaults and a fixed seed."""

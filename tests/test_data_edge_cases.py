@@ -25,12 +25,14 @@ def synth(tmp_path_factory):
     return generate_synthetic(tmp_path_factory.mktemp("rv") / "s", 24, size=32, seed=0, n_test=6)
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _counting_encoders(encoders, tmp_path):
+    """A tiny text encoder and the pixel autoencoder, whose encode calls (image counts) are recorded."""
+    text = encoders.HFTextEncoder(encoders.build_tiny_text_encoder(tmp_path / "te"))
+    vae = encoders.PixelAutoencoder()
+    calls = []
+    real_encode = vae.encode
+    vae.encode = lambda x: calls.append(len(x)) or real_encode(x)
+    return text, vae, calls
 
 
 def _checkpoint(state):
@@ -40,18 +42,14 @@ def _checkpoint(state):
     return torch.load(buf, weights_only=False)
 
 
-# --- item 1 + minor: cache --append takes the current sources and ratios --------------------------------
+# --- cache --append takes the current sources and ratios --------------------------------
 
 
 def test_cache_append_rebuilds_sources_with_the_current_ratios(synth, tmp_path, one_thread):
     encoders = pytest.importorskip("lumina_lightning.encoders")
     from lumina_lightning.data.cache import CachedDataset, build_cache, read_index
 
-    text = encoders.HFTextEncoder(encoders.build_tiny_text_encoder(tmp_path / "te"))
-    vae = encoders.PixelAutoencoder()
-    calls = []
-    real_encode = vae.encode
-    vae.encode = lambda x: calls.append(len(x)) or real_encode(x)
+    text, vae, calls = _counting_encoders(encoders, tmp_path)
     cache = tmp_path / "c"
     build_cache(DataConfig(path=str(synth.train), resolution=32), cache, autoencoder=vae, text_encoder=text)
     first = sum(calls)
@@ -84,11 +82,7 @@ def test_cache_keeps_items_the_appended_data_does_not_list_and_encodes_a_twice_l
     encoders = pytest.importorskip("lumina_lightning.encoders")
     from lumina_lightning.data.cache import build_cache, read_index
 
-    text = encoders.HFTextEncoder(encoders.build_tiny_text_encoder(tmp_path / "te"))
-    vae = encoders.PixelAutoencoder()
-    calls = []
-    real_encode = vae.encode
-    vae.encode = lambda x: calls.append(len(x)) or real_encode(x)
+    text, vae, calls = _counting_encoders(encoders, tmp_path)
     rows = [json.loads(line) for line in open(synth.train)]
     a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
     for path, part in ((a, rows[:10]), (b, rows[10:])):
@@ -108,7 +102,7 @@ def test_cache_keeps_items_the_appended_data_does_not_list_and_encodes_a_twice_l
     assert index["skips"]["seen"] == 24
 
 
-# --- item 4: a bucket smaller than the batch size ------------------------------------------------------
+# --- a bucket smaller than the batch size ------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +131,7 @@ def test_a_bucket_smaller_than_the_batch_is_reported(small_bucket, caplog, capsy
     assert "fewer than --batch-size 4 samples per epoch" in out and "64x16  3 records" in out
 
 
-# --- item 5: a file missing on resume ------------------------------------------------------------------
+# --- a file missing on resume ------------------------------------------------------------------
 
 
 def _nosize_manifest(root, synth_dir):
@@ -188,7 +182,7 @@ def test_resume_after_an_image_changed_size_names_it(tmp_path):
         again.load_state_dict(state)
 
 
-# --- item 6: inspect --decode -------------------------------------------------------------------------
+# --- inspect --decode -------------------------------------------------------------------------
 
 
 def test_inspect_decode_counts_each_broken_file_once(tmp_path, capsys):
@@ -222,7 +216,7 @@ def test_inspect_reports_per_epoch_samples_as_the_loader_lists_them(synth, tmp_p
     assert "24 x 1.9 = 46" in capsys.readouterr().out
 
 
-# --- items 9, 10: data YAML type, nesting, bad ratio --------------------------------------------------
+# --- data YAML type, nesting, bad ratio --------------------------------------------------
 
 
 def test_data_yaml_type_decides_the_manifest_format(tmp_path):
@@ -258,7 +252,7 @@ def test_a_bad_ratio_names_the_source(synth, tmp_path, ratio, capsys):
     assert "META[0]: 'ratio'" in capsys.readouterr().err
 
 
-# --- item 11: len(loader) after a resume with another batch size / world size -------------------------
+# --- len(loader) after a resume with another batch size / world size -------------------------
 
 
 def test_len_after_a_resume_counts_the_old_steps_plus_the_steps_left(synth):

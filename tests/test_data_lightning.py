@@ -18,15 +18,6 @@ def manifest(tmp_path_factory):
     return str(generate_synthetic(root, 40, size=32, seed=1, n_test=6).train)
 
 
-@pytest.fixture
-def one_thread():
-    # Tiny ops run far faster single-threaded on 2-core CI machines.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class _Recorder(L.LightningModule):
     def __init__(self, cfg: DataConfig, num_workers: int):
         super().__init__()

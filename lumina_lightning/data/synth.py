@@ -546,30 +546,25 @@ def _config_dict(n, n_test, size, seed, aspects, held, tags, shapes, colors, bac
     }
 
 
-_SPEC_KEYS = ("n", "size", "seed", "n_test", "aspects", "holdout", "tags", "shapes", "colors", "backgrounds", "workers",
-              "progress")
+def synthetic_config(**spec: Any) -> dict[str, Any]:
+    """The ``synth_config.json`` that ``generate_synthetic(out_dir, **spec)`` writes (JSON-normalised).
 
+    Raises ``ValueError`` for a ``spec`` key that :func:`generate_synthetic` does not take."""
+    import inspect
 
-def synthetic_config(
-    n: int,
-    size: int = 64,
-    seed: int = 0,
-    *,
-    n_test: int | None = None,
-    aspects: Sequence[float] = (1.0,),
-    holdout: str | Iterable[Sequence[str]] | None = DEFAULT_HOLDOUT,
-    tags: Sequence[str] = TAGS,
-    shapes: Sequence[str] = DEFAULT_SHAPES,
-    colors: Sequence[str] = tuple(PALETTE),
-    backgrounds: Sequence[str] = tuple(BACKGROUNDS),
-    workers: int = 0,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """The ``synth_config.json`` that :func:`generate_synthetic` with these arguments writes (JSON-normalised)."""
-    held = parse_holdout(holdout)
-    n_test = max(len(tuple(tags)), n // 10) if n_test is None else int(n_test)
-    config = _config_dict(n, n_test, size, seed, tuple(float(a) for a in aspects), held, tuple(tags), tuple(shapes),
-                          tuple(colors), tuple(backgrounds))
+    params = inspect.signature(generate_synthetic).parameters
+    unknown = sorted(set(spec) - set(params) - {"out_dir"})
+    if unknown:
+        allowed = [k for k in params if k not in ("out_dir", "progress")]
+        raise ValueError(f"unknown synthetic dataset arguments {unknown}; allowed: {', '.join(allowed)}")
+    bound = inspect.signature(generate_synthetic).bind("", **spec)
+    bound.apply_defaults()
+    a = bound.arguments
+    n = int(a["n"])
+    n_test = max(len(tuple(a["tags"])), n // 10) if a["n_test"] is None else int(a["n_test"])
+    config = _config_dict(n, n_test, a["size"], a["seed"], tuple(float(x) for x in a["aspects"]),
+                          parse_holdout(a["holdout"]), tuple(a["tags"]), tuple(a["shapes"]), tuple(a["colors"]),
+                          tuple(a["backgrounds"]))
     return json.loads(json.dumps(config))
 
 
@@ -578,12 +573,9 @@ def synthetic_differences(out_dir: str | os.PathLike, spec: dict[str, Any]) -> d
     would write: ``{key: (on disk, wanted)}`` (empty when it matches); ``None`` when it is not complete.
 
     Raises ``ValueError`` for a ``spec`` key that ``generate_synthetic`` does not take."""
-    unknown = sorted(set(spec) - set(_SPEC_KEYS))
-    if unknown:
-        raise ValueError(f"unknown synthetic dataset arguments {unknown}; allowed: {', '.join(_SPEC_KEYS[:-1])}")
+    wanted = synthetic_config(**spec)  # first: an unknown key is refused even before a first generation
     if not synthetic_complete(out_dir):
         return None
-    wanted = synthetic_config(**spec)
     try:
         made = json.loads((Path(out_dir) / COMPLETE_MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
