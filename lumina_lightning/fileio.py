@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the target's folder, then ``os.replace`` onto the target.
+"""Atomic file writes (a temp file in the target's folder, then ``os.replace`` onto the target), and the
+two helpers every re-run check shares: a cheap digest of weights, and moving a stale output aside.
 
 One place for it, because every writer of a file that a later run (or a reader at the same moment)
 trusts needs the same three things: an interrupted write never leaves half a file under the real
@@ -7,8 +8,10 @@ name, no temp file is left behind, and the result has the mode a plain ``open()`
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -39,3 +42,48 @@ def _umask() -> int:
     mask = os.umask(0)  # the only way to read it is to set it; set it straight back
     os.umask(mask)
     return mask
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+
+
+def content_digest(path: str | os.PathLike | None) -> str | None:
+    """A digest of a file, or of the weight files under a folder (not ``pipeline.json`` and other small
+    files, which TeaCache calibration and ``eval.cfg_scale`` rewrite); ``None`` when there is nothing.
+
+    Weight files count by name, size and mtime, not by their bytes: a 2.6B export is tens of GB, and
+    hashing it on every re-run would take minutes, while a retrained (rewritten) file always gets a
+    new mtime. Other files (manifests, data YAMLs) count by their contents, which survive a copy.
+    """
+    if not path or not Path(path).exists():
+        return None
+    root = Path(path)
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root) if f != root else f.name).encode())
+        if f.suffix in WEIGHT_SUFFIXES:
+            st = f.stat()
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+            continue
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def move_aside(path: str | os.PathLike, stamp: str | None = None) -> Path:
+    """Rename a folder or file to ``<name>.replaced-<YYYYmmdd-HHMMSS>`` (never overwriting; kept, not
+    deleted: it may be days of training or hours of captioning). Pass one ``stamp`` to move files that
+    belong together under the same suffix."""
+    path = Path(path)
+    stamp = stamp or time.strftime("%Y%m%d-%H%M%S")
+    aside = path.with_name(f"{path.name}.replaced-{stamp}")
+    n = 1
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.replaced-{stamp}-{n}")
+    os.replace(path, aside)
+    return aside

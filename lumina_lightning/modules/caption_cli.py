@@ -32,7 +32,6 @@ accuracy of colours/shapes/counts; ``unicap_eval``) and writes ``<output>.eval.j
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -42,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from lumina_lightning.fileio import atomic_write_text, content_digest, move_aside
+
 log = logging.getLogger("lumina_lightning.caption")
 
 __all__ = ["CaptionReport", "SettingsMismatch", "read_done", "caption_settings", "settings_path", "caption_manifest",
@@ -49,7 +50,6 @@ __all__ = ["CaptionReport", "SettingsMismatch", "read_done", "caption_settings",
 
 SETTINGS_VERSION = 1
 ON_MISMATCH = ("refuse", "replace")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".gguf")
 # generate_captions' defaults: what a setting the captioner's unicap.json and the flags leave out is
 _GENERATION_DEFAULTS = {"max_new_tokens": 128, "do_sample": False, "temperature": 0.7, "top_p": 0.9, "num_beams": 1,
                         "repetition_penalty": 1.0}
@@ -92,25 +92,13 @@ def settings_path(output: Path) -> Path:
     return output.with_name(output.name + ".caption.json")
 
 
-def _weights_digest(folder: Path | None) -> str | None:
-    """A digest of the weight files' names, sizes and mtimes (not their bytes: exports can be GBs)."""
-    if folder is None or not folder.is_dir():
-        return None
-    h = hashlib.sha256()
-    for f in sorted(folder.rglob("*")):
-        if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES):
-            st = f.stat()
-            h.update(f"{f.relative_to(folder).as_posix()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:16]
-
-
 def captioner_identity(captioner: Any) -> dict[str, Any]:
     """The captioner's folder (resolved), a LoRA export's base folder, and their weight digests."""
     path = Path(captioner.path).resolve() if getattr(captioner, "path", "") else None
     base = getattr(captioner, "base_path", None)
     base = Path(base).resolve() if base else None
-    return {"path": str(path) if path else None, "weights": _weights_digest(path),
-            "base_model": str(base) if base else None, "base_weights": _weights_digest(base) if base else None}
+    return {"path": str(path) if path else None, "weights": content_digest(path) if path and path.is_dir() else None,
+            "base_model": str(base) if base else None, "base_weights": content_digest(base) if base else None}
 
 
 def caption_settings(captioner: Any, input_path: str | os.PathLike, levels: Sequence[str], *,
@@ -147,29 +135,6 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return out
 
 
-def _move_aside(paths: Sequence[Path]) -> list[Path]:
-    """Rename the existing ``paths`` to ``<name>.replaced-<YYYYmmdd-HHMMSS>`` (never overwriting)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    moved = []
-    for path in paths:
-        if not path.exists():
-            continue
-        target = path.with_name(f"{path.name}.replaced-{stamp}")
-        n = 1
-        while target.exists():
-            target = path.with_name(f"{path.name}.replaced-{stamp}-{n}")
-            n += 1
-        os.replace(path, target)
-        moved.append(target)
-    return moved
-
-
-def _write_settings(path: Path, settings: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _check_settings(out: Path, settings: dict[str, Any], on_mismatch: str) -> list[Path]:
     """Compare this run's settings with the output's; returns the files moved aside (``replace``).
 
@@ -185,7 +150,7 @@ def _check_settings(out: Path, settings: dict[str, Any], on_mismatch: str) -> li
             log.warning("%s: no %s (written by an older version): resuming without checking that the model, "
                         "levels and generation settings are the same", out, sidecar.name)
         else:
-            _write_settings(sidecar, settings)
+            atomic_write_text(sidecar, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
         return []
     try:
         old = json.loads(sidecar.read_text())
@@ -198,10 +163,12 @@ def _check_settings(out: Path, settings: dict[str, Any], on_mismatch: str) -> li
         raise SettingsMismatch(
             f"{out} was written with other settings ({'; '.join(diffs)}): rerun with the same settings, "
             "choose another --output, or pass --on-mismatch replace to move the old output aside and start afresh")
-    moved = _move_aside([out, skipped_path(out), sidecar, out.with_name(out.name + ".eval.json")])
+    stamp = time.strftime("%Y%m%d-%H%M%S")  # one suffix for the files that belong together
+    moved = [move_aside(p, stamp) for p in (out, skipped_path(out), sidecar, out.with_name(out.name + ".eval.json"))
+             if p.exists()]
     log.warning("%s was written with other settings (%s): moved the old files aside to %s", out, "; ".join(diffs),
                 ", ".join(str(m) for m in moved))
-    _write_settings(sidecar, settings)
+    atomic_write_text(sidecar, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     return moved
 
 

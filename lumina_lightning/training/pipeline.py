@@ -23,6 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lumina_lightning.fileio import content_digest as _content_digest
+from lumina_lightning.fileio import move_aside as _move_aside
+
 log = logging.getLogger("lumina_lightning.pipeline")
 
 
@@ -527,36 +530,6 @@ def _listed_manifests(path: str | None) -> dict[str, Path]:
     return listed
 
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
-
-
-def _content_digest(path: str | os.PathLike | None) -> str | None:
-    """A digest of a file, or of the weight files under a folder (not ``pipeline.json``, which TeaCache
-    calibration and ``eval.cfg_scale`` rewrite); ``None`` when there is nothing there.
-
-    Weight files count by name, size and mtime, not by their bytes: a 2.6B export is tens of GB, and
-    hashing it on every re-run would take minutes, while a retrained (rewritten) file always gets a
-    new mtime. Other files (manifests, data YAMLs) count by their contents, which survive a copy.
-    """
-    if not path or not Path(path).exists():
-        return None
-    root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(root) if f != root else f.name).encode())
-        if f.suffix in WEIGHT_SUFFIXES:
-            st = f.stat()
-            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-            continue
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_record(stage_dir: Path) -> dict[str, Any]:
     try:
         return json.loads((stage_dir / STAGE_RECORD).read_text())
@@ -568,18 +541,6 @@ def _write_record(stage_dir: Path, record: dict[str, Any]) -> None:
     from lumina_lightning.fileio import atomic_write_text
 
     atomic_write_text(stage_dir / STAGE_RECORD, json.dumps(record, indent=2, default=str))
-
-
-def _move_aside(folder: Path) -> Path:
-    """Rename ``folder`` (or a file) to ``<name>.replaced-<time>`` (kept, not deleted: it may be days of training)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    aside = folder.with_name(f"{folder.name}.replaced-{stamp}")
-    n = 1
-    while aside.exists():
-        n += 1
-        aside = folder.with_name(f"{folder.name}.replaced-{stamp}-{n}")
-    folder.rename(aside)
-    return aside
 
 
 def _mean(values: list[float]) -> float | None:
