@@ -594,3 +594,27 @@ def test_captions_cut_at_max_length_are_counted_in_the_run(tmp_path):
     result = run(recipe)
     metrics = mlflow.MlflowClient(tracking_uri=uri).get_run(result.mlflow_run_id).data.metrics
     assert metrics["data/captions_truncated"] >= 4  # every long caption of both batches
+
+
+def test_a_run_resumed_after_a_stop_keeps_saving_to_last_ckpt(tmp_path):
+    """A signal before the first periodic checkpoint: GracefulStop writes last.ckpt itself. The resumed
+    run's checkpoints must go to last.ckpt too (what the next resume=auto reads), not to last-v1.ckpt
+    beside a last.ckpt frozen at the step of the stop."""
+    import os
+
+    import lightning.pytorch as pl
+
+    class SignalAt(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    recipe = tiny_recipe(tmp_path, trainer={"max_steps": 100, "checkpoint_every_n_steps": 1000})
+    stopped = run(recipe, extra_callbacks=[SignalAt()])
+    ckpts = tmp_path / "run" / "checkpoints"
+    stop_step = torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"]
+    assert stopped.exit_code == 143 and stop_step == 4  # the step under way when the signal came finishes
+    resumed = run(recipe, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2", "resume=auto")
+    assert resumed.global_step == 6
+    assert sorted(p.name for p in ckpts.glob("last*")) == ["last.ckpt"]
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 6

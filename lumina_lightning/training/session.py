@@ -147,6 +147,10 @@ def make_trainer(cfg: Any, *, strategy: Any, logger: Any, out: Path, ckpt_dir: P
         dirpath=ckpt_dir, filename="step={step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=max(1, t.checkpoint_every_n_steps), save_top_k=t.keep_checkpoints,
         monitor="step", mode="max", save_last=True,
+        # GracefulStop writes last.ckpt itself on SIGTERM / Ctrl-C; with the version counter on,
+        # Lightning would then save later "last" checkpoints as last-v1.ckpt, last-v2.ckpt, ... and
+        # last.ckpt, which resume=auto reads, would stay at the step of the stop for good
+        enable_version_counter=False,
     )
     callbacks = [checkpoints, stop, *(extra_callbacks or [])]
     callbacks.append(TQDMProgressBar(refresh_rate=1) if t.enable_progress_bar else ConsoleProgress(t.log_every_n_steps))
