@@ -68,8 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.port <= 65535:
         print(f"lumina demo: error: --port must be between 1 and 65535, got {args.port}", file=sys.stderr)
         return 2
-    for name in ("max_pixels", "max_images", "max_steps", "concurrency"):
-        if getattr(args, name) < 1:
+    for name in ("max_pixels", "max_images", "max_steps", "concurrency", "resolution"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             print(f"lumina demo: error: --{name.replace('_', '-')} must be positive, got {getattr(args, name)}",
                   file=sys.stderr)
             return 2

@@ -20,6 +20,7 @@ def bad(tmp_path):
     (tmp_path / "adir").mkdir()
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "index.json").write_text("{}")  # a cache already there
+    (tmp_path / "latin1.yaml").write_bytes("stage: caf\xe9\n".encode("latin-1"))  # not UTF-8
     return tmp_path
 
 
@@ -43,11 +44,14 @@ def _run(main, argv, capsys, bad):
     (["--ckpt", "{d}/x.safetensors", "a"], "x.safetensors is not a readable .safetensors file"),
     (["--ckpt", "{d}/x.ckpt", "--out", "{d}/afile", "a"], "--out {d}/afile is a file, not a folder"),
     (["--ckpt", "{d}/x.ckpt", "--prompts-file", "{d}/adir"], "--prompts-file {d}/adir is a folder, not a file"),
+    (["--ckpt", "{d}/x.ckpt", "a", "--width", "0"], "--width must be positive, got 0"),
+    (["--ckpt", "{d}/x.ckpt", "a", "--device", "bogus"], "--device bogus is not a device"),
 ])
 def test_sample_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.sampling.cli import main
 
-    assert message.format(d=bad) in _run(main, [*argv, "--device", "cpu"], capsys, bad)
+    device = [] if "--device" in argv else ["--device", "cpu"]
+    assert message.format(d=bad) in _run(main, [*argv, *device], capsys, bad)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -58,6 +62,7 @@ def test_sample_bad_inputs(argv, message, bad, capsys):
     (["--images", "{d}/adir", "--steps", "3", "--cfg", "2"], "so --steps, --cfg would be ignored"),
     pytest.param(["--ckpt", "{d}/x.ckpt", "--prompts", "{d}/afile", "--device", "cuda"],
                  "--device cuda but no CUDA GPU is visible", marks=_NO_CUDA),
+    (["--ckpt", "{d}/x.ckpt", "--prompts", "{d}/afile", "--device", "bogus"], "--device bogus is not a device"),
 ])
 def test_eval_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.eval.cli import main
@@ -82,6 +87,11 @@ def test_convert_bad_inputs(argv, message, bad, capsys):
     ([], "the following arguments are required: recipe\n"),
     (["{d}/adir"], "recipe {d}/adir is a folder, not a file"),
     (["recipes/tiny/stage1_lowres.yaml", "text_encoder.path={d}/nope"], "does not exist"),
+    (["{d}/latin1.yaml"], "latin1.yaml: not UTF-8 text"),
+    (["recipes/tiny/stage1_lowres.yaml", "optim.lr=-1"], "`optim.lr` must be > 0, got -1"),
+    (["recipes/tiny/stage1_lowres.yaml", "trainer.checkpoint_every_n_steps=0"],
+     "`trainer.checkpoint_every_n_steps` must be >= 1"),
+    (["recipes/tiny/stage1_lowres.yaml", "validation.every_n_steps=-1"], "`validation.every_n_steps` must be >= 0"),
 ])
 def test_train_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.training.run import main
@@ -92,6 +102,7 @@ def test_train_bad_inputs(argv, message, bad, capsys):
 @pytest.mark.parametrize("argv, message", [
     ([], "the following arguments are required: pipeline\n"),
     (["{d}/adir"], "pipeline file {d}/adir is a folder, not a file"),
+    (["{d}/latin1.yaml"], "latin1.yaml: not UTF-8 text"),
 ])
 def test_pipeline_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.training.pipeline import main
@@ -110,6 +121,8 @@ def test_pipeline_bad_inputs(argv, message, bad, capsys):
     # refused before the encoders load: the VAE named here does not exist, and it is not what fails
     (["cache", "--data", "{d}/adir", "--out", "{d}/cache", "--resolution", "32", "--text-encoder", "minilm",
       "--vae", "{d}/nope"], "--out {d}/cache already holds a cache; pass --append"),
+    (["cache", "--data", "{d}/adir", "--out", "{d}/c", "--resolution", "32", "--text-encoder", "minilm",
+      "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
 ])
 def test_data_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.data.cli import main
@@ -154,3 +167,12 @@ def test_cli_survives_a_closed_pipe():
                            "sys.exit(main(['help']))"], stdout=write, stderr=subprocess.PIPE, text=True, timeout=60)
     os.close(write)
     assert proc.returncode == 141 and "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--ckpt", "{d}/x.ckpt", "--resolution", "0"], "--resolution must be positive, got 0"),
+])
+def test_demo_bad_inputs(argv, message, bad, capsys):
+    from lumina_lightning.app import main
+
+    assert message.format(d=bad) in _run(main, argv, capsys, bad)

@@ -163,6 +163,9 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     # the inputs and the device before the encoders load (minutes for a large text encoder)
     check_input(args.data, "--data", kind=None)
     check_output(args.out, "--out")
+    for flag, value in (("--batch-size", args.batch_size), ("--shard-size", args.shard_size)):
+        if value < 1:
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if (Path(args.out) / INDEX_NAME).exists() and not args.append:  # build_cache says so too, after the loads
         raise ValueError(f"--out {args.out} already holds a cache; pass --append to add to it, or choose another --out")
     args.device = resolve_device(args.device)

@@ -23,6 +23,7 @@ from typing import Any
 
 from lumina_lightning.data.synth import TAGS
 from lumina_lightning.eval.geneval import tag_order
+from lumina_lightning.models.io import CheckpointMismatchError
 from lumina_lightning.sampling.cli import teacache_version_arg
 
 
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
                          "drop them (or drop --images to generate)")
     try:
         return run(args)
-    except (OSError, ImportError, ValueError, KeyError) as err:
+    except (OSError, ImportError, ValueError, KeyError, CheckpointMismatchError) as err:
         msg = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         print(f"lumina eval: error: {msg}", file=sys.stderr)
         return 2

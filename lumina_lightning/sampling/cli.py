@@ -196,6 +196,10 @@ def resolve_device(device: str | None) -> str:
 
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device} is not a device (cpu, cuda, cuda:N)") from None
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} but no CUDA GPU is visible; use --device cpu")
     return device
@@ -262,6 +266,9 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.out, "--out")  # before the weights load, not after
     if args.n_per_prompt < 1:
         raise ValueError("--n-per-prompt must be >= 1")
+    for flag, value in (("--width", args.width), ("--height", args.height)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be positive, got {value}")
     device = resolve_device(args.device)
     dtype = getattr(torch, _DTYPES[args.dtype or ("bf16" if device.startswith("cuda") else "fp32")])
     ema: bool | str = {"auto": "auto", "true": True, "false": False}[args.ema]

@@ -236,9 +236,11 @@ def _load_file(path: Path, stack: tuple[Path, ...], files: list[Path], schema: t
     if not path.is_file():
         raise RecipeError(f"recipe file {path} does not exist")
     try:
-        data = load_yaml(path.read_text()) or {}
+        data = load_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     defaults = data.pop("defaults", []) or []
@@ -353,8 +355,8 @@ def peek_key(path: Path, key: str, default: Any = None, _stack: tuple[Path, ...]
     missing defaults and cycles give ``default`` here; the full load reports them with their position."""
     path = Path(path).resolve()
     try:
-        data = load_yaml(path.read_text()) if path.is_file() and path not in _stack else None
-    except yaml.YAMLError:
+        data = load_yaml(path.read_text(encoding="utf-8")) if path.is_file() and path not in _stack else None
+    except (yaml.YAMLError, UnicodeDecodeError):
         data = None
     if not isinstance(data, dict):
         return default
@@ -466,6 +468,14 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
         raise RecipeError(f"{where}: `ema.decay` must be in [0, 1), got {cfg.ema.decay}")
     if cfg.data.batch_size < 1 or cfg.trainer.max_steps < 1:
         raise RecipeError(f"{where}: `data.batch_size` and `trainer.max_steps` must be >= 1")
+    if not cfg.optim.lr > 0:
+        raise RecipeError(f"{where}: `optim.lr` must be > 0, got {cfg.optim.lr}")
+    for key, value, least in (("trainer.checkpoint_every_n_steps", cfg.trainer.checkpoint_every_n_steps, 1),
+                              ("trainer.log_every_n_steps", cfg.trainer.log_every_n_steps, 1),
+                              ("validation.every_n_steps", cfg.validation.every_n_steps, 0),
+                              ("validation.sample_every_n_steps", cfg.validation.sample_every_n_steps, 0)):
+        if value < least:
+            raise RecipeError(f"{where}: `{key}` must be >= {least}{' (0 = never)' if least == 0 else ''}, got {value}")
     if cfg.resume not in (None, "auto") and not str(cfg.resume):
         raise RecipeError(f"{where}: `resume` must be null, 'auto' or a checkpoint path")
 
