@@ -195,3 +195,18 @@ def test_interrupted_generation_is_redone(tmp_path):
     spec = {"n": 8, "size": 32, "seed": 0, "n_test": 6}
     ensure_synthetic(SimpleNamespace(data=SimpleNamespace(synthetic=spec, path=str(out.train))))
     assert out.train.read_text() == expected and out.config.is_file()
+
+
+def test_an_interrupted_regeneration_does_not_pass_for_complete(tmp_path, monkeypatch):
+    """Regenerating over a complete set removes its marker first: killed half-way, the folder (old and
+    new images mixed) must not look complete to the next run."""
+    out = synth.generate_synthetic(tmp_path / "d", 8, size=32, seed=0, n_test=6)
+    assert synth.synthetic_complete(out.root)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synth, "_run_job", killed)
+    with pytest.raises(KeyboardInterrupt):
+        synth.generate_synthetic(out.root, 8, size=48, seed=0, n_test=6)
+    assert not synth.synthetic_complete(out.root)

@@ -587,6 +587,7 @@ def test_pipeline_stops_when_the_captioner_is_stopped(tmp_path, monkeypatch):
                                                                        "unicap.enabled=true"])
     summary = pl.run_pipeline(cfg)
     assert not summary["ok"] and "UniCap" in summary["stopped"] and "SIGTERM" in summary["stopped"]
+    assert summary["exit_code"] == 143  # what `lumina pipeline` exits with, as `lumina train` does
     assert calls["caption"] == [] and summary["stages"] == []
     record = json.loads((tmp_path / "out" / "unicap" / pl.STAGE_RECORD).read_text())
     assert set(record) == {"fingerprint"}  # the next run resumes it, not moves it aside

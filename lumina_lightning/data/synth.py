@@ -633,6 +633,9 @@ def generate_synthetic(
     n_test = max(len(tags), n // 10) if n_test is None else int(n_test)
     root = Path(out_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
+    # the marker of a set generated before goes first: a regeneration interrupted half-way must not
+    # pass for complete (old and new images mixed) on the next run
+    (root / COMPLETE_MARKER).unlink(missing_ok=True)
 
     def jobs_for(split: str, count: int) -> list[_Job]:
         chunk = 500

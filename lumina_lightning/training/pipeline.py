@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -300,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as err:
         print(f"pipeline error: {err}", file=sys.stderr)
         return 2
+    if summary.get("stopped"):
+        return int(summary.get("exit_code") or 1)  # a signal's own code (130 / 143), as `lumina train`
     return 0 if summary.get("ok") else 1
 
 
@@ -387,6 +390,7 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
             result = train(loaded)
             if result.exit_code:
                 summary["stopped"] = f"stage {loaded.config.stage} stopped by {result.stopped_by_signal}"
+                summary["exit_code"] = result.exit_code  # 130 / 143: `lumina pipeline` exits with it
                 _write(out, summary)
                 return summary
             entry = {
@@ -614,6 +618,7 @@ def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any], smoke: bo
         if getattr(result, "exit_code", 0) or export is None:
             summary["stopped"] = (f"UniCap {loaded.config.stage} stopped by "
                                   f"{getattr(result, 'stopped_by_signal', None) or 'an early stop'}")
+            summary["exit_code"] = getattr(result, "exit_code", 0) or 1
             return None
         metrics, reused = getattr(result, "metrics", None), False
         _write_record(unicap_dir, {"fingerprint": fingerprint, "export_digest": _content_digest(export),
@@ -793,6 +798,9 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
             lines.append(f"  {t['name']}: {value}{iv}  {verdict}")
     uri = summary.get("tracking_uri")
     if uri:
-        lines += ["", f"MLflow runs: mlflow ui --backend-store-uri {uri}   (then open http://127.0.0.1:5000)"]
-    lines += [f"Gradio app:  lumina demo --ckpt {last['export']}", f"summary:     {out / 'summary.json'}"]
+        lines += ["", f"MLflow runs: mlflow ui --backend-store-uri {shlex.quote(str(uri))}   (then open "
+                  "http://127.0.0.1:5000)"]
+    # quoted: a path with spaces pasted as printed must still be one argument
+    lines += [f"Gradio app:  lumina demo --ckpt {shlex.quote(str(last['export']))}",
+              f"summary:     {out / 'summary.json'}"]
     print("\n".join(lines), flush=True)
