@@ -682,3 +682,23 @@ def test_data_patch_must_be_a_multiple_of_one_tokens_pixels(tmp_path):
         load_recipe(recipe, ["autoencoder.kind=conv", f"autoencoder.path={tmp_path / 'later'}",
                              "autoencoder.train={steps: 1}", "data.patch=8"])
     assert load_recipe(recipe, ["data.patch=4"]).config.data.patch == 4  # a multiple (coarser buckets) is fine
+
+
+def test_a_pipeline_interrupted_after_training_leaves_no_finished_summary(tmp_path, monkeypatch):
+    """Ctrl-C during an evaluation (or TeaCache calibration): summary.json must not keep the previous
+    run's "ok": true."""
+    from lumina_lightning.training import pipeline as pl
+
+    _stub_stages(monkeypatch, tmp_path)
+    out = tmp_path / "out"
+    path = _two_stage_pipeline(tmp_path / "p.yaml", out)
+    assert pl.run_pipeline(pl.load_pipeline_config(path))["ok"]
+    assert json.loads((out / "summary.json").read_text())["ok"] is True
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pl, "_evaluate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pl.run_pipeline(pl.load_pipeline_config(path, ["eval.enabled=true"]))
+    assert json.loads((out / "summary.json").read_text())["ok"] is False

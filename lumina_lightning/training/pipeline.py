@@ -328,6 +328,9 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"name": cfg.name, "smoke": smoke, "stages": [], "ok": False}
+    # written now, so a run interrupted anywhere (a stage, TeaCache calibration, an evaluation) leaves
+    # "ok": false, never the previous run's finished summary
+    _write(out, {**summary, "started": time.strftime("%Y-%m-%d %H:%M:%S")})
 
     t0 = time.perf_counter()
     synth = _synthetic(cfg.synthetic)
@@ -732,7 +735,9 @@ def judge_targets(targets: Targets, summary: dict[str, Any]) -> list[dict[str, A
 
 
 def _write(out: Path, summary: dict[str, Any]) -> None:
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    from lumina_lightning.fileio import atomic_write_text
+
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str))
 
 
 def _fmt_score(result: dict[str, Any] | None, interval: bool = False) -> str:
