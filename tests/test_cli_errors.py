@@ -21,6 +21,7 @@ def bad(tmp_path):
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "index.json").write_text("{}")  # a cache already there
     (tmp_path / "latin1.yaml").write_bytes("stage: caf\xe9\n".encode("latin-1"))  # not UTF-8
+    (tmp_path / "latin1.jsonl").write_bytes('\n{"image": "caf\xe9.png"}\n'.encode("latin-1"))  # line 2
     return tmp_path
 
 
@@ -63,6 +64,7 @@ def test_sample_bad_inputs(argv, message, bad, capsys):
     pytest.param(["--ckpt", "{d}/x.ckpt", "--prompts", "{d}/afile", "--device", "cuda"],
                  "--device cuda but no CUDA GPU is visible", marks=_NO_CUDA),
     (["--ckpt", "{d}/x.ckpt", "--prompts", "{d}/afile", "--device", "bogus"], "--device bogus is not a device"),
+    (["--ckpt", "{d}/x.ckpt", "--prompts", "{d}/latin1.jsonl"], "latin1.jsonl:2: not UTF-8 text"),
 ])
 def test_eval_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.eval.cli import main
@@ -92,6 +94,7 @@ def test_convert_bad_inputs(argv, message, bad, capsys):
     (["recipes/tiny/stage1_lowres.yaml", "trainer.checkpoint_every_n_steps=0"],
      "`trainer.checkpoint_every_n_steps` must be >= 1"),
     (["recipes/tiny/stage1_lowres.yaml", "validation.every_n_steps=-1"], "`validation.every_n_steps` must be >= 0"),
+    (["recipes/tiny/stage1_lowres.yaml", "output_dir={d}/my run #2"], "would read ' #' as the start of a comment"),
 ])
 def test_train_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.training.run import main
@@ -123,6 +126,8 @@ def test_pipeline_bad_inputs(argv, message, bad, capsys):
       "--vae", "{d}/nope"], "--out {d}/cache already holds a cache; pass --append"),
     (["cache", "--data", "{d}/adir", "--out", "{d}/c", "--resolution", "32", "--text-encoder", "minilm",
       "--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+    (["inspect", "{d}/latin1.jsonl"], "latin1.jsonl:2: not UTF-8 text"),
+    (["inspect", "{d}/latin1.yaml"], "latin1.yaml: not UTF-8 text"),
 ])
 def test_data_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.data.cli import main

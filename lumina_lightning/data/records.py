@@ -215,15 +215,31 @@ def parse_record(
     )
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    with open(path, "r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
+def not_utf8(path: str | os.PathLike, err: UnicodeDecodeError, line: int | None = None) -> str:
+    """The message for a text input that is not UTF-8: the file (and line), the byte, what to do."""
+    where = f"{path}:{line}" if line else str(path)
+    return f"{where}: not UTF-8 text ({err.reason} at byte {err.start}{' of the line' if line else ''}); save it as UTF-8"
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file, decoded line by line, so that a byte that is not UTF-8
+    is reported at its own line (a text-mode read decodes in chunks and cannot say which)."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
             try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ManifestError(f"{path}:{lineno}: malformed JSON line ({err.msg} at column {err.colno})") from err
+                yield lineno, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ManifestError(not_utf8(path, err, lineno)) from None
+
+
+def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield lineno, json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{path}:{lineno}: malformed JSON line ({err.msg} at column {err.colno})") from err
 
 
 def read_manifest(
@@ -249,6 +265,8 @@ def read_manifest(
             data = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as err:
             raise ManifestError(f"{path}:{err.lineno}: malformed JSON ({err.msg})") from err
+        except UnicodeDecodeError as err:
+            raise ManifestError(not_utf8(path, err)) from None
         if not isinstance(data, list):
             raise ManifestError(f"{path}: a .json manifest must hold a list of records")
         for i, obj in enumerate(data):
@@ -359,6 +377,8 @@ def _read_data_yaml(path: Path, root: str | None, system: str | None, stack: tup
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ManifestError(f"{path}: malformed YAML ({err})") from err
+    except UnicodeDecodeError as err:
+        raise ManifestError(not_utf8(path, err)) from None
     except OSError as err:
         raise ManifestError(f"{path}: cannot read ({err.strerror or err})") from err
     if not isinstance(data, dict) or not isinstance(data.get("META"), list) or not data["META"]:

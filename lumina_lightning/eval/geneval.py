@@ -64,18 +64,19 @@ def tag_order(tags: Iterable[str]) -> list[str]:
 
 def read_metadata(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Prompt specs from a GenEval-format JSONL file (one JSON object per non-empty line)."""
+    from lumina_lightning.data.records import text_lines
+
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            text = line.strip()
-            if not text:
-                continue
-            try:
-                row = json.loads(text)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
-            check_spec(row, f"{path}:{n}")
-            rows.append(row)
+    for n, line in text_lines(path):  # a byte that is not UTF-8 is reported with its line
+        text = line.strip()
+        if not text:
+            continue
+        try:
+            row = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: invalid JSON ({err.msg})") from None
+        check_spec(row, f"{path}:{n}")
+        rows.append(row)
     if not rows:
         raise ValueError(f"{path}: no prompts")
     return rows

@@ -140,7 +140,9 @@ def read_prompts(args: argparse.Namespace) -> list[dict[str, Any]]:
             # which made the first line neither JSON nor a clean prompt
             lines = path.read_text(encoding="utf-8-sig").splitlines()
         except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+            from lumina_lightning.data.records import not_utf8
+
+            raise ValueError(not_utf8(path, err)) from None
         n_per_prompt = max(int(getattr(args, "n_per_prompt", 1) or 1), 1)
         for n, line in enumerate(lines, 1):
             text = line.strip()

@@ -240,7 +240,9 @@ def _load_file(path: Path, stack: tuple[Path, ...], files: list[Path], schema: t
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError as err:
-        raise RecipeError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8") from None
+        from lumina_lightning.data.records import not_utf8
+
+        raise RecipeError(not_utf8(path, err)) from None
     if not isinstance(data, dict):
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     defaults = data.pop("defaults", []) or []
@@ -265,8 +267,14 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key = key.strip().lstrip("+")
     if not key:
         raise RecipeError(f"{COMMAND_LINE}: override {item!r} has an empty key")
+    stripped = raw.strip()
+    if (" #" in raw or stripped.startswith("#")) and stripped[:1] not in ("'", '"'):
+        # YAML reads " #" as the start of a comment: `output_dir=/runs/my run #2` would silently
+        # become "/runs/my run"
+        raise RecipeError(f"{COMMAND_LINE}: in override {item!r}, YAML would read ' #' as the start of a comment "
+                          f"and cut the value; quote it: {key}='\"{raw}\"'")
     try:
-        value = load_yaml(raw) if raw.strip() else None
+        value = load_yaml(raw) if stripped else None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
