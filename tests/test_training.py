@@ -618,3 +618,54 @@ def test_a_run_resumed_after_a_stop_keeps_saving_to_last_ckpt(tmp_path):
     assert resumed.global_step == 6
     assert sorted(p.name for p in ckpts.glob("last*")) == ["last.ckpt"]
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 6
+
+
+def test_last_ckpt_holds_the_final_step_of_a_run_that_ends_between_saves(tmp_path):
+    """max_steps 5 with a save every 3 steps: Lightning alone leaves last.ckpt at step 3, so a later
+    resume=auto (a raised max_steps) would go back and train steps 4-5 again."""
+    recipe = tiny_recipe(tmp_path, trainer={"max_steps": 5, "checkpoint_every_n_steps": 3})
+    result = run(recipe)
+    ckpts = tmp_path / "run" / "checkpoints"
+    assert result.global_step == 5
+    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 5
+    assert sorted(p.name for p in ckpts.glob("last*")) == ["last.ckpt"]
+
+
+def test_a_stop_writes_last_ckpt_once(tmp_path):
+    """GracefulStop saves last.ckpt at the stop; the end of training must not write it a second time
+    (a 2.6B checkpoint twice in a scheduler's grace period)."""
+    import os
+
+    import lightning.pytorch as pl
+
+    from lumina_lightning.training import callbacks
+
+    class SignalAt(pl.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 2:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    writes = []
+    original = callbacks.atomic_write
+
+    def counting(target, write):
+        writes.append(Path(target).name)
+        return original(target, write)
+
+    recipe = tiny_recipe(tmp_path, trainer={"max_steps": 100, "checkpoint_every_n_steps": 1000})
+    callbacks.atomic_write = counting
+    try:
+        stopped = run(recipe, extra_callbacks=[SignalAt()])
+    finally:
+        callbacks.atomic_write = original
+    assert stopped.exit_code == 143
+    assert writes.count("last.ckpt") == 1, writes
+
+
+def test_step_checkpoint_keeps_model_checkpoint_state_key():
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lumina_lightning.training.callbacks import StepCheckpoint
+
+    kwargs = dict(every_n_train_steps=3, monitor="step", mode="max", save_last=True)
+    assert StepCheckpoint(**kwargs).state_key == ModelCheckpoint(**kwargs).state_key

@@ -4,6 +4,9 @@
   renamed into place, so killing the process mid-save leaves the previous checkpoint intact.
   (Lightning's ``TorchCheckpointIO`` goes through an fsspec transaction whose local behaviour is not
   documented as atomic; we make the guarantee explicit and test it.)
+* :class:`StepCheckpoint` — Lightning's ``ModelCheckpoint`` whose ``last.ckpt`` also holds the final
+  step of a run that ends between two periodic saves (Lightning writes "last" at the end only when
+  no "last" was written during the run, so it lagged the final step by up to the save cadence).
 * :class:`GracefulStop` — SIGTERM (schedulers, ``kill``) and the first Ctrl-C ask the run to stop at
   the next step boundary; a checkpoint is written there, and the run exits cleanly. A second
   Ctrl-C interrupts immediately. Lightning's own SIGTERM handling is replaced because it stops
@@ -17,11 +20,12 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lumina_lightning.fileio import atomic_write
 
@@ -38,6 +42,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_write(target, lambda tmp: torch.save(checkpoint, tmp))
 
 
+class StepCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` that brings ``last.ckpt`` up to the final step when training ends.
+
+    Lightning 2.6's ``on_train_end`` saves "last" only if no "last" was saved during the run, so a
+    run whose ``max_steps`` (or ``max_time``) is not a multiple of the save cadence left ``last.ckpt``
+    up to ``every_n_train_steps - 1`` steps behind its export: a later ``resume=auto`` (a raised
+    ``max_steps``, a pipeline re-export) went back and retrained those steps. ``saved_elsewhere(step)``
+    says whether another callback (:class:`GracefulStop`) already wrote ``last.ckpt`` at that step,
+    so a stop on a scheduler's grace period does not write the same checkpoint twice.
+    """
+
+    def __init__(self, *args: Any, saved_elsewhere: Callable[[int], bool] = lambda step: False,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._saved_elsewhere = saved_elsewhere
+
+    @property
+    def state_key(self) -> str:
+        # the key Lightning stores this callback's state under names the class: keep ModelCheckpoint's,
+        # so checkpoints written before this subclass resume with their checkpoint bookkeeping
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # _should_skip_saving_checkpoint is True where this callback already saved at this step
+        if (not self.save_last or self._should_skip_saving_checkpoint(trainer)
+                or self._saved_elsewhere(trainer.global_step)):
+            return
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
 class GracefulStop(pl.Callback):
     """Stop at the next step boundary on SIGTERM / first Ctrl-C, saving ``last.ckpt`` first."""
 
@@ -47,6 +81,7 @@ class GracefulStop(pl.Callback):
         self.checkpoint_path = Path(checkpoint_path)
         self.requested: signal.Signals | None = None
         self.saved_to: Path | None = None
+        self.saved_at_step: int | None = None
         self._previous: dict[int, Any] = {}
 
     # -- signal plumbing --------------------------------------------------------------------------
@@ -96,7 +131,7 @@ class GracefulStop(pl.Callback):
         if self.requested is None:  # another rank got the signal
             self.requested = signal.SIGTERM
         trainer.save_checkpoint(self.checkpoint_path)
-        self.saved_to = self.checkpoint_path
+        self.saved_to, self.saved_at_step = self.checkpoint_path, trainer.global_step
         trainer.should_stop = True
         if trainer.is_global_zero:
             log.warning("stopped by %s at step %d; checkpoint saved to %s — resume with `resume=auto`",

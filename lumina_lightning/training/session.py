@@ -136,14 +136,14 @@ def make_trainer(cfg: Any, *, strategy: Any, logger: Any, out: Path, ckpt_dir: P
     whether a signal ended the run).
     """
     import lightning.pytorch as pl
-    from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+    from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from lumina_lightning.training.callbacks import AtomicCheckpointIO, ConsoleProgress, GracefulStop
+    from lumina_lightning.training.callbacks import AtomicCheckpointIO, ConsoleProgress, GracefulStop, StepCheckpoint
     from lumina_lightning.training.parallelize import uses_fsdp2
 
     t = cfg.trainer
     stop = GracefulStop(ckpt_dir / "last.ckpt")
-    checkpoints = ModelCheckpoint(
+    checkpoints = StepCheckpoint(
         dirpath=ckpt_dir, filename="step={step:07d}", auto_insert_metric_name=False,
         every_n_train_steps=max(1, t.checkpoint_every_n_steps), save_top_k=t.keep_checkpoints,
         monitor="step", mode="max", save_last=True,
@@ -151,6 +151,7 @@ def make_trainer(cfg: Any, *, strategy: Any, logger: Any, out: Path, ckpt_dir: P
         # Lightning would then save later "last" checkpoints as last-v1.ckpt, last-v2.ckpt, ... and
         # last.ckpt, which resume=auto reads, would stay at the step of the stop for good
         enable_version_counter=False,
+        saved_elsewhere=lambda step: stop.saved_at_step == step,
     )
     callbacks = [checkpoints, stop, *(extra_callbacks or [])]
     callbacks.append(TQDMProgressBar(refresh_rate=1) if t.enable_progress_bar else ConsoleProgress(t.log_every_n_steps))
