@@ -9,8 +9,10 @@ Layouts (spec §2):
 * ``diffusers`` a ``Lumina2Transformer2DModel`` folder (``config.json`` + safetensors, sharded or not),
   a pipeline folder with ``transformer/``, or a single ``.safetensors`` with diffusers keys.
 * ``lightning`` a ``.ckpt`` written by our training module (raw and EMA weights + the config): a file
-  (single device, DDP) or the distributed ``*.ckpt/`` folder FSDP2 runs write (torch DCP, read whole
-  in one process, no process group needed).
+  (single device, DDP), the distributed ``*.ckpt/`` folder that FSDP2 (``fsdp``) and FSDP1 with
+  sharded state dicts (``fsdp1``) runs write (torch DCP), or the ``*.ckpt/`` folder of DeepSpeed
+  ZeRO-1/2/3 runs (read with DeepSpeed's own ``zero_to_fp32``). All are read whole in one process,
+  no process group needed.
 
 A checkpoint that does not fit the config fails with :class:`CheckpointMismatchError`, which lists
 missing, unexpected and shape-mismatched keys; nothing is ever half-loaded.
@@ -89,10 +91,34 @@ def transformer_folder(path: Path) -> Path:
 
 
 def is_distributed_checkpoint(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a distributed (sharded) training checkpoint: the ``*.ckpt/`` folder that
-    FSDP2 runs (Lightning's ``ModelParallelStrategy``) write, with torch DCP's ``.metadata``."""
+    """Whether ``path`` is a distributed (sharded) training checkpoint: the ``*.ckpt/`` folder with
+    torch DCP's ``.metadata`` that FSDP2 runs (Lightning's ``ModelParallelStrategy``) and FSDP1 runs
+    (``FSDPStrategy(state_dict_type="sharded")``) write."""
     path = Path(path)
     return path.suffix.lower() == ".ckpt" and path.is_dir() and (path / ".metadata").is_file()
+
+
+# What Lightning's DeepSpeedStrategy.save_checkpoint writes: the engine's save_checkpoint(tag="checkpoint"),
+# i.e. a folder with DeepSpeed's `latest` (the tag's name) and the tag folder holding the model states
+# (plus our client state: nextdit_config, lumina_pipeline, ...) and the ZeRO optimizer shards.
+DEEPSPEED_LATEST = "latest"
+DEEPSPEED_TAG = "checkpoint"
+
+
+def is_deepspeed_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is the checkpoint folder a DeepSpeed run (ZeRO-1/2/3) writes: DeepSpeed's
+    ``latest`` file, or a ``checkpoint/`` tag folder with model states (not any folder of that name)."""
+    path = Path(path)
+    return path.is_dir() and ((path / DEEPSPEED_LATEST).is_file()
+                              or any((path / DEEPSPEED_TAG).glob("*_model_states.pt")))
+
+
+def is_training_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a training checkpoint of any strategy: a ``.ckpt`` file (single device,
+    DDP), a distributed folder (FSDP2, FSDP1) or a DeepSpeed folder."""
+    path = Path(path)
+    return (path.suffix.lower() == ".ckpt" and path.is_file()) or is_distributed_checkpoint(path) \
+        or is_deepspeed_checkpoint(path)
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -101,7 +127,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if not path.exists():
         raise FileNotFoundError(f"no checkpoint at {path}")
     if path.is_dir():
-        if is_distributed_checkpoint(path):
+        if is_distributed_checkpoint(path) or is_deepspeed_checkpoint(path):
             return "lightning"
         cfg = path / "config.json"
         if cfg.is_file():
@@ -115,7 +141,7 @@ def detect_format(path: str | os.PathLike) -> str:
         raise ValueError(
             f"{path} is a directory but holds no known Next-DiT checkpoint "
             f"(expected {OFFICIAL_WEIGHTS}, a diffusers config.json for {DIFFUSERS_CLASS}, our config.json, "
-            "or a distributed training checkpoint's .metadata)"
+            "a distributed training checkpoint's .metadata, or a DeepSpeed checkpoint's 'latest')"
         )
     suffix = path.suffix.lower()
     if suffix == ".ckpt":
@@ -161,11 +187,12 @@ def _safetensors_metadata(file: Path) -> dict[str, str]:
         return f.metadata() or {}
 
 
-def _torch_load(path: Path) -> Any:
+def _torch_load(path: Path, allowed: Iterable[Any] = ()) -> Any:
     # weights_only=True: official .pth files are pickles; never run arbitrary code from a download.
+    # ``allowed``: further plain-data classes the file may hold (DeepSpeed's, see _deepspeed_safe_globals).
     import pickle
 
-    with torch.serialization.safe_globals([argparse.Namespace]):
+    with torch.serialization.safe_globals([argparse.Namespace, *allowed]):
         try:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as err:
@@ -333,13 +360,19 @@ def _read_diffusers(path: Path, ema: bool | str, overrides: dict[str, Any]) -> t
 
 def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The entries of a training checkpoint besides its weights (``nextdit_config``, ``lumina_pipeline``,
-    ``global_step``, ...): of a ``.ckpt`` file, or of a distributed ``*.ckpt/`` folder (its ``meta.pt``).
+    ``global_step``, ...): of a ``.ckpt`` file, of a distributed ``*.ckpt/`` folder (its ``meta.pt``),
+    or of a DeepSpeed folder (Lightning stores them as DeepSpeed's client state, in rank 0's model states).
 
     Loaded with ``weights_only=True`` (our checkpoints hold only tensors, containers and plain
     values); a file that needs more is refused rather than unpickled (that could run arbitrary code).
     """
     path = Path(path)
-    file = path / "meta.pt" if is_distributed_checkpoint(path) else path
+    if is_distributed_checkpoint(path):
+        file = path / "meta.pt"
+    elif is_deepspeed_checkpoint(path):
+        file = _deepspeed_model_states(path)
+    else:
+        file = path
     if path.is_dir() and not file.is_file():
         raise ValueError(f"{path}: not a training checkpoint (a folder without .metadata and meta.pt)")
     try:
@@ -353,9 +386,9 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def _read_distributed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
-    """The tensors under ``state_dict.<prefix>`` of a distributed checkpoint folder, whole, read in
-    this process alone (no process group needed; none is used if one exists: every caller reads
-    the complete tensors)."""
+    """The tensors of the LightningModule's ``<prefix>`` submodule in a distributed checkpoint folder,
+    whole, read in this process alone (no process group needed; none is used if one exists: every
+    caller reads the complete tensors)."""
     import warnings
 
     import torch.distributed.checkpoint as dcp
@@ -363,18 +396,111 @@ def _read_distributed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
 
     reader = dcp.FileSystemReader(str(path))
     metadata = reader.read_metadata()
-    full = "state_dict." + prefix
-    state = {
-        key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        for key, meta in metadata.state_dict_metadata.items()
-        if key.startswith(full) and isinstance(meta, TensorStorageMetadata)
-    }
-    if not state:
+    tensors = {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
+    # Lightning files the module's state dict under "state_dict" (ModelParallelStrategy: FSDP2) or
+    # under "model" (FSDPStrategy with sharded state dicts: FSDP1); see their save_checkpoint. The
+    # optimizer's entries are "optimizer_<i>.*" in both, so neither root is mistaken for another.
+    for root in ("state_dict.", "model."):
+        full = root + prefix
+        state = {key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+                 for key, meta in tensors.items() if key.startswith(full)}
+        if state:
+            break
+    else:
         return {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "torch.distributed is ... uninitialized, assuming ... single process"
         dcp.load(state, storage_reader=reader, no_dist=True)
     return {k[len(full):]: v for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# DeepSpeed checkpoint folders
+# ------------------------------------------------------------------------------------------------
+
+
+def _deepspeed_tag_folder(path: Path) -> Path:
+    """The folder holding a DeepSpeed checkpoint's files: the tag its ``latest`` names (Lightning's
+    is always ``checkpoint``)."""
+    latest = path / DEEPSPEED_LATEST
+    tag = latest.read_text().strip() if latest.is_file() else DEEPSPEED_TAG
+    folder = path / tag
+    if not tag or Path(tag).name != tag or not folder.is_dir():
+        raise ValueError(f"{path}: DeepSpeed checkpoint whose {DEEPSPEED_LATEST} names the tag {tag!r}, but there is "
+                         f"no folder {folder} (incomplete or moved checkpoint)")
+    return folder
+
+
+def _deepspeed_model_states(path: Path) -> Path:
+    """Rank 0's model states in a DeepSpeed checkpoint, which hold Lightning's client state: one file
+    under ZeRO-1/2, one per rank under ZeRO-3 (DeepSpeed's file names; see zero_to_fp32.get_model_state_file)."""
+    folder = _deepspeed_tag_folder(path)
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        if (folder / name).is_file():
+            return folder / name
+    raise ValueError(f"{path}: DeepSpeed checkpoint without model states in {folder} (expected "
+                     "mp_rank_00_model_states.pt or zero_pp_rank_0_mp_rank_00_model_states.pt)")
+
+
+def _deepspeed_safe_globals() -> list[Any]:
+    """DeepSpeed's plain-data classes in its checkpoint files (the ZeRO stage enum, the loss scaler's
+    settings, a parameter's offset in the flat buffer): allowed when the files are read weights-only."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
+
+
+def _read_deepspeed(path: Path, prefix: str, module_state: Any) -> dict[str, torch.Tensor]:
+    """The tensors of the LightningModule's ``<prefix>`` submodule in a DeepSpeed checkpoint folder,
+    whole and in fp32 where DeepSpeed keeps an fp32 master copy (the trained parameters; frozen ones,
+    the EMA among them, are stored as trained), gathered from every rank's ZeRO shards by DeepSpeed's
+    own ``zero_to_fp32``, in this process alone. ``module_state``: the ``module`` entry of rank 0's
+    model states (see below)."""
+    try:
+        from deepspeed.utils import zero_to_fp32
+    except ImportError:
+        raise ValueError(f"{path} is a DeepSpeed checkpoint; reading it needs the deepspeed package "
+                         "(pip install 'lumina-lightning[deepspeed]')") from None
+    folder = _deepspeed_tag_folder(path)
+    # zero_to_fp32 unpickles every model-state and optimizer file with weights_only=False: each is
+    # first read weights-only here (mmap: no tensor data is read), so only plain data gets unpickled
+    allowed = _deepspeed_safe_globals()
+    for file in [*zero_to_fp32.get_model_state_files(str(folder)), *zero_to_fp32.get_optim_files(str(folder))]:
+        try:
+            _torch_load(Path(file), allowed)
+        except (RuntimeError, EOFError) as err:  # not a torch zip file at all, or truncated
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{file} is not a readable DeepSpeed checkpoint file ({first})") from None
+    with _captured_output("DeepSpeed's zero_to_fp32"):
+        lazy = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(path), tag=folder.name, lazy_mode=True)
+    # keys as Lightning's convert_zero_checkpoint_to_fp32_state_dict gives them: checkpoints of
+    # Lightning < 2.1 name the module through its "_forward_module." wrapper
+    lazy = {k.removeprefix("_forward_module."): v for k, v in lazy.items()}
+    # ZeRO-1 stores no frozen parameters apart (the engine's _save_checkpoint does from ZeRO-2 on), so
+    # zero_to_fp32 leaves them out; its module state holds every parameter whole, as trained. (Under
+    # ZeRO-3 that state holds empty placeholders, and zero_to_fp32 has every parameter.)
+    for key, value in (module_state if isinstance(module_state, dict) else {}).items():
+        key = key.removeprefix("_forward_module.")
+        if key not in lazy and isinstance(value, torch.Tensor) and value.numel() > 0:
+            lazy[key] = value
+    return {k[len(prefix):]: v.contiguous() for k, v in lazy.items() if k.startswith(prefix)}
+
+
+@contextlib.contextmanager
+def _captured_output(what: str) -> Iterator[None]:
+    """Keep a library's prints and progress bars (DeepSpeed prints each step of a conversion) out of
+    the command's output; they go to the debug log."""
+    import io
+
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer), contextlib.redirect_stderr(buffer):
+            yield
+    finally:
+        if buffer.getvalue().strip():
+            log.debug("%s: %s", what, buffer.getvalue().strip())
 
 
 def _read_lightning(path: Path, ema: bool | str, overrides: dict[str, Any]) -> tuple[dict[str, torch.Tensor], NextDiTConfig, bool]:
@@ -390,8 +516,14 @@ def _read_lightning(path: Path, ema: bool | str, overrides: dict[str, Any]) -> t
     prefix = ema_prefix if ema_prefix and ema in (True, "auto") else ckpt.get("nextdit_prefix", "model.")
     if is_distributed_checkpoint(path):
         state = _read_distributed(path, prefix)
+    elif is_deepspeed_checkpoint(path):
+        state = _read_deepspeed(path, prefix, ckpt.get("module"))
     else:
         state = {k[len(prefix):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
+    if not state and prefix == ema_prefix:
+        raise ValueError(f"{path}: records EMA weights under {prefix!r} but holds none (a DeepSpeed run with "
+                         "exclude_frozen_parameters=True leaves the frozen EMA out); load its raw weights "
+                         "(ema=False, --ema false, model.init_ema=raw)")
     if not state:
         raise ValueError(f"{path}: no weights under the prefix {prefix!r} in its state_dict")
     return state, config, bool(ema_prefix) and prefix == ema_prefix

@@ -15,8 +15,9 @@ Accepted by :func:`load_pipeline`:
 2. **a diffusers Lumina2 pipeline folder** — ``model_index.json`` with ``transformer/``, ``vae/``,
    ``text_encoder/``, ``tokenizer/`` (and ``scheduler/``, whose shift becomes the default shift of a
    call that names no preset; a named preset keeps its own shift, 6 for all three).
-3. **a lumina-lightning training ``.ckpt``** whose dict has a ``"lumina_pipeline"`` entry holding the
-   same JSON as ``pipeline.json`` (a dict or its JSON text).
+3. **a lumina-lightning training checkpoint** (a ``.ckpt`` file, or the ``*.ckpt/`` folder of an FSDP2,
+   FSDP1 or DeepSpeed run) whose dict has a ``"lumina_pipeline"`` entry holding the same JSON as
+   ``pipeline.json`` (a dict or its JSON text).
 4. **a bare transformer checkpoint** in any layout ``load_nextdit`` reads, plus explicit
    ``text_encoder=`` and ``vae=`` (a path, or ``"pixel"``).
 
@@ -43,7 +44,7 @@ from lumina_lightning.encoders.text import SYSTEM_PROMPTS, HFTextEncoder, TextEn
 from lumina_lightning.models.config import NextDiTConfig
 from lumina_lightning.models.io import (
     detect_format,
-    is_distributed_checkpoint,
+    is_training_checkpoint,
     load_nextdit,
     read_checkpoint_meta,
     save_nextdit,
@@ -124,7 +125,7 @@ def source_spec(path: str | os.PathLike) -> dict[str, Any] | None:
     p = Path(path)
     if p.is_dir() and (p / PIPELINE_JSON).is_file():
         return json.loads((p / PIPELINE_JSON).read_text())
-    if p.suffix == ".ckpt" and (p.is_file() or is_distributed_checkpoint(p)):
+    if is_training_checkpoint(p):
         return _read_ckpt_spec(p)
     return None
 
@@ -349,8 +350,8 @@ def _override_vae(value: Any, saved: dict[str, Any] | None = None) -> Any:
 
 
 def _read_ckpt_spec(path: Path) -> dict[str, Any] | None:
-    """The pipeline spec a training checkpoint (a ``.ckpt`` file or an FSDP2 ``*.ckpt/`` folder) records,
-    read weights-only (see ``models.io.read_checkpoint_meta``)."""
+    """The pipeline spec a training checkpoint (a ``.ckpt`` file, or an FSDP2, FSDP1 or DeepSpeed
+    ``*.ckpt/`` folder) records, read weights-only (see ``models.io.read_checkpoint_meta``)."""
     try:
         ckpt = read_checkpoint_meta(path)
     except (OSError, ValueError) as err:
@@ -370,7 +371,7 @@ def describe(path: str | os.PathLike) -> str:
         return "pipeline"
     if p.is_dir() and (p / DIFFUSERS_INDEX).is_file():
         return "diffusers"
-    if p.suffix == ".ckpt" and (p.is_file() or is_distributed_checkpoint(p)):
+    if is_training_checkpoint(p):
         return "ckpt"
     detect_format(p)  # raises a clear error for anything that is no checkpoint at all
     return "transformer"
