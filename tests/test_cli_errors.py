@@ -5,6 +5,7 @@ Every case here fails before any model loads, so the whole file runs in seconds.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -22,6 +23,18 @@ def bad(tmp_path):
     (tmp_path / "cache" / "index.json").write_text("{}")  # a cache already there
     (tmp_path / "latin1.yaml").write_bytes("stage: caf\xe9\n".encode("latin-1"))  # not UTF-8
     (tmp_path / "latin1.jsonl").write_bytes('\n{"image": "caf\xe9.png"}\n'.encode("latin-1"))  # line 2
+    # synthetic manifests (test.jsonl) that the detector validation cannot use
+    row = {"image": "nope.png", "meta": {"tag": "single_object", "prompt": "a photo of a circle",
+                                         "include": [{"class": "circle", "count": 1}]}}
+    (tmp_path / "badline.jsonl").write_text(f'{{"image": "a.png"}}\n\n{{"image": "b.png"}}\n{{"image": oops\n')
+    (tmp_path / "list.jsonl").write_text('{"image": "a.png"}\n[1, 2]\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "untagged.jsonl").write_text('{"image": "a.png", "caption": "a red circle"}\n')
+    (tmp_path / "noinclude.jsonl").write_text(json.dumps({**row, "meta": {**row["meta"], "include": []}}) + "\n")
+    (tmp_path / "nosize.jsonl").write_text(json.dumps(row) + "\n")
+    for name, text in (("pairbad", '{"tag": "colors", "correct": true}\n{oops\n'), ("pairrow", '{"image": "a.png"}\n')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.jsonl").write_text(text)  # an earlier eval's output, damaged
     return tmp_path
 
 
@@ -65,6 +78,22 @@ def test_sample_bad_inputs(argv, message, bad, capsys):
                  "--device cuda but no CUDA GPU is visible", marks=_NO_CUDA),
     (["--ckpt", "{d}/x.ckpt", "--prompts", "{d}/afile", "--device", "bogus"], "--device bogus is not a device"),
     (["--ckpt", "{d}/x.ckpt", "--prompts", "{d}/latin1.jsonl"], "latin1.jsonl:2: not UTF-8 text"),
+    # a manifest is read line by line before any image is scored or any model loads: its own file:line
+    (["--validate-detector", "--manifest", "{d}/badline.jsonl"], "{d}/badline.jsonl:4: malformed JSON line"),
+    (["--images", "{d}/adir", "--manifest", "{d}/badline.jsonl"], "{d}/badline.jsonl:4: malformed JSON line"),
+    (["--ckpt", "{d}/x.ckpt", "--prompts", "{d}/afile", "--manifest", "{d}/badline.jsonl"],
+     "{d}/badline.jsonl:4: malformed JSON line"),
+    (["--ckpt", "{d}/x.ckpt", "--prompts", "{d}/afile", "--paired-with", "{d}/pairbad"],
+     "{d}/pairbad/results.jsonl:2: malformed JSON line"),
+    (["--ckpt", "{d}/x.ckpt", "--prompts", "{d}/afile", "--paired-with", "{d}/pairrow"],
+     "{d}/pairrow/results.jsonl:1: not a `lumina eval` result (no 'tag' and 'correct')"),
+    (["--images", "{d}/adir", "--paired-with", "{d}/pairbad"], "{d}/pairbad/results.jsonl:2: malformed JSON line"),
+    (["--validate-detector", "--manifest", "{d}/list.jsonl"], "{d}/list.jsonl:2: not a JSON object"),
+    (["--validate-detector", "--manifest", "{d}/empty.jsonl"], "{d}/empty.jsonl: no records with GenEval metadata"),
+    (["--validate-detector", "--manifest", "{d}/untagged.jsonl"], "{d}/untagged.jsonl: no records with GenEval"),
+    (["--validate-detector", "--manifest", "{d}/noinclude.jsonl"], "{d}/noinclude.jsonl:1: meta: 'include' must be"),
+    (["--validate-detector", "--manifest", "{d}/nosize.jsonl"],
+     "{d}/nosize.jsonl:1: image {d}/nope.png does not exist, and without 'width' and 'height'"),
 ])
 def test_eval_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.eval.cli import main
@@ -78,11 +107,40 @@ def test_eval_bad_inputs(argv, message, bad, capsys):
     (["{d}/x.safetensors", "{d}/o", "--to", "lumina"], "x.safetensors is not a readable .safetensors file"),
     (["{d}/x.ckpt", "{d}/afile", "--to", "lumina"], "DST {d}/afile is a file, not a folder"),
     (["{d}/x.ckpt", "{d}/x.safetensors", "--to", "official"], "is a file, not a folder"),
+    # --set values are checked against the config field's type before the (slow) read
+    (["{d}/x.ckpt", "{d}/o", "--to", "lumina", "--set", "axes_dims=abc"],
+     "--set axes_dims: expected a list of 3 integers >= 1 (e.g. axes_dims=[32,32,32]), got 'abc'"),
+    (["{d}/x.ckpt", "{d}/o", "--to", "lumina", "--set", "axes_dims=[4,6"], "--set axes_dims: expected a list of 3"),
+    (["{d}/x.ckpt", "{d}/o", "--to", "lumina", "--set", "patch_size=abc"],
+     "--set patch_size: expected an integer >= 1, got 'abc'"),
+    (["{d}/x.ckpt", "{d}/o", "--to", "lumina", "--set", "multiple_of=0"],
+     "--set multiple_of: expected an integer >= 1, got 0"),
+    (["{d}/x.ckpt", "{d}/o", "--to", "lumina", "--set", "n_heads=2.5"], "--set n_heads: expected an integer >= 1"),
+    (["{d}/x.ckpt", "{d}/o", "--to", "lumina", "--set", "ffn_dim_multiplier=abc"],
+     "--set ffn_dim_multiplier: expected a number > 0 or null, got 'abc'"),
+    (["{d}/x.ckpt", "{d}/o", "--to", "lumina", "--set", "norm_eps=-1"], "--set norm_eps: expected a number > 0"),
+    (["{d}/x.ckpt", "{d}/o", "--to", "lumina", "--set", "qk_norm=1"], "--set qk_norm: expected true or false"),
+    (["{d}/x.ckpt", "{d}/o", "--to", "lumina", "--set", "axis_dims=[4,6,6]"],
+     "--set axis_dims: not a Next-DiT config field (did you mean axes_dims?)"),
+    (["{d}/x.ckpt", "{d}/o", "--to", "lumina", "--set", "axes_dims"], "--set expects FIELD=VALUE, got 'axes_dims'"),
 ])
 def test_convert_bad_inputs(argv, message, bad, capsys):
     from lumina_lightning.models.convert_cli import main
 
     assert message.format(d=bad) in _run(main, argv, capsys, bad)
+
+
+@pytest.mark.parametrize("src, message", [
+    ("{d}/nope", "no checkpoint or pipeline at {d}/nope"),
+    ("{d}/adir", "{d}/adir is a directory but holds no known Next-DiT checkpoint"),
+    ("{d}/afile", "{d}/afile: unknown checkpoint file type"),
+])
+def test_convert_bad_source_is_the_only_line(src, message, bad, capsys):
+    """Named before the progress bar starts: no half-drawn bar in front of the message."""
+    from lumina_lightning.models.convert_cli import main
+
+    err = _run(main, [src, "{d}/o", "--to", "lumina"], capsys, bad)
+    assert err.startswith(f"lumina convert: {message.format(d=bad)}") and err.count("\n") == 1, err
 
 
 @pytest.mark.parametrize("argv, message", [

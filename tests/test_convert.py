@@ -476,3 +476,40 @@ def test_distributed_training_checkpoint_folder_loads_and_converts(tmp_path, cap
     (tmp_path / "empty.ckpt").mkdir()
     with pytest.raises(ValueError, match="no known Next-DiT checkpoint"):
         detect_format(tmp_path / "empty.ckpt")
+
+
+def test_convert_set_values_are_typed_as_recipe_overrides_are(tmp_path, capsys):
+    """`--set norm_eps=1e-6` is a number, as in a recipe (PyYAML's YAML 1.1 reads it as a string, which
+    reached config.json as "1e-6"); a value of the wrong type is refused before the read."""
+    import json
+
+    model = randomised(NextDiT(make_config(dim=96, n_heads=6, n_kv_heads=2, n_layers=2, n_refiner_layers=1,
+                                           axes_dims=[4, 6, 6], multiple_of=16, cap_feat_dim=40)))
+    (tmp_path / "src").mkdir()
+    torch.save(model.state_dict(), tmp_path / "src" / "consolidated.00-of-01.pth")
+    argv = ["convert", str(tmp_path / "src"), str(tmp_path / "out"), "--to", "lumina", "--set", "axes_dims=[4, 6, 6]",
+            "--set", "axes_lens=[300,64,64]"]
+    assert lumina_main([*argv, "--set", "norm_eps=1e-6"]) == 0
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["norm_eps"] == 1e-6 and written["axes_dims"] == [4, 6, 6]
+    assert lumina_main([*argv, "--set", "norm_eps=tiny"]) == 2
+    assert "--set norm_eps: expected a number > 0, got 'tiny'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", [[], ["--transformer-only"]])
+def test_a_training_checkpoint_converts_to_its_transformer_alone_and_says_so(tmp_path, capsys, flag):
+    """--transformer-only picks the transformer over a whole Lumina2Pipeline for a pipeline folder; a
+    training checkpoint is read weights-only, so it converts to its transformer alone with or without
+    the flag, and the summary line says so (and where a whole pipeline comes from)."""
+    import json
+
+    model = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 1,
+                "nextdit_config": model.config.to_dict(), "nextdit_prefix": "model.", "nextdit_ema_prefix": None},
+               tmp_path / "last.ckpt")
+    assert lumina_main(["convert", str(tmp_path / "last.ckpt"), str(tmp_path / "out"), "--to", "diffusers", *flag]) == 0
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["_class_name"] == "Lumina2Transformer2DModel"
+    assert not (tmp_path / "out" / "model_index.json").exists()
+    out = capsys.readouterr().out
+    assert "(diffusers: the transformer alone, a Lumina2Transformer2DModel folder;" in out
+    assert "a pipeline folder (a run's export/) converts to a whole Lumina2Pipeline" in out

@@ -176,3 +176,18 @@ def test_caller_root_is_relative_to_the_cwd_for_manifests_and_data_yamls(tmp_pat
     assert load_records("meta/mix.yaml", root="imgs").records[0].image == want
     # a root written inside the YAML stays relative to the YAML's folder, and wins over the caller's
     assert load_records("meta/own.yaml", root="imgs").records[0].image == str(tmp_path / "meta" / "pics" / "a.png")
+
+
+def test_data_yaml_key_given_twice_names_the_file_key_and_both_lines(tmp_path):
+    """YAML keeps the last of two equal keys: a second `META:` would drop every source of the first
+    silently, a second `ratio:` the intended weight."""
+    import re
+
+    _jsonl(tmp_path / "a.jsonl", [{"image": "a.png", "caption": "a"}])
+    mix = tmp_path / "mix.yaml"
+    mix.write_text("META:\n  - path: a.jsonl\nMETA:\n  - path: a.jsonl\n")
+    with pytest.raises(ManifestError, match=rf"^{re.escape(str(mix))}: duplicate key `META` at lines 1 and 3"):
+        read_data_yaml(mix)
+    mix.write_text("META:\n  - path: a.jsonl\n    ratio: 2\n    ratio: 0.5\n")
+    with pytest.raises(ManifestError, match=r"mix\.yaml: duplicate key `META\[0\].ratio` at lines 3 and 4"):
+        load_records(mix)

@@ -365,3 +365,14 @@ def test_undersized_credits_hand_computed():
     assert u["accuracy_without"] == {"single_object": pytest.approx(1 / 3), "two_object": 0.0, "colors": 0.0}
     assert u["overall_without"] == pytest.approx(1 / 9)
     assert undersized_credits([], {})["share"] is None
+
+
+def test_validate_detector_names_a_damaged_manifest_line(tmp_path):
+    """Called from Python (not only through the CLI's up-front check), a bad line is named by file
+    and line; json.loads of one line alone would say "line 1"."""
+    from lumina_lightning.data.records import ManifestError
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png"}\n\n{"image": "b.png", "meta": \n')
+    with pytest.raises(ManifestError, match=r"bad\.jsonl:3: malformed JSON line"):
+        validate_detector(bad)

@@ -557,3 +557,18 @@ def test_rescoring_images_honours_the_manifest_and_refuses_val_records(evaluated
         eval_main(["--images", str(src / "images"), "--out", str(tmp_path / "c"), "--manifest", str(data.test),
                    "--val-records", "5"])
     assert exit_.value.code == 2 and "--val-records would be ignored" in capsys.readouterr().err
+
+
+def test_a_damaged_manifest_is_named_by_file_and_line_before_generating(pipe, data, tmp_path):
+    """The detector validation reads the manifest after every image was generated, and `json.loads` of
+    one line said "line 1" whichever line it was: the line is named, and nothing is generated."""
+    from lumina_lightning.data.records import ManifestError
+
+    lines = data.test.read_text().splitlines()
+    lines[2] = lines[2][:40]  # a line cut short, as by an interrupted copy
+    manifest = tmp_path / "test.jsonl"
+    manifest.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    with pytest.raises(ManifestError, match=rf"{re.escape(str(manifest))}:3: malformed JSON line"):
+        evaluate(pipe, data.test_geneval, out, max_prompts=1, manifest=manifest, **QUICK)
+    assert not (out / "images").exists()

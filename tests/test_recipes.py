@@ -702,3 +702,73 @@ def test_a_pipeline_interrupted_after_training_leaves_no_finished_summary(tmp_pa
     with pytest.raises(KeyboardInterrupt):
         pl.run_pipeline(pl.load_pipeline_config(path, ["eval.enabled=true"]))
     assert json.loads((out / "summary.json").read_text())["ok"] is False
+
+
+# -- a key given twice ---------------------------------------------------------------------------------
+# YAML keeps the last of two equal keys and drops the first silently: a pasted second `optim:` section
+# would train with half the settings. Every YAML a user writes is refused with the file, the key path
+# and both lines instead.
+
+
+def test_a_recipe_key_given_twice_names_the_file_key_and_both_lines(tmp_path):
+    import re
+
+    recipe = tmp_path / "dup.yaml"
+    recipe.write_text("stage: x\nautoencoder: {kind: pixel}\noptim:\n  lr: 0.5\ntrainer:\n  max_steps: 3\n"
+                      "optim:\n  weight_decay: 0.1\n")
+    with pytest.raises(RecipeError, match=rf"^{re.escape(str(recipe))}: duplicate key `optim` at lines 3 and 7"):
+        load_recipe(recipe)
+    recipe.write_text("stage: x\nautoencoder: {kind: pixel}\ntrainer:\n  max_steps: 3\n  max_steps: 30\n")
+    with pytest.raises(RecipeError, match=r"duplicate key `trainer.max_steps` at lines 4 and 5"):
+        load_recipe(recipe)
+
+
+def test_an_override_that_gives_a_key_twice_is_refused():
+    with pytest.raises(RecipeError, match=r"command line: override 'optim=\{lr: 1, lr: 2\}' gives `optim.lr` twice"):
+        load_recipe(RECIPES / "tiny" / "stage1_lowres.yaml", ["optim={lr: 1, lr: 2}"])
+
+
+def test_a_key_given_twice_in_a_defaults_file_names_that_file(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim:\n  lr: 0.1\n  lr: 0.2\n")
+    (tmp_path / "top.yaml").write_text("defaults: [base]\nstage: x\nautoencoder: {kind: pixel}\n")
+    with pytest.raises(RecipeError, match=r"base\.yaml: duplicate key `optim.lr` at lines 2 and 3"):
+        load_recipe(tmp_path / "top.yaml")
+
+
+def test_a_unicap_recipe_key_given_twice_is_refused(tmp_path):
+    recipe = tmp_path / "cap.yaml"
+    recipe.write_text((RECIPES / "tiny" / "unicap_finetune.yaml").read_text() + "task: unicap\n")
+    with pytest.raises(RecipeError, match=r"cap\.yaml: duplicate key `task` at lines \d+ and \d+"):
+        load_recipe(recipe)
+
+
+def test_a_pipeline_key_given_twice_is_refused(tmp_path):
+    from lumina_lightning.training.pipeline import load_pipeline_config
+
+    path = _two_stage_pipeline(tmp_path / "p.yaml", tmp_path / "out")
+    path.write_text(path.read_text() + f"stages:\n  - recipe: {RECIPES}/tiny/stage3_hq.yaml\n")
+    with pytest.raises(RecipeError, match=r"p\.yaml: duplicate key `stages` at lines 3 and 8"):
+        load_pipeline_config(path)
+    # inside a list item: the path says which
+    path.write_text(f"name: two\nstages:\n  - recipe: {RECIPES}/tiny/stage1_lowres.yaml\n"
+                    f"    recipe: {RECIPES}/tiny/stage2_highres.yaml\n")
+    with pytest.raises(RecipeError, match=r"duplicate key `stages\[0\].recipe` at lines 3 and 4"):
+        load_pipeline_config(path)
+
+
+def test_yaml_merge_keys_and_equal_keys_in_other_mappings_are_no_duplicates():
+    """A key that overrides a `<<:` merge is YAML's own rule, and `x` in two mappings is two keys."""
+    from lumina_lightning.training.recipe import load_yaml
+
+    assert load_yaml("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\nc: [{x: 1}, {x: 2}]\n") == {
+        "a": {"x": 1, "y": 2}, "b": {"x": 3, "y": 2}, "c": [{"x": 1}, {"x": 2}]}
+
+
+def test_every_shipped_yaml_has_unique_keys():
+    """What the checks above refuse must not be in a recipe, pipeline or data YAML we ship."""
+    from lumina_lightning.training.recipe import load_yaml
+
+    shipped = sorted([*RECIPES.rglob("*.yaml"), *(ROOT / "data").rglob("*.yaml")])
+    assert shipped
+    for path in shipped:
+        load_yaml(path.read_text(encoding="utf-8"))

@@ -31,15 +31,19 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+import yaml
 
 __all__ = [
     "Record",
     "SourceInfo",
     "RecordSet",
     "ManifestError",
+    "DuplicateKeyError",
+    "UniqueKeyLoader",
     "IMAGE_EXTENSIONS",
     "parse_record",
     "read_manifest",
+    "iter_jsonl",
     "read_folder",
     "read_data_yaml",
     "load_records",
@@ -215,6 +219,54 @@ def parse_record(
     )
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names one key twice. YAML itself keeps the last value and drops the first silently
+    (a pasted second ``optim:`` section would train with half the settings, a second ``META:`` drop
+    sources), so every YAML a user writes is refused instead; the reader prefixes the file."""
+
+    def __init__(self, key: str, first_line: int, line: int) -> None:
+        super().__init__(f"duplicate key `{key}` at lines {first_line} and {line}: YAML would keep only the last "
+                         "and silently drop the first; merge them into one")
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that raises :class:`DuplicateKeyError` (key path, both lines) for a key given
+    twice in one mapping. A key overriding a ``<<:`` merge is YAML's own rule, not a duplicate."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        _check_unique_keys(self, node, "", set())
+        return super().construct_document(node)
+
+
+def _check_unique_keys(loader: yaml.SafeLoader, node: yaml.Node, path: str, seen: set[int]) -> None:
+    """Walk the composed document, before it becomes dicts (which keep only the last of equal keys)."""
+    if id(node) in seen:  # an alias of a node already walked (anchors may even be recursive)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_unique_keys(loader, item, f"{path}[{i}]", seen)
+        return
+    if not isinstance(node, yaml.MappingNode):
+        return
+    first_lines: dict[Any, int] = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: checked where the anchor is
+            _check_unique_keys(loader, value_node, path, seen)
+            continue
+        # compare keys as constructed: `1` and `01` are one key in the dict too
+        scalar = isinstance(key_node, yaml.ScalarNode)
+        key = loader.construct_object(key_node) if scalar else object()  # complex keys: never compared
+        label = str(key) if scalar else "<complex key>"
+        name = f"{path}.{label}" if path else label
+        line = key_node.start_mark.line + 1
+        if key in first_lines:
+            raise DuplicateKeyError(name, first_lines[key], line)
+        first_lines[key] = line
+        _check_unique_keys(loader, value_node, name, seen)
+
+
 def not_utf8(path: str | os.PathLike, err: UnicodeDecodeError, line: int | None = None) -> str:
     """The message for a text input that is not UTF-8: the file (and line), the byte, what to do."""
     where = f"{path}:{line}" if line else str(path)
@@ -232,7 +284,10 @@ def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
                 raise ManifestError(not_utf8(path, err, lineno)) from None
 
 
-def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """``(line number, value)`` of each non-blank line of a JSON-lines file; a line that is not JSON
+    (or not UTF-8) raises :class:`ManifestError` naming ``path:line`` (``json.loads`` of one line
+    alone would say "line 1")."""
     for lineno, line in text_lines(path):
         if not line.strip():
             continue
@@ -272,7 +327,7 @@ def read_manifest(
         for i, obj in enumerate(data):
             records.append(parse_record(obj, base, f"{path}[{i}]", name, system))
     else:
-        for lineno, obj in _iter_jsonl(path):
+        for lineno, obj in iter_jsonl(path):
             records.append(parse_record(obj, base, f"{path}:{lineno}", name, system))
     return records
 
@@ -367,14 +422,14 @@ def read_data_yaml(path: str | os.PathLike, root: str | os.PathLike | None = Non
 
 
 def _read_data_yaml(path: Path, root: str | None, system: str | None, stack: tuple[Path, ...]) -> RecordSet:
-    import yaml
-
     if path in stack:
         chain = " -> ".join(str(p) for p in stack + (path,))
         raise ManifestError(f"{path}: data YAMLs include each other in a loop ({chain})")
     stack = stack + (path,)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=UniqueKeyLoader)
+    except DuplicateKeyError as err:
+        raise ManifestError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise ManifestError(f"{path}: malformed YAML ({err})") from err
     except UnicodeDecodeError as err:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -712,9 +712,4 @@ def scene_from_meta(meta: dict[str, Any], width: int, height: int) -> Scene:
     """Rebuild a :class:`Scene` from a manifest record's ``meta`` (for re-rendering ground truth)."""
     objects = [SceneObject(o["class"], o["color"], tuple(o["bbox"])) for o in meta["objects"]]
     return Scene(meta["tag"], width, height, meta["background"], objects, meta.get("relation"))
-
-
-def scene_dict(scene: Scene) -> dict[str, Any]:
-    """A JSON-able dict of a scene."""
-    return asdict(scene)
 

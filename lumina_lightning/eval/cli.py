@@ -167,6 +167,10 @@ def _check_paths(args: argparse.Namespace, manifest: str | None, prompts: str | 
     for flag, value in (("--prompts", prompts), ("--manifest", manifest)):
         if value is not None:
             check_input(value, flag)
+    if manifest is not None:  # every mode validates the detector on it: a bad line is named before any work
+        from lumina_lightning.eval.run import check_manifest
+
+        check_manifest(manifest)
     if args.images:
         check_input(args.images, "--images", kind="dir")
     for flag, value in (("--max-prompts", args.max_prompts), ("--max-per-tag", args.max_per_tag)):

@@ -95,12 +95,13 @@ def _read_manifest(manifest: str | os.PathLike | Iterable[dict[str, Any]], root:
     if isinstance(manifest, (str, os.PathLike)):
         path = Path(manifest)
         base = Path(root) if root is not None else path.resolve().parent
-        with open(path, encoding="utf-8") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
+        from lumina_lightning.data.records import iter_jsonl
+
+        rows = [row for _, row in iter_jsonl(path)]  # a bad line is named by file and line
     else:
         base = Path(root) if root is not None else Path.cwd()
         rows = list(manifest)
-    return [r for r in rows if isinstance(r.get("meta"), dict) and r["meta"].get("tag")], base
+    return [r for r in rows if isinstance(r, dict) and isinstance(r.get("meta"), dict) and r["meta"].get("tag")], base
 
 
 def validate_detector(

@@ -37,7 +37,8 @@ from lumina_lightning.eval.geneval import (
 )
 
 __all__ = [
-    "evaluate", "score_images", "score_folder", "read_results", "detector_for", "default_size", "RESULTS_VERSION",
+    "evaluate", "score_images", "score_folder", "read_results", "detector_for", "default_size", "check_manifest",
+    "RESULTS_VERSION",
 ]
 
 RESULTS_VERSION = 1
@@ -62,6 +63,53 @@ def detector_for(prompts_path: str | os.PathLike | None) -> Detector:
                 kwargs["shapes"] = tuple(shapes)
             return Detector(palette={k: tuple(v) for k, v in palette.items()} if palette else None, **kwargs)
     return Detector()
+
+
+def check_manifest(manifest: str | os.PathLike, *, ground_truth: bool = True) -> None:
+    """Refuse a synthetic manifest (``test.jsonl``) the evaluation cannot use, naming ``file:line``.
+
+    Why up front: the detector validation and the chance level read it only after every image was
+    generated, and ``json.loads`` of one line reports "line 1" whichever line it is. Every line must be
+    a JSON object; with ``ground_truth`` (the detector validation runs) at least one record needs
+    GenEval metadata (``meta`` with a ``tag``, as ``synth`` writes), each such ``meta`` must be a spec
+    the scorer reads right (:func:`~.geneval.check_spec`), and its image must exist or be re-renderable
+    from the record (``width``, ``height``). Rows without a ``meta.tag`` are skipped, as the validation does.
+    """
+    from lumina_lightning.data.records import ManifestError, iter_jsonl
+
+    path = Path(manifest)
+    base = path.resolve().parent  # where validate_detector resolves relative image paths
+    tagged = 0
+    for lineno, row in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(row, dict):
+            raise ManifestError(f"{where}: not a JSON object (a manifest has one record object per line)")
+        meta = row.get("meta")
+        if not ground_truth or not (isinstance(meta, dict) and meta.get("tag")):
+            continue
+        check_spec(meta, f"{where}: meta")
+        _check_ground_truth_image(row, base, where)
+        tagged += 1
+    if ground_truth and not tagged:
+        raise ManifestError(f"{path}: no records with GenEval metadata ('meta' with a 'tag') to validate the "
+                            "detector on; give the synthetic test.jsonl that `lumina data synth` writes")
+
+
+def _check_ground_truth_image(row: dict[str, Any], base: Path, where: str) -> None:
+    """The render of a manifest record exists, or can be drawn again from its metadata (metrics._load_gt)."""
+    from lumina_lightning.data.records import ManifestError
+
+    image = row.get("image")
+    if not isinstance(image, str) or not image:
+        raise ManifestError(f"{where}: 'image' must be the render's path, got {image!r}")
+    file = Path(image) if Path(image).is_absolute() else base / image
+    if file.is_file():
+        return
+    size_ok = all(isinstance(row.get(k), int) and not isinstance(row.get(k), bool) and row[k] > 0
+                  for k in ("width", "height"))
+    if not size_ok or not isinstance(row["meta"].get("objects"), list) or "background" not in row["meta"]:
+        raise ManifestError(f"{where}: image {file} does not exist, and without 'width' and 'height' (and meta "
+                            "'objects' and 'background') it cannot be drawn again")
 
 
 def default_size(prompts_path: str | os.PathLike | None, manifest: str | os.PathLike | None) -> tuple[int, int]:
@@ -267,12 +315,20 @@ def images_per_spec(specs: Sequence[dict[str, Any]], images_per_prompt: int, min
 
 
 def read_results(folder: str | os.PathLike) -> list[dict[str, Any]]:
-    """The per-image results of an earlier ``evaluate`` (its ``results.jsonl``)."""
+    """The per-image results of an earlier ``evaluate`` (its ``results.jsonl``); a line that is not one
+    raises :class:`~lumina_lightning.data.records.ManifestError` naming ``file:line``."""
     path = Path(folder) / "results.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: pair with the output folder of an earlier `lumina eval`")
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    from lumina_lightning.data.records import ManifestError, iter_jsonl
+
+    rows = []
+    for lineno, row in iter_jsonl(path):  # a damaged line is named by its own number
+        # the keys a paired comparison reads (geneval.paired_difference): refused now, not after generating
+        if not isinstance(row, dict) or "tag" not in row or "correct" not in row:
+            raise ManifestError(f"{path}:{lineno}: not a `lumina eval` result (no 'tag' and 'correct')")
+        rows.append(row)
+    return rows
 
 
 def _load(pipe_or_path: Any, device: str | None, ema: bool | str, load_kwargs: dict[str, Any] | None) -> tuple[Any, str | None]:
@@ -389,6 +445,8 @@ def evaluate(
         raise FileNotFoundError(f"manifest {manifest} does not exist")
     if validate and manifest is None:
         raise ValueError("detector validation needs the synthetic manifest (manifest=.../test.jsonl)")
+    if manifest is not None:  # read after generation (validation, chance level): its errors come now
+        check_manifest(manifest, ground_truth=validate is not False)
 
     t0 = time.perf_counter()
     pipe, ckpt = _load(pipe_or_path, device, ema, load_kwargs)

@@ -28,6 +28,7 @@ from typing import Any, Union
 import yaml
 from omegaconf import OmegaConf
 
+from lumina_lightning.data.records import DuplicateKeyError, UniqueKeyLoader
 from lumina_lightning.flow.convention import PREDICTIONS
 from lumina_lightning.training.config import RecipeConfig
 
@@ -91,9 +92,11 @@ class RecipeError(ValueError):
     """A recipe that does not fit the schema; the message names the file and key."""
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(UniqueKeyLoader):
     """PyYAML follows YAML 1.1, where ``1e-3`` (no dot) is a *string*; YAML 1.2 and every user
-    reads it as a number. This loader resolves such exponents as floats."""
+    reads it as a number. This loader resolves such exponents as floats, and refuses a key given
+    twice in one mapping (:class:`~lumina_lightning.data.records.DuplicateKeyError`) where PyYAML
+    would keep the last silently."""
 
 
 _Loader.add_implicit_resolver(
@@ -104,7 +107,8 @@ _Loader.add_implicit_resolver(
 
 
 def load_yaml(text: str) -> Any:
-    """Parse recipe YAML (safe; numbers like ``1e-3`` are floats)."""
+    """Parse recipe YAML (safe; numbers like ``1e-3`` are floats; a duplicate key raises
+    :class:`~lumina_lightning.data.records.DuplicateKeyError`, which callers prefix with the file)."""
     return yaml.load(text, Loader=_Loader)
 
 
@@ -237,6 +241,8 @@ def _load_file(path: Path, stack: tuple[Path, ...], files: list[Path], schema: t
         raise RecipeError(f"recipe file {path} does not exist")
     try:
         data = load_yaml(path.read_text(encoding="utf-8")) or {}
+    except DuplicateKeyError as err:
+        raise RecipeError(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise RecipeError(f"{path}: not valid YAML: {err}") from None
     except UnicodeDecodeError as err:
@@ -275,6 +281,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
                           f"and cut the value; quote it: {key}='\"{raw}\"'")
     try:
         value = load_yaml(raw) if stripped else None
+    except DuplicateKeyError as err:
+        raise RecipeError(f"{COMMAND_LINE}: override {item!r} gives `{key}.{err.key}` twice; give it once") from None
     except yaml.YAMLError:
         value = raw
     return key.split("."), value
