@@ -55,10 +55,7 @@ def content_digest(path: str | os.PathLike | None) -> str | None:
     hashing it on every re-run would take minutes, while a retrained (rewritten) file always gets a
     new mtime. Other files (manifests, data YAMLs) count by their contents, which survive a copy.
     """
-    if not path or not Path(path).exists():
-        return None
-    root = Path(path)
-    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    root, files = _digested_files(path)
     if not files:
         return None
     h = hashlib.sha256()
@@ -72,6 +69,56 @@ def content_digest(path: str | os.PathLike | None) -> str | None:
             while chunk := fh.read(1 << 24):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def weights_hash(path: str | os.PathLike | None) -> str | None:
+    """A digest of the *values* in the files :func:`content_digest` counts, read whole: equal for two
+    exports of the same weights whenever, and by whichever process, they were written (a stage resumed
+    at ``max_steps`` re-exports what it exported before); ``None`` when there is nothing.
+
+    It reads every byte (about a second per GB), so callers hash an export once and keep the result.
+    A safetensors header counts with its keys sorted: the safetensors writer emits the ``__metadata__``
+    entries in a per-process hash-map order, so the same tensors saved twice differ in those bytes.
+    """
+    root, files = _digested_files(path)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(str(f.relative_to(root) if f != root else f.name).encode())
+        with open(f, "rb") as fh:
+            if f.suffix == ".safetensors":
+                h.update(_canonical_safetensors_header(fh))
+            while chunk := fh.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _digested_files(path: str | os.PathLike | None) -> tuple[Path | None, list[Path]]:
+    """``path`` and the files a digest of it covers: itself, or the weight files under the folder."""
+    if not path or not Path(path).exists():
+        return None, []
+    root = Path(path)
+    return root, [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+
+
+def _canonical_safetensors_header(fh: Any) -> bytes:
+    """The header of the safetensors file open in ``fh`` as sorted-key JSON, leaving ``fh`` at the
+    tensor data; a file that is no safetensors (the header does not parse) is left at its start."""
+    import json
+    import struct
+
+    try:
+        size = struct.unpack("<Q", fh.read(8))[0]
+        if size <= _SAFETENSORS_MAX_HEADER:  # else not a header: never read gigabytes as one
+            return json.dumps(json.loads(fh.read(size)), sort_keys=True).encode()
+    except (struct.error, ValueError):
+        pass
+    fh.seek(0)
+    return b""
+
+
+_SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors format's own limit
 
 
 def move_aside(path: str | os.PathLike, stamp: str | None = None) -> Path:

@@ -11,6 +11,7 @@ file's ``smoke`` overrides (a few steps, a few prompts) so tests can run the sam
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -26,13 +27,18 @@ from typing import Any
 
 from lumina_lightning.fileio import content_digest as _content_digest
 from lumina_lightning.fileio import move_aside as _move_aside
+from lumina_lightning.fileio import weights_hash as _weights_hash
 
 log = logging.getLogger("lumina_lightning.pipeline")
 
 
 @dataclass
 class SyntheticStep:
-    """Generate the synthetic compositional dataset into ``out`` unless it is already there."""
+    """Generate the synthetic compositional dataset into ``out`` unless it is already there.
+
+    The stages (and the captioner) train on this set: a recipe's own ``data.synthetic`` is switched
+    off in a pipeline (see ``_data_overrides``), so ``synthetic.n=200`` trains every stage on 200 images.
+    """
 
     out: str = "runs/tiny/synthetic"
     n: int = 4000
@@ -129,10 +135,11 @@ class Targets:
 class PipelineConfig:
     """An end-to-end pipeline; ``smoke`` holds overrides for ``--smoke`` (e.g. ``stages.*`` steps).
 
-    ``stage_overrides`` are dotted recipe overrides applied to every stage after its own, e.g.
-    ``stage_overrides=[trainer.accelerator=gpu]`` on the command line to train the tiny pipeline on
-    a GPU (with ``eval.device=cuda`` to sample there too). Every stage's recipe is loaded with its
-    overrides before the first one trains, so a bad key fails in seconds, not after stage 1.
+    ``stage_overrides`` are dotted recipe overrides applied to every stage after its own and after
+    ``--smoke``'s (``stage_smoke_overrides``), e.g. ``stage_overrides=[trainer.accelerator=gpu]`` on the
+    command line to train the tiny pipeline on a GPU (with ``eval.device=cuda`` to sample there too).
+    Every stage's recipe is loaded with its overrides before the first one trains, so a bad key fails
+    in seconds, not after stage 1.
     """
 
     name: str = "tiny"
@@ -262,9 +269,106 @@ def _check_stage_names(cfg: PipelineConfig, path: Path, smoke: bool) -> None:
         seen[name] = i
 
 
-def _stage_overrides(cfg: PipelineConfig, stage: StageStep, smoke: bool) -> list[str]:
-    """A stage's own overrides, then the pipeline's for every stage (and its smoke ones)."""
-    return list(stage.overrides) + list(cfg.stage_overrides) + (list(cfg.stage_smoke_overrides) if smoke else [])
+def _stage_overrides(cfg: PipelineConfig, stage: StageStep, smoke: bool, previous_version: bool = False) -> list[str]:
+    """A stage's own overrides, then ``--smoke``'s, then the pipeline's for every stage.
+
+    What the user sets for every stage (``stage_overrides``, e.g. on the command line) wins over
+    ``--smoke``'s quick settings, while ``--smoke`` still cuts short a stage whose own entry sets, say,
+    ``trainer.max_steps`` (recipes/tiny/shapes_pipeline.yaml). ``previous_version``: the order of
+    the versions before this one (smoke last), whose fingerprints stage records may hold.
+    """
+    quick = list(cfg.stage_smoke_overrides) if smoke else []
+    if previous_version:
+        return list(stage.overrides) + list(cfg.stage_overrides) + quick
+    return list(stage.overrides) + quick + list(cfg.stage_overrides)
+
+
+def _stage_recipe(cfg: PipelineConfig, stage: StageStep, i: int, smoke: bool, captions: Path | None, root: Path,
+                  previous_export: str | None, previous_version: bool = False) -> Any:
+    """Stage ``i``'s recipe as this pipeline trains it: its overrides (:func:`_stage_overrides`), the
+    captions manifest for the first stage, its folder under the pipeline's folder ``root``, the previous
+    stage's export as ``model.init_from`` (where its recipe starts from one), and the pipeline's dataset
+    (:func:`_data_overrides`). ``previous_version``: as the versions before this one built it (smoke
+    overrides last, no dataset overrides), for :func:`_upgrade_record`.
+    """
+    from lumina_lightning.training.recipe import load_recipe
+
+    overrides = _stage_overrides(cfg, stage, smoke, previous_version)
+    # paths go in JSON-quoted: overrides are YAML, where a bare path with " #" is cut and one with ": " a mapping
+    if captions is not None and i == 0:
+        overrides.append(f"data.path={json.dumps(str(captions))}")
+    named = load_recipe(stage.recipe, overrides).config
+    overrides.append(f"output_dir={json.dumps(str(root / named.stage))}")
+    if named.model.init_from and previous_export:
+        overrides.append(f"model.init_from={json.dumps(previous_export)}")
+    if not previous_version:
+        overrides += _data_overrides(cfg, stage.recipe, load_recipe(stage.recipe, overrides))
+    return load_recipe(stage.recipe, overrides)
+
+
+def _unicap_recipe(cfg: PipelineConfig, smoke: bool, previous_version: bool = False) -> Any:
+    """The captioner's recipe as the pipeline trains it (see :func:`_stage_recipe`), under this
+    pipeline's folder, as every stage: a smoke run must not resume a real run's captioner."""
+    from lumina_lightning.training.recipe import load_recipe
+
+    quick, own = list(UNICAP_SMOKE_OVERRIDES if smoke else ()), list(cfg.unicap.overrides)
+    overrides = own + quick if previous_version else quick + own  # the user's own win, as for the stages
+    overrides.append(f"output_dir={json.dumps(str(Path(cfg.output_dir).resolve() / 'unicap'))}")
+    if not previous_version:
+        overrides += _data_overrides(cfg, cfg.unicap.recipe, load_recipe(cfg.unicap.recipe, overrides))
+    return load_recipe(cfg.unicap.recipe, overrides)
+
+
+def _captions_path(cfg: PipelineConfig) -> Path:
+    """Where the captioner's captions of the training images go (the first stage's ``data.path``)."""
+    return Path(cfg.output_dir) / "captions" / "train_unicap.jsonl"
+
+
+def _data_overrides(cfg: PipelineConfig, recipe: str, loaded: Any) -> list[str]:
+    """``data.synthetic=null`` for a recipe that generates the synthetic dataset itself when it runs
+    alone (``data.synthetic``): in a pipeline the synthetic step has made it, with the pipeline's
+    ``synthetic`` settings, and the stage trains on that set. Left on, the recipe's own settings would
+    regenerate it in place (``ensure_synthetic``: ``synthetic.n=200`` would train on the recipe's 4,000
+    images) or write a synthetic set into a folder that holds none (the captions' folder).
+
+    Refused where the recipe reads its own set (its ``data.path``, not overridden) outside
+    ``synthetic.out``: the stage would train on another dataset than the one the pipeline makes.
+    """
+    from lumina_lightning.training.recipe import RecipeError, load_recipe
+
+    data = loaded.config.data
+    if not data.synthetic:
+        return []
+    try:
+        own = load_recipe(recipe).config.data.path
+    except RecipeError:
+        own = None  # a recipe that needs its overrides to load: its data.path is not its own
+    folder = Path(data.path).expanduser().resolve().parent if data.path else None
+    if data.path and data.path == own and folder != Path(cfg.synthetic.out).expanduser().resolve():
+        raise RecipeError(
+            f"{recipe} trains on data.path={data.path}, the synthetic dataset its `data.synthetic` generates "
+            f"when it runs alone, but this pipeline generates its dataset into synthetic.out={cfg.synthetic.out}, "
+            f"so the stage would train on another set than the pipeline's. Set `synthetic.out={folder}`, or point "
+            f"the stage at the pipeline's set (e.g. `stage_overrides=[data.path={Path(cfg.synthetic.out) / Path(data.path).name}]`)")
+    return ["data.synthetic=null"]
+
+
+def _trained_on_other_data(cfg: PipelineConfig, before: Any) -> bool:
+    """Whether a version before this one, which let a stage's ``data.synthetic`` (its recipe as that
+    version built it: ``before``) regenerate the pipeline's dataset, trained it on another set than the
+    pipeline's ``synthetic`` settings make: then its record must not be upgraded (:func:`_data_overrides`)."""
+    from lumina_lightning.data.synth import synthetic_config
+
+    data = before.config.data
+    if not data.synthetic or not data.path:
+        return False
+    if Path(data.path).expanduser().resolve().parent != Path(cfg.synthetic.out).expanduser().resolve():
+        return False  # the captions manifest: the synthetic set it generated there was never read
+    s = cfg.synthetic
+    try:
+        return synthetic_config(**data.synthetic) != synthetic_config(n=s.n, n_test=s.n_test, size=s.size, seed=s.seed)
+    except (TypeError, ValueError):
+        return True
 
 
 def _beside(recipe: str, pipeline_file: Path) -> str:
@@ -313,19 +417,27 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
     """Run every step; returns (and writes ``<output_dir>/summary.json``) the per-stage results."""
     import torch
 
-    from lumina_lightning.training.recipe import RecipeError, load_recipe
+    from lumina_lightning.training.recipe import RecipeError
     from lumina_lightning.training.run import train
 
-    for stage in cfg.stages:  # fail on a bad recipe or override now, not after hours of stage 1
+    out = Path(cfg.output_dir)
+    root = out.resolve()
+    captions = _captions_path(cfg) if cfg.unicap.enabled else None
+    # fail on a bad recipe, override or dataset now, not after hours of stage 1
+    if cfg.unicap.enabled:
         try:
-            load_recipe(stage.recipe, _stage_overrides(cfg, stage, smoke))
+            _unicap_recipe(cfg, smoke)
+        except RecipeError as e:
+            raise RecipeError(f"unicap {cfg.unicap.recipe}: {e}") from None
+    for i, stage in enumerate(cfg.stages):
+        try:
+            _stage_recipe(cfg, stage, i, smoke, captions, root, None)
         except RecipeError as e:
             raise RecipeError(f"stage {stage.recipe}: {e}") from None
     if cfg.eval.enabled and cfg.eval.device.startswith("cuda") and not torch.cuda.is_available():
         raise RecipeError(f"eval.device={cfg.eval.device}, but this host has no CUDA device (use cpu or auto)")
 
     started = time.perf_counter()
-    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary: dict[str, Any] = {"name": cfg.name, "smoke": smoke, "stages": [], "ok": False}
     # written now, so a run interrupted anywhere (a stage, TeaCache calibration, an evaluation) leaves
@@ -346,27 +458,24 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
     inputs = {"synthetic": dataclasses.asdict(cfg.synthetic),
               "captions": _content_digest(caption_manifest) if caption_manifest is not None else None}
     previous_export: str | None = None
-    previous_digest: str | None = None
+    previous: ParentWeights | None = None
     for i, stage in enumerate(cfg.stages):
-        overrides = _stage_overrides(cfg, stage, smoke)
-        # paths go in JSON-quoted: overrides are YAML, where a bare path with " #" is cut and one with ": " a mapping
-        if caption_manifest is not None and i == 0:
-            overrides.append(f"data.path={json.dumps(str(caption_manifest))}")
         # Every stage writes under the pipeline's folder, and a stage that starts from a previous
         # one (`model.init_from` in its recipe) starts from *this* pipeline's previous export — so a
         # smoke run never resumes or initialises from a real run's checkpoints.
-        name = load_recipe(stage.recipe, overrides).config
-        stage_dir = out.resolve() / name.stage
-        overrides.append(f"output_dir={json.dumps(str(stage_dir))}")
-        if name.model.init_from and previous_export:
-            overrides.append(f"model.init_from={json.dumps(previous_export)}")
-        loaded = load_recipe(stage.recipe, overrides)
+        loaded = _stage_recipe(cfg, stage, i, smoke, caption_manifest, root, previous_export)
+        stage_dir = Path(loaded.config.output_dir)
         init_from = loaded.config.model.init_from
-        parent = previous_digest if init_from and init_from == previous_export else _content_digest(init_from)
-        fingerprint = _stage_fingerprint(loaded, parent, inputs)
+        parent = previous if init_from and init_from == previous_export else (
+            ParentWeights(_content_digest(init_from)) if init_from else None)
+        fingerprint = _stage_fingerprint(loaded, parent, inputs, root=root)
         t0 = time.perf_counter()
         print(f"\n=== stage {i + 1}/{len(cfg.stages)}: {loaded.config.stage} ({stage.recipe}) ===", flush=True)
-        record = _upgrade_record(stage_dir, _read_record(stage_dir), loaded, parent, inputs, fingerprint)
+        record = _read_record(stage_dir)
+        if record.get("fingerprint") not in (None, fingerprint):
+            before = _stage_recipe(cfg, stage, i, smoke, caption_manifest, root, previous_export, previous_version=True)
+            if not _trained_on_other_data(cfg, before):
+                record = _upgrade_record(stage_dir, record, loaded, parent, inputs, fingerprint, previous=before)
         export_dir = stage_dir / "export"
         # the autoencoder's weights: a conv autoencoder folder retrained in place keeps its path
         ae_path = loaded.config.autoencoder.path if loaded.config.autoencoder.kind != "pixel" else None
@@ -378,8 +487,10 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
             # it again would only resume at max_steps and re-export the same weights
             log.info("stage %s: reused (unchanged): same recipe, inputs and parent weights as the run that "
                      "exported %s", loaded.config.stage, export_dir)
-            entry = {**record["entry"], "reused": True}
+            # the export where it is now (the pipeline's folder may have moved since)
+            entry = {**record["entry"], "export": str(export_dir), "reused": True}
             digest, tracking_uri = record["export_digest"], record.get("tracking_uri")
+            weights = record.get("export_weights") or _record_export_weights(stage_dir, record, export_dir)
         else:
             if changed and stage_dir.is_dir() and any(stage_dir.iterdir()):
                 # resume=auto would continue (or, at max_steps, just re-export) the old run whatever changed
@@ -387,9 +498,12 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
                 log.warning("stage %s: its recipe, inputs or parent weights changed since %s was trained (or it "
                             "has no pipeline record); moved that folder to %s and training this stage afresh",
                             loaded.config.stage, stage_dir, aside)
+            elif not changed:
+                _set_aside_changed_export(f"stage {loaded.config.stage}", export_dir, record)
             stage_dir.mkdir(parents=True, exist_ok=True)
             # written first, so an interrupted stage resumes from its last.ckpt on the next run
             _write_record(stage_dir, {"fingerprint": fingerprint})
+            resumed_from = _resume_step(loaded)
             result = train(loaded)
             if result.exit_code:
                 summary["stopped"] = f"stage {loaded.config.stage} stopped by {result.stopped_by_signal}"
@@ -401,6 +515,8 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
                 "recipe": stage.recipe,
                 "resolution": loaded.config.data.resolution,
                 "steps": result.global_step,
+                # the losses and seconds below cover this run only: the steps after this one
+                "resumed_from_step": resumed_from,
                 "train_seconds": round(time.perf_counter() - t0, 1),
                 "loss_first": _mean(result.losses[:20]),
                 "loss_last": _mean(result.losses[-20:]),
@@ -409,9 +525,9 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
                 "mlflow_run_id": result.mlflow_run_id,
             }
             export_dir, tracking_uri = result.export_dir, result.tracking_uri
-            digest = _content_digest(export_dir)
-            _write_record(stage_dir, {"fingerprint": fingerprint, "export_digest": digest, "entry": entry,
-                                      "tracking_uri": tracking_uri,
+            digest, weights = _content_digest(export_dir), _weights_hash(export_dir)
+            _write_record(stage_dir, {"fingerprint": fingerprint, "export_digest": digest, "export_weights": weights,
+                                      "entry": entry, "tracking_uri": tracking_uri,
                                       "autoencoder_digest": _content_digest(ae_path)})
             del result
         if cfg.eval.cfg_scale is not None and export_dir is not None:
@@ -424,9 +540,11 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
             entry["teacache"] = _calibrate_teacache(cfg.teacache_calibration, export_dir,
                                                     loaded.config.data.path, entry["resolution"],
                                                     device=_sampling_device(cfg.eval))
+        elif export_dir is not None:
+            _drop_teacache_calibration(export_dir)
         summary["stages"].append(entry)
         summary["tracking_uri"] = tracking_uri
-        previous_export, previous_digest = str(export_dir), digest
+        previous_export, previous = str(export_dir), ParentWeights(digest, weights)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     if cfg.eval.enabled:
@@ -462,20 +580,65 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
 
 
 STAGE_RECORD = "pipeline_stage.json"
-# recipe keys that differ between a run and its resumption without changing what it trains
+# Recipe keys that cannot change what a stage trains or exports, left out of its fingerprint, so that
+# moving the pipeline's folder or switching MLflow on does not retrain every stage: where it writes
+# and how it resumes, what it reports on the way (MLflow, progress bar, log cadence; none of them
+# draws from a random generator) and which training checkpoints it keeps (last.ckpt is written at
+# every save, and a resume from any checkpoint continues the run exactly). Validation and sample-grid
+# settings stay in: the stage's recorded validation loss comes from them.
+UNWEIGHED_KEYS = ("output_dir", "resume", "tracking", "trainer.log_every_n_steps", "trainer.enable_progress_bar",
+                  "trainer.checkpoint_every_n_steps", "trainer.keep_checkpoints")
+# the keys the fingerprints of earlier versions left out
 RESUME_KEYS = ("resume",)
 
 
-def _stage_fingerprint(loaded: Any, parent_digest: str | None, inputs: dict[str, Any], legacy: bool = False) -> str:
+@dataclass(frozen=True)
+class ParentWeights:
+    """The weights a stage starts from (``model.init_from``), as its fingerprint names them.
+
+    ``weights``: :func:`~lumina_lightning.fileio.weights_hash` of this pipeline's previous export, taken
+    once when it was exported. A re-export of the same weights keeps it (a stage whose export folder
+    was deleted resumes at ``max_steps`` and exports them again, with new file dates), so the later
+    stages are not retrained. ``digest``: the export's name/size/mtime ``content_digest``, which the
+    fingerprints of earlier versions hold, and what names an ``init_from`` from outside the pipeline
+    (hashing that on every run would read it whole).
+    """
+
+    digest: str | None
+    weights: str | None = None
+
+    @property
+    def identity(self) -> str | None:
+        return self.weights or self.digest
+
+
+def _stage_fingerprint(loaded: Any, parent: ParentWeights | str | None, inputs: dict[str, Any], legacy: bool = False,
+                       *, formula: str = "current", root: Path | None = None) -> str:
     """What a stage's weights depend on: its resolved recipe, the weights it starts from and the data
     inputs, including the contents of its ``data.path`` file, of the manifests a data YAML there lists,
     and of ``data.val_path`` (a manifest edited in place keeps its path). The images they list are not
-    read, which would cost a pass over the dataset."""
-    recipe = {k: v for k, v in loaded.resolved.items() if k not in RESUME_KEYS}
+    read, which would cost a pass over the dataset.
+
+    The recipe counts without :data:`UNWEIGHED_KEYS`, without ``model.init_from`` where ``parent``
+    names its weights, and with the pipeline's folder ``root`` written as ``<output_dir>`` in its
+    paths (the captions manifest, the previous export): a pipeline folder moved whole keeps its stages.
+
+    ``formula``: ``previous`` (or ``legacy=True``, older still) computes what the records of earlier
+    versions hold (see :func:`_upgrade_record`): the whole recipe but ``resume``, ``parent`` by its
+    ``digest`` (and ``legacy`` without the data YAML's manifests and ``data.val_path``).
+    """
+    if not isinstance(parent, ParentWeights):
+        parent = ParentWeights(parent) if parent is not None else None
+    formula = "legacy" if legacy else formula
     data_path = loaded.config.data.path
     data = _content_digest(data_path) if data_path and Path(data_path).is_file() else None
-    found = {"recipe": recipe, "parent": parent_digest, "inputs": inputs, "data": data}
-    if legacy:  # what records written before the two keys below hold (see _upgrade_record)
+    if formula == "current":
+        recipe = _weights_recipe(loaded.resolved, parent is not None and parent.identity is not None, root)
+        found = {"recipe": recipe, "parent": parent.identity if parent else None, "inputs": inputs, "data": data}
+    else:
+        recipe = {k: v for k, v in loaded.resolved.items() if k not in RESUME_KEYS}
+        found = {"recipe": recipe, "parent": parent.digest if parent else None, "inputs": inputs, "data": data}
+    if formula == "legacy":  # what records written before the two keys below hold
         return hashlib.sha256(json.dumps(found, sort_keys=True, default=str).encode()).hexdigest()[:20]
     # keys added only where there is something to record, so that a stage without them keeps the
     # fingerprint it was trained under
@@ -490,28 +653,113 @@ def _stage_fingerprint(loaded: Any, parent_digest: str | None, inputs: dict[str,
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def _upgrade_record(stage_dir: Path, record: dict[str, Any], loaded: Any, parent: str | None,
-                    inputs: dict[str, Any], fingerprint: str) -> dict[str, Any]:
-    """A record written before fingerprints covered a data YAML's manifests and ``data.val_path``:
-    where it matches the older formula and none of those files changed after it was written, the
-    stage is what it was, and its record gets today's fingerprint. Without this, a re-run after an
-    upgrade would move every finished stage with a validation set aside and train it again (days,
-    for the real recipes)."""
+def _weights_recipe(resolved: dict[str, Any], parent_named: bool, root: Path | None) -> dict[str, Any]:
+    """The part of a resolved recipe a stage's weights depend on (see :func:`_stage_fingerprint`)."""
+    recipe = copy.deepcopy(resolved)
+    for key in UNWEIGHED_KEYS + (("model.init_from",) if parent_named else ()):
+        *path, last = key.split(".")
+        section = recipe
+        for part in path:
+            section = section.get(part) if isinstance(section, dict) else None
+        if isinstance(section, dict):
+            section.pop(last, None)
+    return _under_root(recipe, str(root)) if root is not None else recipe
+
+
+def _under_root(value: Any, root: str) -> Any:
+    """``value`` with every path string in the folder ``root`` written relative to it (``<output_dir>/...``)."""
+    if isinstance(value, dict):
+        return {k: _under_root(v, root) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_under_root(v, root) for v in value]
+    if isinstance(value, str) and (value == root or value.startswith(root.rstrip(os.sep) + os.sep)):
+        return "<output_dir>" + value[len(root):]
+    return value
+
+
+def _upgrade_record(stage_dir: Path, record: dict[str, Any], loaded: Any, parent: ParentWeights | str | None,
+                    inputs: dict[str, Any], fingerprint: str, previous: Any = None) -> dict[str, Any]:
+    """A record whose fingerprint an earlier version computed: where the stage is what it was, its
+    record gets today's fingerprint. Without this, a re-run after an upgrade would move every finished
+    stage aside and train it again (days, for the real recipes).
+
+    ``previous`` is the stage's recipe as that version built it (its overrides in their order then);
+    ``loaded`` is tried too (a record matching a formula on today's recipe is as safe). Accepted: the
+    previous formula (the whole recipe but ``resume``, the parent weights by name/size/mtime), whatever
+    the newly left-out keys hold; and the older one (without a data YAML's manifests and
+    ``data.val_path``) where none of those files changed after the record was written.
+    """
     old = record.get("fingerprint")
-    if not old or old == fingerprint or old != _stage_fingerprint(loaded, parent, inputs, legacy=True):
+    if not old or old == fingerprint:
         return record
+    recipes = [r for r in (previous, loaded) if r is not None]
+    if any(old == _stage_fingerprint(r, parent, inputs, formula="previous") for r in recipes):
+        why = "fingerprinted by an earlier version (its whole recipe, its parent's weights by their file dates)"
+    elif any(old == _stage_fingerprint(r, parent, inputs, legacy=True) for r in recipes) \
+            and not _newly_covered_changed(stage_dir, loaded):
+        why = "fingerprinted by an earlier version; its manifests are older than it"
+    else:
+        return record
+    log.info("stage %s: record %s, so it keeps its weights (record updated)", loaded.config.stage, why)
+    record = {**record, "fingerprint": fingerprint}
+    _write_record(stage_dir, record)
+    return record
+
+
+def _newly_covered_changed(stage_dir: Path, loaded: Any) -> bool:
+    """Whether a data YAML's manifests or ``data.val_path``, which legacy fingerprints did not cover,
+    changed after the stage's record was written."""
     written = (stage_dir / STAGE_RECORD).stat().st_mtime
     cfg = loaded.config.data
     newly_covered = [*_listed_manifests(cfg.path).values(), *_listed_manifests(cfg.val_path).values()]
     if cfg.val_path and Path(cfg.val_path).is_file():
         newly_covered.append(Path(cfg.val_path))
-    if any(f.stat().st_mtime > written for f in newly_covered):
-        return record
-    log.info("stage %s: record from an earlier version; its manifests are older than it, so it keeps its "
-             "weights (record updated)", loaded.config.stage)
-    record = {**record, "fingerprint": fingerprint}
-    _write_record(stage_dir, record)
-    return record
+    return any(f.stat().st_mtime > written for f in newly_covered)
+
+
+def _record_export_weights(stage_dir: Path, record: dict[str, Any], export_dir: Path) -> str | None:
+    """Hash the weights of an export whose record has no ``export_weights`` (an earlier version wrote
+    it; the export is unchanged since, its ``export_digest`` says) once, and keep it in the record."""
+    weights = _weights_hash(export_dir)
+    log.info("%s: hashed the weights of %s once (records before this version name them by file dates)",
+             stage_dir.name, export_dir)
+    _write_record(stage_dir, {**record, "export_weights": weights})
+    return weights
+
+
+def _set_aside_changed_export(what: str, export_dir: Path, record: dict[str, Any]) -> None:
+    """Move aside an export that changed since its record was written (edited by hand, copied over)
+    before the run that resumes at ``max_steps`` writes its weights there again: it may be someone's work."""
+    if not record.get("export_digest") or not export_dir.exists():
+        return
+    if _content_digest(export_dir) == record["export_digest"]:
+        return
+    aside = _move_aside(export_dir)
+    log.warning("%s: its export %s changed since the pipeline recorded it (edited, or written by another run); "
+                "moved it to %s, and exporting the stage's weights there again", what, export_dir, aside)
+
+
+def _resume_step(loaded: Any) -> int | None:
+    """The step a run of ``loaded`` resumes from (``resume: auto`` and a ``last.ckpt``), read from the
+    checkpoint before it trains; ``None`` for a fresh run or a step this cannot read."""
+    from lumina_lightning.training.session import resolve_resume
+
+    try:
+        path = resolve_resume(loaded.config.resume, Path(loaded.config.output_dir) / "checkpoints")
+    except (OSError, ValueError):
+        return None  # train() reports it
+    if path is None:
+        return None
+    from lumina_lightning.models.io import read_checkpoint_meta
+
+    try:
+        # weights-only, and only the non-tensor entries of a sharded folder (FSDP's meta.pt, DeepSpeed's
+        # client state); a .ckpt file is memory-mapped, so its tensors are not read
+        return int(read_checkpoint_meta(path)["global_step"])
+    except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: the summary just cannot say
+        log.info("%s: cannot read the step it resumes from in %s (%s: %s)", loaded.config.stage, path,
+                 type(err).__name__, err)
+        return None
 
 
 def _listed_manifests(path: str | None) -> dict[str, Path]:
@@ -555,10 +803,11 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _synthetic(step: SyntheticStep) -> Path:
-    from lumina_lightning.data.synth import generate_synthetic
+    from lumina_lightning.data.synth import generate_synthetic, synthetic_incomplete
 
     out = Path(step.out)
-    if (out / "train.jsonl").is_file() and (out / "test_geneval.jsonl").is_file():
+    # (a generation cut short leaves its marker: redone, never kept as a hand-made set)
+    if (out / "train.jsonl").is_file() and (out / "test_geneval.jsonl").is_file() and not synthetic_incomplete(out):
         try:  # the arguments it was generated with (data.synth); a hand-made set without them is kept
             made = json.loads((out / "synth_config.json").read_text())
         except (OSError, ValueError):
@@ -592,18 +841,19 @@ def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any], smoke: bo
     ``lumina caption --on-mismatch replace`` moves it aside and writes it anew.
     """
     from lumina_lightning.modules.caption_cli import main as caption_main
-    from lumina_lightning.training.recipe import load_recipe
     from lumina_lightning.training.unicap_run import train_unicap
 
     t0 = time.perf_counter()
-    unicap_dir = Path(cfg.output_dir).resolve() / "unicap"
-    # under this pipeline's folder, as every stage: a smoke run must not resume a real run's captioner
-    overrides = [*cfg.unicap.overrides, *(UNICAP_SMOKE_OVERRIDES if smoke else ()),
-                 f"output_dir={json.dumps(str(unicap_dir))}"]
-    loaded = load_recipe(cfg.unicap.recipe, overrides)
+    loaded = _unicap_recipe(cfg, smoke)
+    unicap_dir = Path(loaded.config.output_dir)
     print(f"\n=== UniCap: {loaded.config.stage} ({cfg.unicap.recipe}) ===", flush=True)
-    fingerprint = _stage_fingerprint(loaded, None, {"synthetic": dataclasses.asdict(cfg.synthetic)})
+    inputs = {"synthetic": dataclasses.asdict(cfg.synthetic)}
+    fingerprint = _stage_fingerprint(loaded, None, inputs, root=Path(cfg.output_dir).resolve())
     record = _read_record(unicap_dir)
+    if record.get("fingerprint") not in (None, fingerprint):
+        before = _unicap_recipe(cfg, smoke, previous_version=True)
+        if not _trained_on_other_data(cfg, before):
+            record = _upgrade_record(unicap_dir, record, loaded, None, inputs, fingerprint, previous=before)
     export: Path | None = unicap_dir / "export"
     if record.get("fingerprint") == fingerprint and record.get("export_digest") == _content_digest(export) \
             and record.get("export_digest"):
@@ -614,6 +864,8 @@ def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any], smoke: bo
             aside = _move_aside(unicap_dir)
             log.warning("UniCap: its recipe or data changed since %s was trained (or it has no pipeline record); "
                         "moved that folder to %s and training the captioner afresh", unicap_dir, aside)
+        elif record.get("fingerprint") == fingerprint:
+            _set_aside_changed_export("UniCap", export, record)
         unicap_dir.mkdir(parents=True, exist_ok=True)
         _write_record(unicap_dir, {"fingerprint": fingerprint})  # first: an interrupted run resumes next time
         result = train_unicap(loaded)
@@ -670,6 +922,29 @@ def _calibrate_teacache(c: TeaCacheCalibrationStep, export: str | os.PathLike, d
     print(f"TeaCache calibrated for {export}: coefficients {[round(x, 4) for x in coeffs]}, threshold "
           f"{c.threshold} (in its pipeline.json; presets with TeaCache use them)", flush=True)
     return {"coefficients": coeffs, "threshold": float(c.threshold), "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _drop_teacache_calibration(export: str | os.PathLike) -> None:
+    """Remove the TeaCache calibration an earlier run stored in ``export``'s ``pipeline.json`` defaults
+    (``teacache_version`` coefficients and their ``teacache`` threshold): with ``teacache_calibration``
+    off, the export must not keep a calibration the summary no longer reports; presets with TeaCache
+    then use the released coefficients again."""
+    from lumina_lightning.fileio import atomic_write_text
+    from lumina_lightning.sampling.pipeline_io import PIPELINE_FORMAT, PIPELINE_JSON
+
+    file = Path(export) / PIPELINE_JSON
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # no pipeline.json to clean; loading the export reports it
+    defaults = spec.get("defaults") if isinstance(spec, dict) else None
+    if spec.get("format") != PIPELINE_FORMAT or not isinstance(defaults, dict) \
+            or not isinstance(defaults.get("teacache_version"), list):  # only calibrate_teacache stores a list
+        return
+    removed = {k: defaults.pop(k) for k in ("teacache_version", "teacache") if k in defaults}
+    atomic_write_text(file, json.dumps(spec, indent=2))
+    log.info("teacache_calibration is off: removed the calibration an earlier run stored in %s (threshold %s)",
+             file, removed.get("teacache"))
 
 
 def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any, size: int) -> dict[str, Any]:
@@ -752,7 +1027,15 @@ def _fmt_losses(e: dict[str, Any]) -> str:
     if e.get("loss_first") is None and e.get("loss_last") is None:
         # e.g. a run resumed from a last.ckpt already at max_steps: it only exported
         return f"– (no steps trained in this run; resumed at step {e['steps']})"
-    return f"{e['loss_first']} → {e['loss_last']}"
+    text = f"{e['loss_first']} → {e['loss_last']}"
+    # a resumed run's losses (and seconds) are those of the steps after its checkpoint only
+    return f"{text} (steps {e['resumed_from_step'] + 1}–{e['steps']} only)" if e.get("resumed_from_step") else text
+
+
+def _fmt_stage(e: dict[str, Any]) -> str:
+    notes = [*(["reused, unchanged"] if e.get("reused") else []),
+             *([f"resumed from step {e['resumed_from_step']}"] if e.get("resumed_from_step") else [])]
+    return e["stage"] + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def _through_ae(result: dict[str, Any] | None) -> str:
@@ -769,7 +1052,7 @@ def _print_summary(summary: dict[str, Any], out: Path) -> None:
         g = e.get("geneval", {})
         val = (e.get("val_loss") or {}).get("ema")
         lines.append(
-            f"| {e['stage']}{' (reused, unchanged)' if e.get('reused') else ''} | {e['resolution']} | {e['steps']} | "
+            f"| {_fmt_stage(e)} | {e['resolution']} | {e['steps']} | "
             f"{e['train_seconds']} | {_fmt_losses(e)} | {'–' if val is None else f'{val:.4f}'} | "
             f"{_fmt_score(g.get('ema'), interval=True)} | {_fmt_score(g.get('raw'))} | "
             f"{_fmt_score({'overall': (g.get('ema') or {}).get('detector_ceiling')})}{_through_ae(g.get('ema'))} |"
