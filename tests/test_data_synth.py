@@ -191,6 +191,7 @@ def test_interrupted_generation_is_redone(tmp_path):
     # dataset must be generated again rather than trusted
     expected = out.train.read_text()
     out.config.unlink()
+    (out.root / synth.INCOMPLETE_MARKER).write_text("")  # what the generator leaves until it finishes
     out.train.write_text(expected[: len(expected) // 2])
     spec = {"n": 8, "size": 32, "seed": 0, "n_test": 6}
     ensure_synthetic(SimpleNamespace(data=SimpleNamespace(synthetic=spec, path=str(out.train))))
@@ -210,3 +211,23 @@ def test_an_interrupted_regeneration_does_not_pass_for_complete(tmp_path, monkey
     with pytest.raises(KeyboardInterrupt):
         synth.generate_synthetic(out.root, 8, size=48, seed=0, n_test=6)
     assert not synth.synthetic_complete(out.root)
+
+
+def test_data_synthetic_never_generates_over_a_users_folder(tmp_path):
+    """A tiny recipe (which carries data.synthetic) pointed at the user's own manifest must not render
+    a synthetic set over it; an unfinished generation (its marker) is redone."""
+    from types import SimpleNamespace
+
+    from lumina_lightning.training.run import ensure_synthetic
+
+    spec = {"n": 8, "size": 32, "seed": 0, "n_test": 6}
+    mine = tmp_path / "mine"
+    (mine / "images").mkdir(parents=True)
+    (mine / "train.jsonl").write_text('{"image": "images/a.png", "caption": "mine"}\n')
+    for path in (mine / "train.jsonl", mine / "other.jsonl"):
+        with pytest.raises(ValueError, match=r"holds files but no synthetic dataset.*data.synthetic=null"):
+            ensure_synthetic(SimpleNamespace(data=SimpleNamespace(synthetic=spec, path=str(path))))
+    assert (mine / "train.jsonl").read_text() == '{"image": "images/a.png", "caption": "mine"}\n'
+    assert not (mine / "test.jsonl").exists()
+    out = synth.generate_synthetic(tmp_path / "d", 8, size=32, seed=0, n_test=6)
+    assert not (out.root / synth.INCOMPLETE_MARKER).exists()  # removed once complete

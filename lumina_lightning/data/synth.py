@@ -531,6 +531,16 @@ def _check_holdout(holdout, shapes, colors) -> None:
 COMPLETE_MARKER = "synth_config.json"
 
 
+# Written first and removed after COMPLETE_MARKER: a folder holding it is a generation that was cut
+# short, which may be redone; a folder with files and neither marker is someone's data, never written over.
+INCOMPLETE_MARKER = "synth_incomplete"
+
+
+def synthetic_incomplete(out_dir: str | os.PathLike) -> bool:
+    """Whether ``out_dir`` holds a generation of ``generate_synthetic`` that did not finish."""
+    return (Path(out_dir) / INCOMPLETE_MARKER).is_file()
+
+
 def synthetic_complete(out_dir: str | os.PathLike) -> bool:
     """Whether ``generate_synthetic`` finished writing ``out_dir`` (its last file is there)."""
     return (Path(out_dir) / COMPLETE_MARKER).is_file()
@@ -633,6 +643,7 @@ def generate_synthetic(
     n_test = max(len(tags), n // 10) if n_test is None else int(n_test)
     root = Path(out_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / INCOMPLETE_MARKER, "generate_synthetic has not finished writing this folder\n")
     # the marker of a set generated before goes first: a regeneration interrupted half-way must not
     # pass for complete (old and new images mixed) on the next run
     (root / COMPLETE_MARKER).unlink(missing_ok=True)
@@ -702,6 +713,7 @@ def generate_synthetic(
     config = _config_dict(n, n_test, size, seed, aspects, held, tags, shapes, colors, backgrounds)
     # Written last: its presence marks a complete dataset (see synthetic_complete).
     atomic_write_text(root / COMPLETE_MARKER, json.dumps(config, indent=2) + "\n")
+    (root / INCOMPLETE_MARKER).unlink(missing_ok=True)
     return SyntheticDataset(root, root / "images", root / "train.jsonl", root / "test.jsonl",
                             root / "test_geneval.jsonl", root / "synth_config.json", n, n_test,
                             root / "train_hq.jsonl", root / "hq.yaml", root / "train_single.jsonl",

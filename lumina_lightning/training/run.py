@@ -224,7 +224,13 @@ def ensure_synthetic(cfg: Any) -> None:
     """Generate the synthetic dataset where ``data.synthetic`` asks for it and ``data.path`` is missing,
     its generation never finished, or it was generated with other arguments (``synth_config.json``
     differs from what ``data.synthetic`` asks for: it is regenerated, like the pipeline does)."""
-    from lumina_lightning.data.synth import COMPLETE_MARKER, generate_synthetic, synthetic_differences
+    from lumina_lightning.data.synth import (
+        COMPLETE_MARKER,
+        generate_synthetic,
+        synthetic_complete,
+        synthetic_differences,
+        synthetic_incomplete,
+    )
 
     spec = cfg.data.synthetic
     if not spec or not cfg.data.path:
@@ -245,6 +251,14 @@ def ensure_synthetic(cfg: Any) -> None:
 
     if Path(cfg.data.path).exists() and differences == {}:
         return
+    if folder.is_dir() and any(folder.iterdir()) and not synthetic_complete(folder) \
+            and not synthetic_incomplete(folder):
+        # e.g. a tiny recipe pointed at the user's own manifest: generating would write train.jsonl,
+        # test.jsonl and images/ over theirs
+        raise ValueError(
+            f"data.path={cfg.data.path} is in {folder}, which holds files but no synthetic dataset (no "
+            f"{COMPLETE_MARKER}); data.synthetic would generate one into it, over those files. To train on "
+            "that data, set data.synthetic=null; to generate, point data.path into a new or empty folder")
     if differences:
         log.warning("the synthetic dataset in %s was generated with other arguments (%s): regenerating it for "
                     "data.synthetic=%s", folder,
