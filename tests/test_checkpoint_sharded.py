@@ -78,15 +78,10 @@ def _write_fsdp1(out: Path, rank: int) -> tuple[dict, bool]:
     from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+    from lumina_lightning.modules.ema import ema_update
     from lumina_lightning.training.parallelize import build_strategy
 
     module = _module(out, rank)
-    with torch.no_grad():
-        # an EMA unlike the raw weights, the same on both ranks (seeded). Not by ema_update: under FSDP1
-        # the non-block parameters of model and EMA share the root's flat parameter, so their local
-        # shards differ in size and the update fails (reported separately)
-        for p in module.ema_model.parameters():
-            p.add_(torch.randn_like(p))
     strategy = build_strategy("fsdp1", accelerator="gpu", devices=WORLD, num_nodes=1, precision="32-true",
                               grad_clip=1.0)
     _environment(strategy, rank)
@@ -96,6 +91,7 @@ def _write_fsdp1(out: Path, rank: int) -> tuple[dict, bool]:
     optimizer = torch.optim.AdamW([p for p in strategy.model.parameters() if p.requires_grad], lr=1e-2)
     strategy.model(*_inputs(rank)).square().mean().backward()
     optimizer.step()
+    ema_update(module.ema_model, module.model, 0.5)  # on each rank's shards of the two models
     checkpoint = {"state_dict": strategy.lightning_module_state_dict(),
                   "optimizer_states": [strategy.optimizer_state(optimizer)], "global_step": 1, "epoch": 0}
     sharded = any(isinstance(v, ShardedTensor) for v in checkpoint["state_dict"].values())

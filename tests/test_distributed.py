@@ -314,3 +314,159 @@ def test_training_refuses_a_mismatched_resume_before_fit(tmp_path, kind, strateg
     recipe = tiny_recipe(tmp_path, output_dir=str(tmp_path / "run"))
     with pytest.raises(ValueError, match="strategy family"):
         train(load_recipe(recipe, [f"trainer.strategy={strategy}", f"resume={ckpt}"]))
+
+
+# ------------------------------------------------------------------------------------------------
+# FSDP1 on 2 ranks: this file run as a script (see the end) starts a 2-rank gloo group on the CPU and
+# wraps NextDiTModule as Lightning's FSDPStrategy does (which refuses the CPU itself)
+# ------------------------------------------------------------------------------------------------
+
+_FSDP1_WORLD, _FSDP1_CLIP, _FSDP1_DECAY = 2, 0.05, 0.5
+
+
+def _fsdp1_module(out: Path, tag: str, checkpointing: bool):
+    from lumina_lightning.modules.generation import NextDiTModule
+    from lumina_lightning.training.recipe import load_recipe
+    from lumina_lightning.training.run import build_encoders
+
+    class Driven(NextDiTModule):
+        """A forward for the wrapper to run (Lightning redirects it to training_step)."""
+
+        def forward(self, *inputs):
+            return self.model(*inputs)
+
+    recipe = tiny_recipe(out / f"recipe-{tag}", model={"gradient_checkpointing": checkpointing})
+    cfg = load_recipe(recipe).config
+    text_encoder, autoencoder, spec = build_encoders(cfg)
+    torch.manual_seed(0)  # the same initial weights everywhere, as Lightning's seeding gives
+    module = Driven(cfg, text_encoder=text_encoder, autoencoder=autoencoder, pipeline_spec=spec)
+    module.configure_model()  # the model's activation-checkpointing switch, as in training
+    return module
+
+
+def _fsdp1_batch(ranks: list[int], step: int) -> list[torch.Tensor]:
+    """(target, x, t, caption features, caption mask): one sample per rank, concatenated."""
+    rows = []
+    for rank in ranks:
+        g = torch.Generator().manual_seed(1000 * step + rank)
+        rows.append((torch.randn(1, 3, 16, 16, generator=g), torch.randn(1, 3, 16, 16, generator=g),
+                     torch.rand(1, generator=g), torch.randn(1, 8, 32, generator=g), torch.ones(1, 8, dtype=torch.bool)))
+    return [torch.cat(parts) for parts in zip(*rows)]
+
+
+def _fsdp1_steps(module, call, optimizer, ranks: list[int], steps: range) -> list[float]:
+    """Optimizer steps as NextDiTModule takes them (clip_grad_norm, step, ema_update), each followed by
+    a no-grad forward of the EMA called directly, as validation and sample rendering call it."""
+    from lumina_lightning.modules.ema import ema_update
+    from lumina_lightning.training.parallelize import clip_grad_norm
+
+    norms = []
+    for step in steps:
+        target, *inputs = _fsdp1_batch(ranks, step)
+        (call(*inputs) - target).square().mean().backward()
+        norms.append(float(clip_grad_norm(module, list(module.model.parameters()), _FSDP1_CLIP)))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema_update(module.ema_model, module.model, _FSDP1_DECAY)
+        with torch.no_grad():
+            module.ema_model(*_fsdp1_batch([0], 99)[1:])
+    return norms
+
+
+def _fsdp1_wrapped(out: Path, rank: int):
+    """Module, FSDPStrategy and optimizer as the strategy sets them up, with device_id=cpu (Lightning
+    passes None, which torch refuses on the CPU)."""
+    import types
+
+    from lightning.fabric.plugins.environments import LightningEnvironment
+    from lightning.pytorch.trainer.states import TrainerFn
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from lumina_lightning.training.parallelize import build_strategy
+
+    module = _fsdp1_module(out, f"rank{rank}", checkpointing=True)
+    strategy = build_strategy("fsdp1", accelerator="gpu", devices=_FSDP1_WORLD, num_nodes=1, precision="32-true",
+                              grad_clip=_FSDP1_CLIP)
+    environment = LightningEnvironment()
+    environment.set_global_rank(rank)
+    environment.set_world_size(_FSDP1_WORLD)
+    strategy.cluster_environment = environment
+    strategy.connect(module)
+    strategy.model = FSDP(module, device_id=torch.device("cpu"), sharding_strategy=strategy.sharding_strategy,
+                          **strategy.kwargs)
+    optimizer = torch.optim.AdamW([p for p in strategy.model.parameters() if p.requires_grad], lr=1e-2)
+    strategy.optimizers = [optimizer]
+    # what clip_grad_norm and FSDPStrategy.load_checkpoint read from the trainer
+    module._trainer = types.SimpleNamespace(strategy=strategy, model=strategy.model,
+                                            state=types.SimpleNamespace(fn=TrainerFn.FITTING))
+    return module, strategy, optimizer
+
+
+def _fsdp1_rank(rank: int, out: str, port: int) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from lumina_lightning.training.parallelize import full_state_dict, local_tensor
+
+    torch.set_num_threads(1)
+    out_dir = Path(out)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=_FSDP1_WORLD)
+    module, strategy, optimizer = _fsdp1_wrapped(out_dir, rank)
+    norms = _fsdp1_steps(module, strategy.model, optimizer, [rank], range(2))
+    checkpoint = {"state_dict": strategy.lightning_module_state_dict(),
+                  "optimizer_states": [strategy.optimizer_state(optimizer)], "global_step": 2, "epoch": 0}
+    strategy.save_checkpoint(checkpoint, out_dir / "fsdp1.ckpt")
+    # resumed into a fresh wrap, as fit(ckpt_path=...) loads a sharded checkpoint
+    module, strategy, optimizer = _fsdp1_wrapped(out_dir, rank)
+    strategy.load_checkpoint(out_dir / "fsdp1.ckpt")
+    norms += _fsdp1_steps(module, strategy.model, optimizer, [rank], range(2, 3))
+    local = sum(local_tensor(p).numel() for p in module.model.parameters())
+    result = {"norms": norms, "weights": full_state_dict(module.model), "ema": full_state_dict(module.ema_model),
+              "units": [isinstance(m, FSDP) for m in (module.model, module.ema_model)],
+              "sharded": 0 < local < sum(v.numel() for v in module.model.state_dict().values())}
+    if rank == 0:
+        torch.save(result, out_dir / "fsdp1.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _fsdp1_main(out: str) -> None:
+    """fsdp1.pt: 2 steps on 2 FSDP1 ranks, saved, resumed, 1 more; single.pt: the same 3 steps in one process."""
+    import os
+    import types
+
+    torch.multiprocessing.spawn(_fsdp1_rank, args=(out, int(os.environ["MASTER_PORT"])), nprocs=_FSDP1_WORLD)
+    module = _fsdp1_module(Path(out), "single", checkpointing=False)
+    initial = {k: v.clone() for k, v in module.model.state_dict().items()}
+    module._trainer = types.SimpleNamespace(strategy="auto", model=module)
+    optimizer = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=1e-2)
+    norms = _fsdp1_steps(module, module, optimizer, list(range(_FSDP1_WORLD)), range(3))
+    torch.save({"norms": norms, "weights": module.model.state_dict(), "ema": module.ema_model.state_dict(),
+                "initial": initial}, Path(out) / "single.pt")
+
+
+def test_fsdp1_two_ranks_clip_resume_and_ema_equal_one_process(tmp_path):
+    """FSDP1 FULL_SHARD on 2 ranks (block checkpointing on) equals one process over the combined batch:
+    clipped gradient norms, weights and EMA, through a sharded save and resume. The trained model and
+    its EMA are each an FSDP unit: under the root unit their embedders' shards differed in size and
+    ema_update failed, and the export gathered only shards of them."""
+    out = run_script(Path(__file__), str(tmp_path), port=29661, timeout=300)
+    assert out.returncode == 0, out.stderr[-4000:]
+    single, fsdp = torch.load(tmp_path / "single.pt"), torch.load(tmp_path / "fsdp1.pt")
+    assert fsdp["sharded"] and fsdp["units"] == [True, True]
+    assert min(single["norms"]) > _FSDP1_CLIP  # clipping acted on every step
+    assert fsdp["norms"] == pytest.approx(single["norms"], rel=1e-5)
+    for key in ("weights", "ema"):
+        assert fsdp[key].keys() == single[key].keys()
+        for name, value in single[key].items():
+            assert torch.allclose(fsdp[key][name], value, atol=2e-6, rtol=1e-5), (key, name)
+    # the embedder's EMA (a non-block parameter) averaged: moved, and not equal to the weights
+    name = "x_embedder.weight"
+    assert not torch.equal(single["ema"][name], single["initial"][name])
+    assert not torch.equal(single["ema"][name], single["weights"][name])
+
+
+if __name__ == "__main__":
+    import sys
+
+    _fsdp1_main(sys.argv[1])

@@ -6,7 +6,8 @@ Model files stay pure PyTorch; the LightningModule calls :func:`parallelize` fro
 * ``auto`` / ``ddp``: Lightning's single-device / ``DDPStrategy`` (gloo on CPU, NCCL on GPUs).
 * ``fsdp``: FSDP2 — ``fully_shard`` on every Next-DiT block, then the root — through Lightning's
   ``ModelParallelStrategy`` (runs on CPU with gloo too; distributed checkpoints, resume).
-* ``fsdp1``: Lightning's ``FSDPStrategy`` with auto-wrap per block (GPUs only; Lightning refuses CPU).
+* ``fsdp1``: Lightning's ``FSDPStrategy`` with auto-wrap per block and per model, trained and EMA
+  (GPUs only; Lightning refuses CPU).
 * ``deepspeed_stage_2`` / ``deepspeed_stage_3``: Lightning's ``DeepSpeedStrategy`` (GPUs only).
 
 The frozen text encoder and autoencoder are never handed to these wrappers: the module keeps them
@@ -97,7 +98,14 @@ def build_strategy(name: str, *, accelerator: str, devices: Any, num_nodes: int,
         return atomic_model_parallel()(save_distributed_checkpoint=True)
     if name == "fsdp1":
         return FSDPStrategy(
-            auto_wrap_policy={JointTransformerBlock},
+            # NextDiT too: the trained model and its EMA copy are then each a unit of their own (their
+            # embedders and final layer) above their blocks' units, sharded alike, so each rank's EMA
+            # shard pairs with its model shard in ema_update. Left to the root unit, the two models'
+            # non-block parameters shared one flat parameter split across the ranks wherever it fell
+            # (a parameter's shard and its EMA twin's differed in size on 2+ ranks), and were whole
+            # only inside the root's forward: not for the export or the validation / sample forwards,
+            # which call the models directly.
+            auto_wrap_policy={JointTransformerBlock, NextDiT},
             activation_checkpointing_policy=None,  # checkpointing is the model's per-block switch
             sharding_strategy="FULL_SHARD",
             use_orig_params=True,
@@ -242,7 +250,11 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     if any(hasattr(p, "to_local") for p in params) or _is_fsdp1(model):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # rank 0 gathers onto the CPU; not for FSDP1 parameters already there (CPU test runs), whose
+        # "offload" aliases the gathered storage that FSDP then frees (torch FlatParamHandle.to_cpu): every
+        # rank gets the values instead
+        offload = not (_is_fsdp1(model) and all(p.device.type == "cpu" for p in params))
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
 
 
