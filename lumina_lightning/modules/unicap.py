@@ -348,12 +348,41 @@ def generate_captions(
     model.eval()
     try:
         ctx = autocast() if autocast is not None else contextlib.nullcontext()
-        with ctx:
+        with ctx, _unit_params_whole(model):
             out = model.generate(**inputs, **kwargs)
     finally:
         model.train(was_training)
     new = out[:, inputs["input_ids"].shape[1]:]
     return [t.strip() for t in tok.batch_decode(new, skip_special_tokens=True)]
+
+
+def _unit_params_whole(model: Any) -> Any:
+    """A context in which a sharded model's own (root-unit) parameters are whole; a no-op for others.
+
+    ``generate`` is the wrapped model's method: it calls that model's forward, not the FSDP1 unit's,
+    and transformers runs the vision encoder before any forward at all (the multimodal encoder
+    outputs are prepared up front), so the unit's own parameters (embeddings, lm_head, the vision
+    patch embedding and merger) would stay shards on 2+ ranks: flat 1-D views under FSDP1, DTensors
+    under FSDP2 (where a ``PeftModel`` root's hooks never run either). They are gathered for the
+    call (every rank takes part, as in validation); the decoder-layer and vision-block units inside
+    gather theirs in their own forwards.
+    """
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if isinstance(model, FullyShardedDataParallel):
+        return FullyShardedDataParallel.summon_full_params(model, recurse=False, writeback=False)
+    if isinstance(model, FSDPModule):
+        return _fsdp2_unsharded(model)
+    return contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _fsdp2_unsharded(model: Any) -> Any:
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 # a model's own files: an adapter folder must not hold them, or transformers takes it for a full model
@@ -395,6 +424,8 @@ def export_captioner(
     tmp.mkdir(parents=True)
     mcfg = recipe.model
     fmt = "full"
+    if mcfg.lora.enabled and _in_fsdp1_units(model):
+        model, state_dict = _peft_copy(source_path, mcfg, state_dict), None
     if mcfg.lora.enabled and mcfg.lora.merge_on_export:
         merged = _merged_copy(model, source_path, mcfg, state_dict)
         merged.save_pretrained(tmp)
@@ -426,6 +457,27 @@ def export_captioner(
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
+
+
+def _in_fsdp1_units(model: torch.nn.Module) -> bool:
+    return any("_fsdp_wrapped_module" in name for name, _ in model.named_modules())
+
+
+def _peft_copy(source_path: str | os.PathLike, mcfg: Any, state_dict: dict[str, torch.Tensor] | None) -> Any:
+    """The LoRA model rebuilt on CPU from the base and an FSDP1-wrapped one's gathered weights.
+
+    peft picks the adapter weights out of a state dict by the module names of the model it is given
+    and strips only a leading ``_fsdp_wrapped_module.``: under FSDP1's per-layer units (names such as
+    ``layers.0._fsdp_wrapped_module.self_attn.q_proj.lora_A``) it found no adapter at all, and the
+    export held the ``modules_to_save`` alone.
+    """
+    if state_dict is None:
+        raise ValueError("exporting an FSDP1-wrapped LoRA model needs its gathered weights "
+                         "(state_dict=full_state_dict(model), every rank taking part)")
+    fresh = configure_trainable(load_vlm(source_path, dtype=mcfg.dtype, attn_implementation=mcfg.attn_implementation),
+                                mcfg)
+    fresh.load_state_dict(state_dict)
+    return fresh
 
 
 def _merged_copy(model: torch.nn.Module, source_path: str | os.PathLike, mcfg: Any,
@@ -551,6 +603,7 @@ class UniCapModule(pl.LightningModule):
         self._batch_info: tuple[int, int] | None = None
         # checkpoints of LoRA / partly frozen runs hold only what trains (the rest is model.path)
         self.strict_loading = all(p.requires_grad for p in self.model.parameters())
+        self._one_dim = {n for n, p in self.model.named_parameters() if p.ndim < 2}  # see configure_optimizers
         self.summary = trainable_summary(self.model)
         log.info("UniCap: %s trainable of %s parameters (vision %s, projector %s, language %s)",
                  f"{self.summary['trainable']:,}", f"{self.summary['total']:,}",
@@ -583,10 +636,12 @@ class UniCapModule(pl.LightningModule):
     def configure_optimizers(self) -> Any:
         o = self.recipe.optim
         decay, no_decay = [], []
-        for p in self.model.parameters():
+        for name, p in self.model.named_parameters():
             if p.requires_grad:
-                # no weight decay on biases and norm scales (1-D), the usual AdamW practice
-                (decay if p.ndim >= 2 else no_decay).append(p)
+                # no weight decay on biases and norm scales (1-D), the usual AdamW practice; by the shapes
+                # the model was built with: Lightning's FSDPStrategy (fsdp1) calls this after wrapping, when
+                # on 2+ ranks every parameter is a 1-D view of its shard and would have gone undecayed
+                (no_decay if _unwrapped_name(name) in self._one_dim else decay).append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=o.lr, betas=tuple(o.betas), eps=o.eps)
         from lumina_lightning.training.schedules import lambda_scheduler
@@ -802,7 +857,7 @@ class UniCapModule(pl.LightningModule):
     # checkpoints
     # ------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from lumina_lightning.training.parallelize import uses_deepspeed
+        from lumina_lightning.training.parallelize import uses_deepspeed, uses_fsdp1
 
         checkpoint["unicap_skips"] = self.skips.state_dict()
         checkpoint["unicap_source"] = str(Path(self.recipe.model.path).resolve())
@@ -811,7 +866,10 @@ class UniCapModule(pl.LightningModule):
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             checkpoint["lumina_cuda_rng"] = torch.cuda.get_rng_state()
         state = checkpoint.get("state_dict")
-        if self._sharded or state is None or uses_deepspeed(self.trainer.strategy):
+        # FSDP1 checkpoints keep every key too: Lightning loads them with torch.distributed.checkpoint, which
+        # fails on any key the model has and the checkpoint lacks (a LoRA run could not resume)
+        strategy = self.trainer.strategy
+        if self._sharded or state is None or uses_deepspeed(strategy) or uses_fsdp1(strategy):
             return
         # frozen weights are model.path's, unchanged: leave them out (a LoRA checkpoint is MBs, not GBs)
         frozen = {f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad}
@@ -842,6 +900,11 @@ class UniCapModule(pl.LightningModule):
             torch.set_rng_state(cpu)
         if cuda is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(cuda)
+
+
+def _unwrapped_name(name: str) -> str:
+    """A parameter name without the FSDP1 wrappers' ``_fsdp_wrapped_module.`` pieces (as built)."""
+    return name.replace("_fsdp_wrapped_module.", "")
 
 
 def build_val_batches(records: Sequence[Record], processor: Any, table: InstructionTable,

@@ -48,7 +48,7 @@ def build_unicap_strategy(name: str, *, accelerator: str, devices: Any, num_node
 
     ``fsdp`` (FSDP2 through ``ModelParallelStrategy``) is sharded by ``UniCapModule.configure_model``;
     ``fsdp1`` auto-wraps the model's ``_no_split_modules`` classes (decoder layers, vision blocks)
-    with ``use_orig_params`` so frozen and trainable parameters may share a unit.
+    and the model itself, with ``use_orig_params`` so frozen and trainable parameters may share a unit.
     """
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
@@ -58,7 +58,12 @@ def build_unicap_strategy(name: str, *, accelerator: str, devices: Any, num_node
     if name == "ddp":
         return DDPStrategy(find_unused_parameters=find_unused_parameters)
     if name == "fsdp1":
-        return FSDPStrategy(auto_wrap_policy=wrap_classes(model), activation_checkpointing_policy=None,
+        # the model (a PeftModel with LoRA) is a unit of its own, above its layers' and blocks' units: left
+        # to the root unit (the LightningModule), its other parameters (embeddings, lm_head, the vision
+        # patch embedding and merger) were one flat parameter sharded across the ranks and whole only
+        # inside the root's forward, so validation forwards failed on 2+ ranks and the export gathered
+        # 1-D shards. Generation bypasses even this unit's forward: see generate_captions.
+        return FSDPStrategy(auto_wrap_policy=wrap_classes(model) | {type(model)}, activation_checkpointing_policy=None,
                             sharding_strategy="FULL_SHARD", use_orig_params=True, state_dict_type="sharded")
     return build_strategy(name, accelerator=accelerator, devices=devices, num_nodes=num_nodes,
                           precision="32-true", grad_clip=0.0)
