@@ -55,20 +55,14 @@ def content_digest(path: str | os.PathLike | None) -> str | None:
     hashing it on every re-run would take minutes, while a retrained (rewritten) file always gets a
     new mtime. Other files (manifests, data YAMLs) count by their contents, which survive a copy.
     """
-    root, files = _digested_files(path)
-    if not files:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        h.update(str(f.relative_to(root) if f != root else f.name).encode())
+    def add(f: Path, h: Any) -> None:
         if f.suffix in WEIGHT_SUFFIXES:
             st = f.stat()
             h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
-            continue
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
-    return h.hexdigest()
+        else:
+            _add_bytes(f, h)
+
+    return _digest(path, add)
 
 
 def weights_hash(path: str | os.PathLike | None) -> str | None:
@@ -80,18 +74,34 @@ def weights_hash(path: str | os.PathLike | None) -> str | None:
     A safetensors header counts with its keys sorted: the safetensors writer emits the ``__metadata__``
     entries in a per-process hash-map order, so the same tensors saved twice differ in those bytes.
     """
+    def add(f: Path, h: Any) -> None:
+        with open(f, "rb") as fh:
+            if f.suffix == ".safetensors":
+                h.update(_canonical_safetensors_header(fh))
+            _add_bytes(fh, h)
+
+    return _digest(path, add)
+
+
+def _digest(path: str | os.PathLike | None, add: Callable[[Path, Any], None]) -> str | None:
+    """sha256 over the files :func:`_digested_files` lists, each by its relative name and ``add(file, hash)``."""
     root, files = _digested_files(path)
     if not files:
         return None
     h = hashlib.sha256()
     for f in files:
         h.update(str(f.relative_to(root) if f != root else f.name).encode())
-        with open(f, "rb") as fh:
-            if f.suffix == ".safetensors":
-                h.update(_canonical_safetensors_header(fh))
-            while chunk := fh.read(1 << 24):
-                h.update(chunk)
+        add(f, h)
     return h.hexdigest()
+
+
+def _add_bytes(source: Path | Any, h: Any) -> None:
+    """Feed a file (a path, or an open binary file from where it stands) to ``h`` in 16 MB chunks."""
+    if isinstance(source, Path):
+        with open(source, "rb") as fh:
+            return _add_bytes(fh, h)
+    while chunk := source.read(1 << 24):
+        h.update(chunk)
 
 
 def _digested_files(path: str | os.PathLike | None) -> tuple[Path | None, list[Path]]:

@@ -12,7 +12,6 @@ import json
 import logging
 import shutil
 import struct
-import types
 from pathlib import Path
 
 import pytest
@@ -28,26 +27,10 @@ RECIPES = ROOT / "recipes"
 
 def _stub_train(monkeypatch, tmp_path):
     """Stub training; returns the list of (stage, loaded config, had last.ckpt) calls."""
-    from lumina_lightning.sampling.pipeline_io import PIPELINE_FORMAT, PIPELINE_JSON
+    from training_utils import stub_stage_training
 
-    calls = []
-
-    def fake_train(loaded):
-        c = loaded.config
-        out = Path(c.output_dir)
-        calls.append((c.stage, c, (out / "checkpoints" / "last.ckpt").exists()))
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints" / "last.ckpt").write_text("ckpt")
-        (out / "export" / "transformer").mkdir(parents=True, exist_ok=True)
-        (out / "export" / "transformer" / "model.safetensors").write_text(f"{c.stage} call {len(calls)}")
-        (out / "export" / PIPELINE_JSON).write_text(json.dumps({"format": PIPELINE_FORMAT, "defaults": {}}))
-        return types.SimpleNamespace(exit_code=0, global_step=2, losses=[1.0, 0.5], validation={"ema": 0.25},
-                                     export_dir=out / "export", mlflow_run_id=None, tracking_uri=None,
-                                     stopped_by_signal=None)
-
-    monkeypatch.setattr("lumina_lightning.training.run.train", fake_train)
-    monkeypatch.setattr(pl, "_synthetic", lambda step: tmp_path)
-    return calls
+    return stub_stage_training(monkeypatch, tmp_path, entry=lambda c, had: (c.stage, c, had),
+                               weights_text=lambda c, n: f"{c.stage} call {n}", pipeline_json=True)
 
 
 def _pipeline(path: Path, output_dir: Path, stages: list[Path], extra: str = "") -> Path:

@@ -331,29 +331,12 @@ def test_pipeline_defaults_cycle_is_an_error(tmp_path):
 
 
 def _stub_stages(monkeypatch, tmp_path):
-    """Stub training: each call writes a last.ckpt and an export whose weights differ per call (as a
-    real retraining's would); returns the list of (stage, output_dir, init_from, had last.ckpt) calls."""
-    import types
+    """Stub training; returns the list of (stage, output_dir, init_from, had last.ckpt) calls."""
+    from training_utils import stub_stage_training
 
-    from lumina_lightning.training import pipeline as pl
-
-    calls = []
-
-    def fake_train(loaded):
-        c = loaded.config
-        out = Path(c.output_dir)
-        calls.append((c.stage, c.output_dir, c.model.init_from, (out / "checkpoints" / "last.ckpt").exists()))
-        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (out / "checkpoints" / "last.ckpt").write_text("ckpt")
-        (out / "export" / "transformer").mkdir(parents=True, exist_ok=True)
-        (out / "export" / "transformer" / "model.safetensors").write_text(f"{c.stage} {c.optim.lr} call {len(calls)}")
-        return types.SimpleNamespace(exit_code=0, global_step=2, losses=[1.0, 0.5], validation={"ema": 0.25},
-                                     export_dir=out / "export", mlflow_run_id=None, tracking_uri=None,
-                                     stopped_by_signal=None)
-
-    monkeypatch.setattr("lumina_lightning.training.run.train", fake_train)
-    monkeypatch.setattr(pl, "_synthetic", lambda step: tmp_path)
-    return calls
+    return stub_stage_training(monkeypatch, tmp_path,
+                               entry=lambda c, had: (c.stage, c.output_dir, c.model.init_from, had),
+                               weights_text=lambda c, n: f"{c.stage} {c.optim.lr} call {n}")
 
 
 def _two_stage_pipeline(path: Path, output_dir: Path) -> Path:

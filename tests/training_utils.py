@@ -90,3 +90,36 @@ def run_script(script: Path, *args: str, port: int, timeout: int = 600, env: dic
     full_env.pop("RANK", None)
     return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=timeout,
                           env=full_env, cwd=str(ROOT))
+
+
+def stub_stage_training(monkeypatch: Any, synthetic_dir: Path, entry: Any, weights_text: Any,
+                        pipeline_json: bool = False) -> list:
+    """Stand in for ``training.run.train`` in pipeline-orchestration tests (real training has its own
+    tests): each call writes a last.ckpt and an export whose weights file reads ``weights_text(config,
+    n)`` (differing per call, as a real retraining's would) and appends ``entry(config, had_last_ckpt)``
+    to the returned list; the pipeline's synthetic step returns ``synthetic_dir``."""
+    import json
+    import types
+
+    from lumina_lightning.sampling.pipeline_io import PIPELINE_FORMAT, PIPELINE_JSON
+    from lumina_lightning.training import pipeline as pl
+
+    calls: list = []
+
+    def fake_train(loaded: Any) -> Any:
+        c = loaded.config
+        out = Path(c.output_dir)
+        calls.append(entry(c, (out / "checkpoints" / "last.ckpt").exists()))
+        (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (out / "checkpoints" / "last.ckpt").write_text("ckpt")
+        (out / "export" / "transformer").mkdir(parents=True, exist_ok=True)
+        (out / "export" / "transformer" / "model.safetensors").write_text(weights_text(c, len(calls)))
+        if pipeline_json:
+            (out / "export" / PIPELINE_JSON).write_text(json.dumps({"format": PIPELINE_FORMAT, "defaults": {}}))
+        return types.SimpleNamespace(exit_code=0, global_step=2, losses=[1.0, 0.5], validation={"ema": 0.25},
+                                     export_dir=out / "export", mlflow_run_id=None, tracking_uri=None,
+                                     stopped_by_signal=None)
+
+    monkeypatch.setattr("lumina_lightning.training.run.train", fake_train)
+    monkeypatch.setattr(pl, "_synthetic", lambda step: synthetic_dir)
+    return calls
