@@ -173,21 +173,22 @@ def check_same_latent_space(source: str | os.PathLike, autoencoder_spec: dict[st
         )
 
 
-def update_pipeline_defaults(path: str | os.PathLike, **settings: Any) -> dict[str, Any]:
-    """Set sampler defaults (``SamplerSettings`` names) in a pipeline folder's ``pipeline.json``.
+def update_pipeline_defaults(path: str | os.PathLike, remove: tuple[str, ...] = (), **settings: Any) -> dict[str, Any]:
+    """Set sampler defaults (``SamplerSettings`` names) in a pipeline folder's ``pipeline.json``, and
+    drop the ``remove`` ones.
 
     The file is rewritten atomically (a reader never sees half of it). Returns the new defaults.
     """
+    from lumina_lightning.fileio import atomic_write_text
+
     file = Path(path) / PIPELINE_JSON
     spec = json.loads(file.read_text())
     if spec.get("format") != PIPELINE_FORMAT:
         raise PipelineLoadError(f"{file}: not a lumina-lightning pipeline.json")
-    defaults = {**(spec.get("defaults") or {}), **settings}
+    defaults = {k: v for k, v in {**(spec.get("defaults") or {}), **settings}.items() if k not in remove}
     resolve_settings(None, defaults)  # validates the names and the values
     spec["defaults"] = defaults
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(spec, indent=2))
-    os.replace(tmp, file)
+    atomic_write_text(file, json.dumps(spec, indent=2))
     return defaults
 
 

@@ -929,8 +929,7 @@ def _drop_teacache_calibration(export: str | os.PathLike) -> None:
     (``teacache_version`` coefficients and their ``teacache`` threshold): with ``teacache_calibration``
     off, the export must not keep a calibration the summary no longer reports; presets with TeaCache
     then use the released coefficients again."""
-    from lumina_lightning.fileio import atomic_write_text
-    from lumina_lightning.sampling.pipeline_io import PIPELINE_FORMAT, PIPELINE_JSON
+    from lumina_lightning.sampling.pipeline_io import PIPELINE_JSON, PipelineLoadError, update_pipeline_defaults
 
     file = Path(export) / PIPELINE_JSON
     try:
@@ -938,13 +937,14 @@ def _drop_teacache_calibration(export: str | os.PathLike) -> None:
     except (OSError, ValueError):
         return  # no pipeline.json to clean; loading the export reports it
     defaults = spec.get("defaults") if isinstance(spec, dict) else None
-    if spec.get("format") != PIPELINE_FORMAT or not isinstance(defaults, dict) \
-            or not isinstance(defaults.get("teacache_version"), list):  # only calibrate_teacache stores a list
-        return
-    removed = {k: defaults.pop(k) for k in ("teacache_version", "teacache") if k in defaults}
-    atomic_write_text(file, json.dumps(spec, indent=2))
+    if not isinstance(defaults, dict) or not isinstance(defaults.get("teacache_version"), list):
+        return  # only calibrate_teacache stores a list
+    try:
+        update_pipeline_defaults(export, remove=("teacache_version", "teacache"))
+    except PipelineLoadError:
+        return  # not our pipeline.json: loading the export reports it
     log.info("teacache_calibration is off: removed the calibration an earlier run stored in %s (threshold %s)",
-             file, removed.get("teacache"))
+             file, defaults.get("teacache"))
 
 
 def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any, size: int) -> dict[str, Any]:
