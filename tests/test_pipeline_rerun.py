@@ -275,7 +275,7 @@ def test_a_stage_reading_its_own_synthetic_set_elsewhere_is_refused(tmp_path, mo
 # ------------------------------------------------------------------------------------------------
 
 
-def test_calibration_switched_off_is_removed_from_the_exports(tmp_path, monkeypatch, caplog):
+def test_calibration_and_guidance_scale_switched_off_are_removed_from_the_exports(tmp_path, monkeypatch, caplog):
     from lumina_lightning.sampling.pipeline_io import update_pipeline_defaults
 
     _stub_train(monkeypatch, tmp_path)
@@ -289,9 +289,21 @@ def test_calibration_switched_off_is_removed_from_the_exports(tmp_path, monkeypa
         again = pl.run_pipeline(pl.load_pipeline_config(path))
     assert all(e["reused"] and "teacache" not in e for e in again["stages"])
     for stage in ("s1", "s2"):
+        # the calibration gone, and the guidance scale too: this pipeline sets no eval.cfg_scale, so a fresh
+        # run would store none
         defaults = json.loads((out / stage / "export" / "pipeline.json").read_text())["defaults"]
-        assert defaults == {"cfg_scale": 2.0}  # the calibration gone, the rest kept
+        assert defaults == {}
     assert caplog.text.count("teacache_calibration is off: removed the calibration") == 2
+    assert caplog.text.count("eval.cfg_scale is not set: removed the guidance scale") == 2
+
+    # with eval.cfg_scale set, every (reused) export gets that scale, and a calibration stays off
+    path = _pipeline(tmp_path / "p.yaml", out, _tiny_stages(tmp_path), extra="")
+    text = path.read_text().replace("eval: {enabled: false}", "eval: {enabled: false, cfg_scale: 3.5}")
+    path.write_text(text)
+    again = pl.run_pipeline(pl.load_pipeline_config(path))
+    assert all(e["reused"] for e in again["stages"])
+    for stage in ("s1", "s2"):
+        assert json.loads((out / stage / "export" / "pipeline.json").read_text())["defaults"] == {"cfg_scale": 3.5}
 
 
 # ------------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lumina_lightning.fileio import content_digest as _content_digest
 from lumina_lightning.fileio import move_aside as _move_aside
@@ -536,6 +536,10 @@ def run_pipeline(cfg: PipelineConfig, smoke: bool = False) -> dict[str, Any]:
             from lumina_lightning.sampling.pipeline_io import update_pipeline_defaults
 
             update_pipeline_defaults(export_dir, cfg_scale=float(cfg.eval.cfg_scale))
+        elif export_dir is not None:
+            # a re-run with eval.cfg_scale unset leaves the export as a fresh run would: the preset's scale
+            _drop_export_defaults(export_dir, ("cfg_scale",), "eval.cfg_scale is not set: removed the guidance "
+                                  "scale an earlier run stored")
         if cfg.teacache_calibration.enabled and export_dir is not None:
             entry["teacache"] = _calibrate_teacache(cfg.teacache_calibration, export_dir,
                                                     loaded.config.data.path, entry["resolution"],
@@ -929,6 +933,16 @@ def _drop_teacache_calibration(export: str | os.PathLike) -> None:
     (``teacache_version`` coefficients and their ``teacache`` threshold): with ``teacache_calibration``
     off, the export must not keep a calibration the summary no longer reports; presets with TeaCache
     then use the released coefficients again."""
+    _drop_export_defaults(export, ("teacache_version", "teacache"),
+                          "teacache_calibration is off: removed the calibration an earlier run stored",
+                          only_if=lambda d: isinstance(d.get("teacache_version"), list))  # only calibration stores a list
+
+
+def _drop_export_defaults(export: str | os.PathLike, keys: tuple[str, ...], message: str,
+                          only_if: Callable[[dict[str, Any]], bool] | None = None) -> None:
+    """Remove sampler defaults that only the pipeline writes into an export's ``pipeline.json`` (training's
+    export stores none), when the pipeline no longer sets them, so a re-run leaves each export as a fresh
+    run would."""
     from lumina_lightning.sampling.pipeline_io import PIPELINE_JSON, PipelineLoadError, update_pipeline_defaults
 
     file = Path(export) / PIPELINE_JSON
@@ -937,14 +951,13 @@ def _drop_teacache_calibration(export: str | os.PathLike) -> None:
     except (OSError, ValueError):
         return  # no pipeline.json to clean; loading the export reports it
     defaults = spec.get("defaults") if isinstance(spec, dict) else None
-    if not isinstance(defaults, dict) or not isinstance(defaults.get("teacache_version"), list):
-        return  # only calibrate_teacache stores a list
+    if not isinstance(defaults, dict) or not any(k in defaults for k in keys) or (only_if and not only_if(defaults)):
+        return
     try:
-        update_pipeline_defaults(export, remove=("teacache_version", "teacache"))
+        update_pipeline_defaults(export, remove=keys)
     except PipelineLoadError:
         return  # not our pipeline.json: loading the export reports it
-    log.info("teacache_calibration is off: removed the calibration an earlier run stored in %s (threshold %s)",
-             file, defaults.get("teacache"))
+    log.info("%s in %s (%s)", message, file, ", ".join(f"{k}={defaults[k]!r}" for k in keys if k in defaults))
 
 
 def _evaluate(cfg: PipelineConfig, export: str, out: Path, ema: Any, size: int) -> dict[str, Any]:
