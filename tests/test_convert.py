@@ -478,6 +478,44 @@ def test_distributed_training_checkpoint_folder_loads_and_converts(tmp_path, cap
         detect_format(tmp_path / "empty.ckpt")
 
 
+class _Planted:
+    """Unpickling this runs code (os.system-like): stands in for a tampered checkpoint's payload."""
+    ran = False
+
+    def __reduce__(self):
+        return (_plant, ())
+
+
+def _plant():
+    _Planted.ran = True
+    return {}
+
+
+def test_distributed_checkpoint_metadata_holding_code_is_refused_unrun(tmp_path):
+    """torch reads a DCP folder's .metadata with a plain pickle.load: a downloaded last.ckpt/ folder
+    could run code as soon as `lumina sample` / `convert` / init_from opens it. It is checked first."""
+    import pickle
+
+    from lumina_lightning.models.io import read_checkpoint_meta
+
+    model = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])), seed=1)
+    good = _distributed_checkpoint(tmp_path / "good.ckpt", model, model)
+    assert_same_weights(model.state_dict(), load_nextdit(good, ema=False).state_dict())  # a real one passes
+
+    evil = _distributed_checkpoint(tmp_path / "evil.ckpt", model, model)
+    with open(evil / ".metadata", "rb") as f:
+        metadata = pickle.load(f)  # our own file: safe to read here
+    metadata.storage_data["planted"] = _Planted()
+    with open(evil / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    assert read_checkpoint_meta(evil)["global_step"] == 3  # meta.pt itself is fine (weights-only)
+    with pytest.raises(ValueError, match=r"not a plain distributed-checkpoint metadata file.*names .*_plant"):
+        load_nextdit(evil, ema=False)
+    assert not _Planted.ran
+    assert lumina_main(["convert", str(evil), str(tmp_path / "out"), "--to", "lumina"]) != 0
+    assert not _Planted.ran and not (tmp_path / "out").exists()
+
+
 def test_convert_set_values_are_typed_as_recipe_overrides_are(tmp_path, capsys):
     """`--set norm_eps=1e-6` is a number, as in a recipe (PyYAML's YAML 1.1 reads it as a string, which
     reached config.json as "1e-6"); a value of the wrong type is refused before the read."""

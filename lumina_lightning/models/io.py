@@ -385,6 +385,42 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict[str, Any]:
     return ckpt
 
 
+# What a DCP ``.metadata`` pickle may name: torch's checkpoint-metadata dataclasses and enums, dtypes,
+# ``torch.Size``, the layout lookup and the path of the checkpoint id (torch 2.x's FileSystemWriter).
+_DCP_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties", "ChunkStorageMetadata",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+     ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+
+
+def _check_dcp_metadata(file: Path) -> None:
+    """Refuse a DCP ``.metadata`` that names anything but checkpoint metadata, before torch reads it.
+
+    torch's ``FileSystemReader.read_metadata`` is a plain ``pickle.load``, so a downloaded checkpoint
+    folder could run code the moment it is opened. Unpickling it first with only the classes torch's
+    writer uses (``_DCP_METADATA_GLOBALS``) proves the file harmless; torch then reads the same bytes.
+    (torch's weights-only unpickler does not apply: ``.metadata`` is a bare pickle, not a torch.save file.)
+    """
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) in _DCP_METADATA_GLOBALS or (
+                    module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"it names {module}.{name}")
+
+    try:
+        with open(file, "rb") as f:
+            Restricted(f).load()
+    except Exception as err:  # noqa: BLE001 - any failure means torch's own plain unpickling is not safe to run
+        raise ValueError(f"{file}: not a plain distributed-checkpoint metadata file, so the checkpoint is not "
+                         f"loaded (unpickling it could run arbitrary code): {err}") from None
+
+
 def _read_distributed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     """The tensors of the LightningModule's ``<prefix>`` submodule in a distributed checkpoint folder,
     whole, read in this process alone (no process group needed; none is used if one exists: every
@@ -394,6 +430,7 @@ def _read_distributed(path: Path, prefix: str) -> dict[str, torch.Tensor]:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+    _check_dcp_metadata(path / ".metadata")
     reader = dcp.FileSystemReader(str(path))
     metadata = reader.read_metadata()
     tensors = {k: m for k, m in metadata.state_dict_metadata.items() if isinstance(m, TensorStorageMetadata)}
