@@ -150,6 +150,60 @@ def test_records_of_the_previous_version_are_upgraded_not_retrained(tmp_path, mo
     assert [c[0] for c in calls] == ["s2"]
 
 
+def test_a_previous_version_record_of_other_training_is_not_upgraded(tmp_path, monkeypatch, caplog):
+    """Before this version, --smoke's quick settings beat stage_overrides: a smoke run with
+    `trainer.max_steps=3` for every stage trained smoke's 2 steps. Its record must not pass for today's
+    recipe, which trains 3: the stage trains again (a record whose recipe is the same is upgraded, above)."""
+    calls = _stub_train(monkeypatch, tmp_path)
+    path = _pipeline(tmp_path / "p.yaml", tmp_path / "out", _tiny_stages(tmp_path),
+                     extra="stage_smoke_overrides: [trainer.max_steps=2]\n")
+    args = ["stage_overrides=[trainer.max_steps=3]"]
+    current_fp, current_order = pl._stage_fingerprint, pl._stage_overrides
+    monkeypatch.setattr(pl, "_stage_fingerprint", lambda loaded, parent, inputs, **k: _previous_version_fingerprint(
+        loaded, parent.digest if parent else None, inputs))
+    monkeypatch.setattr(pl, "_stage_overrides", lambda cfg, stage, smoke, previous_version=False: current_order(
+        cfg, stage, smoke, previous_version=True))  # the previous version's order: smoke last
+    pl.run_pipeline(pl.load_pipeline_config(path, args), smoke=True)
+    assert [c[1].trainer.max_steps for c in calls] == [2, 2]
+    monkeypatch.setattr(pl, "_stage_fingerprint", current_fp)
+    monkeypatch.setattr(pl, "_stage_overrides", current_order)
+
+    calls.clear()
+    with caplog.at_level(logging.INFO, logger="lumina_lightning.pipeline"):
+        again = pl.run_pipeline(pl.load_pipeline_config(path, args), smoke=True)
+    assert [(c[0], c[1].trainer.max_steps) for c in calls] == [("s1", 3), ("s2", 3)]
+    assert not any(e.get("reused") for e in again["stages"])
+    assert "keeps its weights (record updated)" not in caplog.text
+
+
+def test_captions_fingerprint_alike_for_a_relative_absolute_or_moved_output_dir(tmp_path, monkeypatch):
+    """With UniCap on, stage 1 trains on the captions under the pipeline's folder. The tiny pipeline's
+    output_dir is relative (runs/${name}): spelled absolute, or moved whole, stage 1 must keep its
+    fingerprint (a relative captions path escaped _under_root and retrained every stage)."""
+    import dataclasses
+
+    stages = _tiny_stages(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    path = _pipeline(tmp_path / "p.yaml", Path("runs/tiny"), stages, extra="unicap: {enabled: true}\n")
+
+    def stage1_fingerprint(out: str) -> str:
+        cfg = pl.load_pipeline_config(path, [f"output_dir={out}"])
+        captions = pl._captions_path(cfg)
+        if not captions.exists():
+            captions.parent.mkdir(parents=True)
+            captions.write_text('{"image": "a.png", "caption": "a red square"}\n')
+        root = Path(cfg.output_dir).resolve()
+        loaded = pl._stage_recipe(cfg, cfg.stages[0], 0, False, captions, root, None)
+        assert Path(loaded.config.data.path).is_absolute()
+        inputs = {"synthetic": dataclasses.asdict(cfg.synthetic), "captions": pl._content_digest(captions)}
+        return pl._stage_fingerprint(loaded, None, inputs, root=root)
+
+    relative = stage1_fingerprint("runs/tiny")
+    assert stage1_fingerprint(str(tmp_path / "runs" / "tiny")) == relative
+    shutil.move(tmp_path / "runs" / "tiny", tmp_path / "runs" / "moved")
+    assert stage1_fingerprint("runs/moved") == relative
+
+
 # ------------------------------------------------------------------------------------------------
 # 2. the same weights exported again keep the later stages; 6. a resumed stage says so
 # ------------------------------------------------------------------------------------------------

@@ -320,8 +320,10 @@ def _unicap_recipe(cfg: PipelineConfig, smoke: bool, previous_version: bool = Fa
 
 
 def _captions_path(cfg: PipelineConfig) -> Path:
-    """Where the captioner's captions of the training images go (the first stage's ``data.path``)."""
-    return Path(cfg.output_dir) / "captions" / "train_unicap.jsonl"
+    """Where the captioner's captions of the training images go (the first stage's ``data.path``):
+    absolute, so that stage 1's fingerprint names it relative to the pipeline's folder (``_under_root``)
+    however ``output_dir`` is spelled, and a folder moved whole keeps its stages."""
+    return Path(cfg.output_dir).resolve() / "captions" / "train_unicap.jsonl"
 
 
 def _data_overrides(cfg: PipelineConfig, recipe: str, loaded: Any) -> list[str]:
@@ -696,7 +698,10 @@ def _upgrade_record(stage_dir: Path, record: dict[str, Any], loaded: Any, parent
     old = record.get("fingerprint")
     if not old or old == fingerprint:
         return record
-    recipes = [r for r in (previous, loaded) if r is not None]
+    # the recipe as the previous version built it counts only where it trains what today's does: with
+    # --smoke, the user's stage_overrides used to lose to smoke's, so a record of 2 smoke steps must not
+    # pass for today's 5 (its data.synthetic, nulled since, is checked by _trained_on_other_data)
+    recipes = [loaded] + ([previous] if previous is not None and _same_training(previous, loaded) else [])
     if any(old == _stage_fingerprint(r, parent, inputs, formula="previous") for r in recipes):
         why = "fingerprinted by an earlier version (its whole recipe, its parent's weights by their file dates)"
     elif any(old == _stage_fingerprint(r, parent, inputs, legacy=True) for r in recipes) \
@@ -708,6 +713,18 @@ def _upgrade_record(stage_dir: Path, record: dict[str, Any], loaded: Any, parent
     record = {**record, "fingerprint": fingerprint}
     _write_record(stage_dir, record)
     return record
+
+
+def _same_training(a: Any, b: Any) -> bool:
+    """Whether two builds of a stage's recipe train the same weights (their weighed keys agree), the
+    ``data.synthetic`` switch aside."""
+    def weighed(loaded: Any) -> dict[str, Any]:
+        recipe = _weights_recipe(loaded.resolved, parent_named=False, root=None)
+        if isinstance(recipe.get("data"), dict):
+            recipe["data"] = {k: v for k, v in recipe["data"].items() if k != "synthetic"}
+        return recipe
+
+    return weighed(a) == weighed(b)
 
 
 def _newly_covered_changed(stage_dir: Path, loaded: Any) -> bool:
@@ -883,7 +900,7 @@ def _unicap(cfg: PipelineConfig, synth: Path, summary: dict[str, Any], smoke: bo
         _write_record(unicap_dir, {"fingerprint": fingerprint, "export_digest": _content_digest(export),
                                    "metrics": metrics})
 
-    out_manifest = Path(cfg.output_dir) / "captions" / "train_unicap.jsonl"
+    out_manifest = _captions_path(cfg)
     limit = cfg.unicap.limit or (UNICAP_SMOKE_LIMIT if smoke else None)
     # `lumina caption` records what wrote the manifest (<output>.caption.json); a manifest written by
     # other weights, levels or settings is moved aside and written anew, one left unfinished is resumed
