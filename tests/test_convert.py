@@ -431,6 +431,17 @@ def test_training_checkpoint_files_load_weights_only(tmp_path):
         load_nextdit(tmp_path / "evil.ckpt")
 
 
+def test_a_checkpoint_missing_its_recorded_ema_says_so_and_blames_deepspeed_only_for_deepspeed(tmp_path):
+    model = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}, "global_step": 1,
+                "nextdit_config": model.config.to_dict(), "nextdit_prefix": "model.",
+                "nextdit_ema_prefix": "ema_model."}, tmp_path / "last.ckpt")
+    with pytest.raises(ValueError, match="holds none") as err:
+        load_nextdit(tmp_path / "last.ckpt", ema=True)
+    assert "incomplete or edited checkpoint" in str(err.value) and "DeepSpeed" not in str(err.value)
+    assert_same_weights(model.state_dict(), load_nextdit(tmp_path / "last.ckpt", ema=False).state_dict())
+
+
 def _distributed_checkpoint(folder, model, ema):
     """A folder laid out as Lightning's ModelParallelStrategy (FSDP2) writes it: torch DCP shards of
     {"state_dict": ..., "optimizer_states": ...} (.metadata, *.distcp) and the rest in meta.pt."""

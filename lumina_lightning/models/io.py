@@ -558,8 +558,9 @@ def _read_lightning(path: Path, ema: bool | str, overrides: dict[str, Any]) -> t
     else:
         state = {k[len(prefix):]: v for k, v in ckpt.get("state_dict", {}).items() if k.startswith(prefix)}
     if not state and prefix == ema_prefix:
-        raise ValueError(f"{path}: records EMA weights under {prefix!r} but holds none (a DeepSpeed run with "
-                         "exclude_frozen_parameters=True leaves the frozen EMA out); load its raw weights "
+        why = (" (a DeepSpeed run with exclude_frozen_parameters=True leaves the frozen EMA out)"
+               if is_deepspeed_checkpoint(path) else " (incomplete or edited checkpoint)")
+        raise ValueError(f"{path}: records EMA weights under {prefix!r} but holds none{why}; load its raw weights "
                          "(ema=False, --ema false, model.init_ema=raw)")
     if not state:
         raise ValueError(f"{path}: no weights under the prefix {prefix!r} in its state_dict")
