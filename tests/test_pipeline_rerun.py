@@ -324,6 +324,23 @@ def test_a_stage_reading_its_own_synthetic_set_elsewhere_is_refused(tmp_path, mo
     assert calls[0][1].data.path == str(tmp_path / "mine" / "train.jsonl") and calls[0][1].data.synthetic is None
 
 
+def test_the_refusal_suggests_generating_into_a_stages_own_folder_only_if_nothing_of_the_users_is_there(
+        tmp_path, monkeypatch):
+    """Following "set synthetic.out=<the stage's folder>" must not generate over the user's own files."""
+    calls = _stub_train(monkeypatch, tmp_path)
+    own = tmp_path / "own"
+    stage = tiny_recipe(tmp_path, "own.yaml", stage="s1",
+                        data={"path": str(own / "train.jsonl"), "synthetic": {"n": 20, "size": 16}})
+    path = _pipeline(tmp_path / "p.yaml", tmp_path / "out", [stage], f"synthetic: {{out: {tmp_path / 'pipe'}}}\n")
+    with pytest.raises(RecipeError, match=r"Set `synthetic.out=.*own`, or point the stage at the pipeline's set"):
+        pl.run_pipeline(pl.load_pipeline_config(path))
+    own.mkdir()
+    (own / "train.jsonl").write_text('{"image": "a.png", "caption": "mine"}\n')  # the user's files there
+    with pytest.raises(RecipeError, match=r"another set than the pipeline's. Point the stage") as err:
+        pl.run_pipeline(pl.load_pipeline_config(path))
+    assert "synthetic.out=" + str(own) not in str(err.value) and calls == []
+
+
 # ------------------------------------------------------------------------------------------------
 # 5. TeaCache calibration switched off
 # ------------------------------------------------------------------------------------------------

@@ -486,19 +486,48 @@ def test_task_is_read_through_defaults(tmp_path):
     assert loaded.task == "unicap" and loaded.config.optim.lr == 1.0e-3
 
 
-def test_pipeline_regenerates_synthetic_data_made_with_other_arguments(tmp_path, monkeypatch):
+def _lines(path: Path) -> int:
+    return len(path.read_text().splitlines())
+
+
+def test_pipeline_synthetic_step_regenerates_only_sets_it_may(tmp_path):
+    """synthetic.out is reused when it holds the set asked for, regenerated in place when the pipeline
+    (or a recipe) made it with other arguments, and never written over when it holds the user's data: a
+    set `lumina data synth` made is refused, an earlier version's (maker unknown) moved aside."""
+    from lumina_lightning.data.synth import generate_synthetic, synthetic_origin
     from lumina_lightning.training.pipeline import SyntheticStep, _synthetic
 
-    made = []
-    monkeypatch.setattr("lumina_lightning.data.synth.generate_synthetic",
-                        lambda out, n, size, seed, n_test, progress: made.append((n, size, seed, n_test)))
-    for name in ("train.jsonl", "test_geneval.jsonl"):
-        (tmp_path / name).write_text("")
-    (tmp_path / "synth_config.json").write_text(json.dumps({"n_train": 200, "n_test": 60, "size": 64, "seed": 0}))
-    _synthetic(SyntheticStep(out=str(tmp_path), n=200, n_test=60, size=64, seed=0))
-    assert made == []  # the same arguments: reused
-    _synthetic(SyntheticStep(out=str(tmp_path), n=4000, n_test=60, size=64, seed=1))
-    assert made == [(4000, 64, 1, 60)]
+    out = tmp_path / "synth"
+
+    def step(n: int, seed: int = 0) -> SyntheticStep:
+        return SyntheticStep(out=str(out), n=n, n_test=8, size=16, seed=seed)
+
+    _synthetic(step(20))
+    assert synthetic_origin(out) == "pipeline" and _lines(out / "train.jsonl") == 20
+    written = (out / "synth_config.json").stat().st_mtime_ns
+    _synthetic(step(20))
+    assert (out / "synth_config.json").stat().st_mtime_ns == written  # the same arguments: reused
+    _synthetic(step(24, seed=1))
+    assert _lines(out / "train.jsonl") == 24 and not list(tmp_path.glob("synth.*"))  # its own: in place
+
+    generate_synthetic(out, 30, 16, 0, n_test=8, origin="cli")  # the user's, asked for on purpose
+    with pytest.raises(ValueError, match=r"made by `lumina data synth`.*n_train 30 -> 24.*point synthetic.out"):
+        _synthetic(step(24))
+    assert _lines(out / "train.jsonl") == 30
+
+    generate_synthetic(out, 30, 16, 0, n_test=8)  # as earlier versions wrote it: no maker recorded
+    _synthetic(step(24))
+    aside = list(tmp_path.glob("synth.replaced-*"))
+    assert len(aside) == 1 and _lines(aside[0] / "train.jsonl") == 30  # kept, not deleted
+    assert _lines(out / "train.jsonl") == 24 and synthetic_origin(out) == "pipeline"
+
+    mine = tmp_path / "mine"  # the user's own data, no synthetic set
+    mine.mkdir()
+    (mine / "train.jsonl").write_text('{"image": "a.png", "caption": "mine"}\n')
+    with pytest.raises(ValueError, match=r"holds files but no synthetic dataset.*point synthetic.out into a new"):
+        _synthetic(SyntheticStep(out=str(mine), n=20, n_test=8, size=16, seed=0))
+    assert (mine / "train.jsonl").read_text() == '{"image": "a.png", "caption": "mine"}\n'
+    assert sorted(p.name for p in mine.iterdir()) == ["train.jsonl"]
 
 
 @pytest.mark.parametrize("smoke", [False, True])

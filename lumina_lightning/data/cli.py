@@ -125,6 +125,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         args.out, args.n, args.size, args.seed, n_test=args.n_test, aspects=args.aspect,
         holdout=DEFAULT_HOLDOUT if args.holdout is None else args.holdout, tags=args.tags or TAGS,
         shapes=args.shapes or DEFAULT_SHAPES, workers=args.workers, progress=True,
+        origin="cli",  # the user's set: a recipe's data.synthetic never regenerates it (ensure_synthetic)
     )
     took = time.perf_counter() - start
     print(f"wrote {out.n_train} train + {out.n_test} test images to {out.root} in {took:.1f} s")

@@ -25,6 +25,10 @@ rerun with other settings is refused, naming what differs, unless ``--on-mismatc
 old output, its skip list and this file are then moved aside to ``<name>.replaced-<time>`` (never
 deleted) and captioning starts afresh. An output without this file (an older version wrote it) is
 resumed as before, with a warning.
+A caption the captioner generated empty (blank) is left out of its record rather than written as
+``""``: every reader treats a blank level as absent anyway (``data.captions``: training falls back to
+another level), and with ``--keep-captions`` the input's caption at that level is kept instead of being
+blanked. Blank captions are counted per level and named in one warning at the end and in the summary.
 ``--eval`` scores the written captions against the synthetic generator's metadata (attribute
 accuracy of colours/shapes/counts; ``unicap_eval``) and writes ``<output>.eval.json``.
 """
@@ -49,6 +53,7 @@ __all__ = ["CaptionReport", "SettingsMismatch", "read_done", "caption_settings",
            "build_parser", "main"]
 
 SETTINGS_VERSION = 1
+BLANK_EXAMPLES = 5  # images a blank-caption warning names
 ON_MISMATCH = ("refuse", "replace")
 # generate_captions' defaults: what a setting the captioner's unicap.json and the flags leave out is
 _GENERATION_DEFAULTS = {"max_new_tokens": 128, "do_sample": False, "temperature": 0.7, "top_p": 0.9, "num_beams": 1,
@@ -69,6 +74,20 @@ class CaptionReport:
     eval: dict[str, Any] | None = None
     previously_skipped: int = 0  # images an earlier run listed as unreadable (not retried without --retry-skipped)
     replaced: list[Path] = field(default_factory=list)  # where --on-mismatch replace moved the old files
+    blank: dict[str, int] = field(default_factory=dict)  # this run's blank (left out) captions per level
+    blank_images: list[str] = field(default_factory=list)  # the first few images with a blank caption
+    uncaptioned: int = 0  # this run's records written with no caption level at all (training skips them)
+
+    @property
+    def blank_total(self) -> int:
+        return sum(self.blank.values())
+
+    def blank_summary(self) -> str:
+        """``"5 blank caption(s) (short 3, tags 2)"``; empty when there are none."""
+        if not self.blank_total:
+            return ""
+        levels = ", ".join(f"{level} {n}" for level, n in self.blank.items() if n)
+        return f"{self.blank_total} blank caption(s) ({levels})"
 
     @property
     def complete(self) -> bool:
@@ -240,7 +259,7 @@ def caption_manifest(
         captioner: a :class:`~lumina_lightning.modules.unicap.Captioner`.
         generation: decoding overrides (``max_new_tokens``, ``do_sample``, ``temperature``, ...).
         limit: only the first ``limit`` records of the input (the same ones on every rerun).
-        keep_captions: keep the input's caption levels too (generated levels win).
+        keep_captions: keep the input's caption levels too (generated levels win, blank ones do not).
         retry_skipped: try images listed as unreadable by an earlier run again.
         seed: sampling seed; each batch reseeds from it and the batch's position, so a resumed
             sampled run draws what an uninterrupted one would.
@@ -283,7 +302,8 @@ def caption_manifest(
     pending = [(i, r) for i, r in enumerate(records) if os.path.abspath(r.image) not in done]
     in_output = sum(os.path.abspath(r.image) in written_before for r in records)
     report = CaptionReport(output=out, total=len(records), already_done=in_output, written=0,
-                           previously_skipped=len(records) - len(pending) - in_output, replaced=replaced)
+                           previously_skipped=len(records) - len(pending) - in_output, replaced=replaced,
+                           blank={level: 0 for level in levels})
     if report.already_done or report.previously_skipped:
         log.info("%s: %d of %d records already done, %d skipped earlier as unreadable; resuming", out,
                  report.already_done, len(records), report.previously_skipped)
@@ -314,7 +334,9 @@ def caption_manifest(
             lines = []
             for k, (rec, img) in enumerate(good):
                 captions = dict(rec.captions) if keep_captions else {}
-                captions.update({level: texts[level][k] for level in levels})
+                captions.update(_non_blank({level: texts[level][k] for level in levels}, rec.image, report))
+                if not any(text.strip() for text in captions.values()):
+                    report.uncaptioned += 1
                 new = Record(image=rec.image, captions=captions, meta=dict(rec.meta), source=str(out),
                              system=rec.system, width=rec.width or img.width, height=rec.height or img.height)
                 lines.append(json.dumps(record_to_dict(new, base), ensure_ascii=False) + "\n")
@@ -332,7 +354,34 @@ def caption_manifest(
     if not out.exists():
         out.touch()  # an input whose images are all unreadable still yields a (empty) manifest
     report.seconds = time.perf_counter() - started
+    _warn_blank(report)
     return report
+
+
+def _non_blank(generated: dict[str, str], image: str, report: CaptionReport) -> dict[str, str]:
+    """The generated captions that are not blank; the blank ones are counted in ``report``.
+
+    A blank level is left out, not written as ``""``: readers treat the two alike (``data.captions``
+    falls back to another level), but a ``""`` would overwrite the input's caption under
+    ``--keep-captions`` and would look like a caption in the manifest.
+    """
+    blank = [level for level, text in generated.items() if not text.strip()]
+    for level in blank:
+        report.blank[level] = report.blank.get(level, 0) + 1
+    if blank and len(report.blank_images) < BLANK_EXAMPLES:
+        report.blank_images.append(image)
+    return {level: text for level, text in generated.items() if level not in blank}
+
+
+def _warn_blank(report: CaptionReport) -> None:
+    """One warning at the end of a run that generated blank captions (not one per batch)."""
+    if not report.blank_total:
+        return
+    none_left = (f"; {report.uncaptioned} record(s) have no caption at all and are skipped in training "
+                 "(empty_caption)" if report.uncaptioned else "")
+    log.warning("%s: the captioner generated %s, left out of their records, e.g. for %s%s. Check the captioner: an "
+                "undertrained one can end its answer at once", report.output, report.blank_summary(),
+                ", ".join(report.blank_images), none_left)
 
 
 def _levels(text: str) -> list[str]:
@@ -432,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{report.output}: wrote {report.written} records in {report.seconds:.1f}s "
           f"({report.already_done} already done{earlier}, {len(report.skipped)} unreadable, "
           f"{report.total} in the input)")
+    if report.blank_total:
+        none_left = f"; {report.uncaptioned} record(s) left with no caption" if report.uncaptioned else ""
+        print(f"  {report.blank_summary()} left out of the records (training falls back to another level){none_left}")
     if report.skipped:
         print(f"skipped {len(report.skipped)} unreadable image(s), listed in {skipped_path(report.output)}:",
               file=sys.stderr)

@@ -350,9 +350,19 @@ def _data_overrides(cfg: PipelineConfig, recipe: str, loaded: Any) -> list[str]:
         raise RecipeError(
             f"{recipe} trains on data.path={data.path}, the synthetic dataset its `data.synthetic` generates "
             f"when it runs alone, but this pipeline generates its dataset into synthetic.out={cfg.synthetic.out}, "
-            f"so the stage would train on another set than the pipeline's. Set `synthetic.out={folder}`, or point "
-            f"the stage at the pipeline's set (e.g. `stage_overrides=[data.path={Path(cfg.synthetic.out) / Path(data.path).name}]`)")
+            f"so the stage would train on another set than the pipeline's. {_use_own_set(folder)} the stage at "
+            f"the pipeline's set (e.g. `stage_overrides=[data.path={Path(cfg.synthetic.out) / Path(data.path).name}]`)")
     return ["data.synthetic=null"]
+
+
+def _use_own_set(folder: Path) -> str:
+    """Advice to generate the pipeline's set into a stage's own folder, given only where that folder is
+    empty or holds a generated synthetic set: one holding the user's files would be written over."""
+    from lumina_lightning.data.synth import synthetic_complete, synthetic_incomplete
+
+    if not folder.is_dir() or not any(folder.iterdir()) or synthetic_complete(folder) or synthetic_incomplete(folder):
+        return f"Set `synthetic.out={folder}`, or point"
+    return "Point"
 
 
 def _trained_on_other_data(cfg: PipelineConfig, before: Any) -> bool:
@@ -824,9 +834,21 @@ def _mean(values: list[float]) -> float | None:
 
 
 def _synthetic(step: SyntheticStep) -> Path:
-    from lumina_lightning.data.synth import generate_synthetic, synthetic_incomplete
+    """The pipeline's synthetic set in ``synthetic.out``: generated there (``origin="pipeline"``), kept
+    where it holds the set asked for or a hand-made one, regenerated where this pipeline or a recipe made
+    it with other arguments. Never written over a folder of the user's: one that holds files but no
+    synthetic set, or a set ``lumina data synth`` made with other arguments, is refused; one whose
+    maker is unknown (earlier versions recorded none) is moved aside first."""
+    from lumina_lightning.data.synth import (
+        check_generation_target,
+        generate_synthetic,
+        regenerate_in_place,
+        synthetic_incomplete,
+    )
+    from lumina_lightning.fileio import move_aside
 
     out = Path(step.out)
+    keep = "To train on that data, point the stages' data.path at it (stage_overrides)"
     # (a generation cut short leaves its marker: redone, never kept as a hand-made set)
     if (out / "train.jsonl").is_file() and (out / "test_geneval.jsonl").is_file() and not synthetic_incomplete(out):
         try:  # the arguments it was generated with (data.synth); a hand-made set without them is kept
@@ -837,10 +859,13 @@ def _synthetic(step: SyntheticStep) -> Path:
         wanted = {"n_train": step.n, "n_test": step.n_test, "size": step.size, "seed": step.seed}
         if on_disk == wanted:
             return out
-        log.info("synthetic dataset in %s was generated with %s, the pipeline asks for %s: regenerating it",
-                 out, on_disk, wanted)
+        differences = {k: (on_disk[k], wanted[k]) for k in wanted if on_disk[k] != wanted[k]}
+        if not regenerate_in_place(out, differences, "the pipeline's synthetic step", keep, "synthetic.out"):
+            log.warning("moved the synthetic dataset in %s to %s (delete that if it is not yours)", out, move_aside(out))
+    else:
+        check_generation_target(out, "the pipeline's synthetic step", keep, "synthetic.out")
     print(f"generating the synthetic dataset ({step.n} + {step.n_test} images at {step.size}px) into {out}", flush=True)
-    generate_synthetic(out, step.n, step.size, step.seed, n_test=step.n_test, progress=True)
+    generate_synthetic(out, step.n, step.size, step.seed, n_test=step.n_test, progress=True, origin="pipeline")
     return out
 
 

@@ -223,14 +223,18 @@ def _built_on_rank_zero(ready: Callable[[], bool], build: Callable[[], None], wh
 def ensure_synthetic(cfg: Any) -> None:
     """Generate the synthetic dataset where ``data.synthetic`` asks for it and ``data.path`` is missing,
     its generation never finished, or it was generated with other arguments (``synth_config.json``
-    differs from what ``data.synthetic`` asks for: it is regenerated, like the pipeline does)."""
+    differs from what ``data.synthetic`` asks for): a set a recipe or a pipeline made is regenerated,
+    one ``lumina data synth`` made is refused, one of unknown origin is moved aside first
+    (see :func:`~lumina_lightning.data.synth.regenerate_in_place`)."""
     from lumina_lightning.data.synth import (
         COMPLETE_MARKER,
+        check_generation_target,
         generate_synthetic,
-        synthetic_complete,
+        regenerate_in_place,
         synthetic_differences,
-        synthetic_incomplete,
+        synthetic_origin,
     )
+    from lumina_lightning.fileio import move_aside
 
     spec = cfg.data.synthetic
     if not spec or not cfg.data.path:
@@ -251,25 +255,25 @@ def ensure_synthetic(cfg: Any) -> None:
 
     if Path(cfg.data.path).exists() and differences == {}:
         return
-    if folder.is_dir() and any(folder.iterdir()) and not synthetic_complete(folder) \
-            and not synthetic_incomplete(folder):
-        # e.g. a tiny recipe pointed at the user's own manifest: generating would write train.jsonl,
-        # test.jsonl and images/ over theirs
-        raise ValueError(
-            f"data.path={cfg.data.path} is in {folder}, which holds files but no synthetic dataset (no "
-            f"{COMPLETE_MARKER}); data.synthetic would generate one into it, over those files. To train on "
-            "that data, set data.synthetic=null; to generate, point data.path into a new or empty folder")
-    if differences:
-        log.warning("the synthetic dataset in %s was generated with other arguments (%s): regenerating it for "
-                    "data.synthetic=%s", folder,
-                    ", ".join(f"{k} {old!r} -> {new!r}" for k, (old, new) in differences.items()), spec)
+    # e.g. a tiny recipe pointed at the user's own manifest: generating would write train.jsonl,
+    # test.jsonl and images/ over theirs
+    keep = "To train on that data as it is, set data.synthetic=null"
+    check_generation_target(folder, "data.synthetic", keep, "data.path")
+    set_aside = bool(differences) and not regenerate_in_place(folder, differences, "data.synthetic", keep, "data.path")
+    # the same arguments (a file of the set went missing): the same bytes again, and the same maker, so a
+    # user's set does not become the recipe's by being repaired
+    origin = synthetic_origin(folder) if differences == {} else "recipe"
 
     def build() -> None:
+        if set_aside:
+            log.warning("moved the synthetic dataset in %s to %s (delete that if it is not yours)", folder,
+                        move_aside(folder))
         log.info("generating the synthetic dataset into %s (%s)", folder, spec)
         # the old marker goes first: an interrupted regeneration must not pass for the old, complete set
         (folder / COMPLETE_MARKER).unlink(missing_ok=True)
         try:
-            generate_synthetic(folder, progress=True, **{k: v for k, v in spec.items() if k != "progress"})
+            generate_synthetic(folder, progress=True, origin=origin,
+                               **{k: v for k, v in spec.items() if k != "progress"})
         except TypeError as err:
             raise ValueError(f"data.synthetic: {err}") from None
 
