@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS,
                    help=f"most solver steps per request (default {DEFAULT_MAX_STEPS})")
     p.add_argument("--resolution", type=int, default=None,
-                   help="side of the square resolution preset (default: the resolution the checkpoint records, "
+                   help="side of the square resolution preset, a multiple of the model's size step (autoencoder "
+                   "downsample x patch size; refused otherwise) (default: the resolution the checkpoint records, "
                    "else 64 tokens a side for latent models (1024 px with the FLUX VAE), 16 for pixel-space ones)")
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--concurrency", type=int, default=1,
@@ -102,6 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except Exception as err:  # noqa: BLE001 - e.g. a corrupt file: safetensors/pickle errors have their own types
         print(f"lumina demo: error: cannot load {args.ckpt}: {type(err).__name__}: {err}", file=sys.stderr)
+        return 2
+    try:  # needs the loaded model's size multiple
+        service.check_resolution()
+    except ValueError as err:
+        print(f"lumina demo: error: {err}", file=sys.stderr)
+        service.close()
         return 2
 
     from lumina_lightning.ui.gradio_app import build_demo, launch

@@ -450,11 +450,25 @@ class DemoService:
         names = {"midpoint": "Midpoint", "euler": "Euler", "dpm": "Flow-DPM-Solver (DPM-Solver++ 2M)"}
         return [(f"{names.get(s, s)}: {n} forward{'s' if n > 1 else ''}/step", s) for s, n in EVALS_PER_STEP.items()]
 
+    def check_resolution(self) -> None:
+        """Refuse a configured ``resolution`` (``lumina demo --resolution``) the model cannot draw, with the
+        message ``lumina sample --width`` gives (the pipeline's own ``check_size``: multiples of
+        :attr:`size_multiple`, the nearest valid size, the position tables). ``lumina demo`` calls it
+        right after loading, the first moment the model's size multiple is known; without it the square
+        preset silently snapped to another size. ``None`` (the model's own size) passes."""
+        side = self.config.resolution
+        if side is None:
+            return
+        try:
+            self.pipe.check_size(int(side), int(side))
+        except ValueError as err:
+            raise ValueError(f"--resolution {side}: {err}") from None
+
     def base_resolution(self) -> int:
-        """Side of the square preset: the configured ``resolution``, else the one the checkpoint was
-        trained at (``pipeline.json``), else 64 tokens a side for latent models (1024 px with the FLUX
-        VAE, the 2B model's native size) and 16 tokens a side for pixel-space models; snapped and
-        kept within the model's position tables and the pixel budget."""
+        """Side of the square preset: the configured ``resolution`` (see :meth:`check_resolution`), else
+        the one the checkpoint was trained at (``pipeline.json``), else 64 tokens a side for latent models
+        (1024 px with the FLUX VAE, the 2B model's native size) and 16 tokens a side for pixel-space
+        models; snapped and kept within the model's position tables and the pixel budget."""
         m = self.size_multiple
         side = (self.config.resolution or getattr(self.pipe, "resolution", None)
                 or (64 if int(self.pipe.autoencoder.downsample) > 1 else 16) * m)

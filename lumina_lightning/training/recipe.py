@@ -221,12 +221,41 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return out
 
 
-def _resolve_default(entry: str, folder: Path, where: str) -> Path:
+def _resolve_default(entry: str, folder: Path, where: str, announce: bool = True) -> Path:
+    """A ``defaults`` entry, relative to the folder of the file that names it; else, for a file inside a
+    ``recipes/`` folder, the entry at the same place in the installed recipes (``announce``: say so)."""
     candidates = [folder / entry, folder / f"{entry}.yaml"]
     for c in candidates:
         if c.is_file():
             return c.resolve()
-    raise RecipeError(f"{where}: `defaults` entry {entry!r} not found (looked for {', '.join(map(str, candidates))})")
+    installed = _installed_default(entry, folder)
+    if installed is not None:
+        if announce:
+            print(f"{where}: `defaults` entry {entry!r} is not beside it ({candidates[-1]}); using the copy "
+                  f"installed with lumina-lightning, {installed}", file=sys.stderr)
+        return installed
+    shipped = packaged_recipes_dir()
+    hint = f"; the recipes installed with lumina-lightning are in {shipped}" if shipped is not None else ""
+    raise RecipeError(f"{where}: `defaults` entry {entry!r} not found (looked for {', '.join(map(str, candidates))})"
+                      f"{hint}")
+
+
+def _installed_default(entry: str, folder: Path) -> Path | None:
+    """Where ``entry`` is in the installed recipes, for a file in ``.../recipes/<sub>/``: a recipe
+    copied on its own into ``./recipes/tiny/`` (the README's ``lumina train recipes/tiny/...``) names
+    ``../base/common`` and has no ``./recipes/base/``. ``None`` outside a ``recipes/`` folder, where
+    the entry is not installed, or where it would lead out of the installed recipes."""
+    shipped = packaged_recipes_dir()
+    parts = folder.resolve().parts
+    if shipped is None or "recipes" not in parts:
+        return None
+    inside = parts[len(parts) - parts[::-1].index("recipes"):]  # the folders below the last `recipes`
+    root = shipped.resolve()
+    for name in (entry, f"{entry}.yaml"):
+        candidate = root.joinpath(*inside, name).resolve()
+        if candidate.is_file() and candidate.is_relative_to(root):
+            return candidate
+    return None
 
 
 def _load_file(path: Path, stack: tuple[Path, ...], files: list[Path], schema: type = RecipeConfig,
@@ -332,6 +361,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         RecipeError: naming the file (or "command line"), the dotted key and what was expected.
     """
     path = Path(path)
+    _refuse_pipeline_file(path)
     files: list[Path] = []
     task = _peek_task(path)
     schema = schema_for(task, str(path))
@@ -360,6 +390,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     return LoadedRecipe(config=config, resolved=full, files=files, overrides=list(overrides), path=path, task=task)
 
 
+def _refuse_pipeline_file(path: Path) -> None:
+    """A pipeline file (its ``stages:`` list, own or through ``defaults``) given where a stage recipe
+    belongs: say which command runs it, not that its keys are unknown to a recipe."""
+    if peek_key(path, "stages") is not None:
+        raise RecipeError(f"{path} is a pipeline file (it lists `stages`), not a training recipe: run it with "
+                          f"`lumina pipeline {path}`, or train one of its stage recipes with `lumina train`")
+
+
 def _peek_task(path: Path) -> str:
     """The ``task`` a recipe names, in its own file or its ``defaults`` (default ``generation``)."""
     return str(peek_key(path, "task", "generation"))
@@ -381,7 +419,7 @@ def peek_key(path: Path, key: str, default: Any = None, _stack: tuple[Path, ...]
     defaults = data.get("defaults") or []
     for entry in reversed([defaults] if isinstance(defaults, str) else defaults):
         try:
-            parent = _resolve_default(str(entry), path.parent, str(path))
+            parent = _resolve_default(str(entry), path.parent, str(path), announce=False)
         except RecipeError:
             continue
         value = peek_key(parent, key, None, (*_stack, path))
@@ -494,6 +532,7 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
             raise RecipeError(f"{where}: `{key}` must be >= {least}{' (0 = never)' if least == 0 else ''}, got {value}")
     if cfg.resume not in (None, "auto") and not str(cfg.resume):
         raise RecipeError(f"{where}: `resume` must be null, 'auto' or a checkpoint path")
+    _check_sample_grid(cfg, model_cfg, where)
 
 
 def _check_caption_length(cfg: RecipeConfig, model_cfg: Any, where: str) -> None:
@@ -545,3 +584,58 @@ def _check_data_patch(cfg: RecipeConfig, model_cfg: Any, where: str) -> None:
             f"token ({source} downsamples {down}x, model.patch_size is {model_cfg.patch_size}): bucket sides are "
             f"multiples of data.patch and must divide into tokens; set data.patch to {token} (or a multiple of it)"
         )
+
+
+def _check_sample_grid(cfg: RecipeConfig, model_cfg: Any, where: str) -> None:
+    """The sample grid's settings (``validation.*``) as ``NextDiTModule.render_samples`` uses them: it
+    draws the first grid at step ``validation.sample_every_n_steps`` (or the last step), so a value it
+    cannot use passed ``--validate-only`` and stopped the run there, hours in."""
+    from lumina_lightning.sampling.presets import PRESETS, resolve_settings
+
+    v = cfg.validation
+    _choice(where, "validation.preset", v.preset, PRESETS)
+    if v.steps is not None and v.steps < 1:
+        raise RecipeError(f"{where}: `validation.steps` must be >= 1 or null (the preset's own: "
+                          f"{PRESETS[v.preset].steps} for {v.preset!r}), got {v.steps}")
+    try:  # whatever else the sampler refuses, as the grid's pipeline (no pipeline defaults) resolves it
+        resolve_settings(v.preset, steps=v.steps, cfg_scale=v.cfg_scale)
+    except ValueError as err:
+        raise RecipeError(f"{where}: `validation.preset` / `steps` / `cfg_scale`: {err}") from None
+    if v.sample_every_n_steps and v.prompts and not v.seeds:
+        # render_samples repeats the seeds over the prompts: none is a ZeroDivisionError
+        raise RecipeError(f"{where}: `validation.seeds` is empty but the sample grid draws {len(v.prompts)} "
+                          f"validation.prompts; give at least one seed (repeated over the prompts), or set "
+                          f"validation.sample_every_n_steps=0 for no grid")
+    _check_grid_size(cfg, model_cfg, where)
+
+
+def _check_grid_size(cfg: RecipeConfig, model_cfg: Any, where: str) -> None:
+    """``validation.width`` / ``height`` (``null`` or 0: ``data.resolution``, as render_samples reads them)
+    positive multiples of one token's pixels and within the model's RoPE tables: the sampler's
+    ``check_size`` refuses anything else when the grid is drawn."""
+    v = cfg.validation
+    given = [(key, value, axis) for key, value, axis in (("validation.width", v.width, 2),
+                                                         ("validation.height", v.height, 1)) if value]
+    down, source = _autoencoder_downsample(cfg)
+    if not given or down is None:
+        return
+    from lumina_lightning.sampling.pipeline import snap_size
+
+    token = down * int(model_cfg.patch_size)
+    limits = model_cfg.axes_lens[2] * token, model_cfg.axes_lens[1] * token  # (width, height), spec §1.4
+    for key, value, axis in given:
+        if value < 0 or value % token:
+            w, h, _ = snap_size(v.width or cfg.data.resolution, v.height or cfg.data.resolution, token, limits)
+            raise RecipeError(
+                f"{where}: `{key}` = {value} is not a positive multiple of {token} pixels, the image side of one "
+                f"token ({source} downsamples {down}x, model.patch_size is {model_cfg.patch_size}): the sample "
+                f"grid could not be drawn; nearest valid grid size: {w}x{h} (validation.width x validation.height; "
+                f"null = data.resolution)"
+            )
+        limit = limits[0] if axis == 2 else limits[1]
+        if value > limit:
+            raise RecipeError(
+                f"{where}: `{key}` = {value} is more than the {limit} pixels model {cfg.model.size} can place "
+                f"(its RoPE tables: axes_lens[{axis}] = {model_cfg.axes_lens[axis]} tokens of {token} px); "
+                f"set {key} <= {limit}"
+            )
