@@ -129,3 +129,29 @@ def test_the_data_readme_cache_example_builds_a_cache_the_tiny_stage_1_recipe_re
     assert (args.vae, args.text_encoder, args.max_length) == (cfg.autoencoder.kind, cfg.text_encoder.path,
                                                              cfg.text_encoder.max_length)
     assert (args.prompt_template, args.default_system) == ("record", cfg.data.system or cfg.objective.system)
+
+
+def test_flash_attention_with_32_bit_or_cpu_training_is_refused_up_front():
+    assert "needs a 16-bit `trainer.precision`" in refused("model.attention_backend=flash")
+    assert "needs CUDA, but trainer.accelerator is 'cpu'" in refused(
+        "model.attention_backend=flash", "trainer.precision=bf16-mixed", "trainer.accelerator=cpu")
+    load_recipe(TINY, ["model.attention_backend=flash", "trainer.precision=bf16-mixed", "trainer.accelerator=gpu"])
+
+
+def test_flash_attention_on_a_host_that_cannot_run_it_stops_before_the_run_starts(tmp_path, capsys):
+    """Valid on a login node, refused by `lumina train` on a host without flash-attn or CUDA before any
+    data is generated or an MLflow run opened (it used to crash at the first forward, run marked FAILED)."""
+    import torch
+
+    from lumina_lightning.models.attention import HAS_FLASH_ATTN
+    from lumina_lightning.training.run import main
+
+    if HAS_FLASH_ATTN and torch.cuda.is_available():
+        pytest.skip("this host can run flash-attn")
+    out = tmp_path / "run"
+    code = main([str(TINY), "model.attention_backend=flash", "trainer.precision=bf16-mixed",
+                 "trainer.accelerator=gpu", f"output_dir={out}", f"data.path={tmp_path / 'synth' / 'train.jsonl'}",
+                 "tracking.enabled=false"])
+    assert code == 2
+    assert "`model.attention_backend` = 'flash', but" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "synth").exists()

@@ -499,6 +499,7 @@ def check_semantics(cfg: RecipeConfig, where: str) -> None:
     _choice(where, "objective.system", cfg.objective.system, SYSTEM_PROMPTS)
     _choice(where, "trainer.strategy", cfg.trainer.strategy, STRATEGIES)
     _choice(where, "trainer.precision", cfg.trainer.precision, PRECISIONS)
+    _check_flash_settings(cfg, where)
     from lumina_lightning.training.optim import MUON_STRATEGIES, OPTIMIZERS
     from lumina_lightning.training.schedules import SCHEDULES
 
@@ -639,3 +640,33 @@ def _check_grid_size(cfg: RecipeConfig, model_cfg: Any, where: str) -> None:
                 f"(its RoPE tables: axes_lens[{axis}] = {model_cfg.axes_lens[axis]} tokens of {token} px); "
                 f"set {key} <= {limit}"
             )
+
+
+def _check_flash_settings(cfg: RecipeConfig, where: str) -> None:
+    """``model.attention_backend: flash`` runs flash-attn's kernels, which take CUDA tensors in fp16/bf16
+    only (``models.attention``): a 32-bit or CPU recipe would pass validation and stop at the first step."""
+    if cfg.model.attention_backend != "flash":
+        return
+    if "16" not in str(cfg.trainer.precision):
+        raise RecipeError(f"{where}: `model.attention_backend` = 'flash' needs a 16-bit `trainer.precision` "
+                          f"(bf16-mixed, 16-mixed or bf16-true; flash-attn has no fp32 kernels), got "
+                          f"{cfg.trainer.precision!r}; or set model.attention_backend=auto (flash-attn where it can run)")
+    if str(cfg.trainer.accelerator) == "cpu":
+        raise RecipeError(f"{where}: `model.attention_backend` = 'flash' needs CUDA, but trainer.accelerator is 'cpu'; "
+                          "set model.attention_backend=auto or sdpa")
+
+
+def check_flash_host(cfg: RecipeConfig, where: str) -> None:
+    """Before a run starts (data, encoders, an MLflow run): ``flash`` on a host without flash-attn or
+    CUDA. Not part of :func:`check_semantics`, which must pass on a login node without a GPU."""
+    if cfg.model.attention_backend != "flash":
+        return
+    import torch
+
+    from lumina_lightning.models.attention import HAS_FLASH_ATTN
+
+    if not HAS_FLASH_ATTN or not torch.cuda.is_available():
+        missing = "flash-attn is not installed (README: GPU install, the gpu extra)" if not HAS_FLASH_ATTN \
+            else "this host has no CUDA device"
+        raise RecipeError(f"{where}: `model.attention_backend` = 'flash', but {missing}; set "
+                          "model.attention_backend=auto (flash-attn where it can run, else SDPA) or sdpa")

@@ -364,8 +364,11 @@ def train(loaded: Any, *, extra_callbacks: list | None = None, trainer_kwargs: d
         resolve_resume,
     )
 
+    from lumina_lightning.training.recipe import check_flash_host
+
     started = time.perf_counter()
     cfg = loaded.config
+    check_flash_host(cfg, str(loaded.path))  # before anything is generated, built or tracked
     out, ckpt_dir = prepare_run(loaded)
 
     ensure_synthetic(cfg)
