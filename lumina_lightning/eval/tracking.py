@@ -1,7 +1,8 @@
 """MLflow logging of an evaluation (the ``mlflow`` client directly; no Lightning logger involved).
 
 The store is chosen like training runs choose theirs (``training/run.py``): an explicit URI, else
-``MLFLOW_TRACKING_URI``, else — only when asked to track — ``sqlite:///mlruns.db``; experiments
+``MLFLOW_TRACKING_URI``, else the store the checkpoint's training run logged to, else — only when asked
+to track (``--track``) — ``sqlite:///mlruns.db``; ``--no-track`` logs nowhere; experiments
 created here on a local store keep artifacts in ``./mlartifacts``. When the checkpoint lives in a
 training run folder (``run_info.json``), the eval run is tagged with that run's id and, in the
 same experiment, nested under it in the UI.
@@ -22,17 +23,23 @@ __all__ = ["tracking_uri_for", "is_tracking_server", "metric_key", "metrics_of",
 DEFAULT_EXPERIMENT = "lumina-lightning"  # the training recipes' default, so eval runs sit beside them
 
 
-def tracking_uri_for(explicit: str | None = None, track: bool = False) -> str | None:
-    """Where to log: explicit → ``MLFLOW_TRACKING_URI`` → (``track`` only) the local sqlite store."""
-    if explicit:
-        return explicit
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    if track:
-        from lumina_lightning.training.session import default_tracking_uri
+def tracking_uri_for(explicit: str | None = None, track: bool | None = False, checkpoint: str | None = None) -> str | None:
+    """Where to log (absolute, see :func:`~lumina_lightning.training.session.absolute_tracking_uri`):
+    ``track=False``: nowhere; else explicit → ``MLFLOW_TRACKING_URI`` → (``track=True``) the local sqlite
+    store, (``track=None``) the store the checkpoint's training run logged to (its ``run_info.json``),
+    so an evaluation of a tracked run sits beside it without a flag."""
+    from lumina_lightning.training.session import absolute_tracking_uri, default_tracking_uri
 
+    if track is False:
+        return None
+    if explicit:
+        return absolute_tracking_uri(explicit)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
         return default_tracking_uri()
-    return None
+    if track:
+        return default_tracking_uri()
+    recorded = _training_run_info(checkpoint).get("tracking_uri")
+    return absolute_tracking_uri(recorded) if recorded else None
 
 
 def is_tracking_server(uri: str) -> bool:
@@ -125,19 +132,25 @@ def metrics_of(results: dict[str, Any]) -> dict[str, float]:
     return {metric_key(k): float(v) for k, v in m.items()}
 
 
-def _training_run(checkpoint: str | None) -> str | None:
-    """The MLflow run id of the training run that wrote ``checkpoint`` (``run_info.json``), if any."""
+def _training_run_info(checkpoint: str | None) -> dict[str, Any]:
+    """The ``run_info.json`` of the training run that wrote ``checkpoint`` (``{}`` if none)."""
     if not checkpoint:
-        return None
+        return {}
     p = Path(checkpoint).resolve()
     for folder in (p, p.parent, p.parent.parent):
         info = folder / "run_info.json"
         if info.is_file():
             try:
-                return json.loads(info.read_text()).get("mlflow_run_id")
+                found = json.loads(info.read_text())
             except (OSError, ValueError):
-                return None
-    return None
+                return {}
+            return found if isinstance(found, dict) else {}
+    return {}
+
+
+def _training_run(checkpoint: str | None) -> str | None:
+    """The MLflow run id of the training run that wrote ``checkpoint``, if any."""
+    return _training_run_info(checkpoint).get("mlflow_run_id")
 
 
 def log_to_mlflow(
@@ -147,7 +160,7 @@ def log_to_mlflow(
     tracking_uri: str | None = None,
     experiment: str = DEFAULT_EXPERIMENT,
     run_name: str | None = None,
-    track: bool = False,
+    track: bool | None = None,
     tags: dict[str, str] | None = None,
     log_images: bool = True,
 ) -> dict[str, str] | None:
@@ -155,8 +168,10 @@ def log_to_mlflow(
 
     Returns ``{"run_id", "tracking_uri", "experiment", "experiment_id"}`` (also stored in
     ``results["mlflow"]`` and ``out_dir/results.json``), or ``None`` when no store is configured.
+    ``track``: see :func:`tracking_uri_for` (``None``: where a URI is given, or the checkpoint's
+    training run was tracked).
     """
-    uri = tracking_uri_for(tracking_uri, track)
+    uri = tracking_uri_for(tracking_uri, track, results.get("checkpoint"))
     if uri is None:
         return None
     from mlflow.entities import Metric, Param, RunTag

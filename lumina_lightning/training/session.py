@@ -67,7 +67,33 @@ def prepare_run(loaded: Any) -> tuple[Path, Path]:
 
 
 def default_tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path('mlruns.db').resolve()}"
+    """``MLFLOW_TRACKING_URI``, else ``mlruns.db`` in the current folder; absolute either way."""
+    return absolute_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or "sqlite:///mlruns.db")
+
+
+def absolute_tracking_uri(uri: str) -> str:
+    """A local store's URI with its path made absolute against the current folder, once, when a command
+    starts: ``sqlite:///mlruns.db``, ``file:./mlruns`` and ``./mlruns`` name a folder relative to
+    wherever MLflow is called from, so the URI a run records (``run_info.json``, which resumes and
+    ``lumina eval`` read back) would name another store from another folder. Servers, databases other
+    than sqlite and absolute paths are returned as they are."""
+    uri = str(uri)
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path and not path.startswith("/") and path != ":memory:":
+            return f"sqlite:///{Path(path).resolve()}"
+        return uri
+    if uri in ("databricks", "databricks-uc", "uc"):  # MLflow's named stores, not folders
+        return uri
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    if scheme == "file":
+        rest = uri[len("file:"):]
+        if rest.startswith("//"):  # file:///abs or file://host/...: already absolute
+            return uri
+        return Path(rest).resolve().as_uri()
+    if not scheme or (len(scheme) == 1 and os.name == "nt"):  # a bare path (C:\... on Windows)
+        return str(Path(uri).resolve())
+    return uri
 
 
 def resumed_run_id(out: Path, ckpt_path: str | None, tracking_uri: str) -> str | None:
@@ -81,7 +107,8 @@ def resumed_run_id(out: Path, ckpt_path: str | None, tracking_uri: str) -> str |
     except (OSError, ValueError):
         return None
     run_id = info.get("mlflow_run_id")
-    if not run_id or info.get("tracking_uri") != tracking_uri:
+    recorded = info.get("tracking_uri")
+    if not run_id or not recorded or absolute_tracking_uri(recorded) != tracking_uri:
         return None
     import mlflow
     from mlflow.exceptions import MlflowException
@@ -110,14 +137,17 @@ def make_logger(cfg: Any, loaded: Any, *, tags: dict[str, str] | None = None,
 
     from lumina_lightning.eval.tracking import is_tracking_server  # here: eval.tracking imports this module
 
-    tracking_uri = cfg.tracking.tracking_uri or default_tracking_uri()
+    tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.tracking_uri else default_tracking_uri()
     # local stores keep artifacts in ./mlartifacts; a tracking server decides for itself
     local = None if is_tracking_server(tracking_uri) else Path("mlartifacts").resolve().as_uri()
     artifacts = cfg.tracking.artifact_location or local
     all_tags = {"stage": cfg.stage, "recipe": str(loaded.path), **(tags or {}), **cfg.tracking.tags}
     if parent and parent.get("mlflow_run_id"):
-        all_tags["mlflow.parentRunId"] = parent["mlflow_run_id"]
         all_tags["lumina.init_from_run"] = parent["mlflow_run_id"]
+        # nested in the UI only where the parent run is in this store: in another, the id names no run here
+        # (records of earlier versions may hold a relative URI: compared made absolute)
+        if not parent.get("tracking_uri") or absolute_tracking_uri(parent["tracking_uri"]) == tracking_uri:
+            all_tags["mlflow.parentRunId"] = parent["mlflow_run_id"]
     run_id = resumed_run_id(out, resume_from, tracking_uri) if out is not None else None
     if run_id:
         log.info("resuming: continuing MLflow run %s", run_id)
