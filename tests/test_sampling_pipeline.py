@@ -605,3 +605,22 @@ def test_a_source_trained_in_another_latent_space_is_named(pipe, tmp_path):
     with pytest.raises(ValueError, match="latent space"):
         check_same_latent_space(tmp_path / "last.ckpt", {"kind": "pixel"})
     check_same_latent_space(save_nextdit(pipe.model, tmp_path / "bare.safetensors"), {"kind": "pixel"})  # no record
+
+
+def test_a_negative_prompt_without_guidance_is_recorded_as_unused_and_warned_about(folder, tmp_path, capsys):
+    """At CFG scale 1 the negative prompt is never encoded: the image must not claim it (a reader would
+    reproduce it with guidance on), and the CLI says once that the flag had no effect."""
+    out = tmp_path / "out"
+    args = ["--ckpt", str(folder), "a red circle", "--out", str(out), "--width", "16", "--height", "16",
+            "--negative-prompt", "blurry", *FAST_ARGS]
+    assert sample_main([*args, "--cfg", "1", "--n-per-prompt", "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("the negative prompt has no effect") == 1
+    for png in out.glob("*.png"):
+        assert read_png_settings(png)["negative_prompt"] is None
+        assert "negative_prompt" not in Image.open(png).text
+    guided = tmp_path / "guided"
+    assert sample_main([*args[:3], "--out", str(guided), *args[5:], "--cfg", "2"]) == 0
+    assert "no effect" not in capsys.readouterr().err
+    [png] = guided.glob("*.png")
+    assert read_png_settings(png)["negative_prompt"] == "blurry" and Image.open(png).text["negative_prompt"] == "blurry"

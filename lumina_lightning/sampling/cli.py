@@ -295,6 +295,9 @@ def run(args: argparse.Namespace) -> int:
     total = len(items) * args.n_per_prompt
     print(f"lumina sample: {total} image(s) at {args.width}x{args.height} with {settings.solver} x{settings.steps}, "
           f"cfg {settings.cfg_scale} on {device} -> {out}", file=sys.stderr)
+    if not settings.guidance.guided and (args.negative_prompt or any(i.get("negative_prompt") for i in items)):
+        print(f"lumina sample: warning: guidance is off (cfg {settings.cfg_scale}), so the negative prompt has no "
+              "effect; the images record none (give --cfg > 1 to use it)", file=sys.stderr)
     index = 0
     with open(out / "index.jsonl", "a", encoding="utf-8") as log, tqdm(total=total, desc="images", unit="img") as bar:
         for item in items:

@@ -493,7 +493,9 @@ class LuminaPipeline:
             "grid": "flow_dpm" if settings.solver == "dpm" else "uniform",
             "nfe_planned": solver_nfe(settings.solver, settings.steps),
             "system": system,
-            "negative_prompt": negative_prompt if (negative_prompt is None or isinstance(negative_prompt, str)) else list(negative_prompt),
+            # unguided (CFG scale 1) samples never see the negative prompt: recorded as none, as it was not used
+            "negative_prompt": None if not settings.guidance.guided else (
+                negative_prompt if (negative_prompt is None or isinstance(negative_prompt, str)) else list(negative_prompt)),
             "prompts": list(prompts),
             "width": width,
             "height": height,
