@@ -73,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the detector on the manifest's ground-truth renders (alone when no --ckpt)")
     p.add_argument("--images", help="re-score an existing folder in GenEval layout (<idx>/metadata.jsonl, "
                    "<idx>/samples/NNNN.png) instead of generating")
-    p.add_argument("--device", default=None, help="cuda | cpu (default: cuda when available)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: cuda when available)")
     p.add_argument("--ema", choices=("auto", "true", "false"), default="auto", help="use EMA weights (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on small busy CPUs)")
     p.add_argument("--tracking-uri", default=None,
