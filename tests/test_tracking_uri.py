@@ -86,3 +86,23 @@ def test_a_stage_is_nested_under_its_parent_run_only_in_the_parents_store(tmp_pa
     assert uri == f"sqlite:///{tmp_path / 'mlruns.db'}"
     assert logger.tags["lumina.init_from_run"] == "abc123"
     assert ("mlflow.parentRunId" in logger.tags) is same_store
+
+
+def test_eval_and_sample_device_help_names_every_form_they_accept():
+    """``lumina eval`` hands --device to the resolver of ``lumina sample`` (eval/cli.py), so both --help texts must
+    name the same forms, and each named form must be one the resolver takes (a CUDA one may only lack a GPU)."""
+    import torch
+
+    from lumina_lightning.eval.cli import build_parser as eval_parser
+    from lumina_lightning.sampling.cli import build_parser as sample_parser
+    from lumina_lightning.sampling.cli import resolve_device
+
+    for parser in (eval_parser(), sample_parser()):
+        [device] = [a for a in parser._actions if "--device" in a.option_strings]
+        forms = device.help.split(" (")[0].split(" | ")
+        assert sorted(forms) == ["cpu", "cuda", "cuda:N"], (parser.prog, device.help)
+    for form in ("cpu", "cuda", "cuda:0"):
+        try:
+            assert resolve_device(form) == form
+        except ValueError as err:  # only for want of a GPU, never "not a device"
+            assert form.startswith("cuda") and not torch.cuda.is_available() and "no CUDA GPU" in str(err)
