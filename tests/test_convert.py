@@ -527,6 +527,34 @@ def test_distributed_checkpoint_metadata_holding_code_is_refused_unrun(tmp_path)
     assert not _Planted.ran and not (tmp_path / "out").exists()
 
 
+def test_a_resume_checkpoint_holding_code_is_refused_before_lightning_unpickles_it(tmp_path):
+    """`resume: <downloaded last.ckpt>` goes to Lightning, torch's DCP reader or DeepSpeed, which unpickle
+    fully: resolve_resume checks the files first (a folder by content, also `.last.ckpt.old`)."""
+    import pickle
+
+    from lumina_lightning.training.session import resolve_resume
+
+    model = randomised(NextDiT(make_config(**TINY_CONFIGS["gqa2-ref2"])), seed=1)
+    good = _distributed_checkpoint(tmp_path / "good.ckpt", model, model)
+    assert resolve_resume(str(good), tmp_path, strategy="fsdp") == str(good)
+    evil = _distributed_checkpoint(tmp_path / "ckpts" / ".last.ckpt.old", model, model)
+    with open(evil / ".metadata", "rb") as f:
+        metadata = pickle.load(f)
+    metadata.storage_data["planted"] = _Planted()
+    with open(evil / ".metadata", "wb") as f:
+        pickle.dump(metadata, f)
+    (tmp_path / "ckpts" / "last.ckpt").unlink(missing_ok=True)
+    with pytest.raises(ValueError, match="not a plain distributed-checkpoint metadata file"):
+        resolve_resume("auto", tmp_path / "ckpts", strategy="fsdp")
+    with pytest.raises(ValueError, match="not a plain distributed-checkpoint metadata file"):
+        resolve_resume(str(evil), tmp_path, strategy="fsdp")
+    assert not _Planted.ran
+    file = tmp_path / "evil_file.ckpt"
+    torch.save({"state_dict": {}, "global_step": 1, "hyper_parameters": {"parser": argparse.ArgumentParser}}, file)
+    with pytest.raises(ValueError, match="not a weights-only checkpoint"):
+        resolve_resume(str(file), tmp_path, strategy="auto")
+
+
 def test_convert_set_values_are_typed_as_recipe_overrides_are(tmp_path, capsys):
     """`--set norm_eps=1e-6` is a number, as in a recipe (PyYAML's YAML 1.1 reads it as a string, which
     reached config.json as "1e-6"); a value of the wrong type is refused before the read."""

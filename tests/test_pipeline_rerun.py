@@ -176,6 +176,38 @@ def test_a_previous_version_record_of_other_training_is_not_upgraded(tmp_path, m
     assert "keeps its weights (record updated)" not in caplog.text
 
 
+def test_a_previous_version_record_with_relative_captions_is_upgraded_not_retrained(tmp_path, monkeypatch):
+    """Before this version, stage 1 of a UniCap pipeline with the default relative output_dir trained on
+    the captions under their relative path; today's absolute path must not retrain it after an upgrade."""
+    calls = _stub_train(monkeypatch, tmp_path)
+    stages = _tiny_stages(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    path = _pipeline(tmp_path / "p.yaml", Path("runs/tiny"), stages, extra="unicap: {enabled: true}\n")
+
+    def fake_unicap(cfg, synth, summary, smoke):  # what _unicap returns, the captioner stubbed
+        out = pl._captions_path(cfg)
+        if not out.exists():
+            out.parent.mkdir(parents=True)
+            out.write_text('{"image": "a.png", "caption": "a red square"}\n')
+        return out
+
+    monkeypatch.setattr(pl, "_unicap", fake_unicap)
+    monkeypatch.setattr(pl, "_unicap_recipe", lambda cfg, smoke, previous_version=False: None)
+    current_fp, current_captions = pl._stage_fingerprint, pl._captions_path
+    monkeypatch.setattr(pl, "_stage_fingerprint", lambda loaded, parent, inputs, **k: _previous_version_fingerprint(
+        loaded, parent.digest if parent else None, inputs))
+    monkeypatch.setattr(pl, "_captions_path", lambda cfg: Path(cfg.output_dir) / "captions" / "train_unicap.jsonl")
+    pl.run_pipeline(pl.load_pipeline_config(path))
+    assert [c[0] for c in calls] == ["s1", "s2"] and not Path(calls[0][1].data.path).is_absolute()
+    monkeypatch.setattr(pl, "_stage_fingerprint", current_fp)
+    monkeypatch.setattr(pl, "_captions_path", current_captions)
+
+    calls.clear()
+    again = pl.run_pipeline(pl.load_pipeline_config(path))
+    assert calls == [] and all(e["reused"] for e in again["stages"])
+    assert not list((tmp_path / "runs" / "tiny").glob("*.replaced-*"))
+
+
 def test_captions_fingerprint_alike_for_a_relative_absolute_or_moved_output_dir(tmp_path, monkeypatch):
     """With UniCap on, stage 1 trains on the captions under the pipeline's folder. The tiny pipeline's
     output_dir is relative (runs/${name}): spelled absolute, or moved whole, stage 1 must keep its

@@ -489,6 +489,41 @@ def _deepspeed_safe_globals() -> list[Any]:
     return [ZeroStageEnum, LossScaler, DynamicLossScaler, fragment_address]
 
 
+def _check_deepspeed_files(folder: Path) -> None:
+    """Read every model-state and optimizer file of a DeepSpeed tag folder weights-only (mmap: no tensor
+    data is read), refusing one that needs more: DeepSpeed (``zero_to_fp32``, a resume) unpickles them
+    with ``weights_only=False``, so only plain data may get that far."""
+    from deepspeed.utils import zero_to_fp32
+
+    allowed = _deepspeed_safe_globals()
+    for file in [*zero_to_fp32.get_model_state_files(str(folder)), *zero_to_fp32.get_optim_files(str(folder))]:
+        try:
+            _torch_load(Path(file), allowed)
+        except (RuntimeError, EOFError) as err:  # not a torch zip file at all, or truncated
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise ValueError(f"{file} is not a readable DeepSpeed checkpoint file ({first})") from None
+
+
+def check_checkpoint_safe(path: str | os.PathLike) -> None:
+    """Refuse (``ValueError``) a training checkpoint whose files would need more than plain data to
+    unpickle, before Lightning resumes from it: Lightning, torch's DCP reader and DeepSpeed read their
+    files with full unpickling, so a downloaded ``resume:`` checkpoint could run code. Our own
+    checkpoints hold tensors, containers and plain values only (:func:`read_checkpoint_meta`)."""
+    path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():
+        # by content, not the .ckpt suffix: resume also takes `.last.ckpt.old` (a swap cut short)
+        _check_dcp_metadata(path / ".metadata")
+        if (path / "meta.pt").is_file():
+            _torch_load(path / "meta.pt")
+    elif is_deepspeed_checkpoint(path):
+        try:
+            _check_deepspeed_files(_deepspeed_tag_folder(path))
+        except ImportError:
+            return  # no deepspeed: the resume itself cannot start, and says so
+    elif path.is_file():
+        read_checkpoint_meta(path)
+
+
 def _read_deepspeed(path: Path, prefix: str, module_state: Any) -> dict[str, torch.Tensor]:
     """The tensors of the LightningModule's ``<prefix>`` submodule in a DeepSpeed checkpoint folder,
     whole and in fp32 where DeepSpeed keeps an fp32 master copy (the trained parameters; frozen ones,
@@ -501,15 +536,7 @@ def _read_deepspeed(path: Path, prefix: str, module_state: Any) -> dict[str, tor
         raise ValueError(f"{path} is a DeepSpeed checkpoint; reading it needs the deepspeed package "
                          "(pip install 'lumina-lightning[deepspeed]')") from None
     folder = _deepspeed_tag_folder(path)
-    # zero_to_fp32 unpickles every model-state and optimizer file with weights_only=False: each is
-    # first read weights-only here (mmap: no tensor data is read), so only plain data gets unpickled
-    allowed = _deepspeed_safe_globals()
-    for file in [*zero_to_fp32.get_model_state_files(str(folder)), *zero_to_fp32.get_optim_files(str(folder))]:
-        try:
-            _torch_load(Path(file), allowed)
-        except (RuntimeError, EOFError) as err:  # not a torch zip file at all, or truncated
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ValueError(f"{file} is not a readable DeepSpeed checkpoint file ({first})") from None
+    _check_deepspeed_files(folder)
     with _captured_output("DeepSpeed's zero_to_fp32"):
         lazy = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(path), tag=folder.name, lazy_mode=True)
     # keys as Lightning's convert_zero_checkpoint_to_fp32_state_dict gives them: checkpoints of

@@ -296,7 +296,10 @@ def _stage_recipe(cfg: PipelineConfig, stage: StageStep, i: int, smoke: bool, ca
     overrides = _stage_overrides(cfg, stage, smoke, previous_version)
     # paths go in JSON-quoted: overrides are YAML, where a bare path with " #" is cut and one with ": " a mapping
     if captions is not None and i == 0:
-        overrides.append(f"data.path={json.dumps(str(captions))}")
+        # the versions before this one named the captions under output_dir as spelled (relative by default)
+        spelled = Path(cfg.output_dir) / captions.relative_to(root) if previous_version and captions.is_relative_to(root) \
+            else captions
+        overrides.append(f"data.path={json.dumps(str(spelled))}")
     named = load_recipe(stage.recipe, overrides).config
     overrides.append(f"output_dir={json.dumps(str(root / named.stage))}")
     if named.model.init_from and previous_export:
@@ -732,6 +735,8 @@ def _same_training(a: Any, b: Any) -> bool:
         recipe = _weights_recipe(loaded.resolved, parent_named=False, root=None)
         if isinstance(recipe.get("data"), dict):
             recipe["data"] = {k: v for k, v in recipe["data"].items() if k != "synthetic"}
+            if recipe["data"].get("path"):  # the same file, however spelled (earlier versions: relative captions)
+                recipe["data"]["path"] = str(Path(recipe["data"]["path"]).expanduser().resolve())
         return recipe
 
     return weighed(a) == weighed(b)
