@@ -106,3 +106,29 @@ def test_eval_and_sample_device_help_names_every_form_they_accept():
             assert resolve_device(form) == form
         except ValueError as err:  # only for want of a GPU, never "not a device"
             assert form.startswith("cuda") and not torch.cuda.is_available() and "no CUDA GPU" in str(err)
+
+
+def test_eval_uses_a_recorded_store_only_where_it_is_local_and_exists_unless_asked(tmp_path, monkeypatch):
+    """A run folder copied from another machine names its stores (a server, a path there): `lumina eval`
+    does not send results there, nor create that path here, without --track."""
+    from lumina_lightning.eval.tracking import tracking_uri_for
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    export = tmp_path / "run" / "export"
+    export.mkdir(parents=True)
+
+    def recorded(uri: str) -> str:
+        (tmp_path / "run" / "run_info.json").write_text(json.dumps({"mlflow_run_id": "r", "tracking_uri": uri}))
+        return str(export)
+
+    server, missing = "http://198.51.100.7:5000", f"sqlite:///{tmp_path / 'cluster' / 'mlruns.db'}"
+    assert tracking_uri_for(None, None, recorded(server)) is None
+    assert tracking_uri_for(None, None, recorded(missing)) is None and not (tmp_path / "cluster").exists()
+    assert tracking_uri_for(None, True, recorded(server)) == server  # --track: its own store first
+    assert tracking_uri_for(None, True, recorded(missing)) == missing
+    (tmp_path / "here.db").write_bytes(b"")
+    assert tracking_uri_for(None, None, recorded("sqlite:///here.db")) == f"sqlite:///{tmp_path / 'here.db'}"
+    (tmp_path / "mlruns").mkdir()
+    assert tracking_uri_for(None, None, recorded((tmp_path / "mlruns").as_uri())) == (tmp_path / "mlruns").as_uri()
+    assert tracking_uri_for(None, True, None) == f"sqlite:///{tmp_path / 'mlruns.db'}"

@@ -78,9 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is fastest on small busy CPUs)")
     p.add_argument("--tracking-uri", default=None,
                    help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the store the checkpoint's "
-                   "training run logged to, where it was tracked)")
+                   "training run logged to, where it is a local store that exists here)")
     p.add_argument("--track", action=argparse.BooleanOptionalAction, default=None,
-                   help="--track: log to MLflow even without a URI (sqlite:///mlruns.db + ./mlartifacts); "
+                   help="--track: log to MLflow even without a URI (the checkpoint's recorded store, a server "
+                   "included, else sqlite:///mlruns.db + ./mlartifacts); "
                    "--no-track: do not log at all (default: log where a store is known, see --tracking-uri)")
     p.add_argument("--experiment", default="lumina-lightning", help="MLflow experiment (default lumina-lightning)")
     p.add_argument("--run-name", default=None, help="MLflow run name (default eval-<preset>)")
@@ -229,8 +230,9 @@ def _log(results: dict[str, Any], out: str | Path, args: argparse.Namespace) -> 
         info = log_to_mlflow(results, out, tracking_uri=args.tracking_uri, experiment=args.experiment,
                              run_name=args.run_name, track=args.track)
         if info is None and args.track is None:
-            print("lumina eval: not logged to MLflow (no store known: the checkpoint's training run was not tracked "
-                  "and MLFLOW_TRACKING_URI is unset); --track logs to sqlite:///mlruns.db, --tracking-uri elsewhere")
+            print("lumina eval: not logged to MLflow (MLFLOW_TRACKING_URI is unset, and the checkpoint's training run "
+                  "was not tracked in a local store on this machine); --track logs to its recorded store or "
+                  "sqlite:///mlruns.db, --tracking-uri elsewhere")
         return info
     except Exception as err:
         from mlflow.exceptions import MlflowException  # imported here: mlflow is loaded only when tracking

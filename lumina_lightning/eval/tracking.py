@@ -25,9 +25,14 @@ DEFAULT_EXPERIMENT = "lumina-lightning"  # the training recipes' default, so eva
 
 def tracking_uri_for(explicit: str | None = None, track: bool | None = False, checkpoint: str | None = None) -> str | None:
     """Where to log (absolute, see :func:`~lumina_lightning.training.session.absolute_tracking_uri`):
-    ``track=False``: nowhere; else explicit → ``MLFLOW_TRACKING_URI`` → (``track=True``) the local sqlite
-    store, (``track=None``) the store the checkpoint's training run logged to (its ``run_info.json``),
-    so an evaluation of a tracked run sits beside it without a flag."""
+    ``track=False``: nowhere; else explicit → ``MLFLOW_TRACKING_URI`` → the store the checkpoint's
+    training run logged to (its ``run_info.json``), so an evaluation of a tracked run sits beside it →
+    (``track=True``) the local sqlite store.
+
+    Without ``track=True`` a recorded store is used only where it is a local sqlite file or folder that
+    exists: a run folder copied from elsewhere names stores of another machine (a server there, or a
+    path that logging would create here), which are not written to unasked.
+    """
     from lumina_lightning.training.session import absolute_tracking_uri, default_tracking_uri
 
     if track is False:
@@ -36,10 +41,23 @@ def tracking_uri_for(explicit: str | None = None, track: bool | None = False, ch
         return absolute_tracking_uri(explicit)
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return default_tracking_uri()
-    if track:
-        return default_tracking_uri()
     recorded = _training_run_info(checkpoint).get("tracking_uri")
-    return absolute_tracking_uri(recorded) if recorded else None
+    if recorded:
+        recorded = absolute_tracking_uri(recorded)
+        if track or _local_store_exists(recorded):
+            return recorded
+    return default_tracking_uri() if track else None
+
+
+def _local_store_exists(uri: str) -> bool:
+    """Whether ``uri`` names a local store already on this machine (a sqlite file, a folder)."""
+    if uri.startswith("sqlite:///"):
+        return Path(uri[len("sqlite:///"):]).is_file()
+    if uri.startswith("file:"):
+        from urllib.parse import unquote, urlparse
+
+        return Path(unquote(urlparse(uri).path)).is_dir()
+    return "://" not in uri and ":" not in uri.split("/")[0] and Path(uri).is_dir()
 
 
 def is_tracking_server(uri: str) -> bool:
