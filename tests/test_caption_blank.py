@@ -62,11 +62,23 @@ def test_blank_captions_are_counted_per_level_left_out_and_warned_once(tmp_path,
     assert [row["captions"] for row in _rows(out)] == [{}, {}, {}]
     assert all(r.captions == {} for r in load_records(out).records)
 
-    # --keep-captions: a blank generated level does not blank the input's caption at that level
+    # --keep-captions keeps the input's other levels; a generated level replaces the input's, so a blank one
+    # removes it (the input's caption must not pass for the captioner's, e.g. under --eval)
     kept = caption_manifest(captioner, inp, tmp_path / "kept.jsonl", LEVELS, generation={"max_new_tokens": 4},
                             keep_captions=True, progress=False)
-    assert kept.blank == {"short": 3, "tags": 3} and kept.uncaptioned == 0
-    assert [row["captions"] for row in _rows(tmp_path / "kept.jsonl")] == [r.captions for r in records]
+    assert kept.blank == {"short": 3, "tags": 3}
+    assert [row["captions"] for row in _rows(tmp_path / "kept.jsonl")] == [
+        {k: v for k, v in r.captions.items() if k not in LEVELS} for r in records]
+    assert any(r.captions.get("short") for r in records)  # there was an input caption to (not) keep
+
+
+def test_keep_captions_eval_scores_the_captioner_not_the_input(tmp_path, mute_vlm, capsys):
+    inp, _ = _input(tmp_path, n=3)
+    argv = ["--model", str(mute_vlm), "--input", str(inp), "--output", str(tmp_path / "out.jsonl"), "--levels",
+            "short", "--max-new-tokens", "4", "--no-progress", "--device", "cpu", "--keep-captions", "--eval"]
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "out.jsonl.eval.json").read_text())
+    assert result["n"] == 3 and (result["color"], result["shape"], result["all"]) == (0.0, 0.0, 0.0)
 
 
 def test_captions_that_are_not_blank_are_not_counted(tmp_path, caplog):

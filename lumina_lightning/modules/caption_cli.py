@@ -27,8 +27,9 @@ deleted) and captioning starts afresh. An output without this file (an older ver
 resumed as before, with a warning.
 A caption the captioner generated empty (blank) is left out of its record rather than written as
 ``""``: every reader treats a blank level as absent anyway (``data.captions``: training falls back to
-another level), and with ``--keep-captions`` the input's caption at that level is kept instead of being
-blanked. Blank captions are counted per level and named in one warning at the end and in the summary.
+another level). With ``--keep-captions`` a generated level still replaces the input's caption at that
+level, blank or not, so ``--eval`` never scores the input's caption as the captioner's. Blank captions
+are counted per level and named in one warning at the end and in the summary.
 ``--eval`` scores the written captions against the synthetic generator's metadata (attribute
 accuracy of colours/shapes/counts; ``unicap_eval``) and writes ``<output>.eval.json``.
 """
@@ -259,7 +260,7 @@ def caption_manifest(
         captioner: a :class:`~lumina_lightning.modules.unicap.Captioner`.
         generation: decoding overrides (``max_new_tokens``, ``do_sample``, ``temperature``, ...).
         limit: only the first ``limit`` records of the input (the same ones on every rerun).
-        keep_captions: keep the input's caption levels too (generated levels win, blank ones do not).
+        keep_captions: keep the input's other caption levels too (a generated level replaces the input's, and a blank one removes it).
         retry_skipped: try images listed as unreadable by an earlier run again.
         seed: sampling seed; each batch reseeds from it and the batch's position, so a resumed
             sampled run draws what an uninterrupted one would.
@@ -334,7 +335,10 @@ def caption_manifest(
             lines = []
             for k, (rec, img) in enumerate(good):
                 captions = dict(rec.captions) if keep_captions else {}
-                captions.update(_non_blank({level: texts[level][k] for level in levels}, rec.image, report))
+                generated = {level: texts[level][k] for level in levels}
+                for level in generated:  # a generated level replaces the input's, blank or not: --eval scores
+                    captions.pop(level, None)  # what the captioner wrote, never the input's caption under its name
+                captions.update(_non_blank(generated, rec.image, report))
                 if not any(text.strip() for text in captions.values()):
                     report.uncaptioned += 1
                 new = Record(image=rec.image, captions=captions, meta=dict(rec.meta), source=str(out),
