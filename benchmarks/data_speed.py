@@ -14,16 +14,23 @@ Measures images/s of
 
 and prints the loader/step ratio (the target is ≥ 5×). Every figure is the best of ``--repeats``
 runs, because shared CPU machines are noisy. On a 2-core machine the loader workers and the
-training step share the same cores, so the ratio is an upper bound of the real headroom.
+training step share the same cores, so the ratio is an upper bound of the real headroom. The first
+line printed is the command line that reproduces the run (to paste under a table made from it).
 
-    python benchmarks/data_speed.py [--quick] [--batch-size 16] [--workdir DIR]
+``--recipe-step`` adds the step the tiny recipes really train (``NextDiT_mini``, patch 4, MiniLM
+features, 16 and 32 px) and its ratios to the 64 px loaders; the default consumer above is
+``NextDiT_debug`` at 64 px, which is not what those recipes train.
+
+    python benchmarks/data_speed.py [--quick] [--batch-size 16] [--workdir DIR] [--recipe-step]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,14 +97,27 @@ class _StandIn(torch.nn.Module):
         return y.reshape(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
 
 
-def _step_rate(in_channels: int, side: int, batch_size: int, steps: int) -> tuple[float, str]:
-    """Images/s consumed by forward+backward+AdamW of the tiny model on B×C×side×side inputs."""
+# what recipes/base/tiny.yaml trains: NextDiT_mini, patch 4 on pixels, MiniLM features (384-d, 64 tokens)
+RECIPE_MODEL = dict(in_channels=3, cap_feat_dim=384, patch_size=4)
+RECIPE_CAP_LEN = 64
+
+
+def _recipe_model():
+    from lumina_lightning.models import NextDiT_mini
+
+    return NextDiT_mini(**RECIPE_MODEL), "NextDiT_mini patch 4, the tiny recipes' model"
+
+
+def _step_rate(in_channels: int, side: int, batch_size: int, steps: int, recipe: bool = False) -> tuple[float, str]:
+    """Images/s consumed by forward+backward+AdamW of the tiny model on B×C×side×side inputs;
+    ``recipe``: of the tiny recipes' own model and caption shape instead (``--recipe-step``)."""
     torch.manual_seed(0)
-    model, name = _tiny_model(in_channels, 32)
+    model, name = _recipe_model() if recipe else _tiny_model(in_channels, 32)
+    cap_dim, cap_len = (RECIPE_MODEL["cap_feat_dim"], RECIPE_CAP_LEN) if recipe else (32, 32)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch_size, in_channels, side, side)
-    cap = torch.randn(batch_size, 32, 32)
-    mask = torch.ones(batch_size, 32, dtype=torch.bool)
+    cap = torch.randn(batch_size, cap_len, cap_dim)
+    mask = torch.ones(batch_size, cap_len, dtype=torch.bool)
 
     def step():
         t = torch.rand(batch_size)
@@ -157,16 +177,26 @@ def _cache(train: Path, out: Path, resolution: int, workdir: Path) -> float:
         torch.set_num_threads(threads)
 
 
+def command_line(argv: list[str] | None) -> str:
+    """The command that reproduces this output, to paste: as typed (``argv`` None), else, for an
+    in-process ``main(argv)``, this script's path from the working folder."""
+    script = sys.argv[0] if argv is None else os.path.relpath(__file__)
+    return "python " + shlex.join([script, *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer images and batches")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workdir", default=None, help="keep generated data here (default: a temp dir)")
     parser.add_argument("--repeats", type=int, default=3, help="report the best of this many runs")
+    parser.add_argument("--recipe-step", action="store_true",
+                        help="also time the step the tiny recipes train (NextDiT_mini, patch 4, 16 and 32 px)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads in this process (default 1: on small shared machines two "
                              "spin-waiting threads make timings swing by 10x or more)")
     args = parser.parse_args(argv)
+    print(command_line(argv))
     torch.set_num_threads(args.threads)
     bs = args.batch_size
     n64, n256 = (512, 128) if args.quick else (1024, 256)
@@ -218,6 +248,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((f"train step 256px on 16x32x32 latents ({name})", "-", step256, "fwd+bwd+AdamW (cached path)"))
         rows.append(("tiny 16-ch VAE encode 256px", "-", vae256, "on-the-fly encode of pixel batches"))
         rows.append(("train step 256px from pixels (VAE encode + step)", "-", onthefly256, "(image path)"))
+        recipe_steps = {}
+        for side in (16, 32) if args.recipe_step else ():
+            recipe_steps[side], recipe_name = best(lambda side=side: _step_rate(3, side, bs, steps[256], recipe=True))
+            rows.append((f"train step {side}px pixel space ({recipe_name})", "-", recipe_steps[side], "fwd+bwd+AdamW"))
     finally:
         if not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -235,6 +269,14 @@ def main(argv: list[str] | None = None) -> int:
             ratio = rates[(res, key)] / consumers[(res, key.split()[0])]
             verdict = "ok" if ratio >= 5 else "BELOW 5x"
             print(f"  {res:>3}px {key:<10} {ratio:6.1f}x  {verdict}")
+    if recipe_steps:
+        # the tiny recipes decode the same 64 px PNGs (0 workers, memory cache on) and bucket them
+        # smaller, which is cheaper: the 64 px loader's rate is a lower bound of theirs
+        print("\nthe tiny recipes' own step against the 64 px image loaders (a lower bound: they bucket to 16/32 px):")
+        for side, rate in recipe_steps.items():
+            for key in ("images w0", "memory w0"):
+                ratio = rates[(64, key)] / rate
+                print(f"  {side:>3}px {key:<10} {ratio:6.1f}x  {'ok' if ratio >= 5 else 'BELOW 5x'}")
     if "STAND-IN" in name:
         print("\nNOTE: the training step was timed with a STAND-IN model, not NextDiT.")
     return 0

@@ -9,7 +9,9 @@ Measures, in one run and side by side:
   ``torch.autograd.graph.saved_tensors_hooks``), with and without gradient checkpointing — a
   device-independent measure of what checkpointing saves; on CUDA also peak allocated memory.
 
-Prints a table and the ratios diffusers/ours (speed) and plain/checkpointed (memory).
+Prints the command line that reproduces the run (to paste under a table made from it), a table and
+the ratios diffusers/ours (speed) and plain/checkpointed (memory). The table's ``padded_tokens`` says
+how many caption tokens of each sample are padding ("mixed" captions; see ``caption_padding``).
 
     python benchmarks/model_speed.py                 # default mid-size config
     python benchmarks/model_speed.py --preset 2b-2layers --latent 64
@@ -24,7 +26,10 @@ step, which costs both models 20-40% at these sizes and makes ratios noisy; we r
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import statistics
+import sys
 import time
 
 import torch
@@ -63,15 +68,33 @@ def build_pair(cfg: NextDiTConfig, device: str, dtype: torch.dtype):
     return ours.to(device, dtype), theirs.to(device, dtype)
 
 
+def caption_padding(batch: int, cap_len: int) -> list[int]:
+    """Padding tokens of each sample in the "mixed captions" batch.
+
+    Sample i loses i/(2*batch) of its caption, so the first keeps all ``cap_len`` tokens (the batch's
+    padded length is its longest caption's) and the others differ. A batch of one has no second
+    length to differ from: its caption loses half, or "mixed" would silently re-measure "equal".
+    """
+    if batch == 1:
+        return [cap_len // 2]
+    return [(i * cap_len) // (2 * batch) for i in range(batch)]
+
+
+def padding_label(pads: list[int], cap_len: int) -> str:
+    """``0/16/32/48 of 64`` (one number where every sample has the same): the table's record of
+    what a row's captions were."""
+    return ("/".join(map(str, pads)) if len(set(pads)) > 1 else str(pads[0])) + f" of {cap_len}"
+
+
 def inputs(cfg: NextDiTConfig, batch: int, latent: int, cap_len: int, device: str, dtype: torch.dtype, padded: bool):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(batch, cfg.in_channels, latent, latent, generator=g).to(device, dtype)
     t = torch.rand(batch, generator=g).to(device, dtype)
     feats = torch.randn(batch, cap_len, cfg.cap_feat_dim, generator=g).to(device, dtype)
     mask = torch.ones(batch, cap_len, dtype=torch.bool, device=device)
-    if padded:  # realistic batch: caption lengths differ
-        for i in range(batch):
-            mask[i, cap_len - (i * cap_len) // (2 * batch):] = False
+    if padded:  # realistic batch: caption lengths differ (right padding, as the tokenizer's mask)
+        for i, pad in enumerate(caption_padding(batch, cap_len)):
+            mask[i, cap_len - pad:] = False
     return x, t, feats, mask
 
 
@@ -164,8 +187,10 @@ def bench(device: str, dtype: torch.dtype, cfg: NextDiTConfig, a) -> list[dict]:
         fwd_s = timed_ab([fwd_fn(m, o) for _, m, o in pair], a.repeats, a.warmup, device)
         step_s = timed_ab([step_fn(m, o) for _, m, o in pair], a.repeats, a.warmup, device)
         for (name, model, is_ours), f_s, s_s in zip(pair, fwd_s, step_s):
+            pads = caption_padding(a.batch, a.cap_len) if padded else [0] * a.batch
             row = dict(device=device, dtype=str(dtype).replace("torch.", ""), captions="mixed" if padded else "equal",
-                       model=name, fwd_ms=1000 * f_s, step_ms=1000 * s_s, max_abs_diff=diff)
+                       padded_tokens=padding_label(pads, a.cap_len), model=name, fwd_ms=1000 * f_s,
+                       step_ms=1000 * s_s, max_abs_diff=diff)
             if flops:
                 row["step_TFLOPs"] = 3 * flops / s_s / 1e12
             for ckpt in (False, True):
@@ -181,7 +206,20 @@ def bench(device: str, dtype: torch.dtype, cfg: NextDiTConfig, a) -> list[dict]:
     return rows
 
 
-def main() -> None:
+# environment variables that change these timings (see the module docstring), repeated in the command line
+TIMING_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "OMP_NUM_THREADS")
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that reproduces this output, to paste: as typed (``argv`` None), else, for an
+    in-process ``main(argv)``, this script's path from the working folder; with the timing-relevant
+    environment variables that are set in front."""
+    script = sys.argv[0] if argv is None else os.path.relpath(__file__)
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in TIMING_ENV if os.environ.get(k)]
+    return " ".join([*env, "python", shlex.join([script, *(sys.argv[1:] if argv is None else argv)])])
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="mid", choices=sorted(PRESETS))
     p.add_argument("--batch", type=int, default=4)
@@ -192,7 +230,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--devices", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CPU fp32, plus CUDA bf16 where a GPU exists")
-    a = p.parse_args()
+    a = p.parse_args(argv)
+    print(command_line(argv))
     if a.devices == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--devices cuda: no CUDA GPU here")
     if a.threads:

@@ -14,7 +14,9 @@ A variant is named by ``_``-separated parts, each optional:
 
 e.g. ``k1`` is the pipeline as shipped, ``k4_b64`` four times the steps at four times the batch
 (16× the images seen). Each variant writes ``OUT/<variant>/`` (its stages' runs, evaluation and
-``summary.json``) and ``OUT/<variant>.log``; the table goes to stdout and ``OUT/scaling.md``.
+``summary.json``) and ``OUT/<variant>.log``; the table goes to stdout and ``OUT/scaling.md``. The
+first line printed is the command line that reproduces the run (to paste under a table made from
+it); under the table, the last lines of the log of each variant that did not finish.
 
 Variants share one synthetic dataset (generated first, where the pipeline file says) and run with
 MLflow tracking off (one sqlite store written by several processes at once would lock). Training
@@ -37,6 +39,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -51,6 +54,7 @@ WIDE = {"dim": 192, "n_layers": 6, "n_heads": 6, "n_kv_heads": 3}
 # a stage's step-count keys that scale with `kN` (warm-up does not: it is about the start of training)
 STEP_KEYS = ("trainer.max_steps", "trainer.checkpoint_every_n_steps", "validation.every_n_steps",
              "validation.sample_every_n_steps")
+LOG_TAIL = 15  # lines of a failed variant's log shown on the console: enough for a Python traceback's end
 
 
 def parse_variant(name: str) -> dict[str, Any]:
@@ -150,6 +154,28 @@ def table(out: Path, names: list[str], walls: dict[str, float], codes: dict[str,
     return "\n".join(rows)
 
 
+def log_tail(path: Path, lines: int = LOG_TAIL) -> str:
+    """The last ``lines`` lines of a variant's log, indented: why it failed, on the console."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as err:
+        return f"    (no log: {err})"
+    return "\n".join("    " + line for line in text.rstrip().splitlines()[-lines:]) or "    (empty log)"
+
+
+def failures(out: Path, codes: dict[str, int | None]) -> str:
+    """Each failed variant's exit code and log tail (the table says only "did not finish")."""
+    return "\n\n".join(f"{name}: exit {code}; last lines of {out / f'{name}.log'}:\n{log_tail(out / f'{name}.log')}"
+                       for name, code in codes.items() if code != 0)
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that reproduces this output, to paste: as typed (``argv`` None), else, for an
+    in-process ``main(argv)``, this script's path from the working folder."""
+    script = sys.argv[0] if argv is None else os.path.relpath(__file__)
+    return "python " + shlex.join([script, *(sys.argv[1:] if argv is None else argv)])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -164,6 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.one:
         return run_one(args.one, args)
+    print(command_line(argv), flush=True)
 
     names = [n for n in args.variants.split(",") if n]
     for n in names:
@@ -204,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     text = table(out, names, walls, codes)
     (out / "scaling.md").write_text(text + "\n")
     print(text)
+    if failed := failures(out, codes):
+        print("\n" + failed)
     return 0 if all(c == 0 for c in codes.values()) else 1
 
 

@@ -26,12 +26,18 @@ Two models:
 * a random mid-size model: ``NextDiT_small`` with every weight randomised, the pixel autoencoder and
   the tiny random Gemma-2 text encoder, at ``--random-size`` px, where the transformer is all the cost.
 
+The first line printed is the command line that reproduces the run (to paste under a table made
+from it). ``--size`` defaults to the resolution the checkpoint records (``pipeline.json``), the size
+``lumina sample`` / ``eval`` / ``demo`` use on it.
+
 Usage:  python benchmarks/sampler_speed.py [--ckpt PATH] [--random-size 48] [--threads 1] [--no-accurate-ref]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shlex
 import sys
 import tempfile
 import time
@@ -43,6 +49,7 @@ import numpy as np
 import torch
 
 from lumina_lightning.sampling import LuminaPipeline, load_pipeline
+from lumina_lightning.sampling.pipeline_io import PipelineLoadError
 from lumina_lightning.sampling.presets import SamplerSettings, resolve_settings
 
 BASELINE = "Euler-50, full CFG"
@@ -207,6 +214,8 @@ def benchmark(pipe: LuminaPipeline, prompts: list[str], size: tuple[int, int], *
     configs = configurations(teacache, calibrated, calibrated_threshold, stored, guidance)
     if only:
         configs = [c for i, c in enumerate(configs) if i == 0 or any(c[0].startswith(o) for o in only)]
+        if len(configs) == 1:
+            log(f"  --only {' '.join(only)} matched no configuration besides the baseline")
     # warm-up (allocator, kernels, caches) so the first run is not penalised
     pipe.sample_latents(noise, cond, uncond, configs[0][1].replace(steps=2))
     refs: dict[tuple, np.ndarray] = {}
@@ -301,6 +310,8 @@ def verdict(rows: list[dict[str, Any]]) -> str:
     # what `--preset fast` runs: with a pipeline's stored calibration where it has one, else the
     # plain preset (never the benchmark's own calibration, which no preset runs)
     fasts = [r for r in rows if r["name"].startswith("fast")]
+    if not fasts:  # e.g. --only DPM: the table stands, there is just nothing to hold to the target
+        return "No `fast` row to judge against the target (issue 5): --only left every `fast` configuration out."
     fast = ([r for r in fasts if "stored" in r["name"]] or fasts)[0]
     wall, (lo, hi) = fast["speedup"], fast["speedup_range"]
     calls = base["calls"] / fast["calls"]
@@ -328,12 +339,50 @@ def random_pipeline(workdir: Path, size: str, std: float, seed: int) -> LuminaPi
     return LuminaPipeline(model, te, PixelAutoencoder())
 
 
+# environment variables that change these timings, repeated in the command line
+TIMING_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", "OMP_NUM_THREADS")
+
+
+def command_line(argv: list[str] | None) -> str:
+    """The command that reproduces this output, to paste: as typed (``argv`` None), else, for an
+    in-process ``main(argv)``, this script's path from the working folder; with the timing-relevant
+    environment variables that are set in front."""
+    script = sys.argv[0] if argv is None else os.path.relpath(__file__)
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in TIMING_ENV if os.environ.get(k)]
+    return " ".join([*env, "python", shlex.join([script, *(sys.argv[1:] if argv is None else argv)])])
+
+
+def usage_error(args: argparse.Namespace) -> str | None:
+    """What is wrong with the command line, as one line, before any work: torch would refuse a
+    CUDA device on a host without one with an assertion traceback at the first ``.to()``."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        return f"--device {args.device} is not a device (cpu, cuda, cuda:N)"
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {args.device}: no CUDA GPU here (use --device cpu)"
+    if args.ckpt and not Path(args.ckpt).exists():
+        return f"--ckpt {args.ckpt}: no checkpoint or pipeline there"
+    return None
+
+
+def trained_size(pipe: LuminaPipeline, size: int | None) -> tuple[int, str]:
+    """The image side for ``--ckpt`` and why: ``--size``, else the resolution the checkpoint records
+    (what ``lumina sample`` defaults to), else the 64 px this benchmark always used."""
+    if size:
+        return size, "--size"
+    if pipe.resolution:
+        return pipe.resolution, "the resolution the checkpoint records"
+    return 64, "the checkpoint records no resolution; pass --size to choose"
+
+
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog=Path(__file__).name, description=__doc__.split("\n\n")[0])
     p.add_argument("--ckpt", help="trained checkpoint / pipeline folder (skipped when not given)")
     p.add_argument("--text-encoder", help="for a bare --ckpt")
     p.add_argument("--vae", help="for a bare --ckpt ('pixel' or a VAE folder)")
-    p.add_argument("--size", type=int, default=64, help="image side for --ckpt (px)")
+    p.add_argument("--size", type=int, default=None,
+                   help="image side for --ckpt (px; default: the resolution it records, else 64)")
     p.add_argument("--random-model", default="NextDiT_small", help="size of the random model ('' to skip)")
     p.add_argument("--random-size", type=int, default=48, help="image side for the random model (px)")
     p.add_argument("--random-std", type=float, default=0.1, help="std of the random weights")
@@ -354,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
                    help="transformer autocast dtype on CUDA (the official inference runs bf16; ignored on CPU)")
     args = p.parse_args(argv)
+    if error := usage_error(args):
+        print(f"{p.prog}: error: {error}", file=sys.stderr)
+        return 2
+    print(command_line(argv) + "\n")
     dtype = DTYPES[args.dtype]
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -362,13 +415,25 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# Sampler benchmark (device {args.device}, {args.dtype}, torch threads {torch.get_num_threads()})\n")
     if args.ckpt:
         log(f"trained model: {args.ckpt}")
-        pipe = load_pipeline(args.ckpt, text_encoder=args.text_encoder, vae=args.vae, device=args.device, dtype=dtype)
-        rows, coeffs = benchmark(pipe, args.prompts, (args.size, args.size), seed=args.seed, accurate=accurate,
+        try:
+            pipe = load_pipeline(args.ckpt, text_encoder=args.text_encoder, vae=args.vae, device=args.device,
+                                 dtype=dtype)
+        except (OSError, PipelineLoadError) as err:  # a message, not a traceback
+            print(f"{p.prog}: error: --ckpt {args.ckpt}: {err}", file=sys.stderr)
+            return 2
+        size, why = trained_size(pipe, args.size)
+        try:
+            pipe.check_size(size, size)
+        except ValueError as err:
+            print(f"{p.prog}: error: image side {size} px ({why}): {err}", file=sys.stderr)
+            return 2
+        log(f"image side {size} px ({why})")
+        rows, coeffs = benchmark(pipe, args.prompts, (size, size), seed=args.seed, accurate=accurate,
                                  teacache=args.teacache, calibrate=not args.no_calibrate,
                                  calibrated_threshold=args.calibrated_threshold, log=log, repeats=args.repeats,
                                  only=args.only)
-        print(f"## Trained model `{args.ckpt}` at {args.size}x{args.size}\n\n{table(rows)}\n\n{verdict(rows)}\n\n"
-              f"{context_gain(pipe, args.prompts, (args.size, args.size))}\n"
+        print(f"## Trained model `{args.ckpt}` at {size}x{size} ({why})\n\n{table(rows)}\n\n{verdict(rows)}\n\n"
+              f"{context_gain(pipe, args.prompts, (size, size))}\n"
               + (f"\nCalibrated TeaCache coefficients: {[round(c, 4) for c in coeffs]}\n" if coeffs else ""))
     else:
         print("## Trained model\n\nskipped: no --ckpt given (pass a trained tiny checkpoint or pipeline folder).\n")
