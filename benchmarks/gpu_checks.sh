@@ -9,7 +9,7 @@
 #      the transformer is all the cost (issue 5's wall-time ratios), once with fp32 weights under
 #      autocast and once with the weights held in bf16 (--compare-cast);
 #   4. benchmarks/model_speed.py in bf16 on CUDA: our Next-DiT vs diffusers, mid-size and the
-#      released 2.6B shape at 1024 px, with achieved TFLOP/s and peak memory.
+#      released 2.6B shape at 512 and 1024 px (the README's rows), with achieved TFLOP/s and peak memory.
 # Each step has its own time limit, so a hung step costs its limit, not the rest of the run.
 # usage: bash benchmarks/gpu_checks.sh [OUT_DIR]        (logs go to OUT_DIR, default gpu_checks/)
 # On a host with PyTorch but without our other dependencies and without a package index, install
@@ -62,6 +62,7 @@ timeout "${SAMPLER_LIMIT:-150}" python3 benchmarks/sampler_speed.py --device cud
     --random-model NextDiT_2B_GQA_patch2_Adaln_Refiner --random-size 64 --random-std 0.02 --repeats 2 --compare-cast 2>&1 | tee "$out/sampler_speed.txt" || status=1
 
 for args in "--preset mid --batch 8 --latent 64 --cap-len 128" \
+            "--preset 2b --batch 2 --latent 64 --cap-len 128" \
             "--preset 2b --batch 1 --latent 128 --cap-len 256"; do
     echo "== model_speed.py $args" | tee -a "$out/model_speed.txt"
     timeout 70 python3 benchmarks/model_speed.py --devices cuda --repeats 10 --warmup 3 $args 2>&1 \
