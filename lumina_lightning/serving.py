@@ -455,7 +455,8 @@ class DemoService:
         message ``lumina sample --width`` gives (the pipeline's own ``check_size``: multiples of
         :attr:`size_multiple`, the nearest valid size, the position tables). ``lumina demo`` calls it
         right after loading, the first moment the model's size multiple is known; without it the square
-        preset silently snapped to another size. ``None`` (the model's own size) passes."""
+        preset silently snapped to another size. A side over the ``max_pixels`` budget is refused too
+        (it was shrunk to fit unsaid). ``None`` (the model's own size) passes."""
         side = self.config.resolution
         if side is None:
             return
@@ -463,6 +464,11 @@ class DemoService:
             self.pipe.check_size(int(side), int(side))
         except ValueError as err:
             raise ValueError(f"--resolution {side}: {err}") from None
+        if int(side) ** 2 > self.config.max_pixels:  # base_resolution would shrink it to the budget unsaid
+            fits = _fit_budget(int(side), int(side), self.config.max_pixels, self.size_multiple)[0]
+            raise ValueError(f"--resolution {side}: {side}x{side} is {int(side) ** 2:,} pixels, more than the "
+                             f"per-image budget --max-pixels {self.config.max_pixels:,}; raise --max-pixels to at "
+                             f"least {int(side) ** 2}, or use --resolution {fits} (the largest that fits)")
 
     def base_resolution(self) -> int:
         """Side of the square preset: the configured ``resolution`` (see :meth:`check_resolution`), else

@@ -47,3 +47,11 @@ def test_lumina_demo_exits_with_the_message_before_serving(tmp_path, capsys, mon
     err = capsys.readouterr().err
     assert "lumina demo: error: --resolution 30: image size 30x30 is not supported" in err
     assert "nearest valid size: 32x32" in err and "starting the server" not in err
+
+
+def test_a_resolution_over_the_pixel_budget_is_refused_naming_max_pixels(pipe):
+    service = DemoService(pipe, ServeConfig(resolution=64, max_pixels=48 * 48))
+    with pytest.raises(ValueError, match=r"--resolution 64: 64x64 is 4,096 pixels, more than the per-image budget "
+                                         r"--max-pixels 2,304; .*use --resolution 48"):
+        service.check_resolution()
+    DemoService(pipe, ServeConfig(resolution=48, max_pixels=48 * 48)).check_resolution()

@@ -155,3 +155,10 @@ def test_flash_attention_on_a_host_that_cannot_run_it_stops_before_the_run_start
     assert code == 2
     assert "`model.attention_backend` = 'flash', but" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "synth").exists()
+
+
+def test_grid_settings_are_not_checked_where_no_grid_is_drawn():
+    off = ["validation.sample_every_n_steps=0"]
+    for bad in ("validation.width=15", "validation.preset=fastt", "validation.steps=0"):
+        load_recipe(TINY, [bad, *off])
+        load_recipe(TINY, [bad, "validation.prompts=[]"])

@@ -594,6 +594,8 @@ def _check_sample_grid(cfg: RecipeConfig, model_cfg: Any, where: str) -> None:
     from lumina_lightning.sampling.presets import PRESETS, resolve_settings
 
     v = cfg.validation
+    if not (v.sample_every_n_steps and v.prompts):
+        return  # no grid is drawn: these settings are not used (a run that turns the grid on checks them)
     _choice(where, "validation.preset", v.preset, PRESETS)
     if v.steps is not None and v.steps < 1:
         raise RecipeError(f"{where}: `validation.steps` must be >= 1 or null (the preset's own: "
@@ -602,7 +604,7 @@ def _check_sample_grid(cfg: RecipeConfig, model_cfg: Any, where: str) -> None:
         resolve_settings(v.preset, steps=v.steps, cfg_scale=v.cfg_scale)
     except ValueError as err:
         raise RecipeError(f"{where}: `validation.preset` / `steps` / `cfg_scale`: {err}") from None
-    if v.sample_every_n_steps and v.prompts and not v.seeds:
+    if not v.seeds:
         # render_samples repeats the seeds over the prompts: none is a ZeroDivisionError
         raise RecipeError(f"{where}: `validation.seeds` is empty but the sample grid draws {len(v.prompts)} "
                           f"validation.prompts; give at least one seed (repeated over the prompts), or set "
