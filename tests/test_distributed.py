@@ -262,16 +262,24 @@ def test_rank_before_fit_follows_the_launcher_as_lightning_does(monkeypatch, env
 
 
 def _fake_checkpoint(path: Path, kind: str) -> Path:
+    """The files of a checkpoint of each kind, with plain contents (resolve_resume reads them weights-only)."""
     if kind == "file":
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save({"global_step": 2}, path)
     elif kind == "distributed":
-        path.mkdir(parents=True)
-        (path / ".metadata").write_bytes(b"")
-        (path / "meta.pt").write_bytes(b"")
-    else:  # DeepSpeed: <ckpt>/latest + <ckpt>/checkpoint/
+        import warnings
+
+        import torch.distributed.checkpoint as dcp
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            dcp.save({"state_dict": {"model.w": torch.zeros(2)}}, checkpoint_id=path, no_dist=True)
+        torch.save({"global_step": 2}, path / "meta.pt")
+    else:  # DeepSpeed: <ckpt>/latest + <ckpt>/checkpoint/ with rank 0's model states and optimizer shard
         (path / "checkpoint").mkdir(parents=True)
         (path / "latest").write_text("checkpoint")
+        torch.save({"module": {}, "global_step": 2}, path / "checkpoint" / "mp_rank_00_model_states.pt")
+        torch.save({}, path / "checkpoint" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
     return path
 
 

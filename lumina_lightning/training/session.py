@@ -252,12 +252,12 @@ def resolve_resume(resume: str | None, ckpt_dir: Path, strategy: str | None = No
     is refused with a clear message (:func:`check_resume_strategy`).
     """
     path = _resume_path(resume, ckpt_dir)
+    if path is not None and strategy is not None:
+        check_resume_strategy(path, strategy)
     if path is not None:
         from lumina_lightning.models.io import check_checkpoint_safe
 
         check_checkpoint_safe(path)  # Lightning unpickles it fully: a downloaded one could run code
-    if path is not None and strategy is not None:
-        check_resume_strategy(path, strategy)
     return path
 
 
