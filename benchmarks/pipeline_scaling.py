@@ -39,7 +39,6 @@ import argparse
 import json
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -170,10 +169,10 @@ def failures(out: Path, codes: dict[str, int | None]) -> str:
 
 
 def command_line(argv: list[str] | None) -> str:
-    """The command that reproduces this output, to paste: as typed (``argv`` None), else, for an
-    in-process ``main(argv)``, this script's path from the working folder."""
-    script = sys.argv[0] if argv is None else os.path.relpath(__file__)
-    return "python " + shlex.join([script, *(sys.argv[1:] if argv is None else argv)])
+    """See :func:`lumina_lightning.cli.reproducing_command`."""
+    from lumina_lightning.cli import reproducing_command
+
+    return reproducing_command(__file__, argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,8 +36,6 @@ Usage:  python benchmarks/sampler_speed.py [--ckpt PATH] [--random-size 48] [--t
 from __future__ import annotations
 
 import argparse
-import os
-import shlex
 import sys
 import tempfile
 import time
@@ -344,12 +342,10 @@ TIMING_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "LD_PRELOAD", 
 
 
 def command_line(argv: list[str] | None) -> str:
-    """The command that reproduces this output, to paste: as typed (``argv`` None), else, for an
-    in-process ``main(argv)``, this script's path from the working folder; with the timing-relevant
-    environment variables that are set in front."""
-    script = sys.argv[0] if argv is None else os.path.relpath(__file__)
-    env = [f"{k}={shlex.quote(os.environ[k])}" for k in TIMING_ENV if os.environ.get(k)]
-    return " ".join([*env, "python", shlex.join([script, *(sys.argv[1:] if argv is None else argv)])])
+    """See :func:`lumina_lightning.cli.reproducing_command`."""
+    from lumina_lightning.cli import reproducing_command
+
+    return reproducing_command(__file__, argv, TIMING_ENV)
 
 
 def usage_error(args: argparse.Namespace) -> str | None:

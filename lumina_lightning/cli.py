@@ -59,6 +59,18 @@ def check_output(path: str | os.PathLike, flag: str, kind: str = "dir") -> None:
         raise ValueError(f"{flag} {path} is a folder, not a file")
 
 
+def reproducing_command(script: str, argv: list[str] | None, env_keys: tuple[str, ...] = ()) -> str:
+    """The command line that reproduces a benchmark script's output, to paste under a table made from it:
+    as typed (``argv`` None: ``sys.argv``), else ``script`` (its path from the working folder) with
+    ``argv`` for an in-process ``main(argv)``; the ``env_keys`` that are set (timing-relevant
+    environment variables) go in front."""
+    import shlex
+
+    path = sys.argv[0] if argv is None else os.path.relpath(script)
+    env = [f"{k}={shlex.quote(os.environ[k])}" for k in env_keys if os.environ.get(k)]
+    return " ".join([*env, "python", shlex.join([path, *(sys.argv[1:] if argv is None else argv)])])
+
+
 def _usage() -> str:
     lines = ["usage: lumina VERB [ARGS...]", "", "verbs:"]
     width = max(len(v) for v in VERBS)
