@@ -62,6 +62,7 @@ __all__ = [
     "REGENERABLE_ORIGINS",
     "synthetic_origin",
     "check_generation_target",
+    "holds_foreign_files",
     "regenerate_in_place",
 ]
 
@@ -593,6 +594,14 @@ def synthetic_origin(out_dir: str | os.PathLike) -> str | None:
     return origin if origin in ORIGINS else None
 
 
+def holds_foreign_files(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` holds files but no synthetic set (neither marker): someone's own data, which
+    generating a set into it would write over."""
+    folder = Path(folder)
+    return folder.is_dir() and any(folder.iterdir()) and not synthetic_complete(folder) \
+        and not synthetic_incomplete(folder)
+
+
 def check_generation_target(folder: str | os.PathLike, asker: str, keep_hint: str, target: str) -> None:
     """Refuse to generate into a folder that holds files but no synthetic set (neither marker): it is
     the user's own data (a manifest, images), which generating would write over.
@@ -601,8 +610,7 @@ def check_generation_target(folder: str | os.PathLike, asker: str, keep_hint: st
     ``keep_hint`` how to use the folder as it is instead, ``target`` the setting that names the folder.
     """
     folder = Path(folder)
-    if folder.is_dir() and any(folder.iterdir()) and not synthetic_complete(folder) \
-            and not synthetic_incomplete(folder):
+    if holds_foreign_files(folder):
         raise ValueError(
             f"{folder} holds files but no synthetic dataset (no {COMPLETE_MARKER}); {asker} would generate one "
             f"into it, over those files. {keep_hint}; to generate, point {target} into a new or empty folder")

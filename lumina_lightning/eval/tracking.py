@@ -166,11 +166,6 @@ def _training_run_info(checkpoint: str | None) -> dict[str, Any]:
     return {}
 
 
-def _training_run(checkpoint: str | None) -> str | None:
-    """The MLflow run id of the training run that wrote ``checkpoint``, if any."""
-    return _training_run_info(checkpoint).get("mlflow_run_id")
-
-
 def log_to_mlflow(
     results: dict[str, Any],
     out_dir: str | os.PathLike,
@@ -207,7 +202,7 @@ def log_to_mlflow(
         experiment_id = exp.experiment_id
     run_tags = {"kind": "eval", "lumina.eval.preset": str(results.get("settings", {}).get("preset")),
                 **(tags or {})}
-    parent = _training_run(results.get("checkpoint"))
+    parent = _training_run_info(results.get("checkpoint")).get("mlflow_run_id")
     if parent:
         run_tags["lumina.trained_by_run"] = parent
         try:

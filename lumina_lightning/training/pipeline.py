@@ -361,11 +361,9 @@ def _data_overrides(cfg: PipelineConfig, recipe: str, loaded: Any) -> list[str]:
 def _use_own_set(folder: Path) -> str:
     """Advice to generate the pipeline's set into a stage's own folder, given only where that folder is
     empty or holds a generated synthetic set: one holding the user's files would be written over."""
-    from lumina_lightning.data.synth import synthetic_complete, synthetic_incomplete
+    from lumina_lightning.data.synth import holds_foreign_files
 
-    if not folder.is_dir() or not any(folder.iterdir()) or synthetic_complete(folder) or synthetic_incomplete(folder):
-        return f"Set `synthetic.out={folder}`, or point"
-    return "Point"
+    return "Point" if holds_foreign_files(folder) else f"Set `synthetic.out={folder}`, or point"
 
 
 def _trained_on_other_data(cfg: PipelineConfig, before: Any) -> bool:

@@ -137,7 +137,7 @@ def make_logger(cfg: Any, loaded: Any, *, tags: dict[str, str] | None = None,
 
     from lumina_lightning.eval.tracking import is_tracking_server  # here: eval.tracking imports this module
 
-    tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri) if cfg.tracking.tracking_uri else default_tracking_uri()
+    tracking_uri = absolute_tracking_uri(cfg.tracking.tracking_uri or default_tracking_uri())
     # local stores keep artifacts in ./mlartifacts; a tracking server decides for itself
     local = None if is_tracking_server(tracking_uri) else Path("mlartifacts").resolve().as_uri()
     artifacts = cfg.tracking.artifact_location or local
